@@ -1,0 +1,33 @@
+# relayd — the two commands of the quick start: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck sysdeps bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p var/spool var/state var/outbox
+	$(BIN)/relayd -c etc/relayd.dev.yaml run
+
+# Debian packages the tests use: postfix (interop smarthost), systemd (systemd-analyze),
+# php-cli (real mail() through relayd-sendmail). Installed only when missing.
+sysdeps:
+	@bash tests/support/install-sysdeps.sh
+
+test: $(STAMP) sysdeps
+	$(BIN)/ruff check relayd tests
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/relay_bench.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache

@@ -1,0 +1,5 @@
+"""Entry point for ``python -m relayd``."""
+
+from relayd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Formatting of the Postfix-shaped log lines that sysadmins grep (SPEC "Log line").
+
+``<queue-id>: to=<rcpt>, relay=<name>[host]:port, delay=<s>, delays=a/b/c/d, attempts=<n>,
+dsn=<x.y.z>, status=sent|deferred|failed|suppressed (<server reply>)``
+
+Pure functions only; the caller logs the returned text.
+"""
+
+from __future__ import annotations
+
+from relayd.model import Status
+
+
+def _clean(text: str) -> str:
+    # A reply or address must never break the one-line-per-event format (log injection).
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
+
+
+def delivery_line(queue_id: str, rcpt: str, relay: str, delay: float, attempts: int, dsn: str,
+                  status: Status, reply: str,
+                  delays: tuple[float, float, float, float] | None = None) -> str:
+    """One line per recipient attempt."""
+    parts = [f"{queue_id}: to=<{_clean(rcpt)}>", f"relay={_clean(relay) or 'none'}",
+             f"delay={delay:.2f}"]
+    if delays is not None:
+        parts.append("delays=" + "/".join(f"{d:.2f}" for d in delays))
+    parts += [f"attempts={attempts}", f"dsn={dsn}", f"status={status.value} ({_clean(reply)})"]
+    return ", ".join(parts)
+
+
+def received_line(queue_id: str, client: str, helo: str) -> str:
+    """``ID: client=<host>[ip], helo=<name>`` when a message is accepted."""
+    return f"{queue_id}: client={_clean(client)}, helo=<{_clean(helo)}>"
+
+
+def from_line(queue_id: str, sender: str, size: int, nrcpt: int) -> str:
+    """``ID: from=<sender>, size=N, nrcpt=N (queue active)`` as Postfix qmgr logs it."""
+    return f"{queue_id}: from=<{_clean(sender)}>, size={size}, nrcpt={nrcpt} (queue active)"
+
+
+def removed_line(queue_id: str) -> str:
+    return f"{queue_id}: removed"

@@ -1,0 +1,75 @@
+"""Prometheus metrics: one ``Metrics`` object per daemon (its own registry, no globals).
+
+Components call the recording methods; the HTTP endpoint at ``metrics.listen`` renders the
+registry. Label values use the log's words and never carry addresses (SPEC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from relayd.model import State, Status
+
+
+class Metrics:
+    """The SPEC's metric names, registered in a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._received = Counter("relayd_messages_received", "Messages accepted into the spool",
+                                 registry=r)
+        self._deliveries = Counter("relayd_deliveries", "Recipient delivery attempts by outcome",
+                                   ["smarthost", "status"], registry=r)
+        self._queue = Gauge("relayd_queue_messages", "Messages in the spool by state", ["state"],
+                            registry=r)
+        self._oldest = Gauge("relayd_queue_oldest_age_seconds",
+                             "Age of the oldest queued message", registry=r)
+        self._delivery_seconds = Histogram("relayd_delivery_seconds",
+                                           "Time from acceptance to delivery", registry=r,
+                                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                                    300, 3600, 86400))
+        self._cap = Gauge("relayd_daily_cap_remaining",
+                          "Deliveries left in the rolling 24 h window (-1: no cap)", registry=r)
+        self._cap.set(-1)
+        self._suppressed = Counter("relayd_suppressed", "Recipients not delivered because they "
+                                   "are on the do-not-email list", registry=r)
+        self._smarthost_up = Gauge("relayd_smarthost_up", "1 when the last attempt reached the "
+                                   "smarthost", ["smarthost"], registry=r)
+        self._smarthost_paused = Gauge("relayd_smarthost_paused", "1 while the smarthost is "
+                                       "paused after a failure", ["smarthost"], registry=r)
+        self._token_expiry = Gauge("relayd_oauth_token_expiry_seconds",
+                                   "Seconds until the cached access token expires",
+                                   ["smarthost"], registry=r)
+
+    def message_received(self) -> None:
+        self._received.inc()
+
+    def delivery(self, smarthost: str, status: Status, seconds: float | None = None) -> None:
+        self._deliveries.labels(smarthost=smarthost, status=status.value).inc()
+        if seconds is not None and status is Status.SENT:
+            self._delivery_seconds.observe(seconds)
+
+    def suppressed(self, count: int = 1) -> None:
+        self._suppressed.inc(count)
+
+    def set_queue(self, counts: Mapping[State, int], oldest_age: float) -> None:
+        for state in (State.QUEUED, State.HELD, State.FAILED, State.ACTIVE):
+            self._queue.labels(state=state.value).set(counts.get(state, 0))
+        self._oldest.set(oldest_age)
+
+    def set_daily_cap_remaining(self, remaining: int | None) -> None:
+        self._cap.set(-1 if remaining is None else remaining)
+
+    def set_smarthost(self, name: str, *, up: bool, paused: bool) -> None:
+        self._smarthost_up.labels(smarthost=name).set(1 if up else 0)
+        self._smarthost_paused.labels(smarthost=name).set(1 if paused else 0)
+
+    def set_token_expiry(self, smarthost: str, seconds: float) -> None:
+        self._token_expiry.labels(smarthost=smarthost).set(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return bytes(generate_latest(self.registry))

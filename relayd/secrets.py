@@ -1,0 +1,100 @@
+"""Secret values: a redacted wrapper type and resolution of enc:/file/env/plain forms.
+
+A ``Secret`` never shows its value in ``repr``/``str``/format, so no log line, exception or
+``check-config`` output can leak it; code that really needs the value calls ``reveal()``.
+Encrypted values (``enc:...``) are Fernet tokens made with the key at ``secrets.key_file``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+ENC_PREFIX = "enc:"
+
+
+class Secret:
+    """A string whose value is only available through ``reveal()``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the clear-text value; never log or print it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> str:  # pragma: no cover - defensive
+        raise TypeError("Secret values cannot be pickled")
+
+
+def strip_one_newline(text: str) -> str:
+    """Secrets read from files or stdin lose exactly one trailing newline (SPEC)."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
+def load_key(key_file: Path) -> Fernet:
+    """Load the Fernet key; raises OSError or ValueError with a message naming the file."""
+    raw = key_file.read_bytes().strip()
+    try:
+        return Fernet(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{key_file} is not a valid relayd key (use 'relayd secret keygen')") from exc
+
+
+def generate_key() -> bytes:
+    """A new random Fernet key (url-safe base64, 32 bytes of entropy)."""
+    return Fernet.generate_key()
+
+
+def encrypt(fernet: Fernet, value: str) -> str:
+    """Encrypt ``value`` into the ``enc:...`` form accepted by the config."""
+    return ENC_PREFIX + fernet.encrypt(value.encode("utf-8")).decode("ascii")
+
+
+def decrypt(fernet: Fernet, value: str) -> str:
+    """Decrypt an ``enc:...`` value; raises ValueError without echoing the value."""
+    try:
+        return fernet.decrypt(value[len(ENC_PREFIX):].encode("ascii")).decode("utf-8")
+    except (InvalidToken, UnicodeError) as exc:
+        raise ValueError(
+            "cannot decrypt: wrong key file or the value was altered "
+            "(re-create it with 'relayd secret encrypt')"
+        ) from exc
+
+
+def read_secret_file(path: Path) -> str:
+    """Read a ``*_file`` secret; one trailing newline is dropped."""
+    return strip_one_newline(path.read_text(encoding="utf-8"))
+
+
+def read_secret_env(name: str, environ: dict[str, str] | None = None) -> str:
+    """Read a ``*_env`` secret; KeyError names only the variable."""
+    env = os.environ if environ is None else environ
+    if name not in env:
+        raise KeyError(f"environment variable {name} is not set")
+    return env[name]

@@ -1,0 +1,8 @@
+"""Shared pytest fixtures. Area-specific fixtures live in tests/support/."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
