@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class State(enum.StrEnum):
@@ -109,3 +110,16 @@ class DeliveryResult:
     @property
     def failed(self) -> tuple[str, ...]:
         return tuple(o.recipient for o in self.outcomes if o.status is Status.FAILED)
+
+
+class TokenSource(Protocol):
+    """Supplies OAuth2 access tokens for XOAUTH2 (implemented in ``relayd.oauth``).
+
+    ``get_token`` returns a token valid for at least the next few minutes (refreshing if
+    needed, one refresh at a time); ``invalidate`` drops a token the server rejected so the
+    next ``get_token`` fetches a fresh one. Raises ``OAuthError`` when no token can be had.
+    """
+
+    async def get_token(self) -> str: ...
+
+    def invalidate(self, token: str) -> None: ...
