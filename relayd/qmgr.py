@@ -1,0 +1,487 @@
+"""The queue manager: decides what to deliver when, and turns delivery results into spool
+transitions.
+
+It keeps a small in-memory schedule of queued IDs (two heaps: priority first), wakes on new
+mail or at the earliest due time instead of polling, and rescans the spool slowly (plus
+`relayd queue` pokes quickly) to pick up changes made from another process. For each due
+message it claims the file, tries the smarthosts in order (later ones are fallbacks for the
+recipients the earlier ones deferred), logs one Postfix-shaped line per recipient, and then
+completes, requeues with backoff, or fails the message. A smarthost that fails as a whole
+(refused, TLS, auth, 421, timeout) is paused with backoff and costs queued mail no attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
+
+from relayd import logline
+from relayd.backoff import backoff_delay, is_expired
+from relayd.config import Smarthost, SpoolConfig
+from relayd.errors import SpoolError
+from relayd.metrics import Metrics
+from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
+from relayd.spool import Attempt, Entry, Spool
+
+log = logging.getLogger("relayd.qmgr")
+_T = TypeVar("_T")
+
+RESCAN_INTERVAL = 30.0
+POKE_INTERVAL = 1.0
+
+
+class Pool(Protocol):
+    """One smarthost's connection pool (relayd.forwarder.SmarthostPool)."""
+
+    async def deliver(self, queue_id: str, content: bytes, mail_from: str, rcpts: Sequence[str],
+                      *, smtputf8: bool = False) -> DeliveryResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Gate(Protocol):
+    """Delivery-time policy: suppression recheck, daily cap and rate (relayd.policy glue)."""
+
+    def recheck(self, entry: Entry, rcpts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(still allowed, now suppressed) among ``rcpts``."""
+
+    def hold_for(self, entry: Entry, count: int, now: float) -> float:
+        """Seconds this message must wait for the daily cap (0: may go now)."""
+
+    async def wait_rate(self, entry: Entry) -> None:
+        """Pace deliveries to ``limits.rate``."""
+
+    def delivered(self, entry: Entry, count: int, now: float) -> None:
+        """Count delivered recipients against the cap."""
+
+    def hard_bounce(self, rcpt: str, reply: Reply) -> None:
+        """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
+
+
+class Alerter(Protocol):
+    def fire(self, event: str, key: str, message: str) -> None: ...
+
+    def clear(self, event: str, key: str, message: str) -> None: ...
+
+
+@dataclass
+class SmarthostState:
+    """Health of one smarthost: paused until a time after consecutive whole-host failures."""
+
+    failures: int = 0
+    paused_until: float = 0.0
+    last_error: str = ""
+    up: bool = True
+
+
+@dataclass(frozen=True)
+class QmgrStats:
+    scheduled: int
+    in_flight: int
+    paused: tuple[str, ...]
+
+
+@dataclass(order=True)
+class _Item:
+    due: float
+    seq: int
+    qid: str = field(compare=False)
+
+
+class QueueManager:
+    """Schedules and performs deliveries for one spool."""
+
+    def __init__(self, spool: Spool, spool_cfg: SpoolConfig, smarthosts: Sequence[Smarthost],
+                 pool_factory: Callable[[Smarthost], Pool], *, executor: Executor | None = None,
+                 clock: Callable[[], float] = time.time, gate: Gate | None = None,
+                 metrics: Metrics | None = None, alerts: Alerter | None = None) -> None:
+        self.spool = spool
+        self.cfg = spool_cfg
+        self.clock = clock
+        self.gate = gate
+        self.metrics = metrics
+        self.alerts = alerts
+        self._executor = executor
+        self._pool_factory = pool_factory
+        self._smarthosts: tuple[Smarthost, ...] = tuple(smarthosts)
+        self._pools: dict[str, Pool] = {}
+        self._health: dict[str, SmarthostState] = {}
+        self._heaps: tuple[list[_Item], list[_Item]] = ([], [])  # (priority, normal)
+        self._due: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._max_inflight = max(4, 2 * sum(s.max_connections for s in self._smarthosts))
+        self._slots = asyncio.Semaphore(self._max_inflight)
+        self._retired: list[Pool] = []
+
+    # -- blocking work off the loop --------------------------------------------------------
+    async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- schedule --------------------------------------------------------------------------
+    def enqueue(self, qid: str, due: float | None = None, priority: bool = False) -> None:
+        """Make ``qid`` known to the scheduler (new mail, or found by a rescan)."""
+        when = self.clock() if due is None else due
+        if qid in self._inflight:
+            return
+        if self._due.get(qid) == when:
+            return
+        self._due[qid] = when
+        heapq.heappush(self._heaps[0 if priority else 1], _Item(when, next(self._seq), qid))
+        self._wake.set()
+
+    def forget(self, qid: str) -> None:
+        self._due.pop(qid, None)  # stale heap items are skipped when popped
+
+    def _pop_due(self, now: float) -> str | None:
+        for heap in self._heaps:
+            while heap:
+                top = heap[0]
+                if self._due.get(top.qid) != top.due:
+                    heapq.heappop(heap)  # superseded or forgotten
+                    continue
+                if top.due <= now:
+                    heapq.heappop(heap)
+                    del self._due[top.qid]
+                    return top.qid
+                break
+        return None
+
+    def _next_due(self) -> float | None:
+        times = [h[0].due for h in self._heaps if h]
+        return min(times) if times else None
+
+    def _hosts_available_at(self, now: float) -> float:
+        """When at least one smarthost is not paused (now, if one is available)."""
+        soonest = min((self._health_of(s.name).paused_until for s in self._smarthosts), default=now)
+        return max(now, soonest)
+
+    def _health_of(self, name: str) -> SmarthostState:
+        return self._health.setdefault(name, SmarthostState())
+
+    def statistics(self) -> QmgrStats:
+        now = self.clock()
+        return QmgrStats(scheduled=len(self._due), in_flight=len(self._inflight),
+                         paused=tuple(n for n, h in self._health.items() if h.paused_until > now))
+
+    # -- configuration reload ----------------------------------------------------------------
+    def update_smarthosts(self, smarthosts: Sequence[Smarthost], spool_cfg: SpoolConfig) -> None:
+        """Apply reloaded settings to every later attempt, including queued retries."""
+        old = {s.name: s for s in self._smarthosts}
+        self._smarthosts = tuple(smarthosts)
+        self.cfg = spool_cfg
+        for s in self._smarthosts:
+            if old.get(s.name) != s:
+                pool = self._pools.pop(s.name, None)
+                if pool is not None:
+                    self._retired.append(pool)
+                # New settings (e.g. corrected credentials): try the smarthost again now.
+                self._health.pop(s.name, None)
+        for name in set(old) - {s.name for s in self._smarthosts}:
+            pool = self._pools.pop(name, None)
+            if pool is not None:
+                self._retired.append(pool)
+            self._health.pop(name, None)
+        self._wake.set()
+
+    def _pool(self, sh: Smarthost) -> Pool:
+        pool = self._pools.get(sh.name)
+        if pool is None:
+            pool = self._pools[sh.name] = self._pool_factory(sh)
+        return pool
+
+    # -- main loop -----------------------------------------------------------------------------
+    async def load(self) -> int:
+        """Fill the schedule from the spool (start-up and slow rescans); returns the count."""
+        rows = await self._io(lambda: list(self.spool.iter_queued_schedule()))
+        now = self.clock()
+        for qid, next_attempt, _created, priority in rows:
+            if qid not in self._due and qid not in self._inflight:
+                self.enqueue(qid, next_attempt if next_attempt is not None else now, priority)
+        return len(rows)
+
+    async def _apply_pokes(self) -> None:
+        ids = await self._io(self.spool.take_pokes)
+        for qid in ids:
+            if qid in self._inflight:
+                continue
+            try:
+                entry = await self._io(self.spool.get, qid)
+            except (SpoolError, OSError, ValueError, KeyError):
+                self.forget(qid)
+                continue
+            if entry.state is State.QUEUED:
+                self.enqueue(qid, entry.next_attempt or self.clock(), entry.envelope.priority)
+            else:
+                self.forget(qid)
+
+    async def run(self) -> None:
+        """Deliver until cancelled or ``stop()``; in-flight deliveries finish first."""
+        await self.load()
+        last_scan = last_poke = self.clock()
+        try:
+            while not self._stopping:
+                now = self.clock()
+                if now - last_poke >= POKE_INTERVAL:
+                    await self._apply_pokes()
+                    last_poke = now
+                if now - last_scan >= RESCAN_INTERVAL:
+                    await self.load()
+                    last_scan = now
+                await self._retire_pools()
+                available = self._hosts_available_at(now)
+                qid = self._pop_due(now) if available <= now else None
+                if qid is None:
+                    due = self._next_due()
+                    wake_at = min(x for x in (due if due is not None else now + POKE_INTERVAL,
+                                              now + POKE_INTERVAL) if x is not None)
+                    if available > now:
+                        wake_at = min(max(available, due or available), now + POKE_INTERVAL)
+                    await self._sleep_until(wake_at)
+                    continue
+                await self._slots.acquire()
+                task = asyncio.create_task(self._deliver_one(qid), name=f"deliver-{qid}")
+                self._inflight[qid] = task
+                task.add_done_callback(functools.partial(self._done, qid))
+        finally:
+            await self._drain()
+
+    def _done(self, qid: str, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(qid, None)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: delivery task crashed: %r", qid, task.exception())
+
+    async def _sleep_until(self, when: float) -> None:
+        self._wake.clear()
+        delay = max(0.0, when - self.clock())
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def _drain(self, grace: float = 30.0) -> None:
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for pool in list(self._pools.values()) + self._retired:
+            with contextlib.suppress(Exception):
+                await pool.aclose()
+        self._pools.clear()
+        self._retired.clear()
+
+    async def _retire_pools(self) -> None:
+        # Pools replaced by a reload close once their in-flight deliveries are done.
+        while self._retired:
+            pool = self._retired.pop()
+            with contextlib.suppress(Exception):
+                await pool.aclose()
+
+    # -- one message ------------------------------------------------------------------------------
+    async def _deliver_one(self, qid: str) -> None:
+        entry = await self._io(self.spool.claim, qid)
+        if entry is None:
+            return  # held, deleted or retried by an operator meanwhile
+        try:
+            await self._attempt(entry)
+        except asyncio.CancelledError:
+            # Shutdown: give the message back untouched so the next start delivers it.
+            with contextlib.suppress(OSError):
+                self.spool.requeue(entry.id, entry.meta)
+            raise
+        except Exception as exc:
+            # Mailman's shunt principle: an unexpected error defers the message, never drops it.
+            log.exception("%s: unexpected error during delivery; deferring", qid)
+            now = self.clock()
+            meta = replace(entry.meta, attempts=entry.attempts + 1, last_error=f"local error: {exc!r}",
+                           next_attempt=now + backoff_delay(entry.attempts + 1, self.cfg.retry))
+            await self._io(self.spool.requeue, entry.id, meta)
+            self.enqueue(entry.id, meta.next_attempt, entry.envelope.priority)
+
+    async def _attempt(self, entry: Entry) -> None:
+        now = self.clock()
+        pending = entry.pending
+        history = list(entry.history)
+        suppressed: tuple[str, ...] = ()
+        if self.gate is not None:
+            pending, suppressed = self.gate.recheck(entry, pending)
+            wait = self.gate.hold_for(entry, len(pending), now)
+            if wait > 0 and pending:
+                meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
+                               last_error="waiting for limits.daily_cap to free up")
+                await self._io(self.spool.requeue, entry.id, meta)
+                self.enqueue(entry.id, now + wait, entry.envelope.priority)
+                return
+            if pending:
+                await self.gate.wait_rate(entry)
+        for rcpt in suppressed:
+            listed = Reply(250, "2.0.0 on the do-not-email list")
+            self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
+                      entry.attempts + 1)
+            history.append(Attempt(now, rcpt, Status.SUPPRESSED.value, "none", "on the do-not-email list"))
+            if self.metrics:
+                self.metrics.suppressed()
+
+        content = await self._io(self.spool.read_content, entry.id, State.ACTIVE) if pending else b""
+        sent: list[str] = []
+        failed: list[tuple[str, Reply]] = []
+        deferred: dict[str, RecipientOutcome] = {}
+        remaining = tuple(pending)
+        reached_any = False
+        last_error = entry.last_error
+        last_relay = "none"
+        for sh in self._smarthosts:
+            if not remaining:
+                break
+            health = self._health_of(sh.name)
+            if health.paused_until > self.clock():
+                continue
+            result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
+                                                   remaining, smtputf8=entry.envelope.smtputf8)
+            self._note_health(sh, result)
+            last_relay = result.relay
+            if result.smarthost_fault:
+                for o in result.outcomes:
+                    deferred[o.recipient] = o
+                    last_error = str(o.reply)
+                    if self.metrics:
+                        self.metrics.delivery(sh.name, Status.DEFERRED)
+                if not result.outcomes:
+                    last_error = result.error
+                continue
+            reached_any = True
+            next_remaining = []
+            for o in result.outcomes:
+                t = self.clock()
+                if o.status is Status.SENT:
+                    sent.append(o.recipient)
+                    deferred.pop(o.recipient, None)
+                    self._log(entry, o, result.relay, entry.attempts + 1)
+                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
+                elif o.status is Status.FAILED:
+                    failed.append((o.recipient, o.reply))
+                    deferred.pop(o.recipient, None)
+                    self._log(entry, o, result.relay, entry.attempts + 1)
+                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
+                    last_error = str(o.reply)
+                    if self.gate is not None:
+                        self.gate.hard_bounce(o.recipient, o.reply)
+                else:
+                    deferred[o.recipient] = o
+                    next_remaining.append(o.recipient)
+                    last_error = str(o.reply)
+                if self.metrics:
+                    self.metrics.delivery(sh.name, o.status,
+                                          t - entry.created if o.status is Status.SENT else None)
+            remaining = tuple(next_remaining)
+        if sent and self.gate is not None:
+            self.gate.delivered(entry, len(sent), self.clock())
+        await self._finish(entry, failed, deferred, remaining, reached_any, history, last_error,
+                           last_relay)
+
+    async def _finish(self, entry: Entry, failed: list[tuple[str, Reply]],
+                      deferred: dict[str, RecipientOutcome], remaining: tuple[str, ...],
+                      reached_any: bool, history: list[Attempt], last_error: str | None,
+                      last_relay: str) -> None:
+        now = self.clock()
+        failed_rcpts = tuple(entry.meta.failed_rcpts) + tuple(r for r, _ in failed)
+        if not remaining:
+            if failed_rcpts:
+                meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts, history=tuple(history),
+                               attempts=entry.attempts + 1, last_error=last_error, next_attempt=None)
+                await self._io(self.spool.fail, entry.id, meta)
+                self._message_failed(entry, last_error or "permanent failure")
+            else:
+                await self._io(self.spool.complete, entry.id)
+                log.info("%s", logline.removed_line(entry.id))
+            return
+        attempts = entry.attempts + (1 if reached_any else 0)
+        if is_expired(entry.age_base, now, self.cfg.max_age):
+            reason = f"expired after {self.cfg.max_age / 86400:g} days in the queue"
+            for rcpt in remaining:
+                o = deferred.get(rcpt)
+                reply = o.reply if o is not None else Reply(0, last_error or "")
+                self._log(entry, RecipientOutcome(rcpt, Status.FAILED, reply, reply.dsn),
+                          "none", attempts, note=reason)
+                history.append(Attempt(now, rcpt, Status.FAILED.value, "none", f"{reason}: {reply}"))
+            meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts + remaining,
+                           history=tuple(history), attempts=attempts,
+                           last_error=f"{reason}; last error: {last_error}", next_attempt=None)
+            await self._io(self.spool.fail, entry.id, meta)
+            self._message_failed(entry, meta.last_error or reason)
+            return
+        if reached_any:
+            delay = backoff_delay(attempts, self.cfg.retry)
+            due = now + delay
+        else:
+            # Every smarthost was paused or failed as a whole: wait for the first to come back,
+            # without spending one of this message's attempts.
+            due = max(now + 1.0, self._hosts_available_at(now))
+        for rcpt in remaining:
+            o = deferred.get(rcpt)
+            if o is not None:
+                self._log(entry, o, last_relay, attempts, deferred_until=due)
+                history.append(Attempt(now, rcpt, Status.DEFERRED.value, last_relay, str(o.reply), o.dsn))
+        meta = replace(entry.meta, pending=remaining, failed_rcpts=failed_rcpts,
+                       history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
+                       next_attempt=due)
+        await self._io(self.spool.requeue, entry.id, meta)
+        self.enqueue(entry.id, due, entry.envelope.priority)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _note_health(self, sh: Smarthost, result: DeliveryResult) -> None:
+        h = self._health_of(sh.name)
+        if result.smarthost_fault:
+            h.failures += 1
+            h.up = False
+            h.last_error = result.error or (str(result.outcomes[0].reply) if result.outcomes else "")
+            h.paused_until = self.clock() + backoff_delay(h.failures, self.cfg.retry)
+            log.warning("smarthost %s paused for %.0fs after %d failure(s): %s", sh.relay,
+                        h.paused_until - self.clock(), h.failures, h.last_error)
+            if self.alerts:
+                event = "auth_failed" if "auth" in h.last_error.lower() else "smarthost_down"
+                self.alerts.fire(event, sh.name, f"smarthost {sh.relay}: {h.last_error}")
+        else:
+            if h.failures and self.alerts:
+                self.alerts.clear("smarthost_down", sh.name, f"smarthost {sh.relay} is reachable again")
+                self.alerts.clear("auth_failed", sh.name, f"smarthost {sh.relay} accepts the login again")
+            h.failures = 0
+            h.up = True
+            h.paused_until = 0.0
+        if self.metrics:
+            self.metrics.set_smarthost(sh.name, up=h.up, paused=h.paused_until > self.clock())
+
+    def _message_failed(self, entry: Entry, reason: str) -> None:
+        if self.alerts:
+            self.alerts.fire("message_failed", entry.id, f"message {entry.id} failed: {reason}")
+
+    def _log(self, entry: Entry, o: RecipientOutcome, relay: str, attempts: int, *,
+             deferred_until: float | None = None, note: str = "") -> None:
+        now = self.clock()
+        reply = str(o.reply) if o.reply.code > 0 else o.reply.text
+        if note:
+            reply = f"{note}: {reply}" if reply else note
+        if deferred_until is not None:
+            reply = f"{reply}; next attempt in {max(0, deferred_until - now):.0f}s"
+        log.info("%s", logline.delivery_line(entry.id, o.recipient, relay or "none", now - entry.created,
+                                             attempts, o.dsn or o.reply.dsn, o.status, reply))
+

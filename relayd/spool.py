@@ -1,0 +1,523 @@
+"""The durable queue: the only module that touches spool files.
+
+Layout under ``spool.path``::
+
+    tmp/       writes in progress (never acknowledged; removed by recover())
+    queued/    waiting for delivery          held/    taken out of delivery by an operator
+    active/    claimed by a delivery now     failed/  given up on (kept until deleted/retried)
+    meta/      ID.json: attempts, history, next attempt, remaining recipients (mutable)
+    poke/      empty files named by ID: "look at this one again" from `relayd queue`
+    corrupt/   unreadable files set aside by recover()
+    lock       flock held by the running daemon (a second daemon refuses to start)
+
+A message file ``ID.msg`` holds one header line ``RELAYD-SPOOL 1 <n>``, ``n`` bytes of JSON
+(the envelope), a newline, then the exact message bytes to send (CRLF, not dot-stuffed). It is
+written once: tmp -> fsync -> rename -> fsync(dir), and only then does the listener answer
+250 (RFC 5321 §6.1: accepting a message means taking responsibility for it). Every state
+change is one ``rename``, which is atomic, so `relayd queue ...` in another process and the
+daemon arbitrate by whoever renames first. One file per message (instead of an .eml plus a
+.json sidecar) halves the fsyncs on the acceptance path; the mutable metadata lives in
+``meta/`` and is only written on the slow paths (deferral, failure, operator commands).
+
+All methods are blocking; the daemon calls them through an executor.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets as _random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from relayd.errors import SpoolError, UnknownMessage
+from relayd.model import Envelope, Message, State
+
+log = logging.getLogger("relayd.spool")
+
+MAGIC = b"RELAYD-SPOOL 1 "
+FORMAT_VERSION = 1
+MAX_RECOVERIES = 5
+_STATE_DIRS = (State.QUEUED, State.ACTIVE, State.HELD, State.FAILED)
+_MAX_HEADER = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One recorded outcome for one recipient (the history shown by `queue show`)."""
+
+    at: float
+    recipient: str
+    status: str
+    relay: str
+    reply: str
+    dsn: str = ""
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The mutable part of a spooled message."""
+
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_error: str | None = None
+    pending: tuple[str, ...] | None = None  # None: every envelope recipient is still pending
+    failed_rcpts: tuple[str, ...] = ()
+    history: tuple[Attempt, ...] = ()
+    recoveries: int = 0
+    retried_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A spooled message as seen by the queue commands and the queue manager."""
+
+    id: str
+    state: State
+    envelope: Envelope
+    size: int
+    created: float
+    meta: Meta = field(default_factory=Meta)
+
+    @property
+    def attempts(self) -> int:
+        return self.meta.attempts
+
+    @property
+    def next_attempt(self) -> float | None:
+        return self.meta.next_attempt
+
+    @property
+    def last_error(self) -> str | None:
+        return self.meta.last_error
+
+    @property
+    def history(self) -> tuple[Attempt, ...]:
+        return self.meta.history
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """Recipients still to be delivered."""
+        return self.envelope.rcpt_tos if self.meta.pending is None else self.meta.pending
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """What `queue list` shows: failed recipients for failed messages, else pending ones."""
+        if self.state is State.FAILED and self.meta.failed_rcpts:
+            return self.meta.failed_rcpts
+        return self.pending
+
+    @property
+    def age_base(self) -> float:
+        """Start of the max_age clock (reset by `queue retry` of a failed message)."""
+        return max(self.created, self.meta.retried_at or 0.0)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex."""
+    us = int((time.time() if now is None else now) * 1_000_000)
+    return f"{us:013X}{_random.randbits(20):05X}"
+
+
+def _valid_id(queue_id: str) -> bool:
+    return 8 <= len(queue_id) <= 40 and all(c in "0123456789ABCDEF" for c in queue_id)
+
+
+def _envelope_to_json(env: Envelope) -> dict[str, Any]:
+    return {"mail_from": env.mail_from, "rcpt_tos": list(env.rcpt_tos), "client": env.client,
+            "helo": env.helo, "received_at": env.received_at, "smtputf8": env.smtputf8,
+            "priority": env.priority}
+
+
+def _envelope_from_json(d: dict[str, Any]) -> Envelope:
+    return Envelope(mail_from=str(d["mail_from"]), rcpt_tos=tuple(str(r) for r in d["rcpt_tos"]),
+                    client=str(d.get("client", "")), helo=str(d.get("helo", "")),
+                    received_at=float(d.get("received_at", 0.0)),
+                    smtputf8=bool(d.get("smtputf8", False)), priority=bool(d.get("priority", False)))
+
+
+def _meta_to_json(m: Meta) -> dict[str, Any]:
+    return {"version": FORMAT_VERSION, "attempts": m.attempts, "next_attempt": m.next_attempt,
+            "last_error": m.last_error, "pending": None if m.pending is None else list(m.pending),
+            "failed_rcpts": list(m.failed_rcpts), "recoveries": m.recoveries,
+            "retried_at": m.retried_at,
+            "history": [{"at": a.at, "recipient": a.recipient, "status": a.status, "relay": a.relay,
+                         "reply": a.reply, "dsn": a.dsn} for a in m.history]}
+
+
+def _meta_from_json(d: dict[str, Any]) -> Meta:
+    pending = d.get("pending")
+    return Meta(
+        attempts=int(d.get("attempts", 0)),
+        next_attempt=None if d.get("next_attempt") is None else float(d["next_attempt"]),
+        last_error=d.get("last_error"),
+        pending=None if pending is None else tuple(str(r) for r in pending),
+        failed_rcpts=tuple(str(r) for r in d.get("failed_rcpts", [])),
+        history=tuple(Attempt(at=float(a["at"]), recipient=str(a["recipient"]),
+                              status=str(a["status"]), relay=str(a.get("relay", "")),
+                              reply=str(a.get("reply", "")), dsn=str(a.get("dsn", "")))
+                      for a in d.get("history", [])),
+        recoveries=int(d.get("recoveries", 0)),
+        retried_at=None if d.get("retried_at") is None else float(d["retried_at"]),
+    )
+
+
+class Spool:
+    """Durable message store with the states queued / active / held / failed."""
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self._fsync = fsync
+        self._lock_fd: int | None = None
+        self._dir_fds: dict[str, int] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def ensure_dirs(self) -> None:
+        """Create the spool directories (mode 0700: mail content is private)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name in ("tmp", "meta", "poke", "corrupt", *(s.value for s in _STATE_DIRS)):
+                (self.path / name).mkdir(exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise SpoolError(f"cannot create the spool at {self.path}: {exc.strerror or exc}") from exc
+
+    def lock(self) -> None:
+        """Take the daemon lock; SpoolError if another relayd already runs on this spool."""
+        self.ensure_dirs()
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise SpoolError(f"another relayd is already running on the spool {self.path}") from exc
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _dir(self, state: State | str) -> Path:
+        return self.path / (state.value if isinstance(state, State) else state)
+
+    def _file(self, state: State, queue_id: str) -> Path:
+        return self._dir(state) / f"{queue_id}.msg"
+
+    def _meta_file(self, queue_id: str) -> Path:
+        return self.path / "meta" / f"{queue_id}.json"
+
+    def _sync_dir(self, name: str) -> None:
+        if not self._fsync:
+            return
+        fd = self._dir_fds.get(name)
+        if fd is None:
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_DIRECTORY)
+            self._dir_fds[name] = fd
+        os.fsync(fd)
+
+    # -- acceptance --------------------------------------------------------------------------
+    def put(self, message: Message, queue_id: str | None = None) -> str:
+        """Store ``message`` durably in ``queued/`` and return its queue ID.
+
+        Returns only after the file and the directory entry are on disk. On any error the
+        temporary file is removed and SpoolError is raised: nothing is half-stored.
+        """
+        qid = queue_id or new_queue_id(message.envelope.received_at or None)
+        header = json.dumps({"version": FORMAT_VERSION, "id": qid,
+                             "envelope": _envelope_to_json(message.envelope)},
+                            ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        tmp = self.path / "tmp" / f"{qid}.msg"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                data = b"".join((MAGIC, str(len(header)).encode(), b"\n", header, b"\n",
+                                 message.content))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self._file(State.QUEUED, qid))
+            self._sync_dir(State.QUEUED.value)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
+        return qid
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_header(self, path: Path) -> tuple[dict[str, Any], int, int]:
+        """(header json, offset of content, total file size)."""
+        with open(path, "rb") as f:
+            first = f.readline(64)
+            if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+                raise ValueError("not a relayd spool file")
+            n = int(first[len(MAGIC):-1])
+            if not 0 < n < _MAX_HEADER:
+                raise ValueError("bad header length")
+            raw = f.read(n + 1)
+            if len(raw) != n + 1 or raw[-1:] != b"\n":
+                raise ValueError("truncated header")
+            size = os.fstat(f.fileno()).st_size
+        return json.loads(raw[:-1]), len(first) + n + 1, size
+
+    def _read_meta(self, queue_id: str) -> Meta:
+        try:
+            raw = self._meta_file(queue_id).read_bytes()
+        except FileNotFoundError:
+            return Meta()
+        return _meta_from_json(json.loads(raw))
+
+    def _locate(self, queue_id: str) -> tuple[State, Path]:
+        if not _valid_id(queue_id):
+            raise UnknownMessage(queue_id)
+        for state in _STATE_DIRS:
+            p = self._file(state, queue_id)
+            if p.exists():
+                return state, p
+        raise UnknownMessage(queue_id)
+
+    def _entry(self, queue_id: str, state: State, path: Path) -> Entry:
+        header, offset, size = self._read_header(path)
+        return Entry(id=queue_id, state=state, envelope=_envelope_from_json(header["envelope"]),
+                     size=size - offset, created=float(header["envelope"].get("received_at", 0.0)),
+                     meta=self._read_meta(queue_id))
+
+    def get(self, queue_id: str) -> Entry:
+        """The entry for ``queue_id`` in whatever state it is; UnknownMessage if none."""
+        for _ in range(3):  # the file may move between locate and read; look again
+            state, path = self._locate(queue_id)
+            try:
+                return self._entry(queue_id, state, path)
+            except FileNotFoundError:
+                continue
+        raise UnknownMessage(queue_id)
+
+    def read_content(self, queue_id: str, state: State | None = None) -> bytes:
+        """The exact message bytes (without the spool header)."""
+        path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
+        with open(path, "rb") as f:
+            data = f.read()
+        n = int(data[len(MAGIC):data.index(b"\n")])
+        return data[data.index(b"\n") + n + 2:]
+
+    def ids(self, state: State) -> builtins.list[str]:
+        """Queue IDs currently in ``state`` (a directory listing; cheap)."""
+        try:
+            names = os.listdir(self._dir(state))
+        except FileNotFoundError:
+            return []
+        return [n[:-4] for n in names if n.endswith(".msg")]
+
+    def list(self, state: State | None = None) -> list[Entry]:
+        """Entries in ``state`` (or every state), oldest first; unreadable files are skipped."""
+        out: list[Entry] = []
+        for st in (_STATE_DIRS if state is None else (state,)):
+            for qid in self.ids(st):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    out.append(self._entry(qid, st, self._file(st, qid)))
+        out.sort(key=lambda e: (e.created, e.id))
+        return out
+
+    def counts(self) -> dict[State, int]:
+        return {st: len(self.ids(st)) for st in _STATE_DIRS}
+
+    # -- transitions (daemon) ------------------------------------------------------------------
+    def _move(self, queue_id: str, src: State, dst: State) -> bool:
+        try:
+            os.rename(self._file(src, queue_id), self._file(dst, queue_id))
+        except FileNotFoundError:
+            return False
+        self._sync_dir(dst.value)
+        return True
+
+    def claim(self, queue_id: str) -> Entry | None:
+        """Move a queued message to active for delivery; None if it is no longer queued."""
+        try:
+            os.rename(self._file(State.QUEUED, queue_id), self._file(State.ACTIVE, queue_id))
+        except FileNotFoundError:
+            return None
+        try:
+            return self._entry(queue_id, State.ACTIVE, self._file(State.ACTIVE, queue_id))
+        except (OSError, ValueError, KeyError) as exc:
+            self._set_aside(State.ACTIVE, queue_id, f"unreadable: {exc}")
+            return None
+
+    def write_meta(self, queue_id: str, meta: Meta) -> None:
+        """Replace the metadata durably (tmp -> fsync -> rename)."""
+        data = json.dumps(_meta_to_json(meta), ensure_ascii=False).encode("utf-8")
+        tmp = self.path / "tmp" / f"{queue_id}.json.{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self._meta_file(queue_id))
+            self._sync_dir("meta")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpoolError(f"cannot update {queue_id}: {exc.strerror or exc}") from exc
+
+    def requeue(self, queue_id: str, meta: Meta) -> None:
+        """After a deferred attempt: record ``meta`` and move active -> queued."""
+        self.write_meta(queue_id, meta)
+        self._move(queue_id, State.ACTIVE, State.QUEUED)
+
+    def fail(self, queue_id: str, meta: Meta, src: State = State.ACTIVE) -> None:
+        """Give up: record ``meta`` and move to failed (kept until deleted or retried)."""
+        self.write_meta(queue_id, meta)
+        self._move(queue_id, src, State.FAILED)
+
+    def complete(self, queue_id: str) -> None:
+        """Every recipient is done: remove the message."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._file(State.ACTIVE, queue_id))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._meta_file(queue_id))
+
+    # -- operator commands (any process) -------------------------------------------------------
+    def _poke(self, queue_id: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.path / "poke" / queue_id).touch()
+
+    def take_pokes(self) -> builtins.list[str]:
+        """IDs changed by `relayd queue` since the last call (the daemon re-reads them)."""
+        out = []
+        for name in os.listdir(self.path / "poke"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / "poke" / name)
+                out.append(name)
+        return out
+
+    def hold(self, queue_id: str) -> None:
+        state, _ = self._locate(queue_id)
+        if state is State.HELD:
+            return
+        if state is not State.QUEUED or not self._move(queue_id, State.QUEUED, State.HELD):
+            now_in = "being delivered" if state in (State.ACTIVE, State.QUEUED) else state.value
+            raise SpoolError(f"{queue_id} is {now_in}; only queued messages can be held "
+                             "(try again in a moment)")
+        self._poke(queue_id)
+
+    def release(self, queue_id: str, now: float | None = None) -> None:
+        state, _ = self._locate(queue_id)
+        if state is not State.HELD:
+            raise SpoolError(f"{queue_id} is {state.value}, not held")
+        meta = self._read_meta(queue_id)
+        self.write_meta(queue_id, replace(meta, next_attempt=time.time() if now is None else now))
+        if not self._move(queue_id, State.HELD, State.QUEUED):
+            raise UnknownMessage(queue_id)
+        self._poke(queue_id)
+
+    def retry(self, queue_id: str, now: float | None = None) -> None:
+        """Make a message due now; failed messages go back to queued with a fresh max_age."""
+        now = time.time() if now is None else now
+        state, _ = self._locate(queue_id)
+        if state is State.FAILED:
+            meta = self._read_meta(queue_id)
+            pending = tuple(meta.failed_rcpts) or (meta.pending or None)
+            self.write_meta(queue_id, replace(meta, next_attempt=now, retried_at=now, pending=pending,
+                                              failed_rcpts=()))
+            if not self._move(queue_id, State.FAILED, State.QUEUED):
+                raise UnknownMessage(queue_id)
+        elif state is State.QUEUED:
+            # Take it out of the daemon's reach while the metadata changes: the rename is the lock.
+            if not self._move(queue_id, State.QUEUED, State.HELD):
+                return  # claimed for delivery right now: it is being retried already
+            meta = self._read_meta(queue_id)
+            self.write_meta(queue_id, replace(meta, next_attempt=now))
+            self._move(queue_id, State.HELD, State.QUEUED)
+        elif state is State.HELD:
+            raise SpoolError(f"{queue_id} is held; use 'relayd queue release' first")
+        self._poke(queue_id)
+
+    def delete(self, queue_id: str) -> None:
+        state, path = self._locate(queue_id)
+        if state is State.ACTIVE:
+            raise SpoolError(f"{queue_id} is being delivered right now; try again in a moment")
+        try:
+            os.unlink(path)
+        except FileNotFoundError as exc:
+            raise UnknownMessage(queue_id) from exc
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._meta_file(queue_id))
+        self._sync_dir(state.value)
+        self._poke(queue_id)
+
+    # -- crash recovery -------------------------------------------------------------------------
+    def _set_aside(self, state: State, queue_id: str, why: str) -> None:
+        dst = self.path / "corrupt" / f"{queue_id}.msg"
+        with contextlib.suppress(OSError):
+            os.rename(self._file(state, queue_id), dst)
+        log.error("%s: spool file set aside in %s: %s", queue_id, dst.parent, why)
+
+    def recover(self, now: float | None = None) -> builtins.list[str]:
+        """Start-up recovery after a crash; returns the IDs moved from active back to queued.
+
+        - tmp/: never acknowledged writes, removed (the client got no 250, it still has the mail).
+        - active/: back to queued; a message that was in flight MAX_RECOVERIES times goes to failed
+          with a reason instead of crashing the relay forever (Mailman's MAX_BAK_COUNT).
+        - unreadable files anywhere are moved to corrupt/ with a log line and never block others.
+        """
+        now = time.time() if now is None else now
+        self.ensure_dirs()
+        for name in os.listdir(self.path / "tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / "tmp" / name)
+        recovered: builtins.list[str] = []
+        for qid in self.ids(State.ACTIVE):
+            try:
+                meta = self._read_meta(qid)
+                self._read_header(self._file(State.ACTIVE, qid))
+            except (OSError, ValueError, KeyError) as exc:
+                self._set_aside(State.ACTIVE, qid, f"unreadable after a crash: {exc}")
+                continue
+            meta = replace(meta, recoveries=meta.recoveries + 1)
+            if meta.recoveries >= MAX_RECOVERIES:
+                self.fail(qid, replace(meta, last_error=f"delivery was interrupted {meta.recoveries} "
+                                       "times by a crash of relayd; inspect and retry"))
+                log.error("%s: failed after %d interrupted deliveries", qid, meta.recoveries)
+                continue
+            self.requeue(qid, replace(meta, next_attempt=now))
+            recovered.append(qid)
+        for state in (State.QUEUED, State.HELD, State.FAILED):
+            for qid in self.ids(state):
+                try:
+                    self._read_header(self._file(state, qid))
+                    self._read_meta(qid)
+                except (OSError, ValueError, KeyError) as exc:
+                    self._set_aside(state, qid, f"unreadable: {exc}")
+        return recovered
+
+    def iter_queued_schedule(self) -> Iterator[tuple[str, float | None, float, bool]]:
+        """(id, next_attempt, created, priority) for every queued message, for the scheduler."""
+        for qid in self.ids(State.QUEUED):
+            try:
+                entry = self._entry(qid, State.QUEUED, self._file(State.QUEUED, qid))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError) as exc:
+                self._set_aside(State.QUEUED, qid, f"unreadable: {exc}")
+                continue
+            yield qid, entry.next_attempt, entry.created, entry.envelope.priority

@@ -1,0 +1,44 @@
+"""A raw SMTP client for tests that need exact bytes on the wire (smuggling, pipelining)."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class RawClient:
+    """Line-level SMTP client: ``send`` raw bytes, ``reply`` reads one (multi-line) reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def reply(self, timeout: float = 5.0) -> tuple[int, str]:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                raise ConnectionError("connection closed; got so far: " + " | ".join(lines))
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(text[4:])
+            if len(text) < 4 or text[3] != "-":
+                return int(text[:3]), "\n".join(lines)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def cmd(self, line: str) -> tuple[int, str]:
+        await self.send(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
