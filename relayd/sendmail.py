@@ -180,8 +180,20 @@ def smtp_proxy(address: tuple[str, int], stdin: ByteStream, stdout: ByteStream) 
         return EX_TEMPFAIL
     conn.settimeout(None)
 
+    try:
+        fd = stdin.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        fd = None
+
+    def read_fd(n: int) -> bytes:
+        assert fd is not None
+        return os.read(fd, n)
+
+    # os.read on the descriptor, not the buffered reader: a daemon thread blocked inside a
+    # BufferedReader holds its lock and aborts interpreter shutdown.
+    reader = read_fd if fd is not None else getattr(stdin, "read1", stdin.read)
+
     def pump_in() -> None:
-        reader = getattr(stdin, "read1", stdin.read)
         try:
             while chunk := reader(65536):
                 conn.sendall(chunk)
