@@ -9,6 +9,7 @@ must not stop relaying mail over a status message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -104,6 +105,18 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+async def run_watchdog(notifier: Notifier) -> None:
+    """Send ``WATCHDOG=1`` every ``watchdog_interval()`` until cancelled; returns at once when
+    the watchdog is disabled. Run it in the daemon's TaskGroup: because it shares the event
+    loop with the relay, a blocked loop stops the keep-alives and systemd restarts relayd."""
+    interval = notifier.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
 
 
 def listen_fds(environ: MutableMapping[str, str] | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.sdnotify import Notifier, listen_fd_names, listen_fds
+from relayd.sdnotify import Notifier, listen_fd_names, listen_fds, run_watchdog
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,3 +145,19 @@ def test_socket_activated_process_serves_on_the_passed_socket() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_run_watchdog_keeps_sending_until_cancelled(notify_socket) -> None:
+    path, sock = notify_socket
+    sock.setblocking(False)
+    n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000"})  # every 10 ms
+    task = asyncio.create_task(run_watchdog(n))
+    loop = asyncio.get_running_loop()
+    got = [await asyncio.wait_for(loop.sock_recv(sock, 100), 5) for _ in range(3)]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert got == [b"WATCHDOG=1"] * 3
+    # Disabled watchdog: the task ends by itself.
+    await asyncio.wait_for(run_watchdog(Notifier.from_env({"NOTIFY_SOCKET": path})), 1)
+    n.close()
