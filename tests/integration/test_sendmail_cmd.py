@@ -282,3 +282,30 @@ def test_bp_and_q_use_the_spool(tmp_path, monkeypatch) -> None:
     args = types.SimpleNamespace(sendmail_args=["-q"], config=None)
     assert sendmail.main(args, IO(out, err, io.StringIO())) == 0  # type: ignore[arg-type]
     assert fake.retried == ["4Xk2mN7QpRzbvT"]
+
+
+def test_callers_need_no_access_to_secrets(tmp_path, daemon, shim) -> None:
+    """www-data and crontab users cannot read relayd's password files; sendmail must not need them."""
+    cfg = tmp_path / "relayd.yaml"
+    cfg.write_text(f"""
+hostname: host.example.com
+listen: ["127.0.0.1:{daemon.port}"]
+spool: {{path: {tmp_path / 'spool'}}}
+secrets: {{key_file: /nonexistent/secret.key}}
+smarthosts:
+  - name: ses
+    host: email-smtp.eu-west-1.amazonaws.com
+    auth: {{method: plain, username: AKIA, password_file: /nonexistent/ses-password}}
+""")
+    r = _run(shim, cfg, ["-i", "root"], b"Subject: s\n\nb\n")
+    assert r.returncode == 0, r.stderr
+    assert daemon.recorder.messages[0].rcpt_tos == ["root@host.example.com"]  # local_domain defaults to hostname
+
+
+def test_unreadable_or_invalid_config_exits_78(tmp_path, shim) -> None:
+    r = _run(shim, tmp_path / "missing.yaml", ["-i", "root"], b"x\n")
+    assert r.returncode == 78 and b"cannot read" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: ['127.0.0.1:99999']\n")
+    r = _run(shim, bad, ["-i", "root"], b"x\n")
+    assert r.returncode == 78 and b"listen[0]: port must be between 1 and 65535" in r.stderr
