@@ -6,7 +6,7 @@ registry. Label values use the log's words and never carry addresses (SPEC).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -43,6 +43,15 @@ class Metrics:
         self._token_expiry = Gauge("relayd_oauth_token_expiry_seconds",
                                    "Seconds until the cached access token expires",
                                    ["smarthost"], registry=r)
+
+    def declare_smarthosts(self, names: Iterable[str]) -> None:
+        """Create every smarthost's series at zero so dashboards and alerts see them before the
+        first delivery (a missing series is not a zero)."""
+        for name in names:
+            for status in Status:
+                self._deliveries.labels(smarthost=name, status=status.value)
+            self._smarthost_up.labels(smarthost=name)
+            self._smarthost_paused.labels(smarthost=name)
 
     def message_received(self) -> None:
         self._received.inc()
