@@ -33,23 +33,24 @@ def authorize_hint(smarthost: str) -> str:
     return f"run 'relayd oauth authorize --smarthost {smarthost}' to sign in again"
 
 
-def classify_error(smarthost: str, status: int, body: Any, *, refresh_hint: str) -> OAuthError:
-    """Turn an RFC 6749 5.2 error response into an OAuthError (never echoing the request)."""
-    code = str(body.get("error", "")) if isinstance(body, dict) else ""
-    desc = str(body.get("error_description", "")) if isinstance(body, dict) else ""
-    desc = desc.splitlines()[0][:300] if desc else ""
-    what = f"token endpoint answered HTTP {status}" + (f" {code}" if code else "") + (
-        f": {desc}" if desc else "")
+def classify_error(smarthost: str, code: str, description: str, *, what: str,
+                   refresh_hint: str, status: int | None = None) -> OAuthError:
+    """Turn an RFC 6749 5.2 error (``code``, ``description``) into an OAuthError.
+
+    ``what`` says who answered; the request (which holds the secrets) is never echoed.
+    """
+    desc = description.splitlines()[0][:300] if description else ""
+    text = what + (f" {code}" if code else "") + (f": {desc}" if desc else "")
     if code == "invalid_grant":
-        return OAuthError(what + " (the refresh token or grant is no longer valid)",
+        return OAuthError(text + " (the refresh token or grant is no longer valid)",
                           hint=refresh_hint, permanent=True)
     if code in PERMANENT_ERRORS:
-        return OAuthError(what, hint="check client_id, client_secret, scope and tenant in "
+        return OAuthError(text, hint="check client_id, client_secret, scope and tenant in "
                           "auth.oauth, then run 'relayd oauth token "
                           f"--smarthost {smarthost}'", permanent=True)
     if status in (400, 401, 403) and not code:
-        return OAuthError(what, hint="check auth.oauth settings", permanent=True)
-    return OAuthError(what, hint="retried automatically with back-off", permanent=False)
+        return OAuthError(text, hint="check auth.oauth settings", permanent=True)
+    return OAuthError(text, hint="retried automatically with back-off", permanent=False)
 
 
 def post_form(url: str, form: dict[str, str], *, timeout: float, smarthost: str,
@@ -66,7 +67,10 @@ def post_form(url: str, form: dict[str, str], *, timeout: float, smarthost: str,
             body = json.loads(exc.read().decode("utf-8", "replace"))
         except (ValueError, OSError):
             body = None
-        raise classify_error(smarthost, exc.code, body, refresh_hint=refresh_hint) from None
+        code = str(body.get("error", "")) if isinstance(body, dict) else ""
+        desc = str(body.get("error_description", "")) if isinstance(body, dict) else ""
+        raise classify_error(smarthost, code, desc, what=f"token endpoint answered HTTP {exc.code}",
+                             refresh_hint=refresh_hint, status=exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise OAuthError(f"cannot reach the token endpoint {url}: {reason}",
