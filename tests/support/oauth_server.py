@@ -234,7 +234,8 @@ class FakeTokenServer:
                        hashes.SHA256())
         except Exception:
             return 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
-        if claims.get("aud") != self.token_url:
+        # google-auth always names Google's endpoint as audience, whatever token_uri is.
+        if claims.get("aud") not in (self.token_url, "https://oauth2.googleapis.com/token"):
             return 400, {"error": "invalid_grant", "error_description": "Invalid audience."}
         account = claims.get("sub") or claims["iss"]
         return 200, self._tokens(account, refresh=False, scope=claims.get("scope", ""))
