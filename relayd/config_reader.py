@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography.fernet import Fernet
-
 from relayd import secrets as sec
 from relayd.errors import Problem
 from relayd.units import (
@@ -41,7 +39,7 @@ class Reader:
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
         self._key_file: Path | None = None
-        self._fernet: Fernet | None = None
+        self._fernet: sec.KeyRing | None = None
         self._key_error: str | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -207,7 +205,7 @@ class Reader:
     def set_key_file(self, key_file: Path) -> None:
         self._key_file = key_file
 
-    def _fernet_for(self, path: str) -> Fernet | None:
+    def _fernet_for(self, path: str) -> sec.KeyRing | None:
         if self._fernet is None and self._key_error is None:
             assert self._key_file is not None
             try:

@@ -3,6 +3,8 @@
 A ``Secret`` never shows its value in ``repr``/``str``/format, so no log line, exception or
 ``check-config`` output can leak it; code that really needs the value calls ``reveal()``.
 Encrypted values (``enc:...``) are Fernet tokens made with the key at ``secrets.key_file``.
+The key file holds one key per line: the first encrypts, every line decrypts, so keys can be
+rotated without a flag day (docs/secrets.md).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 ENC_PREFIX = "enc:"
 
@@ -57,11 +59,20 @@ def strip_one_newline(text: str) -> str:
     return text
 
 
-def load_key(key_file: Path) -> Fernet:
-    """Load the Fernet key; raises OSError or ValueError with a message naming the file."""
-    raw = key_file.read_bytes().strip()
+KeyRing = Fernet | MultiFernet
+
+
+def load_key(key_file: Path) -> MultiFernet:
+    """Load the key ring (one Fernet key per line, the first one encrypts).
+
+    Raises OSError or ValueError with a message naming the file, never the key.
+    """
+    lines = [line.strip() for line in key_file.read_bytes().splitlines()]
+    keys = [line for line in lines if line and not line.startswith(b"#")]
     try:
-        return Fernet(raw)
+        if not keys:
+            raise ValueError("empty")
+        return MultiFernet([Fernet(k) for k in keys])
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{key_file} is not a valid relayd key (use 'relayd secret keygen')") from exc
 
@@ -71,12 +82,12 @@ def generate_key() -> bytes:
     return Fernet.generate_key()
 
 
-def encrypt(fernet: Fernet, value: str) -> str:
+def encrypt(fernet: KeyRing, value: str) -> str:
     """Encrypt ``value`` into the ``enc:...`` form accepted by the config."""
     return ENC_PREFIX + fernet.encrypt(value.encode("utf-8")).decode("ascii")
 
 
-def decrypt(fernet: Fernet, value: str) -> str:
+def decrypt(fernet: KeyRing, value: str) -> str:
     """Decrypt an ``enc:...`` value; raises ValueError without echoing the value."""
     try:
         return fernet.decrypt(value[len(ENC_PREFIX):].encode("ascii")).decode("utf-8")

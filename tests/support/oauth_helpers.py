@@ -1,0 +1,79 @@
+"""Helpers for the OAuth tests: config files, a fake clock, a key file."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from relayd import cli, secrets
+from relayd.config import Config, Smarthost, load_config
+
+
+@dataclass
+class FakeClock:
+    now: float = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def write_key(tmp_path: Path) -> Path:
+    key = tmp_path / "secret.key"
+    key.write_bytes(secrets.generate_key() + b"\n")
+    key.chmod(0o600)
+    return key
+
+
+def encrypt_with(key_file: Path, value: str) -> str:
+    return secrets.encrypt(secrets.load_key(key_file), value)
+
+
+def write_config(tmp_path: Path, oauth_yaml: str, *, username: str = "relay@example.com",
+                 name: str = "m365", extra: str = "") -> Path:
+    """A config with one xoauth2 smarthost whose ``auth.oauth`` is ``oauth_yaml``."""
+    oauth = textwrap.indent(textwrap.dedent(oauth_yaml).strip(), " " * 8)
+    text = f"""\
+hostname: relay.example.com
+state_dir: {tmp_path / 'state'}
+secrets: {{key_file: {tmp_path / 'secret.key'}}}
+spool: {{path: {tmp_path / 'spool'}}}
+smarthosts:
+  - name: {name}
+    host: 127.0.0.1
+    port: 2525
+    tls: none
+    auth:
+      method: xoauth2
+      username: {username}
+      oauth:
+{oauth}
+{extra}"""
+    path = tmp_path / "relayd.yaml"
+    path.write_text(text)
+    return path
+
+
+def load(path: Path) -> Config:
+    return load_config(path)
+
+
+def smarthost(path: Path, name: str = "m365") -> Smarthost:
+    return load_config(path).smarthost(name)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(argv: list[str], stdin: str = "") -> CliResult:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(argv, io=cli.IO(out, err, io.StringIO(stdin)))
+    return CliResult(code, out.getvalue(), err.getvalue())
