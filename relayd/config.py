@@ -313,7 +313,8 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
                "set hostname to this machine's FQDN")
     local_domain = r.hostname("local_domain", root.get("local_domain")) or hostname
     listen = tuple(_list(r, "listen", root.get("listen", ["127.0.0.1:25", "[::1]:25"]),
-                         lambda p, v: r.hostport(p, v)))
+                         # port 0 = any free port (tests, ephemeral set-ups)
+                         lambda p, v: r.hostport(p, v, allow_zero=True)))
     allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
         _list(r, "allowed_clients", root.get("allowed_clients", ["127.0.0.0/8", "::1/128"]),
               r.network))

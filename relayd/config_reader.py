@@ -176,9 +176,10 @@ class Reader:
             return None
         return text
 
-    def hostport(self, path: str, value: Any, default_port: int | None = None) -> HostPort | None:
+    def hostport(self, path: str, value: Any, default_port: int | None = None, *,
+                 allow_zero: bool = False) -> HostPort | None:
         try:
-            return parse_hostport(value, default_port)
+            return parse_hostport(value, default_port, allow_zero=allow_zero)
         except ValueError as exc:
             self.fail(path, str(exc))
             return None

@@ -133,9 +133,11 @@ class QueueManager:
     # -- schedule --------------------------------------------------------------------------
     def enqueue(self, qid: str, due: float | None = None, priority: bool = False) -> None:
         """Make ``qid`` known to the scheduler (new mail, or found by a rescan)."""
-        when = self.clock() if due is None else due
         if qid in self._inflight:
-            return
+            return  # a rescan found a message that is being delivered right now
+        self._push(qid, self.clock() if due is None else due, priority)
+
+    def _push(self, qid: str, when: float, priority: bool) -> None:
         if self._due.get(qid) == when:
             return
         self._due[qid] = when
@@ -195,6 +197,10 @@ class QueueManager:
                 self._retired.append(pool)
             self._health.pop(name, None)
         self._wake.set()
+
+    def pool_for(self, sh: Smarthost) -> Pool:
+        """The (shared) connection pool of ``sh``."""
+        return self._pool(sh)
 
     def _pool(self, sh: Smarthost) -> Pool:
         pool = self._pools.get(sh.name)
@@ -315,7 +321,7 @@ class QueueManager:
             meta = replace(entry.meta, attempts=entry.attempts + 1, last_error=f"local error: {exc!r}",
                            next_attempt=now + backoff_delay(entry.attempts + 1, self.cfg.retry))
             await self._io(self.spool.requeue, entry.id, meta)
-            self.enqueue(entry.id, meta.next_attempt, entry.envelope.priority)
+            self._push(entry.id, meta.next_attempt or now, entry.envelope.priority)
 
     async def _attempt(self, entry: Entry) -> None:
         now = self.clock()
@@ -329,7 +335,7 @@ class QueueManager:
                 meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
                                last_error="waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
-                self.enqueue(entry.id, now + wait, entry.envelope.priority)
+                self._push(entry.id, now + wait, entry.envelope.priority)
                 return
             if pending:
                 await self.gate.wait_rate(entry)
@@ -445,7 +451,7 @@ class QueueManager:
                        history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
                        next_attempt=due)
         await self._io(self.spool.requeue, entry.id, meta)
-        self.enqueue(entry.id, due, entry.envelope.priority)
+        self._push(entry.id, due, entry.envelope.priority)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _note_health(self, sh: Smarthost, result: DeliveryResult) -> None:

@@ -130,7 +130,7 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_hostport(value: object, default_port: int | None = None) -> HostPort:
+def parse_hostport(value: object, default_port: int | None = None, *, allow_zero: bool = False) -> HostPort:
     """``127.0.0.1:25``, ``[::1]:25``, ``localhost:2525`` -> HostPort."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be an address like 127.0.0.1:25 or [::1]:25 (got {value!r})")
@@ -153,7 +153,7 @@ def parse_hostport(value: object, default_port: int | None = None) -> HostPort:
         if default_port is None:
             raise ValueError(f"needs a port, like {host}:25 (got {value!r})")
         return HostPort(host, default_port)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not port_text.isdigit() or not (0 if allow_zero else 1) <= int(port_text) <= 65535:
         raise ValueError(f"port must be between 1 and 65535 (got {port_text!r})")
     if not host:
         raise ValueError(f"needs a host (got {value!r}); use 127.0.0.1 for loopback")

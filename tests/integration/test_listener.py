@@ -95,7 +95,7 @@ async def test_accepts_and_stores_with_received_date_message_id(server: tuple[Li
 async def test_existing_date_and_message_id_are_kept(server: tuple[Listener, SpoolAcceptor, int]) -> None:
     _, acc, port = server
     c = await session(port)
-    code, text = await send_data(c, b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <x@y>\r\n\r\nb\r\n.\r\n")
+    _code, text = await send_data(c, b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <x@y>\r\n\r\nb\r\n.\r\n")
     content = acc.spool.read_content(text.rsplit(" ", 1)[1])
     assert content.count(b"Date:") == 1 and content.count(b"Message-ID:") == 1
     await c.close()
@@ -107,7 +107,7 @@ async def test_smuggling_variants_never_end_the_message(server: tuple[Listener, 
     c = await session(port)
     smuggled = (b"Subject: one\r\n\r\nfirst" + trick + b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\n"
                 b"DATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
-    code, text = await send_data(c, smuggled)
+    code, _text = await send_data(c, smuggled)
     assert code == 250
     assert len(acc.accepted) == 1  # one message, with the "commands" as its content
     content = acc.spool.read_content(acc.accepted[0])
@@ -122,7 +122,7 @@ async def test_smuggling_variants_never_end_the_message(server: tuple[Listener, 
 async def test_oversize_gets_552_and_nothing_stored(server: tuple[Listener, SpoolAcceptor, int]) -> None:
     _, acc, port = server
     c = await session(port)
-    code, text = await send_data(c, b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" + (b"y" * 998 + b"\r\n") * 12 + b".\r\n")
+    code, _text = await send_data(c, b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" + (b"y" * 998 + b"\r\n") * 12 + b".\r\n")
     assert code == 552
     assert acc.accepted == []
     # The session goes on after 552.
@@ -212,7 +212,7 @@ async def test_large_message_arrives_intact(tmp_path: Path) -> None:
     body = b"".join(b"%06d " % i + b"z" * 70 + b"\r\n" for i in range(20000)) + b".starts with dot\r\n"
     c = await session(port)
     stuffed = body.replace(b"\r\n.", b"\r\n..")
-    code, text = await send_data(c, b"Subject: big\r\n\r\n" + stuffed + b".\r\n")
+    code, _text = await send_data(c, b"Subject: big\r\n\r\n" + stuffed + b".\r\n")
     assert code == 250
     assert spool.read_content(acc.accepted[0]).endswith(b"Subject: big\r\n\r\n" + body)
     await c.close()

@@ -1,0 +1,94 @@
+"""``relayd run``: the daemon in the foreground, with signals, reload and readiness.
+
+SIGTERM/SIGINT stop cleanly (exit 0); SIGHUP reloads the file and keeps the old settings when
+the new file is invalid, logging the same ``path: message`` lines as check-config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from relayd.app import Daemon
+from relayd.config import Config, load_config
+from relayd.errors import ConfigError, SpoolError
+from relayd.logsetup import setup_logging
+from relayd.sdnotify import Notifier, listen_fds, run_watchdog
+
+if TYPE_CHECKING:
+    from relayd.cli import IO
+
+log = logging.getLogger("relayd")
+
+
+def _setup_logging(cfg: Config) -> None:
+    setup_logging(cfg.logging)
+    # aiosmtpd logs every command line at INFO (addresses, and data at DEBUG): keep it quiet.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
+    from relayd.cli import config_path
+
+    notifier = Notifier.from_env()
+    daemon = Daemon(cfg, sockets=listen_fds())
+    daemon.hooks.on_ready = lambda addrs: notifier.ready(f"listening on {len(addrs)} socket(s)")
+    daemon.hooks.on_reloading = notifier.reloading
+    daemon.hooks.on_reloaded = notifier.ready
+    daemon.hooks.on_status = notifier.status
+    loop = asyncio.get_running_loop()
+    reloading = asyncio.Lock()
+    background: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        async with reloading:
+            try:
+                new = await asyncio.to_thread(load_config, config_path(args))
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running configuration: %s is invalid",
+                          config_path(args))
+                for problem in exc.problems:
+                    log.error("%s", problem)
+                return
+            for warning in new.warnings:
+                log.warning("config: %s", warning)
+            daemon.reload(new)
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload()))
+    spawn(run_watchdog(notifier))
+    try:
+        await daemon.serve()
+    except SpoolError as exc:
+        print(f"relayd: {exc}", file=io.err)
+        return 1
+    except OSError as exc:
+        print(f"relayd: cannot start: {exc.strerror or exc}", file=io.err)
+        return 1
+    finally:
+        notifier.stopping()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in list(background):
+            task.cancel()
+    return 0
+
+
+def main(args: argparse.Namespace, io: IO) -> int:
+    cfg = io.config(args)
+    _setup_logging(cfg)
+    for warning in cfg.warnings:
+        log.warning("config: %s", warning)
+    import uvloop
+
+    return int(uvloop.run(run_daemon(args, io, cfg)))

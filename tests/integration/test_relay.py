@@ -1,0 +1,155 @@
+"""End to end through the real daemon: listener -> spool -> queue manager -> forwarder -> a
+fake upstream on loopback. Each test is something a sysadmin would notice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from relayd.cli import main as cli_main
+from relayd.model import State
+from tests.support.relay import running_relay, upstream_smarthost, wait_until, write_config
+from tests.support.upstream import FakeUpstream
+
+MSG = b"From: app@example.com\r\nTo: user@example.net\r\nSubject: hello\r\n\r\nbody line\r\n.dot line\r\n"
+
+
+async def test_accepted_message_is_delivered_and_leaves_the_queue(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with FakeUpstream() as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            qid = await relay.send(MSG)
+            await wait_until(lambda: len(up.messages) == 1, what="delivery")
+            await wait_until(lambda: not relay.daemon.spool.list(), what="queue empty")
+    got = up.messages[0]
+    assert got.mail_from == "app@example.com" and got.rcpt_tos == ["user@example.net"]
+    assert got.data.endswith(MSG)  # byte-exact, including the dot line
+    assert got.data.startswith(b"Received: from ")
+    line = next(r.getMessage() for r in caplog.records if "status=sent" in r.getMessage())
+    assert line.startswith(f"{qid}: to=<user@example.net>, relay=primary[{up.host}]:{up.port}, delay=")
+    assert "dsn=2.0.0" in line and "attempts=1" in line
+
+
+async def test_temporary_failure_is_retried_with_backoff(tmp_path: Path) -> None:
+    async with FakeUpstream(replies={"mail": ["451 4.3.0 mailbox busy"]}) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            qid = await relay.send(MSG)
+            await wait_until(lambda: len(up.messages) == 1, what="retry delivery")
+            await wait_until(lambda: not relay.daemon.spool.list(), what="queue empty")
+    assert up.messages[0].data.endswith(MSG)
+    assert qid
+
+
+async def test_per_recipient_outcomes_partial_failure_kept_as_failed(tmp_path: Path) -> None:
+    async with FakeUpstream(replies={"rcpt": {"gone@example.net": "550 5.1.1 no such user"}}) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            qid = await relay.send(MSG, rcpts=("ok@example.net", "gone@example.net"))
+            await wait_until(lambda: relay.daemon.spool.list(State.FAILED) != [], what="failed state")
+            entry = relay.daemon.spool.get(qid)
+    assert [m.rcpt_tos for m in up.messages] == [["ok@example.net"]]
+    assert entry.recipients == ("gone@example.net",)
+    assert {(a.recipient, a.status) for a in entry.history} >= {("ok@example.net", "sent"), ("gone@example.net", "failed")}
+    assert "550 5.1.1" in (entry.last_error or "")
+
+
+async def test_quota_reply_is_temporary(tmp_path: Path) -> None:
+    quota = "550 5.4.5 Daily user sending quota exceeded."
+    async with FakeUpstream(replies={"dot": [quota]}) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            await relay.send(MSG)
+            await wait_until(lambda: len(up.messages) >= 1 and not relay.daemon.spool.list(), what="delivered after quota")
+    assert relay.daemon.spool.list(State.FAILED) == []
+
+
+async def test_fallback_smarthost_and_paused_primary(tmp_path: Path) -> None:
+    from tests.support.relay import free_port
+
+    dead = free_port()  # nothing listens: connection refused
+    async with FakeUpstream() as up:
+        cfg = write_config(tmp_path, [
+            {"name": "primary", "host": "127.0.0.1", "port": dead, "tls": "none", "timeout": "1s"},
+            upstream_smarthost(up, name="fallback", tls="none"),
+        ])
+        async with running_relay(cfg) as relay:
+            await relay.send(MSG)
+            await relay.send(MSG)
+            await wait_until(lambda: len(up.messages) == 2, what="fallback delivery")
+            stats = relay.daemon.qmgr.statistics()
+    assert "primary" in stats.paused
+
+
+async def test_starttls_never_falls_back_to_clear_text(tmp_path: Path) -> None:
+    async with FakeUpstream(tls="none") as up:  # offers no STARTTLS
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="starttls")])
+        async with running_relay(cfg) as relay:
+            qid = await relay.send(MSG)
+            await wait_until(lambda: relay.daemon.spool.get(qid).last_error is not None, what="deferral")
+            entry = relay.daemon.spool.get(qid)
+    assert up.messages == []
+    assert not any(c.upper().startswith(("MAIL", "RCPT", "DATA")) for c in up.commands)
+    assert entry.state is State.QUEUED and entry.attempts == 0  # a smarthost fault costs no attempt
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+async def test_tls_modes_with_verified_certificate(tmp_path: Path, mode: str) -> None:
+    async with FakeUpstream(tls=mode) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up)])
+        async with running_relay(cfg) as relay:
+            await relay.send(MSG)
+            await wait_until(lambda: len(up.messages) == 1, what="TLS delivery")
+    assert up.messages[0].tls
+
+
+async def test_message_expires_after_max_age_and_is_kept_as_failed(tmp_path: Path) -> None:
+    async with FakeUpstream(replies={"mail": "451 4.7.1 greylisted"}) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], spool={"max_age": "1s"})
+        async with running_relay(cfg) as relay:
+            qid = await relay.send(MSG)
+            await wait_until(lambda: relay.daemon.spool.get(qid).state is State.FAILED, what="expiry")
+            entry = relay.daemon.spool.get(qid)
+    assert "expired" in (entry.last_error or "") and "451 4.7.1" in (entry.last_error or "")
+
+
+async def test_outbox_smarthost_writes_one_eml_per_message(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, [{"name": "preview", "outbox": str(tmp_path / "outbox")}])
+    async with running_relay(cfg) as relay:
+        await relay.send(MSG)
+        await relay.send(MSG)
+        await wait_until(lambda: len(list((tmp_path / "outbox").glob("*.eml"))) == 2, what="outbox files")
+    for f in (tmp_path / "outbox").glob("*.eml"):
+        assert f.read_bytes().endswith(MSG)
+
+
+async def test_queue_commands_work_while_the_daemon_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with FakeUpstream(replies={"mail": "451 4.3.0 not now"}) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")],
+                           spool={"retry": {"initial": "1h", "max_interval": "2h"}})
+        async with running_relay(cfg) as relay:
+            spool = relay.daemon.spool
+            qid = await relay.send(MSG)
+            qid2 = await relay.send(MSG)
+            await wait_until(lambda: spool.get(qid).attempts == 1 and spool.get(qid2).attempts == 1,
+                             what="first attempts")
+            c = ["-c", str(cfg), "queue"]
+            capsys.readouterr()
+            assert cli_main([*c, "list", "--json"]) == 0
+            listed = capsys.readouterr().out
+            assert qid in listed and qid2 in listed and '"state": "queued"' in listed and "451 4.3.0" in listed
+            assert cli_main([*c, "hold", qid]) == 0
+            assert spool.get(qid).state is State.HELD
+            assert cli_main([*c, "delete", qid2]) == 0
+            assert [e.id for e in spool.list()] == [qid]
+            assert cli_main([*c, "show", qid]) == 0
+            shown = capsys.readouterr().out
+            assert "state:        held" in shown and "Subject: hello" in shown and "451 4.3.0" in shown
+            assert cli_main([*c, "show", "0000000000000FFFFF"]) == 1
+            up.replies = {}
+            assert cli_main([*c, "release", qid]) == 0
+            await wait_until(lambda: len(up.messages) == 1, what="delivery after release")
+            await wait_until(lambda: spool.list() == [], what="queue empty")

@@ -1,0 +1,160 @@
+"""Runs a real relayd daemon (in-process ``Daemon.serve`` or a ``relayd run`` subprocess)
+from a real config file, for integration tests. Readiness comes from the daemon's on_ready
+hook (in-process) or from polling the port with a deadline (subprocess), never from sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relayd.app import Daemon
+from relayd.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, smarthosts: list[dict[str, Any]], **extra: Any) -> Path:
+    """Write a relayd.yaml under ``path`` with test-friendly defaults; returns its path."""
+    data: dict[str, Any] = {
+        "hostname": "relay.test.example",
+        "listen": [f"127.0.0.1:{extra.pop('port', 0)}"],
+        "spool": {"path": str(path / "spool"), "retry": {"initial": "200ms", "max_interval": "1s"}},
+        "state_dir": str(path / "state"),
+        "secrets": {"key_file": str(path / "secret.key")},
+        "smarthosts": smarthosts,
+        "logging": {"level": "info"},
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    cfg = path / "relayd.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def upstream_smarthost(up: Any, name: str = "primary", **kw: Any) -> dict[str, Any]:
+    """A config entry for a FakeUpstream."""
+    entry: dict[str, Any] = {"name": name, "host": up.host, "port": up.port, "tls": up.tls,
+                             "timeout": "2s", "max_connections": 2}
+    if up.ca_file is not None:
+        entry["ca_file"] = str(up.ca_file)
+    entry.update(kw)
+    return entry
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``cond`` until true, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class RunningRelay:
+    def __init__(self, daemon: Daemon, port: int, config_path: Path) -> None:
+        self.daemon = daemon
+        self.port = port
+        self.config_path = config_path
+
+    @property
+    def config(self) -> Config:
+        return self.daemon.config
+
+    async def send(self, data: bytes, sender: str = "app@example.com",
+                   rcpts: tuple[str, ...] = ("user@example.net",)) -> str:
+        """Submit one message over SMTP; returns the queue ID from the 250 reply."""
+        import aiosmtplib
+
+        _errors, reply = await aiosmtplib.send(data, sender=sender, recipients=list(rcpts),
+                                              hostname="127.0.0.1", port=self.port, start_tls=False,
+                                              use_tls=False, timeout=10)
+        return reply.rsplit(" ", 1)[-1]
+
+
+@contextlib.asynccontextmanager
+async def running_relay(config_path: Path, **daemon_kw: Any) -> AsyncIterator[RunningRelay]:
+    """An in-process daemon serving ``config_path``."""
+    cfg = load_config(config_path)
+    daemon = Daemon(cfg, **daemon_kw)
+    ready: asyncio.Future[list[tuple[str, int]]] = asyncio.get_running_loop().create_future()
+    daemon.hooks.on_ready = ready.set_result
+    task = asyncio.create_task(daemon.serve())
+    done, _ = await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    addrs = await ready
+    try:
+        yield RunningRelay(daemon, addrs[0][1], config_path)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 30)
+
+
+class RelayProcess:
+    """``relayd run`` as a child process (for kill -9, SIGHUP and SIGTERM tests)."""
+
+    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), RELAYD_CONFIG=str(self.config_path))
+        env.pop("NOTIFY_SOCKET", None)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "run"], env=env,
+                                     stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relayd exited with {self.proc.returncode}: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(3) == b"220":
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"relayd did not start listening: {self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
