@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -78,6 +79,13 @@ def _mailbox(address: str) -> str:
     return address
 
 
+def _os_reason(exc: OSError) -> str:
+    # asyncio words a refused connect "Connect call failed (...)"; the errno says it plainly.
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
+
+
 def describe_failure(exc: BaseException, smarthost: Smarthost) -> tuple[Reply, str]:
     """A reply (the server's when it gave one, else a local one with an RFC 3463 DSN) and a
     plain sentence for a failure while connecting, securing or authenticating."""
@@ -106,7 +114,7 @@ def describe_failure(exc: BaseException, smarthost: Smarthost) -> tuple[Reply, s
         reply = Reply(exc.code, exc.message)
         return reply, f"{where} refused the session at greeting: {reply}"
     if isinstance(exc, SMTPConnectError):
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+        reason = _os_reason(cause) if isinstance(cause, OSError) else str(exc)
         return local_reply("4.4.1", f"connect failed: {reason}"), f"cannot connect to {where}: {reason}"
     if isinstance(exc, SMTPTimeoutError):
         return (local_reply("4.4.2", "timed out"),
