@@ -157,3 +157,12 @@ def diagnose(reply: Reply | None, error: str = "") -> Diagnosis | None:
         if rule.matches(reply, error):
             return rule.diagnosis
     return None
+
+
+def as_markdown() -> str:
+    """The table as Markdown for docs/troubleshooting: one row per diagnosis."""
+    parts = ["| problem | what it means | how to fix it |", "|---|---|---|"]
+    for rule in RULES:
+        d = rule.diagnosis
+        parts.append(f"| `{d.key}` | {d.meaning} | {d.fix} |".replace("\n", " "))
+    return "\n".join(parts) + "\n"

@@ -242,6 +242,11 @@ class SmarthostPool:
             except _Stale:
                 conn.close()
                 continue  # the server dropped the idle session; nothing was accepted
+            except BaseException:
+                # Cancelled (shutdown) or a bug mid-transaction: the session state is unknown,
+                # so it must never be reused.
+                conn.close()
+                raise
             finally:
                 conn.set_recorder(None)
             self._release(conn)
@@ -259,6 +264,10 @@ class SmarthostPool:
             self._opened += 1
             await conn.open(self._token_source)
             return conn
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.close()
+            raise
         except (SMTPException, OSError, ssl.SSLError, TlsRequired, AuthFailed, OAuthError,
                 ValueError, TimeoutError) as exc:
             if conn is not None:

@@ -439,3 +439,31 @@ async def test_no_transcript_unless_enabled(caplog: pytest.LogCaptureFixture) ->
 def test_smarthost_relay_name() -> None:
     sh = replace(Smarthost(name="primary", host="smtp.example.com"), port=587)
     assert SmarthostPool(sh, hostname="h").smarthost.relay == "primary[smtp.example.com]:587"
+
+
+async def test_server_without_esmtp_gets_helo_on_plain_connections() -> None:
+    async with FakeUpstream(replies={"ehlo": "500 5.5.1 command not recognized"}) as up:
+        result = await deliver(up.smarthost())
+        assert result.delivered == ("b@example.net",)
+        assert up.commands[:2] == ["EHLO relay.test", "HELO relay.test"]
+        assert up.messages[0].mail_options == []
+
+
+async def test_cancelled_delivery_does_not_leave_a_reusable_connection() -> None:
+    async with FakeUpstream(hang_at="dot") as up:
+        pool = SmarthostPool(up.smarthost(), hostname="relay.test", data_timeout=30)
+        task = asyncio.create_task(pool.deliver("Q1", MSG, "a@example.com", ["b@example.net"]))
+        await up.wait_connections(1)
+        deadline = time.monotonic() + 5
+        while "DATA" not in up.commands and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stats = pool.statistics()
+        assert stats.busy == 0 and stats.idle == 0
+        up.hang_at = None
+        result = await pool.deliver("Q2", MSG, "a@example.com", ["b@example.net"])
+        assert result.delivered == ("b@example.net",)
+        assert up.connections == 2
+        await pool.aclose()

@@ -290,6 +290,10 @@ class _ScriptedSMTP(SMTP):  # type: ignore[misc]
         if not await self._scripted("ehlo"):
             await super().smtp_EHLO(arg)
 
+    async def smtp_HELO(self, arg: str) -> None:
+        self.fake.commands.append(f"HELO {arg}")
+        await super().smtp_HELO(arg)
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         self.fake.commands.append("STARTTLS")
         await super().smtp_STARTTLS(arg)

@@ -126,3 +126,10 @@ def test_gmail_bad_credentials_mentions_app_password() -> None:
 
 def test_unknown_failure_has_no_diagnosis() -> None:
     assert diagnose(Reply(554, "5.6.0 something odd"), "") is None
+
+
+def test_diagnosis_table_renders_for_the_docs() -> None:
+    from relayd.diagnose import RULES, as_markdown
+    text = as_markdown()
+    assert text.count("\n") == len(RULES) + 2
+    assert "App Password" in text
