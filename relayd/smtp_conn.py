@@ -177,7 +177,8 @@ class UpstreamConnection:
         lock = proto._command_lock if proto is not None else None
         if proto is None or lock is None:
             raise SMTPServerDisconnected("Connection lost")
-        stuffed = content.replace(b"\r\n.", b"\r\n..")
+        # find() is a memchr scan; replace() would copy the whole message even with no dots.
+        stuffed = content.replace(b"\r\n.", b"\r\n..") if b"\r\n." in content else content
         if stuffed[:1] == b".":
             stuffed = b"." + stuffed
         end = b".\r\n" if (not stuffed or stuffed.endswith(b"\r\n")) else b"\r\n.\r\n"

@@ -467,3 +467,11 @@ async def test_cancelled_delivery_does_not_leave_a_reusable_connection() -> None
         assert result.delivered == ("b@example.net",)
         assert up.connections == 2
         await pool.aclose()
+
+
+async def test_auth_configured_but_not_offered_is_a_fault_and_sends_nothing() -> None:
+    async with FakeUpstream(tls="none") as up:
+        result = await deliver(up.smarthost(tls=TlsMode.NONE, auth=pw_auth(AuthMethod.PLAIN)))
+        assert result.smarthost_fault and result.deferred == ("b@example.net",)
+        assert "does not offer AUTH" in result.error
+        assert not any(c.startswith("MAIL") for c in up.commands)

@@ -111,6 +111,8 @@ def test_local_reply_carries_the_dsn() -> None:
     (Reply(451, "4.7.4 STARTTLS not offered"), "smtp.x:587: the server does not offer STARTTLS; refusing",
      "starttls-not-offered"),
     (Reply(550, "5.4.5 Daily user sending quota exceeded"), "", "quota"),
+    (Reply(451, "4.7.0 server does not offer AUTH"),
+     "authentication failed at x:25: the server does not offer AUTH (after TLS, if any)", "auth-not-offered"),
 ])
 def test_diagnosis_table(reply: Reply, error: str, key: str) -> None:
     found = diagnose(reply, error)
