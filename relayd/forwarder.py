@@ -152,6 +152,7 @@ class SmarthostPool:
         self._transactions = 0
         self._closed = False
         self._reaper: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def smarthost(self) -> Smarthost:
@@ -170,7 +171,7 @@ class SmarthostPool:
         if self._reaper is not None:
             self._reaper.cancel()
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
+        await asyncio.gather(*(c.quit() for c in idle), *self._closing, return_exceptions=True)
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -297,15 +298,17 @@ class SmarthostPool:
         now = time.monotonic()
         if self._closed or not conn.is_connected or now - conn.opened_at > MAX_CONNECTION_AGE:
             if conn.is_connected:
-                asyncio.get_running_loop().create_task(conn.quit()).add_done_callback(
-                    lambda t: t.exception())
+                # QUIT in the background; keep a reference so the task is not collected early.
+                task = asyncio.get_running_loop().create_task(conn.quit())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             else:
                 conn.close()
             return
         conn.idle_since = now
         self._idle.append(conn)
         if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER + 1, self._reap)
+            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER * 1.05, self._reap)
 
     def _reap(self) -> None:
         self._reaper = None
@@ -318,7 +321,7 @@ class SmarthostPool:
                 conn.close()
         self._idle = keep
         if keep:
-            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER + 1, self._reap)
+            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER * 1.05, self._reap)
 
     # -- the SMTP transaction ------------------------------------------------------------------
 

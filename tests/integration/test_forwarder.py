@@ -475,3 +475,22 @@ async def test_auth_configured_but_not_offered_is_a_fault_and_sends_nothing() ->
         assert result.smarthost_fault and result.deferred == ("b@example.net",)
         assert "does not offer AUTH" in result.error
         assert not any(c.startswith("MAIL") for c in up.commands)
+
+
+async def test_old_connections_are_retired_and_idle_ones_reaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import relayd.forwarder as fw
+    async with FakeUpstream() as up:
+        monkeypatch.setattr(fw, "MAX_CONNECTION_AGE", 0.0)
+        pool = SmarthostPool(up.smarthost(), hostname="relay.test")
+        for i in range(2):
+            assert (await pool.deliver(f"Q{i}", MSG, "a@example.com", ["b@example.net"])).delivered
+        assert up.connections == 2  # each connection retired (QUIT) after its message
+        monkeypatch.setattr(fw, "MAX_CONNECTION_AGE", 300.0)
+        monkeypatch.setattr(fw, "IDLE_CLOSE_AFTER", 0.05)
+        assert (await pool.deliver("Q3", MSG, "a@example.com", ["b@example.net"])).delivered
+        deadline = time.monotonic() + 5
+        while up.open_sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert up.open_sessions == 0 and pool.statistics().open_connections == 0
+        await pool.aclose()
+        assert up.commands.count("QUIT") == 2
