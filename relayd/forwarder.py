@@ -199,8 +199,12 @@ class SmarthostPool:
         missing = local_reply("4.3.0", "no outcome recorded")
         outcomes = tuple(tx.outcomes.get(r) or RecipientOutcome(r, Status.DEFERRED, missing, missing.dsn)
                          for r in rcpts)
+        # A fault means "nothing got through because of the smarthost". Once any recipient
+        # was delivered the result must not read as a fault: a caller that defers every
+        # outcome of a faulted attempt would otherwise send the delivered ones twice.
+        fault = tx.fault and not any(o.status is Status.SENT for o in outcomes)
         return DeliveryResult(smarthost=self._sh.name, relay=self._sh.relay, outcomes=outcomes,
-                              smarthost_fault=tx.fault, error=tx.error,
+                              smarthost_fault=fault, error=tx.error,
                               transcript=tuple(transcript))
 
     def _recorder(self, queue_id: str, lines: list[str]) -> Callable[[str], None]:

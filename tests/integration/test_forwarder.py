@@ -494,3 +494,12 @@ async def test_old_connections_are_retired_and_idle_ones_reaped(monkeypatch: pyt
         assert up.open_sessions == 0 and pool.statistics().open_connections == 0
         await pool.aclose()
         assert up.commands.count("QUIT") == 2
+
+
+async def test_partial_delivery_is_never_reported_as_a_smarthost_fault() -> None:
+    replies = {"rcpt": {"b@example.net": "550 5.4.5 Daily user sending quota exceeded."}}
+    async with FakeUpstream(replies=replies) as up:
+        result = await deliver(up.smarthost(), rcpts=("a@example.net", "b@example.net"))
+        assert [o.status for o in result.outcomes] == [Status.SENT, Status.DEFERRED]
+        assert not result.smarthost_fault  # else a caller could re-send a@ as "deferred"
+        assert up.messages[0].rcpt_tos == ["a@example.net"]
