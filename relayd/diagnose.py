@@ -85,6 +85,11 @@ RULES: tuple[Rule, ...] = (
             "mode: always and sender.envelope_from), or grant Send As permission for that "
             "address in Exchange."),
          text=r"SendAsDenied|5\.2\.252|not allowed to send as|5\.7\.60"),
+    Rule(_d("auth-not-offered",
+            "Authentication is configured but the server did not offer AUTH.",
+            "Most providers offer AUTH only after TLS: use tls: starttls (587) or tls: implicit "
+            "(465). If this server relays by IP address instead, set auth.method: none."),
+         error=r"does not offer AUTH"),
     Rule(_d("starttls-required",
             "The server requires TLS before this command (530 must issue STARTTLS).",
             "Set tls: starttls for this smarthost (port 587), or tls: implicit on port 465."),
@@ -157,3 +162,12 @@ def diagnose(reply: Reply | None, error: str = "") -> Diagnosis | None:
         if rule.matches(reply, error):
             return rule.diagnosis
     return None
+
+
+def as_markdown() -> str:
+    """The table as Markdown for docs/troubleshooting: one row per diagnosis."""
+    parts = ["| problem | what it means | how to fix it |", "|---|---|---|"]
+    for rule in RULES:
+        d = rule.diagnosis
+        parts.append(f"| `{d.key}` | {d.meaning} | {d.fix} |".replace("\n", " "))
+    return "\n".join(parts) + "\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -78,6 +79,13 @@ def _mailbox(address: str) -> str:
     return address
 
 
+def _os_reason(exc: OSError) -> str:
+    # asyncio words a refused connect "Connect call failed (...)"; the errno says it plainly.
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
+
+
 def describe_failure(exc: BaseException, smarthost: Smarthost) -> tuple[Reply, str]:
     """A reply (the server's when it gave one, else a local one with an RFC 3463 DSN) and a
     plain sentence for a failure while connecting, securing or authenticating."""
@@ -106,7 +114,7 @@ def describe_failure(exc: BaseException, smarthost: Smarthost) -> tuple[Reply, s
         reply = Reply(exc.code, exc.message)
         return reply, f"{where} refused the session at greeting: {reply}"
     if isinstance(exc, SMTPConnectError):
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+        reason = _os_reason(cause) if isinstance(cause, OSError) else str(exc)
         return local_reply("4.4.1", f"connect failed: {reason}"), f"cannot connect to {where}: {reason}"
     if isinstance(exc, SMTPTimeoutError):
         return (local_reply("4.4.2", "timed out"),
@@ -144,6 +152,7 @@ class SmarthostPool:
         self._transactions = 0
         self._closed = False
         self._reaper: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def smarthost(self) -> Smarthost:
@@ -162,7 +171,7 @@ class SmarthostPool:
         if self._reaper is not None:
             self._reaper.cancel()
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
+        await asyncio.gather(*(c.quit() for c in idle), *self._closing, return_exceptions=True)
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -190,8 +199,12 @@ class SmarthostPool:
         missing = local_reply("4.3.0", "no outcome recorded")
         outcomes = tuple(tx.outcomes.get(r) or RecipientOutcome(r, Status.DEFERRED, missing, missing.dsn)
                          for r in rcpts)
+        # A fault means "nothing got through because of the smarthost". Once any recipient
+        # was delivered the result must not read as a fault: a caller that defers every
+        # outcome of a faulted attempt would otherwise send the delivered ones twice.
+        fault = tx.fault and not any(o.status is Status.SENT for o in outcomes)
         return DeliveryResult(smarthost=self._sh.name, relay=self._sh.relay, outcomes=outcomes,
-                              smarthost_fault=tx.fault, error=tx.error,
+                              smarthost_fault=fault, error=tx.error,
                               transcript=tuple(transcript))
 
     def _recorder(self, queue_id: str, lines: list[str]) -> Callable[[str], None]:
@@ -234,6 +247,11 @@ class SmarthostPool:
             except _Stale:
                 conn.close()
                 continue  # the server dropped the idle session; nothing was accepted
+            except BaseException:
+                # Cancelled (shutdown) or a bug mid-transaction: the session state is unknown,
+                # so it must never be reused.
+                conn.close()
+                raise
             finally:
                 conn.set_recorder(None)
             self._release(conn)
@@ -251,6 +269,10 @@ class SmarthostPool:
             self._opened += 1
             await conn.open(self._token_source)
             return conn
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.close()
+            raise
         except (SMTPException, OSError, ssl.SSLError, TlsRequired, AuthFailed, OAuthError,
                 ValueError, TimeoutError) as exc:
             if conn is not None:
@@ -280,15 +302,17 @@ class SmarthostPool:
         now = time.monotonic()
         if self._closed or not conn.is_connected or now - conn.opened_at > MAX_CONNECTION_AGE:
             if conn.is_connected:
-                asyncio.get_running_loop().create_task(conn.quit()).add_done_callback(
-                    lambda t: t.exception())
+                # QUIT in the background; keep a reference so the task is not collected early.
+                task = asyncio.get_running_loop().create_task(conn.quit())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             else:
                 conn.close()
             return
         conn.idle_since = now
         self._idle.append(conn)
         if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER + 1, self._reap)
+            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER * 1.05, self._reap)
 
     def _reap(self) -> None:
         self._reaper = None
@@ -301,7 +325,7 @@ class SmarthostPool:
                 conn.close()
         self._idle = keep
         if keep:
-            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER + 1, self._reap)
+            self._reaper = asyncio.get_running_loop().call_later(IDLE_CLOSE_AFTER * 1.05, self._reap)
 
     # -- the SMTP transaction ------------------------------------------------------------------
 

@@ -146,9 +146,10 @@ def _report(result: DeliveryResult, out: _Printer) -> bool:
     if outcome.status is Status.SENT:
         out(f"   result: delivered ({outcome.reply})")
         return True
-    word = "deferred (temporary)" if outcome.status is Status.DEFERRED else "failed (permanent)"
-    out(f"   result: {word}: {outcome.reply}")
-    if result.error and result.error not in str(outcome.reply):
+    word = ("temporary error (the daemon would keep the mail and retry)"
+            if outcome.status is Status.DEFERRED else "permanent error")
+    out(f"   result: NOT delivered, {word}: {outcome.reply}")
+    if result.error and f"error: {result.error}" not in result.transcript:
         out(f"   error: {result.error}")
     found = diagnose(outcome.reply, result.error)
     if found is not None:

@@ -52,7 +52,7 @@ async def authenticate(cmd: Command, auth: AuthConfig, offered: Sequence[str],
     if method is AuthMethod.NONE or (method is AuthMethod.AUTO and not auth.username):
         return None
     if not offered:
-        raise AuthFailed(Reply(530, "5.7.0 server does not offer AUTH"),
+        raise AuthFailed(Reply(451, "4.7.0 server does not offer AUTH"),
                          "the server does not offer AUTH (after TLS, if any); "
                          "authentication is configured")
     if method is AuthMethod.XOAUTH2:

@@ -136,7 +136,11 @@ class UpstreamConnection:
             resp = await self._smtp.ehlo()
         except aiosmtplib.SMTPHeloError as exc:
             self._note_reply(Reply(exc.code, exc.message))
-            raise
+            if exc.code not in (500, 502) or self.smarthost.tls is TlsMode.STARTTLS:
+                raise
+            # RFC 5321 §3.2: an old server without ESMTP; HELO, and no extensions at all.
+            self._note(f"C: HELO {self._helo}")
+            resp = await self._smtp.helo()
         self._note_reply(_reply(resp))
         self.extensions = dict(self._smtp.esmtp_extensions)
 
@@ -173,12 +177,14 @@ class UpstreamConnection:
         lock = proto._command_lock if proto is not None else None
         if proto is None or lock is None:
             raise SMTPServerDisconnected("Connection lost")
-        stuffed = content.replace(b"\r\n.", b"\r\n..")
+        # find() is a memchr scan; replace() would copy the whole message even with no dots.
+        stuffed = content.replace(b"\r\n.", b"\r\n..") if b"\r\n." in content else content
         if stuffed[:1] == b".":
             stuffed = b"." + stuffed
         end = b".\r\n" if (not stuffed or stuffed.endswith(b"\r\n")) else b"\r\n.\r\n"
-        self._note(f"C: <message, {len(content)} bytes>")
-        self._note("C: .")
+        if self._record is not None:
+            self._note(f"C: <message, {len(content)} bytes>")
+            self._note("C: .")
         try:
             # Same protocol as aiosmtplib's execute_data_command: hold the command lock and
             # arm _response_pending before writing, so the reply is paired correctly.

@@ -21,7 +21,9 @@ Constructor options (all also plain attributes, so a test may change them betwee
   ``refuse_plain``: answer ``AUTH PLAIN`` with ``504 5.7.4 Unrecognized authentication type``
   although PLAIN is advertised (Office 365). ``xoauth2_style``: ``"google"`` rejects a bad token
   with ``334 <base64 JSON>`` and, after the client's empty line, ``535 5.7.8``; ``"microsoft"``
-  answers ``535 5.7.3 Authentication unsuccessful`` at once.
+  answers ``535 5.7.3 Authentication unsuccessful`` at once. ``auth_failure``: the reply to
+  wrong credentials (default ``535 5.7.8 Authentication credentials invalid``; e.g.
+  ``535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled``).
 - ``replies``: scripted replies per stage: keys ``greeting`` (non-220 only; the server closes
   afterwards), ``ehlo``, ``mail``, ``data`` (the reply to the DATA command), ``dot`` (the reply
   after the final dot), ``rset``. A value is a reply line (``"451 4.3.0 try later"``) or a list
@@ -108,7 +110,8 @@ class FakeUpstream:
     def __init__(self, *, tls: str = "none", require_starttls: bool = False,
                  auth: Sequence[str] = (), credentials: Mapping[str, str] | None = None,
                  tokens: Sequence[str] = (), require_auth: bool = False, refuse_plain: bool = False,
-                 xoauth2_style: str = "google", replies: Mapping[str, Any] | None = None,
+                 xoauth2_style: str = "google",
+                 auth_failure: str = "535 5.7.8 Authentication credentials invalid", replies: Mapping[str, Any] | None = None,
                  drop_at: str | None = None, hang_at: str | None = None, drop_once: bool = False,
                  size_limit: int = 0, smtputf8: bool = True, hostname: str = "localhost") -> None:
         self.tls = tls
@@ -119,6 +122,7 @@ class FakeUpstream:
         self.require_auth = require_auth
         self.refuse_plain = refuse_plain
         self.xoauth2_style = xoauth2_style
+        self.auth_failure = auth_failure
         self.replies: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v)
                                         for k, v in (replies or {}).items()}
         self.drop_at = drop_at
@@ -286,6 +290,10 @@ class _ScriptedSMTP(SMTP):  # type: ignore[misc]
         if not await self._scripted("ehlo"):
             await super().smtp_EHLO(arg)
 
+    async def smtp_HELO(self, arg: str) -> None:
+        self.fake.commands.append(f"HELO {arg}")
+        await super().smtp_HELO(arg)
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         self.fake.commands.append("STARTTLS")
         await super().smtp_STARTTLS(arg)
@@ -341,8 +349,7 @@ class _ScriptedSMTP(SMTP):  # type: ignore[misc]
         if ok:
             self.conn.auth_mechanism, self.conn.auth_login = mech, login
             return AuthResult(success=True, auth_data=login)
-        return AuthResult(success=False, handled=False,
-                          message="535 5.7.8 Authentication credentials invalid")
+        return AuthResult(success=False, handled=False, message=self.fake.auth_failure)
 
     def _valid(self, login: str | None, password: str | None) -> bool:
         return login is not None and self.fake.credentials.get(login) == password
@@ -417,6 +424,12 @@ class _Handler:
     def __init__(self, fake: FakeUpstream, proto: _ScriptedSMTP) -> None:
         self.fake = fake
         self.proto = proto
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd advertises a bare "AUTH" when every mechanism is excluded; real servers don't.
+        return [r for r in responses if r.strip() != "250-AUTH"]
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str | None:
         if await self.proto._act("dot"):
