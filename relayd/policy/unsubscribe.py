@@ -160,8 +160,8 @@ def apply(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
             notes = notes or n
     draft = dataclasses.replace(draft, copies=tuple(copies))
     if split:
-        draft = draft.note("unsubscribe", f"one copy per recipient ({len(copies)} copies): "
-                           "the link carries each recipient's token")
+        draft = draft.note("unsubscribe", f"one copy per recipient ({len(copies)}): "
+                           "the link carries each recipient's own token")
     for line in notes:
         draft = draft.note("unsubscribe", line)
     return draft
