@@ -20,6 +20,7 @@ from email import quoprimime
 from email.headerregistry import Address
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
+from email.policy import SMTP as _SMTP
 from email.utils import formataddr, getaddresses
 
 CRLF = b"\r\n"
@@ -118,7 +119,9 @@ def make_field(name: str, value: str) -> bytes:
     if len(text) <= _MAX_LINE:
         return text.encode("utf-8") + CRLF
     out, line = [], ""
-    for token in re.split(r"(?<=,) |(?<=[^,]) (?=\S)", text):
+    head, _, rest = text.partition(" ")
+    for token in [head + " " + t if i == 0 else t
+                  for i, t in enumerate(re.split(r"(?<=,) |(?<=[^,]) (?=\S)", rest))]:
         if line and len(line) + 1 + len(token) > _MAX_LINE:
             out.append(line)
             line = " " + token
@@ -135,8 +138,25 @@ def format_address(address: str, name: str | None) -> str:
         return address
     name = clean(name)
     if not name.isascii():
-        return formataddr((name, address), charset="utf-8")
+        # RFC 2047 §5(3) encoded words in the phrase; the stdlib's SMTP policy picks which
+        # words to encode so that the whitespace between them survives decoding.
+        header = _SMTP.header_factory("From", Address(display_name=name, addr_spec=address))
+        return _unfold(_SMTP.fold("From", header))
     return formataddr((name, address))
+
+
+def encode_unstructured(value: str) -> str:
+    """An unstructured header value, RFC 2047 encoded when it is not ASCII."""
+    value = clean(value)
+    if value.isascii():
+        return value
+    return _unfold(_SMTP.fold("X-Value", _SMTP.header_factory("X-Value", value)))
+
+
+def _unfold(folded: str) -> str:
+    # "Name: v1\r\n v2\r\n" -> "v1 v2": unfolding removes only the CRLF (RFC 5322 §2.2.3);
+    # make_field folds again where it needs to.
+    return folded.split(":", 1)[1].replace("\r\n", "").strip()
 
 
 def first_address(value: str | None) -> str | None:

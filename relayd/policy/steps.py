@@ -12,6 +12,7 @@ from relayd.policy import _mime
 from relayd.policy.records import Draft, Policy, PolicyContext
 
 PRIORITY_HEADER = "X-Relayd-Priority"
+CONCEAL = ("Sender", "Return-Path", "X-Sender", "X-Original-From", "X-Original-Sender")
 
 
 def _headers(content: bytes) -> tuple[_mime.Headers, bytes]:
@@ -98,8 +99,9 @@ def rewrite(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
     def edit(content: bytes) -> bytes:
         h, body = _headers(content)
         if cfg.from_ is not None:
-            # Sender: would reveal the concealed original (RFC 5322 §3.6.2).
-            h, note = _rewrite_one(h, "From", cfg.from_, conceal=("Sender",))
+            # These would reveal the concealed original: Sender (RFC 5322 §3.6.2), and a
+            # Return-Path that should not be in transit anyway (RFC 5321 §4.4).
+            h, note = _rewrite_one(h, "From", cfg.from_, conceal=CONCEAL)
             notes.append(note)
         if cfg.reply_to is not None:
             h, note = _rewrite_one(h, "Reply-To", cfg.reply_to)
@@ -135,7 +137,7 @@ def edit_headers(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
         h, body = _headers(content)
         h = h.remove(*cfg.remove)
         for name, value in cfg.add:
-            h = h.add(name, value)
+            h = h.add(name, _mime.encode_unstructured(value))
         return _with_headers(h, body)
 
     draft = draft.map_content(edit)

@@ -110,7 +110,8 @@ def test_recheck_at_delivery_sees_list_changes() -> None:
 # -- rewrite -------------------------------------------------------------------------------
 
 def test_from_always_leaves_exactly_one_and_conceals_the_original() -> None:
-    content = SIMPLE.replace(b"Subject", b"Sender: app-daemon@internal.example.com\r\nSubject")
+    content = SIMPLE.replace(b"Subject", b"Sender: app-daemon@internal.example.com\r\n"
+                             b"Return-Path: <app@internal.example.com>\r\nSubject")
     cfg = config('sender: {from: {address: noreply@example.com, name: "Example", mode: always}}')
     out = run(cfg, message(content, mail_from="app@internal.example.com")).outputs[0]
     assert headers(out.content).get_all("From") == ["Example <noreply@example.com>"]
@@ -133,12 +134,15 @@ def test_from_missing_adds_only_when_absent() -> None:
     ("Doe, John", '"Doe, John" <noreply@example.com>', "Doe, John"),
     ('The "Best" Shop', '"The \\"Best\\" Shop" <noreply@example.com>', 'The "Best" Shop'),
     ("Jörg Müller, GmbH", None, "Jörg Müller, GmbH"),
+    ("Jörg Müller, GmbH — Abteilung für sehr lange Namen und noch mehr", None,
+     "Jörg Müller, GmbH — Abteilung für sehr lange Namen und noch mehr"),
 ])
 def test_display_names_are_encoded(name: str, shown: str | None, decoded: str) -> None:
     cfg = config(f"sender: {{reply_to: {{address: noreply@example.com, name: '{name}', mode: always}}}}")
     out = run(cfg, message(SIMPLE)).outputs[0].content
     raw = headers(out).get("Reply-To")
     assert raw is not None and raw.isascii()
+    assert all(len(line) <= 78 for line in _mime.split_message(out)[0].split(b"\r\n"))
     if shown:
         assert raw == shown
     addr = parse(out)["Reply-To"].addresses[0]
@@ -159,6 +163,12 @@ def test_headers_add_and_remove() -> None:
     h = headers(run(cfg, message(SIMPLE)).outputs[0].content)
     assert h.get_all("X-Mailer") == ["relayd"]
     assert h.get_all("X-SES-Configuration-Set") == ["transactional"]
+
+
+def test_non_ascii_added_header_is_rfc2047_encoded() -> None:
+    out = run(config("headers: {add: {X-Campaign: 'Grüße 2026'}}"), message(SIMPLE)).outputs[0].content
+    assert headers(out).get("X-Campaign") == "=?utf-8?q?Gr=C3=BC=C3=9Fe?= 2026"
+    assert str(parse(out)["X-Campaign"]) == "Grüße 2026"
 
 
 # -- unsubscribe ---------------------------------------------------------------------------
