@@ -7,6 +7,7 @@ import dataclasses
 import email
 import email.policy
 import re
+from email.message import EmailMessage
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -80,3 +81,79 @@ def test_pipeline_keeps_parts_parses_and_never_injects(name: str, display: str |
         assert names.count("x-tag") == 1
         assert names.count("from") == (1 if mode is RewriteMode.ALWAYS else max(1, original_from))
         assert names.count("reply-to") == 1
+
+
+# -- random MIME trees -----------------------------------------------------------------------
+
+TEXT = st.text(alphabet=st.sampled_from(list("abc xyz\n.=-äöé€☃</body>")), max_size=120)
+
+
+@st.composite
+def leaves(draw: st.DrawFn) -> EmailMessage:
+    part = EmailMessage()
+    kind = draw(st.sampled_from(["plain", "html", "attachment", "binary"]))
+    if kind in ("plain", "html"):
+        charset = draw(st.sampled_from(["utf-8", "iso-8859-1", "us-ascii"]))
+        text = draw(TEXT)
+        text = text.encode(charset, "replace").decode(charset) if charset != "us-ascii" else \
+            text.encode("ascii", "replace").decode("ascii")
+        if kind == "html":
+            text = f"<html><body>{text}</body></html>"
+        cte = draw(st.sampled_from(["quoted-printable", "base64", "8bit", "7bit"]))
+        if cte == "7bit" and not text.isascii():
+            cte = "quoted-printable"
+        part.set_content(text, subtype=kind, charset=charset, cte=cte)
+    else:
+        data = draw(st.binary(max_size=200))
+        part.set_content(data, maintype="application", subtype="octet-stream",
+                         disposition="attachment", filename="f.bin")
+    return part
+
+
+def trees() -> st.SearchStrategy[EmailMessage]:
+    def extend(children: st.SearchStrategy[EmailMessage]) -> st.SearchStrategy[EmailMessage]:
+        @st.composite
+        def multipart(draw: st.DrawFn) -> EmailMessage:
+            msg = EmailMessage()
+            msg.set_type("multipart/" + draw(st.sampled_from(["mixed", "alternative", "related"])))
+            for child in draw(st.lists(children, min_size=1, max_size=3)):
+                msg.attach(child)
+            return msg
+        return multipart()
+    return st.recursive(leaves(), extend, max_leaves=6)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees())
+def test_random_mime_trees_keep_every_part_and_their_text(tree: EmailMessage) -> None:
+    msg = EmailMessage()
+    msg["From"] = "App <app@example.com>"
+    msg["To"] = "alice@example.net"
+    msg["Subject"] = "random"
+    # single leaves are covered by the corpus; here the top level is always a multipart
+    msg.set_type(tree.get_content_type() if tree.is_multipart() else "multipart/mixed")
+    for p in tree.iter_parts() if tree.is_multipart() else [tree]:
+        msg.attach(p)
+    original = msg.as_bytes(policy=email.policy.SMTP)
+    cfg = dataclasses.replace(config(), unsubscribe=UnsubscribeConfig(
+        mailto="u@example.com", footer_text="UNSUB {url}", footer_html="<i>UNSUB-H</i>"))
+    out = run_pipeline(build_policy(cfg, {}), Message(Envelope("a@example.com", ("b@example.net",)),
+                                                      original), PolicyContext(now=0.0))
+    content = out.outputs[0].content
+    assert _leaf_types(content) == _leaf_types(original)
+    before = [p for p in email.message_from_bytes(original, policy=email.policy.default).walk()
+              if not p.is_multipart()]
+    after = [p for p in email.message_from_bytes(content, policy=email.policy.default).walk()
+             if not p.is_multipart()]
+    for old, new in zip(before, after, strict=True):
+        old_raw, new_raw = old.get_payload(decode=True), new.get_payload(decode=True)
+        assert isinstance(old_raw, bytes) and isinstance(new_raw, bytes)
+        if old.get_content_disposition() == "attachment" or old.get_content_maintype() != "text":
+            assert old_raw == new_raw
+        elif old.get_content_type() == "text/plain":
+            old_text = old_raw.decode(old.get_content_charset("us-ascii"))
+            new_text = new_raw.decode(new.get_content_charset("us-ascii"))
+            assert new_text.startswith(old_text) and new_text.count("UNSUB mailto:") == 1
+        else:
+            new_text = new_raw.decode(new.get_content_charset("us-ascii"))
+            assert new_text.count("UNSUB-H") == 1
