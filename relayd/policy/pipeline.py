@@ -28,7 +28,7 @@ from relayd.policy.records import (
     Step,
 )
 
-__all__ = ["STEPS", "Note", "PipelineResult", "Policy", "PolicyContext", "build_policy",
+__all__ = ["STEPS", "Note", "PipelineResult", "Policy", "PolicyContext", "build_policy", "log_summary",
            "rcpt_decision", "recheck_at_delivery", "run_pipeline"]
 
 # The SPEC order, in one place: priority -> do-not-email -> rewrite -> headers ->
@@ -120,3 +120,27 @@ def recheck_at_delivery(policy: Policy, envelope: Envelope,
     allowed = tuple(r for r in envelope.rcpt_tos if not is_listed(policy, r, ctx))
     dropped = tuple(r for r in envelope.rcpt_tos if is_listed(policy, r, ctx))
     return allowed, dropped
+
+
+def log_summary(result: PipelineResult) -> str:
+    """Short tags for the acceptance log line, e.g. ``policy=priority,rewrite,footer,dkim``."""
+    tags: list[str] = []
+    if result.priority:
+        tags.append("priority")
+    if result.suppressed:
+        tags.append(f"suppressed={len(result.suppressed)}")
+    if result.rejected:
+        tags.append(f"rejected={len(result.rejected)}")
+    texts = {(n.step, n.text) for n in result.steps}
+    if any(s == "rewrite" and not t.startswith(("nothing", "From kept", "Reply-To kept"))
+           for s, t in texts):
+        tags.append("rewrite")
+    if any(s == "headers" and not t.startswith("nothing") for s, t in texts):
+        tags.append("headers")
+    if any(s == "unsubscribe" and "footer added" in t for s, t in texts):
+        tags.append("footer")
+    if any(s == "unsubscribe" and t.startswith("List-Unsubscribe:") for s, t in texts):
+        tags.append("list-unsubscribe")
+    if any(s == "dkim" and t.startswith("signed") for s, t in texts):
+        tags.append("dkim")
+    return "policy=" + (",".join(tags) or "none")

@@ -249,3 +249,13 @@ def test_dkim_needs_the_from_domain() -> None:
     result = run(cfg, message(SIMPLE), keys={"other.example": pem})
     assert not result.outputs[0].content.startswith(b"DKIM-Signature")
     assert any("no dkim entry for From domain example.com" in n.text for n in result.steps)
+
+
+def test_log_summary_names_what_happened() -> None:
+    from relayd.policy.pipeline import log_summary
+
+    cfg = config(UNSUB + "sender: {from: {address: noreply@example.com, mode: always}}")
+    result = run(cfg, message(SIMPLE, rcpts=("a@example.net", "b@example.net")),
+                 suppressed=frozenset({"b@example.net"}))
+    assert log_summary(result) == "policy=suppressed=1,rewrite,footer,list-unsubscribe"
+    assert log_summary(run(config(), message(SIMPLE))) == "policy=none"
