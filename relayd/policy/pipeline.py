@@ -43,7 +43,6 @@ STEPS: tuple[tuple[str, Step], ...] = (
 )
 
 
-
 def build_policy(config: Config, dkim_keys: Mapping[str, bytes]) -> Policy:
     """Compile the policy slices of ``config``; ``dkim_keys`` maps a dkim domain to its PEM.
 
