@@ -1,0 +1,1 @@
+"""The sending policy: pure steps over a message (see ``relayd.policy.pipeline``)."""

@@ -1,0 +1,84 @@
+"""The rolling daily cap and the rate limiter, driven by an injected clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relayd.config import LimitsConfig
+from relayd.limits import WINDOW, DailyCap, RateLimiter, limited
+from relayd.units import Rate
+
+T0 = 1_800_000_000.0
+
+
+def test_cap_holds_exactly_n_and_releases_later(tmp_path: Path) -> None:
+    cap = DailyCap(5, tmp_path)
+    sent = 0
+    for i in range(8):  # 8 single-recipient messages, one a minute
+        now = T0 + 60 * i
+        if cap.acquire(1, now):
+            cap.settle(1, 1, now)
+            sent += 1
+    assert sent == 5
+    assert cap.remaining(T0 + 600) == 0
+    assert cap.next_free_at(T0 + 600) == T0 + WINDOW
+    assert cap.remaining(T0 + WINDOW - 1) == 0
+    assert cap.remaining(T0 + WINDOW) == 1      # the first delivery left the window
+    assert cap.remaining(T0 + WINDOW + 240) == 5
+
+
+def test_cap_counts_recipients_and_grants_partially(tmp_path: Path) -> None:
+    cap = DailyCap(4, tmp_path)
+    assert cap.acquire(3, T0) == 3
+    assert cap.acquire(3, T0) == 1              # in-flight recipients already count
+    cap.settle(3, 3, T0)
+    cap.settle(1, 0, T0)                        # that attempt failed: nothing delivered
+    assert cap.remaining(T0) == 1
+    assert cap.next_free_at(T0, 2) == T0 + WINDOW
+
+
+def test_cap_survives_restart(tmp_path: Path) -> None:
+    cap = DailyCap(10, tmp_path)
+    cap.record(3, T0)
+    cap.record(4, T0 + 3600)
+    cap.close()
+    again = DailyCap(10, tmp_path)
+    assert again.remaining(T0 + 7200) == 3
+    assert again.remaining(T0 + WINDOW + 1) == 6
+    ro = DailyCap(10, tmp_path, readonly=True)
+    assert ro.used(T0 + 7200) == 7
+    assert DailyCap(10, tmp_path / "absent", readonly=True).used(T0) == 0
+
+
+def test_priority_exempt() -> None:
+    assert limited(LimitsConfig(priority_exempt=True), priority=False)
+    assert not limited(LimitsConfig(priority_exempt=True), priority=True)
+    assert limited(LimitsConfig(priority_exempt=False), priority=True)
+
+
+def test_rate_allows_one_second_burst_then_paces() -> None:
+    now = [0.0]
+    rl = RateLimiter(Rate(14, 1), clock=lambda: now[0])
+    delays = [rl.reserve() for _ in range(16)]
+    assert delays[:14] == [0.0] * 14
+    assert delays[14] == pytest.approx(1 / 14)
+    assert delays[15] == pytest.approx(2 / 14)
+    now[0] = 10.0                                # long idle: bucket full again, not more
+    assert [rl.reserve() for _ in range(14)] == [0.0] * 14
+    assert rl.reserve() > 0
+
+
+async def test_rate_wait_sleeps_through_injected_sleep() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(d: float) -> None:
+        slept.append(d)
+        now[0] += d
+
+    rl = RateLimiter(Rate(60, 60), clock=lambda: now[0], sleep=sleep)  # 1/s, burst 1
+    for _ in range(3):
+        await rl.wait()
+    assert slept == [pytest.approx(1.0), pytest.approx(1.0)]

@@ -1,0 +1,48 @@
+"""The byte-level MIME helpers: delimiters, preamble/epilogue, header fields."""
+
+from __future__ import annotations
+
+from relayd.policy import _mime
+
+
+def _msg(body: bytes) -> bytes:
+    return (b"From: a@example.com\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=BB\r\n\r\n" + body)
+
+
+def test_line_that_only_starts_like_a_boundary_is_content() -> None:
+    data = _msg(b"preamble\r\n--BB\r\nContent-Type: text/plain\r\n\r\n--BBnot-a-delimiter\r\n"
+                b"--BB \r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--BB--\r\nepilogue\r\n")
+    leaves = list(_mime.walk(data))
+    assert [(leaf.path, leaf.content_type) for leaf in leaves] == [("1", "text/plain"), ("2", "text/html")]
+    assert data[leaves[0].start:leaves[0].end].endswith(b"--BBnot-a-delimiter")
+    out, notes = _mime.decorate(data, "FOOT", "<i>FOOT</i>", lambda leaf: None)
+    assert out.startswith(data[:data.index(b"--BB\r\n")])        # header + preamble kept
+    assert out.endswith(b"--BB--\r\nepilogue\r\n")               # epilogue kept
+    assert out.count(b"FOOT") == 2 and len(notes) == 2
+
+
+def test_missing_close_delimiter_runs_to_the_end() -> None:
+    data = _msg(b"--BB\r\nContent-Type: text/plain\r\n\r\nunterminated\r\n")
+    assert [leaf.content_type for leaf in _mime.walk(data)] == ["text/plain"]
+    assert b"FOOT" in _mime.decorate(data, "FOOT", None, lambda leaf: None)[0]
+
+
+def test_header_values_cannot_inject_fields() -> None:
+    field = _mime.make_field("X-Tag", "a\r\nBcc: victim@example.com\nX: y\x00")
+    assert field.count(b"\r\n") == 1 and field.startswith(b"X-Tag: a Bcc:")
+    long = _mime.make_field("List-Unsubscribe", ", ".join(f"<https://e.com/{i * 'x'}>" for i in range(20)))
+    lines = long.split(b"\r\n")[:-1]
+    assert all(len(line) <= 78 or b" " not in line.strip() for line in lines)
+    assert all(line.startswith(b" ") for line in lines[1:])
+    assert _mime.field_value(long).replace(" ", "") == ", ".join(
+        f"<https://e.com/{i * 'x'}>" for i in range(20)).replace(" ", "")
+
+
+def test_headers_edit_and_split_without_body() -> None:
+    h = _mime.Headers.parse(b"Subject: one\r\n two\r\nX-A: 1\r\nx-a: 2\r\n")
+    assert h.get("subject") == "one two"
+    assert h.get_all("X-A") == ["1", "2"]
+    assert h.remove("X-a").items() == [("Subject", "one two")]
+    header, body = _mime.split_message(b"Subject: no body\r\n")
+    assert (header, body) == (b"Subject: no body\r\n", b"")

@@ -1,0 +1,115 @@
+"""The do-not-email store and the ``relayd suppress`` command."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from relayd.cli import IO, main
+from relayd.model import RecipientOutcome, Reply, Status
+from relayd.suppressions import SuppressionStore, is_hard_bounce, read_snapshot
+
+
+def test_add_remove_contains_case_insensitive(tmp_path: Path) -> None:
+    with SuppressionStore(tmp_path) as store:
+        assert store.add(["Alice@Example.NET", "bob@example.net"]) == 2
+        assert store.add(["alice@example.net"]) == 0
+        assert store.contains("ALICE@example.net")
+        assert store.list() == ["alice@example.net", "bob@example.net"]
+        assert store.remove(["BOB@EXAMPLE.NET", "nobody@example.net"]) == 1
+        assert store.list() == ["alice@example.net"]
+
+
+def test_daemon_snapshot_sees_cli_changes_without_restart(tmp_path: Path) -> None:
+    daemon, cli = SuppressionStore(tmp_path), SuppressionStore(tmp_path)
+    try:
+        first = daemon.snapshot()
+        assert first == frozenset()
+        assert daemon.snapshot() is first  # unchanged: the cached set, no reload
+        cli.add(["carol@example.net"])
+        assert "carol@example.net" in daemon.snapshot()
+        cli.remove(["carol@example.net"])
+        assert "carol@example.net" not in daemon.snapshot()
+        daemon.add(["dave@example.net"])
+        assert "dave@example.net" in daemon.snapshot()
+    finally:
+        daemon.close()
+        cli.close()
+
+
+def test_two_connections_writing_at_once(tmp_path: Path) -> None:
+    stores = [SuppressionStore(tmp_path), SuppressionStore(tmp_path)]
+    errors: list[BaseException] = []
+
+    def writer(store: SuppressionStore, prefix: str) -> None:
+        try:
+            for i in range(100):
+                store.add([f"{prefix}{i}@example.net"])
+                store.snapshot()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s, p)) for s, p in zip(stores, "ab", strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(stores[0].snapshot()) == 200 == len(stores[1])
+    for s in stores:
+        s.close()
+    assert len(read_snapshot(tmp_path)) == 200
+
+
+def test_read_snapshot_of_missing_list_is_empty(tmp_path: Path) -> None:
+    assert read_snapshot(tmp_path / "nothing") == frozenset()
+    assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize(("code", "text", "status", "hard"), [
+    (550, "5.1.1 <x@example.net>: Recipient address rejected: User unknown", Status.FAILED, True),
+    (550, "5.1.10 RESOLVER.ADR.RecipientNotFound", Status.FAILED, True),
+    (550, "5.7.1 Message rejected as spam", Status.FAILED, False),
+    (450, "4.1.1 mailbox temporarily unavailable", Status.DEFERRED, False),
+])
+def test_hard_bounce_classification(code: int, text: str, status: Status, hard: bool) -> None:
+    assert is_hard_bounce(RecipientOutcome("x@example.net", status, Reply(code, text))) is hard
+
+
+# -- CLI -----------------------------------------------------------------------------------
+
+def _cli(tmp_path: Path, *argv: str) -> tuple[int, str, str]:
+    cfg = tmp_path / "relayd.yaml"
+    if not cfg.exists():
+        cfg.write_text("smarthosts: [{name: preview, outbox: ./outbox}]\nstate_dir: ./state\n")
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(["-c", str(cfg), *argv], io=IO(out, err, io.StringIO()))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_suppress_cli_add_list_remove_import(tmp_path: Path) -> None:
+    assert _cli(tmp_path, "suppress", "add", "Alice@Example.net", "bob@example.net") == (
+        0, "added 2, already listed 0\n", "")
+    rc, out, _ = _cli(tmp_path, "suppress", "list")
+    assert (rc, out) == (0, "alice@example.net\nbob@example.net\n")
+    rc, out, _ = _cli(tmp_path, "suppress", "list", "--json")
+    assert json.loads(out) == ["alice@example.net", "bob@example.net"]
+    assert _cli(tmp_path, "suppress", "remove", "ALICE@example.net")[:2] == (0, "removed 1, not listed 0\n")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# exported from the CRM\n\ncarol@example.net\nBOB@example.net  # again\nnot-an-address\n")
+    rc, out, err = _cli(tmp_path, "suppress", "import", str(listing))
+    assert rc == 0
+    assert out == "imported 1 new, 1 already listed, 1 invalid lines skipped\n"
+    assert f"{listing}:5: not an email address" in err
+    assert json.loads(_cli(tmp_path, "suppress", "list", "--json")[1]) == ["bob@example.net", "carol@example.net"]
+
+
+def test_suppress_cli_refuses_bad_input(tmp_path: Path) -> None:
+    rc, out, err = _cli(tmp_path, "suppress", "add", "nonsense", "ok@example.net")
+    assert rc == 1 and "not an email address: 'nonsense'" in err and out == "added 1, already listed 0\n"
+    rc, _, err = _cli(tmp_path, "suppress", "import", str(tmp_path / "missing.txt"))
+    assert rc == 1 and "cannot read" in err
