@@ -16,7 +16,7 @@ MSG = b"From: app@example.com\r\nTo: user@example.net\r\nSubject: crash test %d\
 
 
 async def submit(port: int, n: int) -> None:
-    errors, reply = await aiosmtplib.send(MSG % (n, n), sender="app@example.com",
+    _errors, reply = await aiosmtplib.send(MSG % (n, n), sender="app@example.com",
                                           recipients=[f"user{n}@example.net"], hostname="127.0.0.1",
                                           port=port, start_tls=False, timeout=10)
     assert reply.startswith("2.0.0 Ok: queued as"), reply
