@@ -3,9 +3,10 @@ stores exactly what relayd sent: the queue ID in relayd's ``status=sent`` line i
 on Postfix's queue with the right envelope and content, in clear text, over verified STARTTLS,
 and after SMTP AUTH (PLAIN and LOGIN through Postfix's SASL).
 
-Postfix runs in its own instance (tests/support/postfix_smarthost.py) and keeps every accepted
-message on its hold queue, where ``postqueue -j`` and ``postcat`` read it back. The test fails,
-never skips, when Postfix is not installed or not run as root.
+Postfix runs in its own instances (tests/support/postfix_smarthost.py), one per set-up and
+module, and keeps every accepted message on its hold queue, where ``postqueue -j`` and
+``postcat`` read it back. The test fails, never skips, when Postfix is not installed or not
+run as root.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from tests.support.postfix_smarthost import Held, PostfixSmarthost, running_postfix
+from tests.support.postfix_smarthost import Held, PostfixSmarthost
 from tests.support.relay import RunningRelay, running_relay, wait_until, write_config
 
 pytestmark = pytest.mark.postfix
@@ -28,6 +30,26 @@ MSG = (b"From: App <app@example.com>\r\nTo: user@example.net, other@example.org\
        b"Subject: interop\r\nMessage-ID: <interop-1@example.com>\r\n\r\n"
        b"first line\r\n.a line that starts with a dot\r\n..two dots\r\nlast line\r\n")
 RCPTS = ("user@example.net", "other@example.org")
+CREDENTIALS = ("relay", "s3cret pass")
+
+
+@pytest.fixture(scope="module")
+def postfix_clear() -> Iterator[PostfixSmarthost]:
+    with PostfixSmarthost() as pf:
+        yield pf
+
+
+@pytest.fixture(scope="module")
+def postfix_tls() -> Iterator[PostfixSmarthost]:
+    with PostfixSmarthost(tls=True) as pf:
+        yield pf
+
+
+@pytest.fixture(scope="module")
+def postfix_auth() -> Iterator[PostfixSmarthost]:
+    """STARTTLS required, and relaying only for clients that authenticated as CREDENTIALS."""
+    with PostfixSmarthost(tls=True, credentials=CREDENTIALS) as pf:
+        yield pf
 
 
 def _smarthost(pf: PostfixSmarthost, **kw: Any) -> dict[str, Any]:
@@ -56,9 +78,10 @@ async def _held(pf: PostfixSmarthost) -> list[Held]:
 
 
 def _assert_stored_as_sent(held: list[Held], postfix_id: str, qid: str) -> bytes:
-    """Postfix holds exactly one message, the one relayd reported, byte for byte."""
-    assert [h.queue_id for h in held] == [postfix_id]
-    msg = held[0]
+    """Postfix holds the message relayd reported, byte for byte; returns its header block."""
+    mine = [h for h in held if h.queue_id == postfix_id]
+    assert len(mine) == 1, [h.queue_id for h in held]
+    msg = mine[0]
     assert msg.sender == "app@example.com"
     assert sorted(msg.recipients) == sorted(RCPTS)
     content = msg.content
@@ -73,86 +96,98 @@ def _assert_stored_as_sent(held: list[Held], postfix_id: str, qid: str) -> bytes
     return content.split(b"\n\n", 1)[0]  # the stored header block
 
 
-async def test_relays_through_postfix_in_clear_text(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def _not_handed_over(held: list[Held], qid: str) -> bool:
+    """No message on Postfix's queue carries relayd's queue ID (in relayd's Received line)."""
+    return not any(f"id {qid}".encode() in h.content for h in held)
+
+
+async def test_relays_through_postfix_in_clear_text(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, postfix_clear: PostfixSmarthost) -> None:
     caplog.set_level(logging.INFO)
-    async with running_postfix() as (pf, _auth):
-        cfg = write_config(tmp_path, [_smarthost(pf)])
-        async with running_relay(cfg) as relay:
-            qid, postfix_id = await _relay_one(relay, caplog)
-        header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
-        log = pf.log()
+    pf = postfix_clear
+    cfg = write_config(tmp_path, [_smarthost(pf)])
+    async with running_relay(cfg) as relay:
+        qid, postfix_id = await _relay_one(relay, caplog)
+    header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
     assert re.search(rb"by smarthost\.test\.example \(Postfix\) with ESMTP id " + postfix_id.encode(), header)
+    log = pf.log()
     assert f"{postfix_id}: client=localhost[127.0.0.1]" in log
     assert "helo=<relay.test.example>" in log  # relayd's hostname as the EHLO name
 
 
-async def test_relays_through_postfix_over_verified_starttls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_relays_through_postfix_over_verified_starttls(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, postfix_tls: PostfixSmarthost) -> None:
     caplog.set_level(logging.INFO)
-    async with running_postfix(tls=True) as (pf, _auth):
-        cfg = write_config(tmp_path, [_smarthost(pf, verify_certificate=True)])
-        async with running_relay(cfg) as relay:
-            qid, postfix_id = await _relay_one(relay, caplog)
-        header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
-        log = pf.log()
-    # ESMTPS: Postfix received the message over TLS (RFC 3848).
+    pf = postfix_tls
+    cfg = write_config(tmp_path, [_smarthost(pf, verify_certificate=True)])
+    async with running_relay(cfg) as relay:
+        qid, postfix_id = await _relay_one(relay, caplog)
+    header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
+    # ESMTPS: Postfix received the message over TLS (RFC 3848); it refuses MAIL without it.
     assert re.search(rb"with ESMTPS id " + postfix_id.encode(), header)
-    assert re.search(r"TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.[23]", log)
+    assert re.search(r"TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.[23]", pf.log())
 
 
-async def test_certificate_from_an_unknown_ca_is_refused_and_mail_waits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_certificate_from_an_unknown_ca_is_refused_and_mail_waits(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, postfix_tls: PostfixSmarthost) -> None:
     caplog.set_level(logging.INFO)
+    pf = postfix_tls
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
-    async with running_postfix(tls=True) as (pf, _auth):
-        cfg = write_config(tmp_path, [_smarthost(pf, ca_file=str(other_ca))])
-        async with running_relay(cfg) as relay:
-            qid = await relay.send(MSG, rcpts=RCPTS)
-            await wait_until(lambda: bool(relay.daemon.spool.get(qid).last_error), timeout=15,
-                             what="a failed attempt")
-            entry = relay.daemon.spool.get(qid)
-        held = await _held(pf)
-    assert held == []  # nothing was sent to an unverified server
+    cfg = write_config(tmp_path, [_smarthost(pf, ca_file=str(other_ca))])
+    async with running_relay(cfg) as relay:
+        qid = await relay.send(MSG, rcpts=RCPTS)
+        await wait_until(lambda: bool(relay.daemon.spool.get(qid).last_error), timeout=15,
+                         what="a failed attempt")
+        entry = relay.daemon.spool.get(qid)
+    assert _not_handed_over(await _held(pf), qid)  # nothing sent to an unverified server
     assert entry.state.value == "queued"  # and nothing bounced: it waits for a fix
     assert "certificate" in (entry.last_error or "").lower()
 
 
 @pytest.mark.parametrize("method", ["auto", "login"])
-async def test_relays_through_postfix_with_smtp_auth(tmp_path: Path, caplog: pytest.LogCaptureFixture, method: str) -> None:
+async def test_relays_through_postfix_with_smtp_auth(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, postfix_auth: PostfixSmarthost,
+        method: str) -> None:
     caplog.set_level(logging.INFO)
+    pf = postfix_auth
+    assert pf.auth is not None
+    before = len(pf.auth.attempts)
     password_file = tmp_path / "password"
-    password_file.write_text("s3cret pass\n")
-    async with running_postfix(tls=True, credentials=("relay", "s3cret pass")) as (pf, auth):
-        assert auth is not None
-        cfg = write_config(tmp_path, [_smarthost(pf, auth={
-            "method": method, "username": "relay", "password_file": str(password_file)})])
-        async with running_relay(cfg) as relay:
-            qid, postfix_id = await _relay_one(relay, caplog)
-        header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
-        log = pf.log()
+    password_file.write_text(CREDENTIALS[1] + "\n")
+    cfg = write_config(tmp_path, [_smarthost(pf, auth={
+        "method": method, "username": CREDENTIALS[0], "password_file": str(password_file)})])
+    async with running_relay(cfg) as relay:
+        qid, postfix_id = await _relay_one(relay, caplog)
+    header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
     mechanism = "PLAIN" if method == "auto" else "LOGIN"  # auto: the strongest Postfix offers
-    assert auth.attempts == [(mechanism, "relay", True)]
+    assert pf.auth.attempts[before:] == [(mechanism, "relay", True)]
     # ESMTPSA: over TLS and authenticated (RFC 3848); Postfix relays only for SASL clients here.
     assert re.search(rb"with ESMTPSA id " + postfix_id.encode(), header)
-    assert f"sasl_method={mechanism}, sasl_username=relay" in log
+    assert re.search(rf"{postfix_id}: client=localhost\[127\.0\.0\.1\], "
+                     rf"sasl_method={mechanism}, sasl_username=relay", pf.log())
     assert "s3cret" not in caplog.text
 
 
-async def test_wrong_password_is_refused_by_postfix_and_mail_waits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_wrong_password_is_refused_by_postfix_and_mail_waits(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, postfix_auth: PostfixSmarthost,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO)
-    async with running_postfix(tls=True, credentials=("relay", "right")) as (pf, auth):
-        assert auth is not None
-        cfg = write_config(tmp_path, [_smarthost(pf, auth={
-            "method": "plain", "username": "relay", "password_env": "RELAYD_TEST_PW"})])
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("RELAYD_TEST_PW", "wrong")
-            async with running_relay(cfg) as relay:
-                qid = await relay.send(MSG, rcpts=RCPTS)
-                await wait_until(lambda: bool(relay.daemon.spool.get(qid).last_error), timeout=15,
-                                 what="a failed attempt")
-                entry = relay.daemon.spool.get(qid)
-        held = await _held(pf)
-    assert auth.attempts == [("PLAIN", "relay", False)]
-    assert held == []
+    pf = postfix_auth
+    assert pf.auth is not None
+    before = len(pf.auth.attempts)
+    monkeypatch.setenv("RELAYD_TEST_PW", "wrong horse")
+    cfg = write_config(tmp_path, [_smarthost(pf, auth={
+        "method": "plain", "username": CREDENTIALS[0], "password_env": "RELAYD_TEST_PW"})])
+    async with running_relay(cfg) as relay:
+        qid = await relay.send(MSG, rcpts=RCPTS)
+        await wait_until(lambda: bool(relay.daemon.spool.get(qid).last_error), timeout=15,
+                         what="a failed attempt")
+        entry = relay.daemon.spool.get(qid)
+    # (relayd may have retried meanwhile: the test config's backoff starts at 200 ms)
+    attempts = pf.auth.attempts[before:]
+    assert attempts and set(attempts) == {("PLAIN", "relay", False)}
+    assert _not_handed_over(await _held(pf), qid)
     assert entry.state.value == "queued"
     assert "535" in (entry.last_error or "")  # Postfix: 535 5.7.8 authentication failed
-    assert "wrong" not in caplog.text
+    assert "wrong horse" not in caplog.text

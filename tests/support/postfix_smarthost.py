@@ -7,10 +7,12 @@ accepts is put on its **hold** queue (``smtpd_data_restrictions = check_client_a
 static:HOLD``): it is stored by Postfix's cleanup exactly as it would be for delivery, and stays
 there, so a test reads back what Postfix stored with ``postqueue -j`` and ``postcat``.
 
-Options: ``tls`` (``smtpd_tls_security_level = encrypt`` with a trustme certificate for
+Start it once per test module (starting Postfix takes about two seconds of integrity checks);
+each test finds its own message by the queue ID Postfix returned. Options: ``tls`` (``smtpd_tls_security_level = encrypt`` with a trustme certificate for
 127.0.0.1; ``ca_file`` is the CA to trust) and ``auth`` (SMTP AUTH PLAIN/LOGIN through
 Postfix's Dovecot SASL client; the Dovecot side is ``FakeDovecotAuth`` below, a few lines of
-the documented Dovecot auth protocol, because neither Dovecot nor saslpasswd2 is installed).
+the documented Dovecot auth protocol served from a thread, because neither Dovecot nor
+saslpasswd2 is installed).
 With ``auth``, relaying requires authentication (``permit_sasl_authenticated`` only).
 
 Postfix's daemons run as ``postfix`` and must reach the queue directory, so the instance lives
@@ -21,7 +23,6 @@ either, ``require_postfix`` fails the test with a message naming the fix.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -30,10 +31,11 @@ import pwd
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +107,10 @@ postlog   unix-dgram n - n - 1 postlogd
 class PostfixSmarthost:
     """A private Postfix instance; use as a context manager (stops and cleans up on exit)."""
 
-    def __init__(self, *, tls: bool = False, auth: bool = False) -> None:
+    def __init__(self, *, tls: bool = False, credentials: tuple[str, str] | None = None) -> None:
+        require_postfix()
         self.tls = tls
+        self.credentials = credentials
         self.host = "127.0.0.1"
         self.port = _free_port()
         self.root = Path(tempfile.mkdtemp(prefix="relayd-postfix-", dir="/tmp"))
@@ -117,13 +121,16 @@ class PostfixSmarthost:
         self.maillog = self.root / "maillog"
         self.ca_file: Path | None = None
         # Postfix's Dovecot SASL client connects here (FakeDovecotAuth listens).
-        self.auth_socket = self.root / "auth" if auth else None
+        self.auth_socket = self.root / "auth" if credentials else None
+        self.auth: FakeDovecotAuth | None = None
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> PostfixSmarthost:
         try:
             self._write_config()
+            if self.credentials is not None and self.auth_socket is not None:
+                self.auth = FakeDovecotAuth(self.auth_socket, *self.credentials)
             self._run("start")
             self._started = True
             self._wait_listening()
@@ -141,6 +148,8 @@ class PostfixSmarthost:
                 subprocess.run([str(POSTFIX), "-c", str(self.config_dir), "stop"],
                                capture_output=True, timeout=30, check=False)
                 self._kill_leftover_master()
+            if self.auth is not None:
+                self.auth.close()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -250,93 +259,75 @@ class PostfixSmarthost:
         return out
 
 
-@contextlib.asynccontextmanager
-async def running_postfix(*, tls: bool = False,
-                          credentials: tuple[str, str] | None = None
-                          ) -> AsyncIterator[tuple[PostfixSmarthost, FakeDovecotAuth | None]]:
-    """Postfix (and, with ``credentials``, its SASL back end) for an async test. Starting and
-    stopping run in a thread so the event loop (relayd, the auth server) keeps running."""
-    require_postfix()
-    pf = PostfixSmarthost(tls=tls, auth=credentials is not None)
-    async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(asyncio.to_thread, pf.stop)
-        auth = None
-        if credentials is not None:
-            assert pf.auth_socket is not None
-            auth = await stack.enter_async_context(FakeDovecotAuth(pf.auth_socket, *credentials))
-        await asyncio.to_thread(pf.__enter__)
-        yield pf, auth
+class FakeDovecotAuth(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The server side of the Dovecot authentication protocol (version 1.2) for Postfix's
+    ``smtpd_sasl_type = dovecot``: PLAIN and LOGIN against one user name and password, served
+    from a thread. ``attempts`` records (mechanism, user, ok) per AUTH Postfix forwarded."""
 
-
-class FakeDovecotAuth:
-    """The server side of the Dovecot authentication protocol (version 1.2), for Postfix's
-    ``smtpd_sasl_type = dovecot``: PLAIN and LOGIN against one user name and password.
-    ``attempts`` records (mechanism, user, ok) per AUTH that Postfix forwarded."""
+    daemon_threads = True
 
     def __init__(self, path: Path, username: str, password: str) -> None:
-        self.path = path
+        super().__init__(str(path), _DovecotAuthSession)
+        path.chmod(0o666)  # smtpd runs as postfix
         self.username = username
         self.password = password
         self.attempts: list[tuple[str, str, bool]] = []
-        self._server: asyncio.AbstractServer | None = None
+        self._thread = threading.Thread(target=self.serve_forever, name="fake-dovecot-auth",
+                                        daemon=True)
+        self._thread.start()
 
-    async def __aenter__(self) -> FakeDovecotAuth:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        self.path.chmod(0o666)  # smtpd runs as postfix
-        return self
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(10)
 
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
+    def verdict(self, rid: str, mech: str, user: str, password: str) -> bytes:
+        ok = user == self.username and password == self.password
+        self.attempts.append((mech, user, ok))
+        return (f"OK\t{rid}\tuser={user}\n" if ok else f"FAIL\t{rid}\tuser={user}\n").encode()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\n"
-                     b"SPID\t1\nCUID\t1\nCOOKIE\t" + b"0" * 32 + b"\nDONE\n")
-        pending: dict[str, tuple[str, list[str]]] = {}  # LOGIN: id -> (mech, answers so far)
-        try:
-            while line := await reader.readline():
-                fields = line.decode().rstrip("\n").split("\t")
-                if fields[0] == "AUTH":
-                    rid, mech = fields[1], fields[2].upper()
-                    resp = next((f[5:] for f in fields[3:] if f.startswith("resp=")), None)
-                    if mech == "PLAIN":
-                        if resp is None:
-                            pending[rid] = (mech, [])
-                            writer.write(f"CONT\t{rid}\t\n".encode())
-                        else:
-                            writer.write(self._plain(rid, resp))
-                    elif mech == "LOGIN":
-                        pending[rid] = (mech, [])
-                        writer.write(f"CONT\t{rid}\t{_b64('Username:')}\n".encode())
-                    else:
-                        writer.write(f"FAIL\t{rid}\treason=unsupported mechanism\n".encode())
-                elif fields[0] == "CONT" and fields[1] in pending:
-                    rid, data = fields[1], fields[2] if len(fields) > 2 else ""
-                    mech, answers = pending[rid]
-                    if mech == "PLAIN":
-                        del pending[rid]
-                        writer.write(self._plain(rid, data))
-                    elif not answers:
-                        answers.append(base64.b64decode(data).decode())
-                        writer.write(f"CONT\t{rid}\t{_b64('Password:')}\n".encode())
-                    else:
-                        del pending[rid]
-                        writer.write(self._verdict(rid, "LOGIN", answers[0],
-                                                   base64.b64decode(data).decode()))
-                await writer.drain()
-        finally:
-            writer.close()
+
+class _DovecotAuthSession(socketserver.StreamRequestHandler):
+    server: FakeDovecotAuth
+
+    def handle(self) -> None:
+        self.wfile.write(b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\n"
+                         b"SPID\t1\nCUID\t1\nCOOKIE\t" + b"0" * 32 + b"\nDONE\n")
+        pending: dict[str, tuple[str, list[str]]] = {}  # id -> (mechanism, answers so far)
+        for line in self.rfile:
+            fields = line.decode().rstrip("\n").split("\t")
+            if fields[0] == "AUTH":
+                rid, mech = fields[1], fields[2].upper()
+                resp = next((f[5:] for f in fields[3:] if f.startswith("resp=")), None)
+                if mech == "PLAIN" and resp is not None:
+                    self.wfile.write(self._plain(rid, resp))
+                elif mech == "PLAIN":
+                    pending[rid] = (mech, [])
+                    self.wfile.write(f"CONT\t{rid}\t\n".encode())
+                elif mech == "LOGIN":
+                    pending[rid] = (mech, [])
+                    self.wfile.write(f"CONT\t{rid}\t{_b64('Username:')}\n".encode())
+                else:
+                    self.wfile.write(f"FAIL\t{rid}\treason=unsupported mechanism\n".encode())
+            elif fields[0] == "CONT" and fields[1] in pending:
+                rid, data = fields[1], fields[2] if len(fields) > 2 else ""
+                mech, answers = pending[rid]
+                if mech == "PLAIN":
+                    del pending[rid]
+                    self.wfile.write(self._plain(rid, data))
+                elif not answers:
+                    answers.append(base64.b64decode(data).decode())
+                    self.wfile.write(f"CONT\t{rid}\t{_b64('Password:')}\n".encode())
+                else:
+                    del pending[rid]
+                    self.wfile.write(self.server.verdict(rid, "LOGIN", answers[0],
+                                                         base64.b64decode(data).decode()))
+            self.wfile.flush()
 
     def _plain(self, rid: str, resp: str) -> bytes:
         parts = base64.b64decode(resp).decode().split("\0")
         user, password = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
-        return self._verdict(rid, "PLAIN", user, password)
-
-    def _verdict(self, rid: str, mech: str, user: str, password: str) -> bytes:
-        ok = user == self.username and password == self.password
-        self.attempts.append((mech, user, ok))
-        return (f"OK\t{rid}\tuser={user}\n" if ok else f"FAIL\t{rid}\tuser={user}\n").encode()
+        return self.server.verdict(rid, "PLAIN", user, password)
 
 
 def _b64(text: str) -> str:
