@@ -57,11 +57,11 @@ class Gate(Protocol):
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
         """Seconds this message must wait for the daily cap (0: may go now)."""
 
-    async def wait_rate(self, entry: Entry) -> None:
+    async def wait_rate(self, entry: Entry, count: int) -> None:
         """Pace deliveries to ``limits.rate``."""
 
     def delivered(self, entry: Entry, count: int, now: float) -> None:
-        """Count delivered recipients against the cap."""
+        """Count delivered recipients against the cap (called after every gated attempt)."""
 
     def hard_bounce(self, rcpt: str, reply: Reply) -> None:
         """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
@@ -330,15 +330,33 @@ class QueueManager:
         suppressed: tuple[str, ...] = ()
         if self.gate is not None:
             pending, suppressed = self.gate.recheck(entry, pending)
-            wait = self.gate.hold_for(entry, len(pending), now)
-            if wait > 0 and pending:
+            wait = self.gate.hold_for(entry, len(pending), now) if pending else 0.0
+            if wait > 0:
+                # Over the daily cap: the message waits in the spool, no attempt is spent.
                 meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
                                last_error="waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
                 self._push(entry.id, now + wait, entry.envelope.priority)
+                if self.alerts:
+                    self.alerts.fire("daily_cap_reached", "daily_cap",
+                                     "limits.daily_cap reached: mail waits in the queue")
                 return
             if pending:
-                await self.gate.wait_rate(entry)
+                try:
+                    await self.gate.wait_rate(entry, len(pending))
+                except BaseException:
+                    self.gate.delivered(entry, 0, self.clock())
+                    raise
+        sent: list[str] = []
+        try:
+            await self._deliver_pending(entry, pending, suppressed, history, sent)
+        finally:
+            if self.gate is not None:
+                self.gate.delivered(entry, len(sent), self.clock())
+
+    async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],
+                               history: list[Attempt], sent: list[str]) -> None:
+        now = self.clock()
         for rcpt in suppressed:
             listed = Reply(250, "2.0.0 on the do-not-email list")
             self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
@@ -348,7 +366,6 @@ class QueueManager:
                 self.metrics.suppressed()
 
         content = await self._io(self.spool.read_content, entry.id, State.ACTIVE) if pending else b""
-        sent: list[str] = []
         failed: list[tuple[str, Reply]] = []
         deferred: dict[str, RecipientOutcome] = {}
         remaining = tuple(pending)
@@ -399,8 +416,6 @@ class QueueManager:
                     self.metrics.delivery(sh.name, o.status,
                                           t - entry.created if o.status is Status.SENT else None)
             remaining = tuple(next_remaining)
-        if sent and self.gate is not None:
-            self.gate.delivered(entry, len(sent), self.clock())
         await self._finish(entry, failed, deferred, remaining, reached_any, history, last_error,
                            last_relay)
 
