@@ -116,8 +116,7 @@ def test_socket_activated_process_serves_on_the_passed_socket() -> None:
     child = textwrap.dedent("""
         import os, sys
         sys.path.insert(0, sys.argv[1])
-        from tests.support.ops_activation import spawn_socket_activated
-from relayd.sdnotify import listen_fds, listen_fd_names
+        from relayd.sdnotify import listen_fds, listen_fd_names
         names = listen_fd_names()
         socks = listen_fds()
         left = [k for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES") if k in os.environ]
