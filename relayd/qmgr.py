@@ -382,7 +382,7 @@ class QueueManager:
                                                    remaining, smtputf8=entry.envelope.smtputf8)
             self._note_health(sh, result)
             last_relay = result.relay
-            if result.smarthost_fault:
+            if result.smarthost_fault and not any(o.status is Status.SENT for o in result.outcomes):
                 for o in result.outcomes:
                     deferred[o.recipient] = o
                     last_error = str(o.reply)
@@ -391,6 +391,8 @@ class QueueManager:
                 if not result.outcomes:
                     last_error = result.error
                 continue
+            # A recipient the smarthost accepted is delivered, whatever happened afterwards
+            # to the rest of the transaction: never send it twice.
             reached_any = True
             next_remaining = []
             for o in result.outcomes:
