@@ -260,16 +260,39 @@ def build_fetcher(smarthost: Smarthost, store: OAuthStore) -> Fetcher:
     return oauth_generic.build(smarthost, oauth, store)
 
 
+class _Unusable:
+    """Stands in for a fetcher whose settings are unusable: every fetch raises the reason, so
+    the daemon still starts and the mail waits with a clear error instead of crashing."""
+
+    def __init__(self, error: OAuthError) -> None:
+        self._error = error
+
+    @property
+    def description(self) -> str:
+        return "unusable settings"
+
+    def fetch(self, now: float) -> Token:
+        raise self._error
+
+
 def build_token_source(smarthost: Smarthost, *, state_dir: Path, key_file: Path,
                        clock: Callable[[], float] = time.time,
                        on_status: StatusCallback | None = None) -> OAuthTokenSource:
     """The token source for an ``auth.method: xoauth2`` smarthost.
 
-    Does no I/O itself: key and cache files are read on the first ``get_token``.
+    Does no I/O and never raises for bad settings: key and cache files are read, and setting
+    problems reported as OAuthError, on the first ``get_token``. ``on_status`` is called after
+    every refresh attempt with ``statistics()`` (for the ``token_refresh_failed`` alert and the
+    expiry metric).
     """
     oauth = oauth_config(smarthost)
     store = OAuthStore(state_dir, smarthost.name, key_file)
-    return OAuthTokenSource(smarthost.name, build_fetcher(smarthost, store), store,
+    fetcher: Fetcher
+    try:
+        fetcher = build_fetcher(smarthost, store)
+    except OAuthError as exc:
+        fetcher = _Unusable(exc)
+    return OAuthTokenSource(smarthost.name, fetcher, store,
                             provider=oauth.provider.value,
                             settings_digest=settings_digest(smarthost, oauth),
                             clock=clock, on_status=on_status)
