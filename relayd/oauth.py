@@ -169,7 +169,7 @@ class OAuthTokenSource:
         assert self._store is not None
         try:
             data = self._store.read("token")
-        except OAuthError as exc:
+        except (OAuthError, OSError) as exc:
             log.warning("oauth: smarthost %s: token cache not used: %s", self.smarthost, exc)
             self._store = None
             return

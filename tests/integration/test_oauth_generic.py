@@ -307,3 +307,15 @@ def test_check_config_requires_tenant_for_azure_app_only(tmp_path: Path, monkeyp
     result = run_cli(["-c", str(cfg), "check-config"])
     assert result.code == 1
     assert "smarthosts[0].auth.oauth.tenant_id: is required for provider azure with client_secret (app-only)" in result.out
+
+
+async def test_unwritable_state_dir_still_gives_tokens(tmp_path: Path, server: FakeTokenServer, key_file: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    cfg_source = cc_source(tmp_path, server, key_file, FakeClock())
+    source = build_token_source(smarthost(tmp_path / "relayd.yaml"), state_dir=blocked, key_file=key_file)
+    assert cfg_source is not None
+    token = await source.get_token()
+    assert await source.get_token() == token
+    assert "cannot write the token cache" in caplog.text
