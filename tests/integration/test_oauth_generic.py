@@ -318,4 +318,4 @@ async def test_unwritable_state_dir_still_gives_tokens(tmp_path: Path, server: F
     assert cfg_source is not None
     token = await source.get_token()
     assert await source.get_token() == token
-    assert "cannot write the token cache" in caplog.text
+    assert "token cache not used" in caplog.text
