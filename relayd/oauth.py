@@ -144,9 +144,10 @@ class OAuthTokenSource:
                 self._failed(exc, now)
                 raise
             except Exception as exc:  # a library bug or an unexpected transport error
-                err = OAuthError(f"token request failed: {type(exc).__name__}: {exc}",
+                # Only the type: the text of an unexpected exception might quote a request.
+                err = OAuthError(f"token request failed unexpectedly ({type(exc).__name__})",
                                  hint="retried automatically; run 'relayd oauth token "
-                                 f"--smarthost {self.smarthost}' for details", permanent=False)
+                                 f"--smarthost {self.smarthost}' to check", permanent=False)
                 self._failed(err, now)
                 raise err from exc
             self._succeeded(token)
