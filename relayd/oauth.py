@@ -33,7 +33,7 @@ from relayd.secrets import Secret
 log = logging.getLogger("relayd.oauth")
 
 REFRESH_MARGIN = 600.0  # SPEC: refreshed at least 10 minutes before expiry
-FAILURE_BACKOFF = (5.0, 300.0)  # first and longest pause between failed token requests
+FAILURE_BACKOFF = (2.0, 60.0)  # pause between failed token requests (callers back off too)
 DEFAULT_LIFETIME = 3600.0  # RFC 6749 5.1: expires_in is only RECOMMENDED
 
 
