@@ -20,10 +20,12 @@ from relayd import logline
 from relayd.alerts import Alerts
 from relayd.config import Config, Smarthost
 from relayd.errors import SpoolError, UnknownMessage
+from relayd.forwarder import SmarthostPool
 from relayd.listener import Listener, ListenerSettings
 from relayd.metrics import Metrics
 from relayd.metrics_http import MetricsServer
 from relayd.model import Envelope, Message, Reply, State, Status
+from relayd.oauth import TokenStatistics, build_token_source
 from relayd.policy.pipeline import log_summary
 from relayd.qmgr import Pool, QueueManager
 from relayd.sending import Accepted, SendingPolicy, read_dkim_keys
@@ -101,26 +103,6 @@ class Hooks:
     on_status: Callable[[str], object] | None = None
 
 
-def default_pool_factory(config_ref: Callable[[], Config]) -> Callable[[Smarthost], Pool]:
-    """Builds forwarder pools; the OAuth token source is created per smarthost."""
-
-    def factory(sh: Smarthost) -> Pool:
-        from relayd.forwarder import SmarthostPool  # the forwarder pulls in aiosmtplib
-
-        cfg = config_ref()
-        token_source = None
-        if sh.auth.oauth is not None:
-            from relayd.oauth import build_token_source
-
-            token_source = build_token_source(sh, state_dir=cfg.state_dir,
-                                              key_file=cfg.secrets.key_file)
-        pool: Pool = SmarthostPool(sh, hostname=cfg.hostname, token_source=token_source,
-                                   transcripts=cfg.logging.smtp_transcripts)
-        return pool
-
-    return factory
-
-
 class Daemon:
     """One running relayd."""
 
@@ -138,7 +120,7 @@ class Daemon:
         self.intake = Intake(self)
         self.listener = Listener(ListenerSettings.from_config(config), self.intake)
         self.qmgr = QueueManager(self.spool, config.spool, config.smarthosts,
-                                 pool_factory or default_pool_factory(lambda: self.config),
+                                 pool_factory or self._make_pool,
                                  executor=self.executor, clock=clock, metrics=self.metrics,
                                  alerts=self.alerts, gate=self.sending)
         self.unsubscribe_server = _unsubscribe_server(config, self.sending)
@@ -147,6 +129,27 @@ class Daemon:
         self._sockets = list(sockets or [])
         self._stop = asyncio.Event()
         self.hooks = Hooks()
+
+    def _make_pool(self, sh: Smarthost) -> Pool:
+        """A forwarder pool for ``sh`` with the current settings (and its OAuth token source)."""
+        cfg = self.config
+        token_source = None
+        if sh.auth.oauth is not None:
+            token_source = build_token_source(sh, state_dir=cfg.state_dir, key_file=cfg.secrets.key_file,
+                                              clock=self.clock, on_status=self._token_status)
+        return SmarthostPool(sh, hostname=cfg.hostname, token_source=token_source,
+                             transcripts=cfg.logging.smtp_transcripts)
+
+    def _token_status(self, st: TokenStatistics) -> None:
+        """After every token refresh: the expiry gauge, and the alert for a dead grant."""
+        if st.expires_at is not None:
+            self.metrics.set_token_expiry(st.smarthost, st.expires_at - self.clock())
+        if st.last_error_permanent:
+            self.alerts.fire("token_refresh_failed", st.smarthost,
+                             f"smarthost {st.smarthost}: {st.last_error}. {st.hint}".strip())
+        elif st.failures == 0:
+            self.alerts.clear("token_refresh_failed", st.smarthost,
+                              f"smarthost {st.smarthost}: OAuth token refreshed again")
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
