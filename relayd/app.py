@@ -107,7 +107,8 @@ class Daemon:
     """One running relayd."""
 
     def __init__(self, config: Config, *, pool_factory: Callable[[Smarthost], Pool] | None = None,
-                 clock: Callable[[], float] = time.time, sockets: Sequence[Any] | None = None) -> None:
+                 clock: Callable[[], float] = time.time, sockets: Sequence[Any] | None = None,
+                 housekeeping_interval: float = HOUSEKEEPING_INTERVAL) -> None:
         self.config = config
         self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="relayd-io")
@@ -127,6 +128,7 @@ class Daemon:
         self.metrics_server = (MetricsServer(config.metrics.listen, self.metrics.render)
                                if config.metrics.listen is not None else None)
         self._sockets = list(sockets or [])
+        self._housekeeping_interval = housekeeping_interval
         self._stop = asyncio.Event()
         self.hooks = Hooks()
 
@@ -222,7 +224,7 @@ class Daemon:
                 self.hooks.on_status(f"{counts.get(State.QUEUED, 0)} queued, "
                                      f"{counts.get(State.ACTIVE, 0)} in delivery, "
                                      f"{counts.get(State.FAILED, 0)} failed")
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            await asyncio.sleep(self._housekeeping_interval)
 
     def _queue_snapshot(self) -> tuple[dict[State, int], float | None]:
         counts = self.spool.counts()
