@@ -372,14 +372,20 @@ class QueueManager:
         reached_any = False
         last_error = entry.last_error
         last_relay = "none"
+        delays: dict[str, tuple[float, float, float, float]] = {}
         for sh in self._smarthosts:
             if not remaining:
                 break
             health = self._health_of(sh.name)
             if health.paused_until > self.clock():
                 continue
+            call_start = self.clock()
             result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
                                                    remaining, smtputf8=entry.envelope.smtputf8)
+            split = (max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
+                     result.setup_seconds, result.transfer_seconds)
+            for o in result.outcomes:
+                delays[o.recipient] = split
             self._note_health(sh, result)
             last_relay = result.relay
             if result.smarthost_fault and not any(o.status is Status.SENT for o in result.outcomes):
@@ -400,12 +406,12 @@ class QueueManager:
                 if o.status is Status.SENT:
                     sent.append(o.recipient)
                     deferred.pop(o.recipient, None)
-                    self._log(entry, o, result.relay, entry.attempts + 1)
+                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
                     history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
                 elif o.status is Status.FAILED:
                     failed.append((o.recipient, o.reply))
                     deferred.pop(o.recipient, None)
-                    self._log(entry, o, result.relay, entry.attempts + 1)
+                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
                     history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
                     last_error = str(o.reply)
                     if self.gate is not None:
@@ -419,12 +425,12 @@ class QueueManager:
                                           t - entry.created if o.status is Status.SENT else None)
             remaining = tuple(next_remaining)
         await self._finish(entry, failed, deferred, remaining, reached_any, history, last_error,
-                           last_relay)
+                           last_relay, delays)
 
     async def _finish(self, entry: Entry, failed: list[tuple[str, Reply]],
                       deferred: dict[str, RecipientOutcome], remaining: tuple[str, ...],
                       reached_any: bool, history: list[Attempt], last_error: str | None,
-                      last_relay: str) -> None:
+                      last_relay: str, delays: dict[str, tuple[float, float, float, float]]) -> None:
         now = self.clock()
         failed_rcpts = tuple(entry.meta.failed_rcpts) + tuple(r for r, _ in failed)
         if not remaining:
@@ -462,7 +468,7 @@ class QueueManager:
         for rcpt in remaining:
             o = deferred.get(rcpt)
             if o is not None:
-                self._log(entry, o, last_relay, attempts, deferred_until=due)
+                self._log(entry, o, last_relay, attempts, deferred_until=due, delays=delays.get(rcpt))
                 history.append(Attempt(now, rcpt, Status.DEFERRED.value, last_relay, str(o.reply), o.dsn))
         meta = replace(entry.meta, pending=remaining, failed_rcpts=failed_rcpts,
                        history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
@@ -498,7 +504,8 @@ class QueueManager:
             self.alerts.fire("message_failed", entry.id, f"message {entry.id} failed: {reason}")
 
     def _log(self, entry: Entry, o: RecipientOutcome, relay: str, attempts: int, *,
-             deferred_until: float | None = None, note: str = "") -> None:
+             deferred_until: float | None = None, note: str = "",
+             delays: tuple[float, float, float, float] | None = None) -> None:
         now = self.clock()
         reply = str(o.reply) if o.reply.code > 0 else o.reply.text
         if note:
@@ -506,5 +513,5 @@ class QueueManager:
         if deferred_until is not None:
             reply = f"{reply}; next attempt in {max(0, deferred_until - now):.0f}s"
         log.info("%s", logline.delivery_line(entry.id, o.recipient, relay or "none", now - entry.created,
-                                             attempts, o.dsn or o.reply.dsn, o.status, reply))
+                                             attempts, o.dsn or o.reply.dsn, o.status, reply, delays))
 
