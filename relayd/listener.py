@@ -62,7 +62,7 @@ class ListenerSettings:
 class Acceptor(Protocol):
     """What the listener hands accepted mail to (implemented by the daemon)."""
 
-    def check_recipient(self, rcpt: str) -> Reply | None:
+    def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
         """A refusal for RCPT TO (e.g. do-not-email with action reject), or None."""
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:
@@ -256,7 +256,8 @@ class RelayHandler:
             return "452 4.5.3 Error: too many recipients"
         if not _address_ok(address):
             return "553 5.1.3 Bad recipient address syntax"
-        refusal = self.acceptor.check_recipient(address)
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        refusal = self.acceptor.check_recipient(sender, address)
         if refusal is not None:
             return f"{refusal.code} {refusal.text}"
         envelope.rcpt_tos.append(address)

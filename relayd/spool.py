@@ -212,6 +212,15 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _own(self, fd: int) -> None:
+        """Files written by root (an operator running `relayd queue` with sudo) get the spool
+        owner, so the daemon's unprivileged user can still read and rename them."""
+        if os.geteuid() != 0:
+            return
+        st = os.stat(self.path)
+        if st.st_uid != 0 or st.st_gid != 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+
     def _dir(self, state: State | str) -> Path:
         return self.path / (state.value if isinstance(state, State) else state)
 
@@ -367,6 +376,7 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
+                self._own(fd)
                 os.write(fd, data)
                 if self._fsync:
                     os.fsync(fd)
@@ -399,7 +409,11 @@ class Spool:
     # -- operator commands (any process) -------------------------------------------------------
     def _poke(self, queue_id: str) -> None:
         with contextlib.suppress(OSError):
-            (self.path / "poke" / queue_id).touch()
+            fd = os.open(self.path / "poke" / queue_id, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                self._own(fd)
+            finally:
+                os.close(fd)
 
     def take_pokes(self) -> builtins.list[str]:
         """IDs changed by `relayd queue` since the last call (the daemon re-reads them)."""
