@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from relayd import faults
 from relayd.alerts import Alerts
 from relayd.config import Config, Smarthost
 from relayd.errors import SpoolError
@@ -47,6 +48,7 @@ class Intake:
         except SpoolError as exc:
             log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
             return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")
+        faults.crash_point("before-250")
         log.info("%s: client=[%s], helo=<%s>, from=<%s>, size=%d, nrcpt=%d", queue_id,
                  envelope.client, envelope.helo, envelope.mail_from, len(content),
                  len(envelope.rcpt_tos))

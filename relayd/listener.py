@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
+from relayd import faults
 from relayd.config import Config
 from relayd.model import Envelope, Reply
 from relayd.spool import new_queue_id
@@ -193,6 +194,7 @@ class RelaySMTP(SMTP):
             except asyncio.LimitOverrunError as exc:
                 piece = await reader.readexactly(exc.consumed)
                 ended = False
+            faults.crash_point("data")
             if ended:
                 before = (tail + piece)[-5:-3] if len(piece) < 5 else piece[-5:-3]
                 if before == b"\r\n":

@@ -24,7 +24,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from relayd import logline
+from relayd import faults, logline
 from relayd.backoff import backoff_delay, is_expired
 from relayd.config import Smarthost, SpoolConfig
 from relayd.errors import SpoolError
@@ -363,6 +363,7 @@ class QueueManager:
                 continue
             result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
                                                    remaining, smtputf8=entry.envelope.smtputf8)
+            faults.crash_point("after-upstream-250")
             self._note_health(sh, result)
             last_relay = result.relay
             if result.smarthost_fault:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relayd import faults
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Envelope, Message, State
 
@@ -250,10 +251,12 @@ class Spool:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                faults.fail_point("spool-write")
                 if self._fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            faults.crash_point("spool-fsync")
             os.rename(tmp, self._file(State.QUEUED, qid))
             self._sync_dir(State.QUEUED.value)
         except OSError as exc:
@@ -445,6 +448,7 @@ class Spool:
             # Take it out of the daemon's reach while the metadata changes: the rename is the lock.
             if not self._move(queue_id, State.QUEUED, State.HELD):
                 return  # claimed for delivery right now: it is being retried already
+            faults.crash_point("queue-command")
             meta = self._read_meta(queue_id)
             self.write_meta(queue_id, replace(meta, next_attempt=now))
             self._move(queue_id, State.HELD, State.QUEUED)
