@@ -445,13 +445,19 @@ class Spool:
             if not self._move(queue_id, State.FAILED, State.QUEUED):
                 raise UnknownMessage(queue_id)
         elif state is State.QUEUED:
-            # Take it out of the daemon's reach while the metadata changes: the rename is the lock.
-            if not self._move(queue_id, State.QUEUED, State.HELD):
-                return  # claimed for delivery right now: it is being retried already
-            faults.crash_point("queue-command")
+            # No rename through held/ as a lock: a `relayd queue retry` killed (or interrupted
+            # with ^C) between the two renames stranded the message in held/, where nothing
+            # delivers it. The metadata write is one atomic rename on its own. If the daemon
+            # claims the message meanwhile it is being retried already; its own metadata write
+            # after the attempt supersedes this one.
             meta = self._read_meta(queue_id)
             self.write_meta(queue_id, replace(meta, next_attempt=now))
-            self._move(queue_id, State.HELD, State.QUEUED)
+            faults.crash_point("queue-command")
+            try:
+                self._locate(queue_id)
+            except UnknownMessage:  # delivered and removed meanwhile: drop the stray metadata
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._meta_file(queue_id))
         elif state is State.HELD:
             raise SpoolError(f"{queue_id} is held; use 'relayd queue release' first")
         self._poke(queue_id)

@@ -11,8 +11,11 @@ bench/crash_cycles.py (results in docs/reliability.md).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ import pytest
 from relayd.model import State
 from relayd.spool import Spool
 from tests.support.crashload import KillableRelay, Load, crash_cycles, spool_files, wait_for_delivery
-from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config
+from tests.support.relay import ROOT, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
 CYCLES = 3
@@ -67,3 +70,33 @@ async def test_kill_at_point_under_load_loses_nothing(tmp_path: Path, point: str
         assert verdict.duplicates >= 1
     assert_spool_clean(tmp_path / "spool")
     assert "Traceback" not in relay.log()
+
+
+async def test_kill_during_a_queue_command_loses_nothing(tmp_path: Path) -> None:
+    """`relayd queue retry` SIGKILLed mid-command while the daemon runs: the message must still
+    be delivered. (It used to be stranded in held/, where retry parked it as a lock.)"""
+    async with FakeUpstream(replies={"greeting": "421 4.3.2 down for maintenance"}) as up:
+        port = free_port()
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log")
+        await asyncio.to_thread(relay.start)
+        load = Load(port, workers=4, limit=12, refuse_every=0)
+        load.start()
+        await load.finish()
+        spool = Spool(tmp_path / "spool")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), RELAYD_CONFIG=str(cfg),
+                   RELAYD_CRASH_AT="queue-command")
+        killed = 0
+        try:
+            for qid in spool.ids(State.QUEUED)[:6]:
+                res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relayd", "queue",
+                                                               "retry", qid], env=env, capture_output=True)
+                killed += res.returncode == -signal.SIGKILL
+            up.replies = {}  # the provider is back
+            await wait_for_delivery(load.ledger, up.messages, 30, relay)
+            await wait_until(lambda: not spool.list(), timeout=10, what="empty queue")
+        finally:
+            relay.stop()
+    assert killed >= 1
+    verdict = load.ledger.verdict(m.data for m in up.messages)
+    assert verdict.ok and verdict.accepted == 12, verdict.summary()
