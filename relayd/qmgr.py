@@ -304,7 +304,16 @@ class QueueManager:
 
     # -- one message ------------------------------------------------------------------------------
     async def _deliver_one(self, qid: str) -> None:
-        entry = await self._io(self.spool.claim, qid)
+        try:
+            entry = await self._io(self.spool.claim, qid)
+        except OSError as exc:
+            # The spool cannot change right now (read-only, I/O error): nothing was claimed.
+            # Keep the message scheduled; dropped here it would wait for the next slow rescan.
+            delay = backoff_delay(1, self.cfg.retry)
+            log.error("%s: cannot claim for delivery (%s); trying again in %.0fs", qid,
+                      exc.strerror or exc, delay)
+            self._push(qid, self.clock() + delay, False)
+            return
         if entry is None:
             return  # held, deleted or retried by an operator meanwhile
         try:
@@ -320,8 +329,10 @@ class QueueManager:
             now = self.clock()
             meta = replace(entry.meta, attempts=entry.attempts + 1, last_error=f"local error: {exc!r}",
                            next_attempt=now + backoff_delay(entry.attempts + 1, self.cfg.retry))
-            await self._io(self.spool.requeue, entry.id, meta)
-            self._push(entry.id, meta.next_attempt or now, entry.envelope.priority)
+            try:
+                await self._io(self.spool.requeue, entry.id, meta)
+            finally:  # requeue moves the file back even when the metadata write failed
+                self._push(entry.id, meta.next_attempt or now, entry.envelope.priority)
 
     async def _attempt(self, entry: Entry) -> None:
         now = self.clock()

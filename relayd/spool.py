@@ -383,9 +383,15 @@ class Spool:
             raise SpoolError(f"cannot update {queue_id}: {exc.strerror or exc}") from exc
 
     def requeue(self, queue_id: str, meta: Meta) -> None:
-        """After a deferred attempt: record ``meta`` and move active -> queued."""
-        self.write_meta(queue_id, meta)
-        self._move(queue_id, State.ACTIVE, State.QUEUED)
+        """After a deferred attempt: record ``meta`` and move active -> queued.
+
+        The move happens even when the metadata cannot be written (disk full): left in active/
+        nothing would deliver the message before the next start. The cost is that it keeps
+        the older metadata (recipients delivered since may be sent again: at-least-once)."""
+        try:
+            self.write_meta(queue_id, meta)
+        finally:
+            self._move(queue_id, State.ACTIVE, State.QUEUED)
 
     def fail(self, queue_id: str, meta: Meta, src: State = State.ACTIVE) -> None:
         """Give up: record ``meta`` and move to failed (kept until deleted or retried)."""

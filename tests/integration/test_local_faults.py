@@ -14,7 +14,11 @@ import os
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
+from relayd.errors import SpoolError
+from relayd.model import Envelope, Message, State
+from relayd.spool import Spool
 from tests.support.crashload import KillableRelay, message
 from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
@@ -86,3 +90,53 @@ async def test_injected_enospc_at_fsync(tmp_path: Path) -> None:
             assert listing(tmp_path / "spool" / "queued") == []
         finally:
             relay.stop()
+
+
+async def test_read_only_spool_answers_451_and_resumes_when_writable(tmp_path: Path) -> None:
+    async with FakeUpstream(replies=DOWN) as up:
+        port = free_port()
+        spool_dir = tmp_path / "spool"
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, "4m"))
+        await asyncio.to_thread(relay.start)
+        try:
+            for n in range(3):
+                assert (await send(port, message(f"ro{n}")))[0] == 250
+            # A read-only bind mount over the spool (a plain remount is "busy": relayd holds its
+            # lock file open for writing): every path-based write now fails with EROFS.
+            relay.in_namespace("sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"',
+                               str(spool_dir))
+            code, text = await send(port, message("refused"))
+            assert code == 451 and "4.3.0" in text
+            up.replies = {}  # deliveries are due now, but the spool cannot record them
+            code, _ = await send(port, message("refused-again"))
+            assert code == 451
+            # The queue manager tries too (its smarthost pause is over) and cannot claim.
+            await wait_until(lambda: relay.log().count("Read-only file system") >= 3, timeout=5,
+                             what=f"a delivery attempt on the read-only spool; {relay.log()[-1500:]}")
+            assert relay.running()
+            relay.in_namespace("umount", str(spool_dir))  # writable again
+            assert (await send(port, message("after")))[0] == 250
+            await wait_until(lambda: len(up.messages) == 4, timeout=15,
+                             what=f"every accepted message delivered; log: {relay.log()[-2000:]}")
+        finally:
+            relay.stop()
+    got = sorted(m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages)
+    assert got == [b"after", b"ro0", b"ro1", b"ro2"]
+
+
+def test_requeue_puts_the_message_back_even_when_its_metadata_cannot_be_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.ensure_dirs()
+    qid = spool.put(Message(Envelope("app@example.com", ("user@example.net",)), b"Subject: x\r\n\r\nb\r\n"))
+    entry = spool.claim(qid)
+    assert entry is not None
+
+    def disk_full(queue_id: str, meta: object) -> None:
+        raise SpoolError(f"cannot update {queue_id}: No space left on device")
+
+    monkeypatch.setattr(spool, "write_meta", disk_full)
+    with pytest.raises(SpoolError):
+        spool.requeue(qid, entry.meta)
+    assert spool.ids(State.QUEUED) == [qid] and spool.ids(State.ACTIVE) == []

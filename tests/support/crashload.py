@@ -89,8 +89,11 @@ class KillableRelay(RelayProcess):
     def in_namespace(self, *argv: str) -> None:
         """Run a command in relayd's user and mount namespaces (e.g. remount the tmpfs)."""
         assert self.proc is not None
-        subprocess.run(["nsenter", "-t", str(self.proc.pid), "--user", "--mount",
-                        "--preserve-credentials", *argv], check=True, capture_output=True)
+        res = subprocess.run(["nsenter", "-t", str(self.proc.pid), "--user", "--mount",
+                              "--preserve-credentials", *argv], capture_output=True)
+        if res.returncode != 0:
+            raise AssertionError(f"{argv} in relayd's namespace: exit {res.returncode}: "
+                                 f"{res.stderr.decode(errors='replace')}")
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
