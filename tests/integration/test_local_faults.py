@@ -20,7 +20,7 @@ from relayd.errors import SpoolError
 from relayd.model import Envelope, Message, State
 from relayd.spool import Spool
 from tests.support.crashload import KillableRelay, message
-from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config
+from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
 DOWN = {"greeting": "421 4.3.2 down for maintenance"}
@@ -140,3 +140,29 @@ def test_requeue_puts_the_message_back_even_when_its_metadata_cannot_be_written(
     with pytest.raises(SpoolError):
         spool.requeue(qid, entry.meta)
     assert spool.ids(State.QUEUED) == [qid] and spool.ids(State.ACTIVE) == []
+
+
+async def test_corrupt_spool_files_are_set_aside_while_running_and_the_rest_delivered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("relayd.qmgr.RESCAN_INTERVAL", 0.5)  # files that appear from outside
+    async with FakeUpstream(replies=DOWN) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            ids = [await relay.send(message(f"c{n}")) for n in range(3)]
+            queued = tmp_path / "spool" / "queued"
+            await wait_until(lambda: sorted(listing(queued)) == sorted(f"{q}.msg" for q in ids),
+                             what="all three queued")
+            (queued / f"{ids[0]}.msg").write_bytes((queued / f"{ids[0]}.msg").read_bytes()[:40])  # truncated
+            raw = (queued / f"{ids[1]}.msg").read_bytes()
+            (queued / f"{ids[1]}.msg").write_bytes(raw.replace(b'"envelope"', b'"envelope', 1))  # bad JSON
+            (queued / "0123456789ABCDEF01.msg").write_bytes(b"\x00\xff garbage")  # not ours at all
+            up.replies = {}
+            await wait_until(lambda: len(up.messages) == 1, what="the intact message delivered")
+            await wait_until(lambda: len(listing(tmp_path / "spool" / "corrupt")) == 3, timeout=10,
+                             what="the three bad files set aside")
+            assert relay.daemon.qmgr.statistics().in_flight == 0
+            assert listing(queued) == [] and listing(tmp_path / "spool" / "active") == []
+            assert (await relay.send(message("later"))) != ""  # still accepting
+            await wait_until(lambda: len(up.messages) == 2, what="later delivered")
+    assert b"X-Load-Id: c2" in up.messages[0].data
+    assert sum("spool file set aside" in r.getMessage() for r in caplog.records) == 3
