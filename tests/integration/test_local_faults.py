@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import aiosmtplib
@@ -166,3 +167,35 @@ async def test_corrupt_spool_files_are_set_aside_while_running_and_the_rest_deli
             await wait_until(lambda: len(up.messages) == 2, what="later delivered")
     assert b"X-Load-Id: c2" in up.messages[0].data
     assert sum("spool file set aside" in r.getMessage() for r in caplog.records) == 3
+
+
+class JumpingClock:
+    """Wall clock for the daemon that an operator (or a broken NTP) can move."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.mark.parametrize("jump_days", [5.0, -3.0])
+async def test_wall_clock_jump_neither_expires_nor_strands_queued_mail(
+        tmp_path: Path, jump_days: float, caplog: pytest.LogCaptureFixture) -> None:
+    """+5 days (beyond spool.max_age of 4 days): no mass expiry from one jump. -3 days: retry
+    times and smarthost pauses are not pushed three days out; mail flows once the smarthost
+    is back."""
+    clock = JumpingClock()
+    async with FakeUpstream(replies=DOWN) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")],
+                           spool={"max_age": "4d", "retry": {"initial": "1s", "max_interval": "2s"}})
+        async with running_relay(cfg, clock=clock) as relay:
+            for n in range(3):
+                await relay.send(message(f"j{n}"))
+            await wait_until(lambda: up.connections >= 2, what="deferred attempts")
+            clock.offset = jump_days * 86400
+            await wait_until(lambda: "the wall clock jumped" in caplog.text, what="the jump noticed")
+            up.replies = {}
+            await wait_until(lambda: len(up.messages) == 3, timeout=15,
+                             what=f"delivery after a {jump_days:+} day jump")
+            assert relay.daemon.spool.list(State.FAILED) == []
