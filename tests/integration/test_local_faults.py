@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
+from relayd.app import Daemon, default_pool_factory
+from relayd.config import Smarthost, load_config
 from relayd.errors import SpoolError
-from relayd.model import Envelope, Message, State
+from relayd.model import DeliveryResult, Envelope, Message, State
+from relayd.qmgr import Pool
 from relayd.spool import Spool
 from tests.support.crashload import KillableRelay, message
 from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
+from tests.support.smtpclient import RawClient
 from tests.support.upstream import FakeUpstream
 
 DOWN = {"greeting": "421 4.3.2 down for maintenance"}
@@ -199,3 +204,60 @@ async def test_wall_clock_jump_neither_expires_nor_strands_queued_mail(
             await wait_until(lambda: len(up.messages) == 3, timeout=15,
                              what=f"delivery after a {jump_days:+} day jump")
             assert relay.daemon.spool.list(State.FAILED) == []
+
+
+class GatedPool:
+    """Wraps a real smarthost pool; deliveries wait for ``gate`` (to hold them in flight)."""
+
+    def __init__(self, real: Pool, gate: asyncio.Event, started: list[str]) -> None:
+        self.real, self.gate, self.started = real, gate, started
+
+    async def deliver(self, queue_id: str, content: bytes, mail_from: str, rcpts: Sequence[str],
+                      *, smtputf8: bool = False) -> DeliveryResult:
+        self.started.append(queue_id)
+        await self.gate.wait()
+        return await self.real.deliver(queue_id, content, mail_from, rcpts, smtputf8=smtputf8)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+async def test_reload_while_deliveries_and_a_data_phase_are_in_flight(tmp_path: Path) -> None:
+    """In-flight deliveries finish on the smarthost they started with (once each), the SMTP
+    session that was sending DATA gets its 250, and later mail uses the new smarthost."""
+    gate, started = asyncio.Event(), []
+    holder: dict[str, Daemon] = {}
+    real_factory = default_pool_factory(lambda: holder["daemon"].config)
+
+    def factory(sh: Smarthost) -> Pool:
+        return GatedPool(real_factory(sh), gate, started)
+
+    async with FakeUpstream() as old_up, FakeUpstream() as new_up:
+        cfg = write_config(tmp_path, [upstream_smarthost(old_up, tls="none", max_connections=4)])
+        async with running_relay(cfg, pool_factory=factory) as relay:
+            holder["daemon"] = relay.daemon
+            for n in range(3):
+                await relay.send(message(f"old{n}"))
+            await wait_until(lambda: len(started) == 3, what="three deliveries in flight")
+            client = await RawClient.connect("127.0.0.1", relay.port)
+            await client.reply()
+            for line in ("EHLO app.example", "MAIL FROM:<app@example.com>", "RCPT TO:<user@example.net>"):
+                await client.cmd(line)
+            assert (await client.cmd("DATA"))[0] == 354
+            await client.send(message("mid-data")[:60])
+            # Reload: the smarthost is replaced (other host, other name).
+            new_cfg = write_config(tmp_path, [upstream_smarthost(new_up, name="replacement", tls="none")])
+            relay.daemon.reload(load_config(new_cfg))
+            await client.send(message("mid-data")[60:] + b".\r\n")
+            code, _ = await client.reply()
+            assert code == 250
+            await client.cmd("QUIT")
+            await client.close()
+            gate.set()
+            await relay.send(message("new0"))
+            await wait_until(lambda: len(old_up.messages) == 3 and len(new_up.messages) == 2,
+                             what="the in-flight three on the old smarthost, the rest on the new")
+            await wait_until(lambda: not relay.daemon.spool.list(), what="empty queue")
+    ids = lambda up: sorted(m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages)  # noqa: E731
+    assert ids(old_up) == [b"old0", b"old1", b"old2"]
+    assert ids(new_up) == [b"mid-data", b"new0"]
