@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -52,6 +52,10 @@ class ListenerSettings:
     max_recipients: int
     max_sessions: int = 100
     command_timeout: float = 300.0
+    # aiosmtpd's timeout restarts on every valid command (and our DATA reader restarts it per
+    # chunk), so a client trickling NOOPs or bytes could hold a session slot forever: cap the
+    # whole session (T29 in the reliability catalogue). Long enough for hundreds of messages.
+    session_timeout: float = 3600.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> ListenerSettings:
@@ -128,15 +132,27 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._relay = handler
         self._refusal: str | None = None
+        self._session_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
         if first:
             self._refusal = self._relay.on_connect(transport.get_extra_info("peername"))
+            self._session_timer = self.loop.call_later(self._relay.settings.session_timeout,
+                                                       self._session_expired)
+
+    def _session_expired(self) -> None:
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} session too long, closing "
+                                 "connection\r\n".encode())
+            transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._relay.on_disconnect()
+        if self._session_timer is not None:
+            self._session_timer.cancel()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
