@@ -292,7 +292,7 @@ class RelayHandler:
             mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_tos=tuple(envelope.rcpt_tos),
             client=str(peer[0]) if isinstance(peer, tuple) and peer else "",
-            helo=session.host_name or "",
+            helo=_storable(session.host_name or ""),
             received_at=now,
             smtputf8=bool(envelope.smtp_utf8),
         )
@@ -306,6 +306,13 @@ class RelayHandler:
             log.exception("%s: unexpected error while accepting a message", queue_id)
             return "451 4.3.0 Temporary local error, try again later"
         return f"{reply.code} {reply.text}"
+
+
+def _storable(text: str) -> str:
+    """aiosmtpd decodes command arguments with surrogateescape: undecodable bytes (a HELO
+    name in Latin-1, say) would make the spool's UTF-8 envelope unwritable, and every message
+    of the session would get 451 forever. Keep them visible as U+FFFD instead."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _address_ok(address: str) -> bool:

@@ -217,6 +217,29 @@ async def test_connection_flood_gets_421_and_live_sessions_are_unaffected(tmp_pa
     assert len(store.accepted) == 1
 
 
+async def test_invalid_utf8_in_commands_and_content(tmp_path: Path) -> None:
+    async with listener(tmp_path) as (store, port):
+        c = await connect(port)
+        await c.send(b"EHLO \xff\xfe\r\n")
+        assert (await c.reply())[0] in (250, 501)
+        await c.send(b"MAIL FROM:<\xff\xfe@example.com>\r\n")
+        assert (await c.reply())[0] in (501, 553)
+        await c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b\xc3\x28@example.com>\r\n")
+        assert (await c.reply())[0] == 250
+        assert (await c.reply())[0] in (501, 553)
+        await c.send(b"\xc0\xaf\r\n")  # not even a command word
+        assert (await c.reply())[0] == 500
+        assert (await c.cmd("RCPT TO:<b@example.com>"))[0] == 250
+        assert (await c.cmd("DATA"))[0] == 354
+        body = b"Subject: \xe9t\xe9 =?x?Q?\xff?=\r\n\r\nLatin-1 \xe9 and broken UTF-8 \xc3\x28 \xed\xa0\x80\r\n"
+        await c.send(body + b".\r\n")
+        assert (await c.reply())[0] == 250
+        await c.close()
+    assert store.spool.read_content(store.accepted[0]).endswith(body)  # 8-bit kept byte for byte
+    # The undecodable HELO once made every message of such a session fail with 451.
+    assert store.spool.get(store.accepted[0]).envelope.helo == "\ufffd\ufffd"
+
+
 @pytest.mark.parametrize("allowed", ["10.0.0.0/8", "::1/128"])
 async def test_open_relay_attempt_from_outside_allowed_clients(tmp_path: Path, allowed: str) -> None:
     """127.0.0.1 is not in allowed_clients: refused at connect, whatever it sends after."""
