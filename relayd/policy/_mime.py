@@ -306,7 +306,7 @@ def _encode_body(raw: bytes, cte: str) -> bytes:
 def _charset_ok(name: str) -> bool:
     try:
         codecs.lookup(name)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the charset parameter
         return False
     return True
 
