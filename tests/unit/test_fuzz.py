@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import types
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -243,3 +244,24 @@ def test_config_loader_raises_only_config_error_on_any_structure(tree: dict[str,
 def test_config_loader_raises_only_config_error_on_any_text(text: str) -> None:
     with contextlib.suppress(ConfigError):
         parse_config(text, environ={})
+
+
+# --- regressions found by bench/fuzz.py (atheris) -------------------------------------------------
+
+@pytest.mark.parametrize("snippet", [
+    'spool: {path: "~no-such-user-relayd/spool"}',            # RuntimeError from expanduser
+    'alerts: {webhook: "http://[broken"}',                      # ValueError: Invalid IPv6 URL
+    'unsubscribe: {url: "https://[::1/u?t={token}", secret: s}',
+    'smarthosts: [{name: o, host: smtp.example.com, auth: {method: xoauth2, username: u, '
+    'oauth: {provider: generic, token_url: "https://[x", client_id: c, client_secret: s}}}]',
+])
+def test_config_values_that_used_to_raise_other_errors(snippet: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_config("smarthosts: [{name: p, outbox: ./o}]\n" + snippet, environ={})
+
+
+def test_pipeline_survives_a_nul_in_the_charset_parameter() -> None:
+    content = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=\"utf\x00-8\"\r\n\r\n"
+               b"MARKER-NUL-CHARSET\r\n")
+    result = run_pipeline(POLICY, Message(Envelope("a@example.com", ("b@example.net",)), content), CTX)
+    assert b"MARKER-NUL-CHARSET" in result.outputs[0].content
