@@ -46,32 +46,36 @@ def listing(path: Path) -> list[str]:
     return sorted(os.listdir(path)) if path.exists() else []
 
 
-async def test_disk_full_answers_451_stores_nothing_and_recovers_without_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("options", "size"), [("size=1m", 150_000), ("nr_inodes=40", 500)],
+                         ids=["blocks", "inodes"])
+async def test_disk_full_answers_451_stores_nothing_and_recovers_without_restart(
+        tmp_path: Path, options: str, size: int) -> None:
+    """T08/T10: out of blocks, or out of inodes (the create fails with ENOSPC too)."""
     async with FakeUpstream(replies=DOWN) as up:
         port = free_port()
         spool_dir = tmp_path / "spool"
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
-        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, "1m"))
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, options))
         await asyncio.to_thread(relay.start)
         try:
             accepted = []
-            for n in range(20):  # 150 KB each: the 1 MiB tmpfs fills after a few
-                code, text = await send(port, message(f"full{n}", 150_000))
+            for n in range(40):  # the small tmpfs fills after a few
+                code, text = await send(port, message(f"full{n}", size))
                 if code != 250:
                     break
                 accepted.append(f"full{n}")
             assert code == 451 and "4.3.0" in text, (code, text)
-            assert 2 <= len(accepted) < 20
+            assert 2 <= len(accepted) < 40
             inside = relay.inside(spool_dir)
             assert listing(inside / "tmp") == []  # nothing half-stored
             assert len(listing(inside / "queued")) + len(listing(inside / "active")) == len(accepted)
             # Still serving (and still refusing with a temporary code while the disk is full).
-            assert (await send(port, message("still-full", 150_000)))[0] == 451
+            assert (await send(port, message("still-full", size)))[0] == 451
             up.replies = {}  # the smarthost is back: deliveries free the space
             await wait_until(lambda: len(up.messages) >= len(accepted), timeout=20,
                              what=f"queued mail delivered; log: {relay.log()[-1500:]}")
             # Accepting again, without a restart.
-            code, _ = await send(port, message("after", 150_000))
+            code, _ = await send(port, message("after", size))
             assert code == 250
             await wait_until(lambda: len(up.messages) == len(accepted) + 1, timeout=20, what="delivery")
             assert listing(inside / "tmp") == []
@@ -103,7 +107,7 @@ async def test_read_only_spool_answers_451_and_resumes_when_writable(tmp_path: P
         port = free_port()
         spool_dir = tmp_path / "spool"
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
-        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, "4m"))
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, "size=4m"))
         await asyncio.to_thread(relay.start)
         try:
             for n in range(3):

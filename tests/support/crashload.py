@@ -45,7 +45,7 @@ class KillableRelay(RelayProcess):
                  tmpfs: tuple[Path, str] | None = None) -> None:
         super().__init__(config_path, port, log_path)
         self.starts = 0
-        # (mount point, size): run relayd in its own mount namespace (unshare) with a small
+        # (mount point, tmpfs options such as "size=1m"): run relayd in its own mount namespace (unshare) with a small
         # tmpfs there, so the spool can really fill up (ENOSPC) or go read-only (EROFS).
         self.tmpfs = tmpfs
 
@@ -57,10 +57,10 @@ class KillableRelay(RelayProcess):
         full.update(env or {})
         argv = [sys.executable, "-m", "relayd", "run"]
         if self.tmpfs is not None:
-            where, size = self.tmpfs
+            where, options = self.tmpfs
             where.mkdir(parents=True, exist_ok=True)
             argv = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                    f'mount -t tmpfs -o size={size} relayd-test "$0" && exec "$@"', str(where), *argv]
+                    f'mount -t tmpfs -o {options} relayd-test "$0" && exec "$@"', str(where), *argv]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, env=full, stdout=log, stderr=log)
         self.starts += 1
