@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from relayd import logline
+from relayd import faults, logline
 from relayd.alerts import Alerts
 from relayd.config import Config, Smarthost
 from relayd.errors import SpoolError, UnknownMessage
@@ -74,6 +74,7 @@ class Intake:
         except SpoolError as exc:
             log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
             return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")
+        faults.crash_point("before-250")
         log.info("%s: client=[%s], helo=<%s>, from=<%s>, size=%d, nrcpt=%d, %s", queue_id,
                  envelope.client, envelope.helo, envelope.mail_from, len(content),
                  len(envelope.rcpt_tos), log_summary(accepted.result))
@@ -108,7 +109,8 @@ class Daemon:
 
     def __init__(self, config: Config, *, pool_factory: Callable[[Smarthost], Pool] | None = None,
                  clock: Callable[[], float] = time.time, sockets: Sequence[Any] | None = None,
-                 housekeeping_interval: float = HOUSEKEEPING_INTERVAL) -> None:
+                 housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
+                 cap_window: float = 86400.0) -> None:
         self.config = config
         self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="relayd-io")
@@ -117,7 +119,7 @@ class Daemon:
         self.metrics.declare_smarthosts(s.name for s in config.smarthosts)
         self.alerts = Alerts(config.alerts, hostname=config.hostname, send_email=self.send_alert_email,
                              clock=clock)
-        self.sending = SendingPolicy(config, dkim_keys=read_dkim_keys(config))
+        self.sending = SendingPolicy(config, dkim_keys=read_dkim_keys(config), cap_window=cap_window)
         self.intake = Intake(self)
         self.listener = Listener(ListenerSettings.from_config(config), self.intake)
         self.qmgr = QueueManager(self.spool, config.spool, config.smarthosts,

@@ -196,7 +196,11 @@ class Reader:
         if not text:
             self.fail(path, "must be a file system path")
             return Path(".")
-        p = Path(text).expanduser()
+        try:
+            p = Path(text).expanduser()
+        except RuntimeError:  # "~nosuchuser/x": no home directory to expand to
+            self.fail(path, f"cannot expand {text!r}: no such user's home directory")
+            return Path(".")
         return p if p.is_absolute() else (self.base_dir / p)
 
     def optional_path(self, path: str, value: Any) -> Path | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from relayd.config import (
     ALERT_EVENTS,
@@ -43,6 +43,15 @@ from relayd.units import check_header_name
 
 _DEFAULT_PORTS = {TlsMode.STARTTLS: 587, TlsMode.IMPLICIT: 465, TlsMode.NONE: 25}
 _LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def _split(url: str) -> SplitResult:
+    """urlsplit, but a malformed URL ("http://[") reads as one without a scheme, so the
+    caller reports it as a config problem instead of raising ValueError."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return urlsplit("")
 
 
 def secrets_section(r: Reader, value: Any) -> SecretsConfig:
@@ -159,7 +168,7 @@ def _oauth(r: Reader, p: str, value: Any) -> OAuthConfig | None:
     provider = r.choice(f"{p}.provider", m.get("provider"), OAuthProvider, OAuthProvider.GENERIC)
     token_url = r.string(f"{p}.token_url", m.get("token_url"))
     if token_url is not None:
-        parts = urlsplit(token_url)
+        parts = _split(token_url)
         loopback = (parts.hostname or "") in _LOOPBACK_HOSTS or (parts.hostname or "").startswith("127.")
         if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
             r.fail(f"{p}.token_url", "must be an https:// URL (http only on a loopback address)")
@@ -295,7 +304,7 @@ def unsubscribe_section(r: Reader, value: Any) -> UnsubscribeConfig | None:
     if not m:
         return None
     url = r.string(f"{p}.url", m.get("url"), header=True)
-    if url is not None and urlsplit(url).scheme not in ("https", "http"):
+    if url is not None and _split(url).scheme not in ("https", "http"):
         r.fail(f"{p}.url", "must be an https:// URL")
     secret = r.secret(p, m, "secret")
     uses_token = any("{token}" in str(m.get(k) or "") for k in ("url", "footer_text", "footer_html"))
@@ -329,7 +338,7 @@ def alerts_section(r: Reader, value: Any) -> AlertsConfig:
     p = "alerts"
     m = r.section(p, value, {"webhook", "email", "queue_age", "events"}) or {}
     webhook = r.string(f"{p}.webhook", m.get("webhook"))
-    if webhook is not None and urlsplit(webhook).scheme not in ("http", "https"):
+    if webhook is not None and _split(webhook).scheme not in ("http", "https"):
         r.fail(f"{p}.webhook", "must be an http:// or https:// URL")
     events: list[str] = []
     raw_events = m.get("events", list(ALERT_EVENTS))

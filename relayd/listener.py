@@ -20,11 +20,12 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
+from relayd import faults
 from relayd.config import Config
 from relayd.model import Envelope, Reply
 from relayd.spool import new_queue_id
@@ -51,6 +52,10 @@ class ListenerSettings:
     max_recipients: int
     max_sessions: int = 100
     command_timeout: float = 300.0
+    # aiosmtpd's timeout restarts on every valid command (and our DATA reader restarts it per
+    # chunk), so a client trickling NOOPs or bytes could hold a session slot forever: cap the
+    # whole session (T29 in the reliability catalogue). Long enough for hundreds of messages.
+    session_timeout: float = 3600.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> ListenerSettings:
@@ -127,15 +132,27 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._relay = handler
         self._refusal: str | None = None
+        self._session_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
         if first:
             self._refusal = self._relay.on_connect(transport.get_extra_info("peername"))
+            self._session_timer = self.loop.call_later(self._relay.settings.session_timeout,
+                                                       self._session_expired)
+
+    def _session_expired(self) -> None:
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} session too long, closing "
+                                 "connection\r\n".encode())
+            transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._relay.on_disconnect()
+        if self._session_timer is not None:
+            self._session_timer.cancel()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -193,6 +210,7 @@ class RelaySMTP(SMTP):
             except asyncio.LimitOverrunError as exc:
                 piece = await reader.readexactly(exc.consumed)
                 ended = False
+            faults.crash_point("data")
             if ended:
                 before = (tail + piece)[-5:-3] if len(piece) < 5 else piece[-5:-3]
                 if before == b"\r\n":
@@ -275,7 +293,7 @@ class RelayHandler:
             mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_tos=tuple(envelope.rcpt_tos),
             client=str(peer[0]) if isinstance(peer, tuple) and peer else "",
-            helo=session.host_name or "",
+            helo=_storable(session.host_name or ""),
             received_at=now,
             smtputf8=bool(envelope.smtp_utf8),
         )
@@ -289,6 +307,13 @@ class RelayHandler:
             log.exception("%s: unexpected error while accepting a message", queue_id)
             return "451 4.3.0 Temporary local error, try again later"
         return f"{reply.code} {reply.text}"
+
+
+def _storable(text: str) -> str:
+    """aiosmtpd decodes command arguments with surrogateescape: undecodable bytes (a HELO
+    name in Latin-1, say) would make the spool's UTF-8 envelope unwritable, and every message
+    of the session would get 451 forever. Keep them visible as U+FFFD instead."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _address_ok(address: str) -> bool:

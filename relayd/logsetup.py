@@ -96,6 +96,9 @@ def _journald(stream: TextIO, environ: Mapping[str, str]) -> bool:
         return True
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 class TextFormatter(logging.Formatter):
     """``2026-11-21T10:53:14+0000 relayd[812]: warning: ...``, or ``<4>warning: ...`` for
     journald, which adds its own timestamp, identifier and pid."""
@@ -110,6 +113,9 @@ class TextFormatter(logging.Formatter):
             message += "\n" + self.formatException(record.exc_info)
         # One event per line: continuation lines are indented so grep still sees them.
         message = message.replace("\r", "").replace("\n", "\n    ")
+        # Client-supplied text (a HELO name, say) must not drive the terminal of whoever
+        # reads the log: other control characters are shown escaped (catalogue T88).
+        message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
         prefix = _PREFIX.get(record.levelno, "")
         if self._journald:
             return f"<{_SD_PRIORITY.get(record.levelno, 6)}>{prefix}{message}"

@@ -24,7 +24,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from relayd import logline
+from relayd import faults, logline
 from relayd.backoff import backoff_delay, is_expired
 from relayd.config import Smarthost, SpoolConfig
 from relayd.errors import SpoolError
@@ -37,6 +37,9 @@ _T = TypeVar("_T")
 
 RESCAN_INTERVAL = 30.0
 POKE_INTERVAL = 1.0
+# A disagreement this large between the wall clock and the monotonic clock over one loop tick
+# is a clock jump (NTP step, VM resume, operator), not elapsed time.
+CLOCK_JUMP = 60.0
 
 
 class Pool(Protocol):
@@ -124,6 +127,8 @@ class QueueManager:
         self._max_inflight = max(4, 2 * sum(s.max_connections for s in self._smarthosts))
         self._slots = asyncio.Semaphore(self._max_inflight)
         self._retired: list[Pool] = []
+        self._clock_seen = (clock(), time.monotonic())
+        self._clock_skew = 0.0  # sum of observed wall-clock jumps (positive: forward)
 
     # -- blocking work off the loop --------------------------------------------------------
     async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
@@ -135,7 +140,7 @@ class QueueManager:
         """Make ``qid`` known to the scheduler (new mail, or found by a rescan)."""
         if qid in self._inflight:
             return  # a rescan found a message that is being delivered right now
-        self._push(qid, self.clock() if due is None else due, priority)
+        self._push(qid, self._now() if due is None else due, priority)
 
     def _push(self, qid: str, when: float, priority: bool) -> None:
         if self._due.get(qid) == when:
@@ -174,7 +179,7 @@ class QueueManager:
         return self._health.setdefault(name, SmarthostState())
 
     def statistics(self) -> QmgrStats:
-        now = self.clock()
+        now = self._now()
         return QmgrStats(scheduled=len(self._due), in_flight=len(self._inflight),
                          paused=tuple(n for n, h in self._health.items() if h.paused_until > now))
 
@@ -212,10 +217,13 @@ class QueueManager:
     async def load(self) -> int:
         """Fill the schedule from the spool (start-up and slow rescans); returns the count."""
         rows = await self._io(lambda: list(self.spool.iter_queued_schedule()))
-        now = self.clock()
+        now = self._now()
+        # No stored retry time lies further out than the longest backoff, even when the clock
+        # was set back while relayd was not running.
+        latest = now + self.cfg.retry.max_interval
         for qid, next_attempt, _created, priority in rows:
             if qid not in self._due and qid not in self._inflight:
-                self.enqueue(qid, next_attempt if next_attempt is not None else now, priority)
+                self.enqueue(qid, now if next_attempt is None else min(next_attempt, latest), priority)
         return len(rows)
 
     async def _apply_pokes(self) -> None:
@@ -229,23 +237,24 @@ class QueueManager:
                 self.forget(qid)
                 continue
             if entry.state is State.QUEUED:
-                self.enqueue(qid, entry.next_attempt or self.clock(), entry.envelope.priority)
+                self.enqueue(qid, entry.next_attempt or self._now(), entry.envelope.priority)
             else:
                 self.forget(qid)
 
     async def run(self) -> None:
         """Deliver until cancelled or ``stop()``; in-flight deliveries finish first."""
         await self.load()
-        last_scan = last_poke = self.clock()
+        last_scan = last_poke = time.monotonic()
         try:
             while not self._stopping:
-                now = self.clock()
-                if now - last_poke >= POKE_INTERVAL:
+                now = self._now()
+                tick = time.monotonic()
+                if tick - last_poke >= POKE_INTERVAL:
                     await self._apply_pokes()
-                    last_poke = now
-                if now - last_scan >= RESCAN_INTERVAL:
+                    last_poke = tick
+                if tick - last_scan >= RESCAN_INTERVAL:
                     await self.load()
-                    last_scan = now
+                    last_scan = tick
                 await self._retire_pools()
                 available = self._hosts_available_at(now)
                 qid = self._pop_due(now) if available <= now else None
@@ -264,6 +273,28 @@ class QueueManager:
         finally:
             await self._drain()
 
+    def _now(self) -> float:
+        """The wall clock now; every reading goes through here. A jump (T17/T18 in the
+        reliability catalogue) shifts every scheduled time and smarthost pause by the same
+        amount, so retry intervals keep their real length, and is remembered so that expiry
+        counts real time, not the jump."""
+        now, mono = self.clock(), time.monotonic()
+        last_wall, last_mono = self._clock_seen
+        self._clock_seen = (now, mono)
+        jump = (now - last_wall) - (mono - last_mono)
+        if abs(jump) < CLOCK_JUMP:
+            return now
+        self._clock_skew += jump
+        log.warning("the wall clock jumped %+.0fs; retry times follow it, expiry ignores it", jump)
+        for heap in self._heaps:
+            for item in heap:  # a uniform shift keeps the heap order
+                item.due += jump
+        self._due = {qid: due + jump for qid, due in self._due.items()}
+        for health in self._health.values():
+            if health.paused_until:
+                health.paused_until += jump
+        return now
+
     def _done(self, qid: str, task: asyncio.Task[None]) -> None:
         self._inflight.pop(qid, None)
         self._slots.release()
@@ -272,7 +303,7 @@ class QueueManager:
 
     async def _sleep_until(self, when: float) -> None:
         self._wake.clear()
-        delay = max(0.0, when - self.clock())
+        delay = max(0.0, when - self._now())
         if delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
@@ -304,7 +335,16 @@ class QueueManager:
 
     # -- one message ------------------------------------------------------------------------------
     async def _deliver_one(self, qid: str) -> None:
-        entry = await self._io(self.spool.claim, qid)
+        try:
+            entry = await self._io(self.spool.claim, qid)
+        except OSError as exc:
+            # The spool cannot change right now (read-only, I/O error): nothing was claimed.
+            # Keep the message scheduled; dropped here it would wait for the next slow rescan.
+            delay = backoff_delay(1, self.cfg.retry)
+            log.error("%s: cannot claim for delivery (%s); trying again in %.0fs", qid,
+                      exc.strerror or exc, delay)
+            self._push(qid, self._now() + delay, False)
+            return
         if entry is None:
             return  # held, deleted or retried by an operator meanwhile
         try:
@@ -317,14 +357,16 @@ class QueueManager:
         except Exception as exc:
             # Mailman's shunt principle: an unexpected error defers the message, never drops it.
             log.exception("%s: unexpected error during delivery; deferring", qid)
-            now = self.clock()
+            now = self._now()
             meta = replace(entry.meta, attempts=entry.attempts + 1, last_error=f"local error: {exc!r}",
                            next_attempt=now + backoff_delay(entry.attempts + 1, self.cfg.retry))
-            await self._io(self.spool.requeue, entry.id, meta)
-            self._push(entry.id, meta.next_attempt or now, entry.envelope.priority)
+            try:
+                await self._io(self.spool.requeue, entry.id, meta)
+            finally:  # requeue moves the file back even when the metadata write failed
+                self._push(entry.id, meta.next_attempt or now, entry.envelope.priority)
 
     async def _attempt(self, entry: Entry) -> None:
-        now = self.clock()
+        now = self._now()
         pending = entry.pending
         history = list(entry.history)
         suppressed: tuple[str, ...] = ()
@@ -345,18 +387,18 @@ class QueueManager:
                 try:
                     await self.gate.wait_rate(entry, len(pending))
                 except BaseException:
-                    self.gate.delivered(entry, 0, self.clock())
+                    self.gate.delivered(entry, 0, self._now())
                     raise
         sent: list[str] = []
         try:
             await self._deliver_pending(entry, pending, suppressed, history, sent)
         finally:
             if self.gate is not None:
-                self.gate.delivered(entry, len(sent), self.clock())
+                self.gate.delivered(entry, len(sent), self._now())
 
     async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],
                                history: list[Attempt], sent: list[str]) -> None:
-        now = self.clock()
+        now = self._now()
         for rcpt in suppressed:
             listed = Reply(250, "2.0.0 on the do-not-email list")
             self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
@@ -377,11 +419,12 @@ class QueueManager:
             if not remaining:
                 break
             health = self._health_of(sh.name)
-            if health.paused_until > self.clock():
+            if health.paused_until > self._now():
                 continue
-            call_start = self.clock()
+            call_start = self._now()
             result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
                                                    remaining, smtputf8=entry.envelope.smtputf8)
+            faults.crash_point("after-upstream-250")
             split = (max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
                      result.setup_seconds, result.transfer_seconds)
             for o in result.outcomes:
@@ -402,7 +445,7 @@ class QueueManager:
             reached_any = True
             next_remaining = []
             for o in result.outcomes:
-                t = self.clock()
+                t = self._now()
                 if o.status is Status.SENT:
                     sent.append(o.recipient)
                     deferred.pop(o.recipient, None)
@@ -431,7 +474,7 @@ class QueueManager:
                       deferred: dict[str, RecipientOutcome], remaining: tuple[str, ...],
                       reached_any: bool, history: list[Attempt], last_error: str | None,
                       last_relay: str, delays: dict[str, tuple[float, float, float, float]]) -> None:
-        now = self.clock()
+        now = self._now()
         failed_rcpts = tuple(entry.meta.failed_rcpts) + tuple(r for r, _ in failed)
         if not remaining:
             if failed_rcpts:
@@ -444,7 +487,7 @@ class QueueManager:
                 log.info("%s", logline.removed_line(entry.id))
             return
         attempts = entry.attempts + (1 if reached_any else 0)
-        if is_expired(entry.age_base, now, self.cfg.max_age):
+        if is_expired(entry.age_base, now - self._clock_skew, self.cfg.max_age):
             reason = f"expired after {self.cfg.max_age / 86400:g} days in the queue"
             for rcpt in remaining:
                 o = deferred.get(rcpt)
@@ -483,9 +526,9 @@ class QueueManager:
             h.failures += 1
             h.up = False
             h.last_error = result.error or (str(result.outcomes[0].reply) if result.outcomes else "")
-            h.paused_until = self.clock() + backoff_delay(h.failures, self.cfg.retry)
+            h.paused_until = self._now() + backoff_delay(h.failures, self.cfg.retry)
             log.warning("smarthost %s paused for %.0fs after %d failure(s): %s", sh.relay,
-                        h.paused_until - self.clock(), h.failures, h.last_error)
+                        h.paused_until - self._now(), h.failures, h.last_error)
             if self.alerts:
                 event = "auth_failed" if "auth" in h.last_error.lower() else "smarthost_down"
                 self.alerts.fire(event, sh.name, f"smarthost {sh.relay}: {h.last_error}")
@@ -497,7 +540,7 @@ class QueueManager:
             h.up = True
             h.paused_until = 0.0
         if self.metrics:
-            self.metrics.set_smarthost(sh.name, up=h.up, paused=h.paused_until > self.clock())
+            self.metrics.set_smarthost(sh.name, up=h.up, paused=h.paused_until > self._now())
 
     def _message_failed(self, entry: Entry, reason: str) -> None:
         if self.alerts:
@@ -506,7 +549,7 @@ class QueueManager:
     def _log(self, entry: Entry, o: RecipientOutcome, relay: str, attempts: int, *,
              deferred_until: float | None = None, note: str = "",
              delays: tuple[float, float, float, float] | None = None) -> None:
-        now = self.clock()
+        now = self._now()
         reply = str(o.reply) if o.reply.code > 0 else o.reply.text
         if note:
             reply = f"{note}: {reply}" if reply else note

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from relayd.config import Config, LimitsConfig, SuppressAction
-from relayd.limits import DailyCap, RateLimiter, limited
+from relayd.limits import WINDOW, DailyCap, RateLimiter, limited
 from relayd.model import Envelope, Message, RecipientOutcome, Reply, Status
 from relayd.outcomes import is_hard_bounce
 from relayd.policy.pipeline import build_policy, rcpt_decision, recheck_at_delivery, run_pipeline
@@ -47,8 +47,9 @@ class Accepted:
 class SendingPolicy:
     """Acceptance-time policy and the queue manager's delivery gate (``qmgr.Gate``)."""
 
-    def __init__(self, cfg: Config, *, dkim_keys: dict[str, bytes]) -> None:
+    def __init__(self, cfg: Config, *, dkim_keys: dict[str, bytes], cap_window: float = WINDOW) -> None:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._cap_window = cap_window  # 24 h; tests use a short window instead of waiting a day
         self.store = SuppressionStore(cfg.state_dir)
         self._cap: DailyCap | None = None
         self._grants: dict[str, int] = {}
@@ -67,7 +68,7 @@ class SendingPolicy:
         elif self._cap is None or self._cap.cap != cap:
             if self._cap is not None:
                 self._cap.close()
-            self._cap = DailyCap(cap, cfg.state_dir)
+            self._cap = DailyCap(cap, cfg.state_dir, window=self._cap_window)
         self.rate = RateLimiter(cfg.limits.rate) if cfg.limits.rate is not None else None
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 import aiosmtplib
-from aiosmtplib.errors import SMTPServerDisconnected, SMTPTimeoutError
+from aiosmtplib.errors import SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
 
 from relayd.config import Smarthost, TlsMode
 from relayd.model import Reply, TokenSource
@@ -161,8 +161,11 @@ class UpstreamConnection:
             else:
                 shown = line.decode("utf-8", "replace")
             self._note(f"C: {shown}")
-        resp = await self._smtp.execute_command(
-            line, timeout=self.smarthost.timeout if timeout is None else timeout)
+        try:
+            resp = await self._smtp.execute_command(
+                line, timeout=self.smarthost.timeout if timeout is None else timeout)
+        except SMTPResponseException as exc:
+            return self._malformed(exc)
         reply = _reply(resp)
         self._note_reply(reply)
         return reply
@@ -196,6 +199,8 @@ class UpstreamConnection:
         except (SMTPServerDisconnected, SMTPTimeoutError):
             self.close()
             raise
+        except SMTPResponseException as exc:
+            return self._malformed(exc)
         reply = _reply(resp)
         self._note_reply(reply)
         if reply.code == 421:
@@ -208,6 +213,18 @@ class UpstreamConnection:
             with contextlib.suppress(Exception):  # closing anyway
                 await self._smtp.execute_command(b"QUIT", timeout=timeout)
         self.close()
+
+    def _malformed(self, exc: SMTPResponseException) -> Reply:
+        """A reply aiosmtplib could not parse (code -1: garbage, no code, overlong): the
+        session can no longer be trusted to pair replies with commands, so close it. The
+        reply stays code -1, which the outcome rules treat as temporary, never as a 5xx
+        (catalogue T79); it used to escape as an exception from the whole delivery."""
+        if exc.code != -1:
+            raise exc
+        self.close()
+        reply = Reply(-1, f"malformed reply from the server: {exc.message.strip()[:200]}")
+        self._note_reply(reply)
+        return reply
 
     def close(self) -> None:
         self._smtp.close()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relayd import faults
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Envelope, Message, State
 
@@ -259,10 +260,12 @@ class Spool:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                faults.fail_point("spool-write")
                 if self._fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            faults.crash_point("spool-fsync")
             os.rename(tmp, self._file(State.QUEUED, qid))
             self._sync_dir(State.QUEUED.value)
         except OSError as exc:
@@ -390,9 +393,15 @@ class Spool:
             raise SpoolError(f"cannot update {queue_id}: {exc.strerror or exc}") from exc
 
     def requeue(self, queue_id: str, meta: Meta) -> None:
-        """After a deferred attempt: record ``meta`` and move active -> queued."""
-        self.write_meta(queue_id, meta)
-        self._move(queue_id, State.ACTIVE, State.QUEUED)
+        """After a deferred attempt: record ``meta`` and move active -> queued.
+
+        The move happens even when the metadata cannot be written (disk full): left in active/
+        nothing would deliver the message before the next start. The cost is that it keeps
+        the older metadata (recipients delivered since may be sent again: at-least-once)."""
+        try:
+            self.write_meta(queue_id, meta)
+        finally:
+            self._move(queue_id, State.ACTIVE, State.QUEUED)
 
     def fail(self, queue_id: str, meta: Meta, src: State = State.ACTIVE) -> None:
         """Give up: record ``meta`` and move to failed (kept until deleted or retried)."""
@@ -456,12 +465,19 @@ class Spool:
             if not self._move(queue_id, State.FAILED, State.QUEUED):
                 raise UnknownMessage(queue_id)
         elif state is State.QUEUED:
-            # Take it out of the daemon's reach while the metadata changes: the rename is the lock.
-            if not self._move(queue_id, State.QUEUED, State.HELD):
-                return  # claimed for delivery right now: it is being retried already
+            # No rename through held/ as a lock: a `relayd queue retry` killed (or interrupted
+            # with ^C) between the two renames stranded the message in held/, where nothing
+            # delivers it. The metadata write is one atomic rename on its own. If the daemon
+            # claims the message meanwhile it is being retried already; its own metadata write
+            # after the attempt supersedes this one.
             meta = self._read_meta(queue_id)
             self.write_meta(queue_id, replace(meta, next_attempt=now))
-            self._move(queue_id, State.HELD, State.QUEUED)
+            faults.crash_point("queue-command")
+            try:
+                self._locate(queue_id)
+            except UnknownMessage:  # delivered and removed meanwhile: drop the stray metadata
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._meta_file(queue_id))
         elif state is State.HELD:
             raise SpoolError(f"{queue_id} is held; use 'relayd queue release' first")
         self._poke(queue_id)

@@ -183,11 +183,12 @@ def domain_of(address: str) -> str:
 
 def decoded_header(value: str) -> str:
     """Decode RFC 2047 encoded words for matching (e.g. a priority rule on Subject)."""
+    from email.errors import MessageError
     from email.header import decode_header, make_header
 
     try:
         return str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, MessageError):  # CharsetError: "\xe9so-8859-1"
         return value
 
 
@@ -236,9 +237,15 @@ def _boundary_spans(body: bytes, boundary: bytes) -> list[tuple[int, int]] | Non
     return spans
 
 
+MAX_DEPTH = 32  # real mail nests a few levels; deeper trees are left alone (no RecursionError)
+
+
 def walk(data: bytes, offset: int = 0, path: str = "") -> Iterable[Leaf]:
     """Yield the leaves of the MIME tree that may be decorated; multipart/signed and
-    multipart/encrypted (RFC 1847) and message/* are opaque and yield nothing."""
+    multipart/encrypted (RFC 1847) and message/* are opaque and yield nothing, and so is
+    anything nested deeper than MAX_DEPTH."""
+    if path.count(".") >= MAX_DEPTH:
+        return
     header, body = split_message(data)
     info = _content_info(header)
     ctype = info.get_content_type()
@@ -299,7 +306,7 @@ def _encode_body(raw: bytes, cte: str) -> bytes:
 def _charset_ok(name: str) -> bool:
     try:
         codecs.lookup(name)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the charset parameter
         return False
     return True
 

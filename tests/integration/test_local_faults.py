@@ -1,0 +1,266 @@
+"""Local faults under a running relayd: a full disk, a read-only spool, corrupt spool files,
+wall-clock jumps and a configuration reload while deliveries are in flight.
+
+The full and read-only disk tests run `relayd run` in its own user + mount namespace
+(``unshare``) with a small tmpfs as the spool, so the kernel itself returns ENOSPC / EROFS:
+no mocking of the write path. RELAYD_FAIL_AT=spool-write (relayd/faults.py) covers the same
+code path on hosts without user namespaces (see test_injected_enospc_at_fsync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from relayd.app import Daemon
+from relayd.config import Smarthost, load_config
+from relayd.errors import SpoolError
+from relayd.model import DeliveryResult, Envelope, Message, State
+from relayd.qmgr import Pool
+from relayd.spool import Spool
+from tests.support.crashload import KillableRelay, message
+from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
+from tests.support.smtpclient import RawClient
+from tests.support.upstream import FakeUpstream
+
+DOWN = {"greeting": "421 4.3.2 down for maintenance"}
+
+
+async def send(port: int, data: bytes) -> tuple[int, str]:
+    """(code, text) of the final reply to one message, 250 or the refusal."""
+    try:
+        _errors, reply = await aiosmtplib.send(data, sender="app@example.com", recipients=["user@example.net"],
+                                              hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    return 250, reply
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path)) if path.exists() else []
+
+
+@pytest.mark.parametrize(("options", "size"), [("size=1m", 150_000), ("nr_inodes=40", 500)],
+                         ids=["blocks", "inodes"])
+async def test_disk_full_answers_451_stores_nothing_and_recovers_without_restart(
+        tmp_path: Path, options: str, size: int) -> None:
+    """T08/T10: out of blocks, or out of inodes (the create fails with ENOSPC too)."""
+    async with FakeUpstream(replies=DOWN) as up:
+        port = free_port()
+        spool_dir = tmp_path / "spool"
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, options))
+        await asyncio.to_thread(relay.start)
+        try:
+            accepted = []
+            for n in range(40):  # the small tmpfs fills after a few
+                code, text = await send(port, message(f"full{n}", size))
+                if code != 250:
+                    break
+                accepted.append(f"full{n}")
+            assert code == 451 and "4.3.0" in text, (code, text)
+            assert 2 <= len(accepted) < 40
+            inside = relay.inside(spool_dir)
+            assert listing(inside / "tmp") == []  # nothing half-stored
+            assert len(listing(inside / "queued")) + len(listing(inside / "active")) == len(accepted)
+            # Still serving (and still refusing with a temporary code while the disk is full).
+            assert (await send(port, message("still-full", size)))[0] == 451
+            up.replies = {}  # the smarthost is back: deliveries free the space
+            await wait_until(lambda: len(up.messages) >= len(accepted), timeout=20,
+                             what=f"queued mail delivered; log: {relay.log()[-1500:]}")
+            # Accepting again, without a restart.
+            code, _ = await send(port, message("after", size))
+            assert code == 250
+            await wait_until(lambda: len(up.messages) == len(accepted) + 1, timeout=20, what="delivery")
+            assert listing(inside / "tmp") == []
+        finally:
+            relay.stop()
+    assert "not accepted, the spool failed" in relay.log()
+
+
+async def test_injected_enospc_at_fsync(tmp_path: Path) -> None:
+    """The portable variant: ENOSPC raised where delayed allocation reports it (before fsync)."""
+    async with FakeUpstream() as up:
+        port = free_port()
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log")
+        await asyncio.to_thread(relay.start, 15.0, {"RELAYD_FAIL_AT": "spool-write@2"})
+        try:
+            assert (await send(port, message("first")))[0] == 250
+            code, text = await send(port, message("second"))
+            assert code == 451 and "4.3.0" in text
+            await wait_until(lambda: len(up.messages) == 1, what="the first message delivered")
+            assert listing(tmp_path / "spool" / "tmp") == []
+            assert listing(tmp_path / "spool" / "queued") == []
+        finally:
+            relay.stop()
+
+
+async def test_read_only_spool_answers_451_and_resumes_when_writable(tmp_path: Path) -> None:
+    async with FakeUpstream(replies=DOWN) as up:
+        port = free_port()
+        spool_dir = tmp_path / "spool"
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, "size=4m"))
+        await asyncio.to_thread(relay.start)
+        try:
+            for n in range(3):
+                assert (await send(port, message(f"ro{n}")))[0] == 250
+            # A read-only bind mount over the spool (a plain remount is "busy": relayd holds its
+            # lock file open for writing): every path-based write now fails with EROFS.
+            relay.in_namespace("sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"',
+                               str(spool_dir))
+            code, text = await send(port, message("refused"))
+            assert code == 451 and "4.3.0" in text
+            up.replies = {}  # deliveries are due now, but the spool cannot record them
+            code, _ = await send(port, message("refused-again"))
+            assert code == 451
+            # The queue manager tries too (its smarthost pause is over) and cannot claim.
+            await wait_until(lambda: relay.log().count("Read-only file system") >= 3, timeout=5,
+                             what=f"a delivery attempt on the read-only spool; {relay.log()[-1500:]}")
+            assert relay.running()
+            relay.in_namespace("umount", str(spool_dir))  # writable again
+            assert (await send(port, message("after")))[0] == 250
+            await wait_until(lambda: len(up.messages) == 4, timeout=15,
+                             what=f"every accepted message delivered; log: {relay.log()[-2000:]}")
+        finally:
+            relay.stop()
+    got = sorted(m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages)
+    assert got == [b"after", b"ro0", b"ro1", b"ro2"]
+
+
+def test_requeue_puts_the_message_back_even_when_its_metadata_cannot_be_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.ensure_dirs()
+    qid = spool.put(Message(Envelope("app@example.com", ("user@example.net",)), b"Subject: x\r\n\r\nb\r\n"))
+    entry = spool.claim(qid)
+    assert entry is not None
+
+    def disk_full(queue_id: str, meta: object) -> None:
+        raise SpoolError(f"cannot update {queue_id}: No space left on device")
+
+    monkeypatch.setattr(spool, "write_meta", disk_full)
+    with pytest.raises(SpoolError):
+        spool.requeue(qid, entry.meta)
+    assert spool.ids(State.QUEUED) == [qid] and spool.ids(State.ACTIVE) == []
+
+
+async def test_corrupt_spool_files_are_set_aside_while_running_and_the_rest_delivered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("relayd.qmgr.RESCAN_INTERVAL", 0.5)  # files that appear from outside
+    async with FakeUpstream(replies=DOWN) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            ids = [await relay.send(message(f"c{n}")) for n in range(3)]
+            queued = tmp_path / "spool" / "queued"
+            await wait_until(lambda: sorted(listing(queued)) == sorted(f"{q}.msg" for q in ids),
+                             what="all three queued")
+            (queued / f"{ids[0]}.msg").write_bytes((queued / f"{ids[0]}.msg").read_bytes()[:40])  # truncated
+            raw = (queued / f"{ids[1]}.msg").read_bytes()
+            (queued / f"{ids[1]}.msg").write_bytes(raw.replace(b'"envelope"', b'"envelope', 1))  # bad JSON
+            (queued / "0123456789ABCDEF01.msg").write_bytes(b"\x00\xff garbage")  # not ours at all
+            up.replies = {}
+            await wait_until(lambda: len(up.messages) == 1, what="the intact message delivered")
+            await wait_until(lambda: len(listing(tmp_path / "spool" / "corrupt")) == 3, timeout=10,
+                             what="the three bad files set aside")
+            assert relay.daemon.qmgr.statistics().in_flight == 0
+            assert listing(queued) == [] and listing(tmp_path / "spool" / "active") == []
+            assert (await relay.send(message("later"))) != ""  # still accepting
+            await wait_until(lambda: len(up.messages) == 2, what="later delivered")
+    assert b"X-Load-Id: c2" in up.messages[0].data
+    assert sum("spool file set aside" in r.getMessage() for r in caplog.records) == 3
+
+
+class JumpingClock:
+    """Wall clock for the daemon that an operator (or a broken NTP) can move."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.mark.parametrize("jump_days", [5.0, -3.0])
+async def test_wall_clock_jump_neither_expires_nor_strands_queued_mail(
+        tmp_path: Path, jump_days: float, caplog: pytest.LogCaptureFixture) -> None:
+    """+5 days (beyond spool.max_age of 4 days): no mass expiry from one jump. -3 days: retry
+    times and smarthost pauses are not pushed three days out; mail flows once the smarthost
+    is back."""
+    clock = JumpingClock()
+    async with FakeUpstream(replies=DOWN) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")],
+                           spool={"max_age": "4d", "retry": {"initial": "1s", "max_interval": "2s"}})
+        async with running_relay(cfg, clock=clock) as relay:
+            for n in range(3):
+                await relay.send(message(f"j{n}"))
+            await wait_until(lambda: up.connections >= 2, what="deferred attempts")
+            clock.offset = jump_days * 86400
+            await wait_until(lambda: "the wall clock jumped" in caplog.text, what="the jump noticed")
+            up.replies = {}
+            await wait_until(lambda: len(up.messages) == 3, timeout=15,
+                             what=f"delivery after a {jump_days:+} day jump")
+            assert relay.daemon.spool.list(State.FAILED) == []
+
+
+class GatedPool:
+    """Wraps a real smarthost pool; deliveries wait for ``gate`` (to hold them in flight)."""
+
+    def __init__(self, real: Pool, gate: asyncio.Event, started: list[str]) -> None:
+        self.real, self.gate, self.started = real, gate, started
+
+    async def deliver(self, queue_id: str, content: bytes, mail_from: str, rcpts: Sequence[str],
+                      *, smtputf8: bool = False) -> DeliveryResult:
+        self.started.append(queue_id)
+        await self.gate.wait()
+        return await self.real.deliver(queue_id, content, mail_from, rcpts, smtputf8=smtputf8)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+async def test_reload_while_deliveries_and_a_data_phase_are_in_flight(tmp_path: Path) -> None:
+    """In-flight deliveries finish on the smarthost they started with (once each), the SMTP
+    session that was sending DATA gets its 250, and later mail uses the new smarthost."""
+    gate, started = asyncio.Event(), []
+    holder: dict[str, Daemon] = {}
+    def factory(sh: Smarthost) -> Pool:
+        # The daemon's own pool builder (with the settings of the moment), wrapped in a gate.
+        return GatedPool(holder["daemon"]._make_pool(sh), gate, started)
+
+    async with FakeUpstream() as old_up, FakeUpstream() as new_up:
+        cfg = write_config(tmp_path, [upstream_smarthost(old_up, tls="none", max_connections=4)])
+        async with running_relay(cfg, pool_factory=factory) as relay:
+            holder["daemon"] = relay.daemon
+            for n in range(3):
+                await relay.send(message(f"old{n}"))
+            await wait_until(lambda: len(started) == 3, what="three deliveries in flight")
+            client = await RawClient.connect("127.0.0.1", relay.port)
+            await client.reply()
+            for line in ("EHLO app.example", "MAIL FROM:<app@example.com>", "RCPT TO:<user@example.net>"):
+                await client.cmd(line)
+            assert (await client.cmd("DATA"))[0] == 354
+            await client.send(message("mid-data")[:60])
+            # Reload: the smarthost is replaced (other host, other name).
+            new_cfg = write_config(tmp_path, [upstream_smarthost(new_up, name="replacement", tls="none")])
+            relay.daemon.reload(load_config(new_cfg))
+            await client.send(message("mid-data")[60:] + b".\r\n")
+            code, _ = await client.reply()
+            assert code == 250
+            await client.cmd("QUIT")
+            await client.close()
+            gate.set()
+            await relay.send(message("new0"))
+            await wait_until(lambda: len(old_up.messages) == 3 and len(new_up.messages) == 2,
+                             what="the in-flight three on the old smarthost, the rest on the new")
+            await wait_until(lambda: not relay.daemon.spool.list(), what="empty queue")
+    ids = lambda up: sorted(m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages)  # noqa: E731
+    assert ids(old_up) == [b"old0", b"old1", b"old2"]
+    assert ids(new_up) == [b"mid-data", b"new0"]
