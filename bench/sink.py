@@ -78,6 +78,7 @@ class SinkProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.in_data = False
         self.scan = 0  # where the next search for the end of data may start
+        self.closing = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -115,14 +116,15 @@ class SinkProtocol(asyncio.Protocol):
                 break
             line = bytes(buf[:i])
             del buf[:i + 2]
-            reply = self.command(line)
-            if reply is None:
+            out.append(self.command(line))
+            if self.closing:
                 break
-            out.append(reply)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
+            if self.closing:
+                self.transport.close()
 
-    def command(self, line: bytes) -> bytes | None:
+    def command(self, line: bytes) -> bytes:
         verb = line[:4].upper()
         if verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
             return b"250 2.0.0 Ok\r\n"
@@ -136,10 +138,8 @@ class SinkProtocol(asyncio.Protocol):
         if verb == b"HELO":
             return b"250 sink.bench\r\n"
         if verb == b"QUIT":
-            assert self.transport is not None
-            self.transport.write(b"221 2.0.0 Bye\r\n")
-            self.transport.close()
-            return None
+            self.closing = True
+            return b"221 2.0.0 Bye\r\n"
         word = line.strip().upper()
         s = self.stats
         if word == b"XSTAT":
