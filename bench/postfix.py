@@ -139,6 +139,8 @@ class PostfixRelay:
 
     def configure(self) -> None:
         self.etc.mkdir(parents=True, exist_ok=True)
+        # The postfix user must be able to reach data/ and queue/ (the parents must be too).
+        self.workdir.chmod(0o755)
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
         self.queue.mkdir(exist_ok=True)  # `postfix start` creates the subdirectories
