@@ -25,8 +25,8 @@ import collections
 import json
 import sys
 import time
-from typing import cast
 from dataclasses import asdict, dataclass
+from typing import cast
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Budget:
         if self.duration:
             self.deadline = self.t0 + self.duration
 
-    def take(self) -> float | None | bool:
+    def take(self) -> float | bool | None:
         """False when exhausted; else the scheduled start (rate mode) or None."""
         if self.count and self.issued >= self.count:
             return False

@@ -201,7 +201,7 @@ class Relayd:
         out = self.profile / f"{self.profile_name}.txt"
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads",
-                                     "--rate", "200", "--format", "raw", "--output", str(out)],
+                                     "--rate", "100", "--format", "raw", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop_profile(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -57,10 +58,8 @@ class Stats:
             i = data.find(_STAMP, 0, min(end, 8192))
             if i >= 0:
                 j = data.find(b"\r\n", i + len(_STAMP), i + 64)
-                try:
+                with contextlib.suppress(ValueError):
                     self.latencies.append(now - float(data[i + len(_STAMP):j]))
-                except ValueError:
-                    pass
 
     def percentiles(self) -> tuple[int, float, float, float]:
         lat = sorted(self.latencies)

@@ -1,11 +1,13 @@
-"""The chunked DATA reader ends a message exactly where RFC 5321 says, however the bytes
-arrive: at the first CRLF "." CRLF (counting the CRLF of the DATA line), never at LF.CRLF,
+"""The listener's fast paths behave exactly like the slow ones.
+
+The chunked DATA reader ends a message exactly where RFC 5321 says, however the bytes arrive: at the first CRLF "." CRLF (counting the CRLF of the DATA line), never at LF.CRLF,
 CR.CR or other look-alikes (SMTP smuggling), and leaves what follows for the next command."""
 
 from __future__ import annotations
 
 import asyncio
 
+from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,3 +57,29 @@ def test_message_ends_at_the_first_crlf_dot_crlf(body: bytes, cuts: list[int], l
 
 def test_an_empty_message_is_just_the_dot() -> None:
     assert asyncio.run(_read(b".\r\nQUIT\r\n", [1, 1], 64)) == (b"", False, b"QUIT\r\n")
+
+
+def _parse(server: SMTP, arg: str) -> object:
+    try:
+        return server._getaddr(arg)
+    except Exception as exc:  # aiosmtpd's parser raises on some garbage (e.g. "a@")
+        return type(exc)
+
+
+_FAST = RelaySMTP.__new__(RelaySMTP)
+_FULL = SMTP.__new__(SMTP)
+_FAST.local_part_limit = _FULL.local_part_limit = 64
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(list("aZ09.-_+!#@<> \"[]:=()\\,;\t")), max_size=30).map("".join))
+def test_mail_and_rcpt_addresses_parse_as_aiosmtpd_does(text: str) -> None:
+    for arg in (text, f"<{text}>", f"<{text}> SIZE=10", f"{text} BODY=8BITMIME"):
+        assert _parse(_FAST, arg) == _parse(_FULL, arg)
+
+
+def test_common_paths_and_the_local_part_limit() -> None:
+    for arg in ("<a@b>", "<a.b+tag@c.example> SIZE=1 BODY=8BITMIME", "<>", "<a..b@c>",
+                "<" + "x" * 64 + "@b>", "<" + "x" * 65 + "@b>", "<a@b> (comment) SIZE=1"):
+        assert _parse(_FAST, arg) == _parse(_FULL, arg)
+    assert _parse(_FAST, "<" + "x" * 65 + "@b>") == (None, None)
