@@ -347,7 +347,12 @@ class QueueManager:
             if self.metrics:
                 self.metrics.suppressed()
 
-        content = await self._io(self.spool.read_content, entry.id, State.ACTIVE) if pending else b""
+        content = b""
+        if pending:
+            # Just accepted: still in memory, no thread hop. Otherwise read from disk.
+            cached = self.spool.cached_content(entry.id)
+            content = (cached if cached is not None
+                       else await self._io(self.spool.read_content, entry.id, State.ACTIVE))
         sent: list[str] = []
         failed: list[tuple[str, Reply]] = []
         deferred: dict[str, RecipientOutcome] = {}
