@@ -31,7 +31,7 @@ import fcntl
 import json
 import logging
 import os
-import secrets as _random
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -127,9 +127,14 @@ class Entry:
 
 
 def new_queue_id(now: float | None = None) -> str:
-    """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex."""
+    """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex.
+
+    The bits only need to differ between messages of the same microsecond (the spool's
+    O_EXCL create catches the rest), not to be secret: the module PRNG (seeded from the OS,
+    reseeded after fork) costs no system call, unlike ``secrets`` (os.urandom per ID).
+    """
     us = int((time.time() if now is None else now) * 1_000_000)
-    return f"{us:013X}{_random.randbits(20):05X}"
+    return f"{us:013X}{random.getrandbits(20):05X}"
 
 
 def _valid_id(queue_id: str) -> bool:
