@@ -201,7 +201,7 @@ class Relayd:
         out = self.profile / f"{self.profile_name}.txt"
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads",
-                                     "--rate", "100", "--format", "raw", "--output", str(out)],
+                                     "--rate", "100", *os.environ.get("BENCH_PYSPY_ARGS", "").split(), "--format", "raw", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop_profile(self) -> None:
@@ -226,6 +226,16 @@ class Relayd:
             fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def main_thread_cpu_seconds(self) -> float:
+        """CPU of the event-loop thread alone (the spool's I/O threads excluded)."""
+        assert self.proc is not None
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = text.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float:
@@ -269,6 +279,9 @@ class Postfix:
     def cpu_seconds(self) -> float:
         return 0.0
 
+    def main_thread_cpu_seconds(self) -> float:
+        return 0.0
+
     def peak_rss_mb(self) -> float:
         return 0.0
 
@@ -310,9 +323,11 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
         sink.reset()
         system.start_profile()
         cpu0, own0 = machine_cpu_seconds(), system.cpu_seconds()
+        main0 = system.main_thread_cpu_seconds()
         r = run_load(system.port, sessions, sc.size, sc.count, sc.rate)
         delivered, last = sink.wait_for(int(r["accepted"]))
         cpu1, own1 = machine_cpu_seconds(), system.cpu_seconds()
+        main1 = system.main_thread_cpu_seconds()
         system.stop_profile()
         m.accepted, m.rejected, m.errors = int(r["accepted"]), int(r["rejected"]), int(r["errors"])
         m.delivered = delivered
@@ -323,6 +338,8 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
         if delivered:
             m.cpu_ms_per_msg = (cpu1 - cpu0) * 1000 / delivered
             m.relay_cpu_ms_per_msg = (own1 - own0) * 1000 / delivered
+            m.extra["main_thread_cpu_ms_per_msg"] = round((main1 - main0) * 1000 / delivered, 3)
+            m.extra["main_thread_busy"] = round((main1 - main0) / (last - float(r["start"])), 3)
         m.peak_rss_mb = system.peak_rss_mb()
         if delivered < m.accepted:
             m.note = f"only {delivered} of {m.accepted} accepted messages reached the sink"
@@ -408,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(m)
                         print(f"{sc.name:<14} {name:<8} e2e {m.e2e_rate:7.0f}/s  accept "
                               f"{m.accept_rate:7.0f}/s  p50 {m.p50_ms:6.1f} ms  p99 {m.p99_ms:6.1f} ms"
-                              + (f"  rss {m.peak_rss_mb:.0f} MB" if name == "relayd" else "")
+                              + (f"  rss {m.peak_rss_mb:.0f} MB  cpu {m.relay_cpu_ms_per_msg:.2f} ms/msg"
+                                 f" (loop thread {m.extra.get('main_thread_cpu_ms_per_msg', 0):.2f},"
+                                 f" busy {m.extra.get('main_thread_busy', 0):.0%})"
+                                 if name == "relayd" else "")
                               + (f"  [{m.note}]" if m.note else ""), flush=True)
     finally:
         if a.workdir is None:
