@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Postfix cannot run here: {why}; use --only relayd", file=sys.stderr)
         return 2
     base = a.workdir or Path(tempfile.mkdtemp(prefix="relayd-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue below it
     results: list[Measurement] = []
     print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, work dir {base}", flush=True)
