@@ -63,7 +63,7 @@ smarthosts:
     tls: none
     auth: {{method: none}}
     max_connections: {connections}
-logging: {{level: info, format: text}}
+logging: {{level: {log_level}, format: text}}
 """
 
 
@@ -172,14 +172,14 @@ class Relayd:
     name = "relayd"
 
     def __init__(self, workdir: Path, sink_port: int, connections: int,
-                 profile: Path | None = None, profile_name: str = "") -> None:
+                 profile: Path | None = None, profile_name: str = "", log_level: str = "info") -> None:
         self.workdir = workdir
         self.port = free_port()
         self.config = workdir / "relayd.yaml"
         (workdir / "state").mkdir(parents=True, exist_ok=True)
         self.config.write_text(RELAYD_CONFIG.format(
             port=self.port, spool=workdir / "spool", state=workdir / "state", sink_port=sink_port,
-            connections=connections))
+            connections=connections, log_level=log_level))
         self.log = workdir / "relayd.log"
         self.profile = profile
         self.profile_name = profile_name
@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", action="append", help="run only these scenarios (by name)")
     p.add_argument("--relayd-connections", type=int, default=20,
                    help="smarthost max_connections for relayd (Postfix's default concurrency is 20)")
+    p.add_argument("--relayd-log-level", default="info",
+                   help="relayd's logging.level (info logs 3 lines per message, like Postfix's 4-5)")
     p.add_argument("--workdir", type=Path, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--profile", type=Path, help="py-spy relayd into this directory")
@@ -420,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                         wd.mkdir(parents=True, exist_ok=True)
                         tag = f"{sc.name.replace('/', '_')}-{rnd}"
                         system: Relayd | Postfix = (
-                            Relayd(wd, sink_port, a.relayd_connections, a.profile, tag)
+                            Relayd(wd, sink_port, a.relayd_connections, a.profile, tag,
+                                   a.relayd_log_level)
                             if name == "relayd" else Postfix(wd, sink_port))
                         m = measure(system, sink, sc, a.sessions, a.warmup)
                         results.append(m)
