@@ -350,6 +350,38 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
     return m
 
 
+def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float]:
+    """RSS of relayd holding ``count`` queued 1 KB messages: while they arrive with the
+    smarthost down, and after a restart that finds them all in the spool."""
+    dead = free_port()  # nothing listens there: every delivery attempt is refused
+    relayd = Relayd(workdir, dead, 4)
+    out: dict[str, float] = {"messages": count}
+    relayd.start()
+    try:
+        t0 = time.monotonic()
+        r = run_load(relayd.port, sessions, 1024, count, 0.0)
+        out["accept_rate"] = round(float(r["accept_rate"]))
+        out["load_seconds"] = round(time.monotonic() - t0, 1)
+        out["queued"] = relayd.queue_left()
+        out["rss_mb_while_accepting_peak"] = round(relayd.peak_rss_mb(), 1)
+        out["rss_mb_after_accepting"] = round(int(relayd.proc_status().get("VmRSS", "0 kB").split()[0])
+                                              / 1024, 1)
+    finally:
+        relayd.stop()
+    relayd = Relayd(workdir, dead, 4)  # same spool, fresh process
+    t0 = time.monotonic()
+    relayd.start()
+    try:
+        time.sleep(2.0)  # the queue manager loads the schedule right after start
+        out["restart_seconds_to_banner"] = round(time.monotonic() - t0 - 2.0, 1)
+        out["rss_mb_after_restart_peak"] = round(relayd.peak_rss_mb(), 1)
+        out["rss_mb_after_restart"] = round(int(relayd.proc_status().get("VmRSS", "0 kB").split()[0])
+                                            / 1024, 1)
+    finally:
+        relayd.stop()
+    return out
+
+
 # -- report --------------------------------------------------------------------------------------
 
 def report(results: list[Measurement], scenarios: list[Scenario]) -> str:
@@ -392,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="smarthost max_connections for relayd (Postfix's default concurrency is 20)")
     p.add_argument("--relayd-log-level", default="info",
                    help="relayd's logging.level (info logs 3 lines per message, like Postfix's 4-5)")
+    p.add_argument("--backlog", type=int, default=0,
+                   help="instead: queue this many 1 KB messages with the smarthost down and "
+                        "report relayd's RSS (then after a restart)")
     p.add_argument("--workdir", type=Path, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--profile", type=Path, help="py-spy relayd into this directory")
@@ -409,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     base = a.workdir or Path(tempfile.mkdtemp(prefix="relayd-bench-"))
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue below it
+    if a.backlog:
+        try:
+            print(json.dumps(measure_backlog(base / "backlog", a.backlog, a.sessions), indent=1))
+        finally:
+            if a.workdir is None:
+                shutil.rmtree(base, ignore_errors=True)
+        return 0
     results: list[Measurement] = []
     print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, work dir {base}", flush=True)
     try:
