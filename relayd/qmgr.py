@@ -90,7 +90,7 @@ class QmgrStats:
     paused: tuple[str, ...]
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)  # one per queued message: 100,000 queued = 4 MB less
 class _Item:
     due: float
     seq: int

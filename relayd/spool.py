@@ -52,7 +52,7 @@ _MAX_HEADER = 16 * 1024 * 1024
 # Messages just stored stay in memory until their first delivery attempt reads them, so the
 # queue manager neither re-reads nor re-parses a file it has just written. Bounded (oldest
 # dropped first) so a backlog cannot grow the daemon; anything not here is read from disk.
-RECENT_CACHE_BYTES = 8 * 1024 * 1024
+RECENT_CACHE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
