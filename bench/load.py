@@ -25,8 +25,8 @@ import collections
 import json
 import sys
 import time
-from typing import cast
 from dataclasses import asdict, dataclass
+from typing import cast
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Budget:
         if self.duration:
             self.deadline = self.t0 + self.duration
 
-    def take(self) -> float | None | bool:
+    def take(self) -> float | bool | None:
         """False when exhausted; else the scheduled start (rate mode) or None."""
         if self.count and self.issued >= self.count:
             return False
@@ -101,6 +101,7 @@ class ClientProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.buf = bytearray()
         self.waiters: collections.deque[asyncio.Future[tuple[int, bytes]]] = collections.deque()
+        self.early: collections.deque[tuple[int, bytes]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -109,7 +110,12 @@ class ClientProtocol(asyncio.Protocol):
 
     def expect(self) -> asyncio.Future[tuple[int, bytes]]:
         fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        if self.early:  # the reply came before anyone waited for it (e.g. the greeting)
+            fut.set_result(self.early.popleft())
+        elif self.transport is None or self.transport.is_closing():
+            fut.set_exception(ConnectionError("connection lost"))
+        else:
+            self.waiters.append(fut)
         return fut
 
     def data_received(self, data: bytes) -> None:
@@ -122,10 +128,11 @@ class ClientProtocol(asyncio.Protocol):
             del self.buf[:i + 2]
             if len(line) > 3 and line[3:4] == b"-":
                 continue  # continuation of a multi-line reply
+            reply = (int(line[:3]) if line[:3].isdigit() else 0, line)
             if self.waiters:
-                fut = self.waiters.popleft()
-                if not fut.done():
-                    fut.set_result((int(line[:3]) if line[:3].isdigit() else 0, line))
+                self.waiters.popleft().set_result(reply)
+            else:
+                self.early.append(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         while self.waiters:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -57,10 +58,8 @@ class Stats:
             i = data.find(_STAMP, 0, min(end, 8192))
             if i >= 0:
                 j = data.find(b"\r\n", i + len(_STAMP), i + 64)
-                try:
+                with contextlib.suppress(ValueError):
                     self.latencies.append(now - float(data[i + len(_STAMP):j]))
-                except ValueError:
-                    pass
 
     def percentiles(self) -> tuple[int, float, float, float]:
         lat = sorted(self.latencies)
@@ -78,6 +77,7 @@ class SinkProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.in_data = False
         self.scan = 0  # where the next search for the end of data may start
+        self.closing = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -115,14 +115,15 @@ class SinkProtocol(asyncio.Protocol):
                 break
             line = bytes(buf[:i])
             del buf[:i + 2]
-            reply = self.command(line)
-            if reply is None:
+            out.append(self.command(line))
+            if self.closing:
                 break
-            out.append(reply)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
+            if self.closing:
+                self.transport.close()
 
-    def command(self, line: bytes) -> bytes | None:
+    def command(self, line: bytes) -> bytes:
         verb = line[:4].upper()
         if verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
             return b"250 2.0.0 Ok\r\n"
@@ -136,10 +137,8 @@ class SinkProtocol(asyncio.Protocol):
         if verb == b"HELO":
             return b"250 sink.bench\r\n"
         if verb == b"QUIT":
-            assert self.transport is not None
-            self.transport.write(b"221 2.0.0 Bye\r\n")
-            self.transport.close()
-            return None
+            self.closing = True
+            return b"221 2.0.0 Bye\r\n"
         word = line.strip().upper()
         s = self.stats
         if word == b"XSTAT":

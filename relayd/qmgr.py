@@ -93,7 +93,7 @@ class QmgrStats:
     paused: tuple[str, ...]
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)  # one per queued message: 100,000 queued = 4 MB less
 class _Item:
     due: float
     seq: int
@@ -407,7 +407,12 @@ class QueueManager:
             if self.metrics:
                 self.metrics.suppressed()
 
-        content = await self._io(self.spool.read_content, entry.id, State.ACTIVE) if pending else b""
+        content = b""
+        if pending:
+            # Just accepted: still in memory, no thread hop. Otherwise read from disk.
+            cached = self.spool.cached_content(entry.id)
+            content = (cached if cached is not None
+                       else await self._io(self.spool.read_content, entry.id, State.ACTIVE))
         failed: list[tuple[str, Reply]] = []
         deferred: dict[str, RecipientOutcome] = {}
         remaining = tuple(pending)
