@@ -132,7 +132,11 @@ def run_atheris(target: str, runs: int, workdir: Path) -> None:
     for i, seed in enumerate(t.seeds(target)):
         (corpus / f"seed{i}").write_bytes(seed)
     fn = getattr(t, target)
-    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=4096", "-print_final_stats=1", str(corpus)], fn)
+    # Failing inputs go to the temp directory (printed by libFuzzer), never into the tree.
+    crashes = Path(tempfile.gettempdir()) / "relayd-fuzz-crashes"
+    crashes.mkdir(exist_ok=True)
+    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=4096", "-print_final_stats=1",
+                   f"-artifact_prefix={crashes}/{target}-", str(corpus)], fn)
     atheris.Fuzz()
 
 
