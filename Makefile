@@ -22,7 +22,7 @@ sysdeps:
 	@bash tests/support/install-sysdeps.sh
 
 test: $(STAMP) sysdeps
-	$(BIN)/ruff check relayd tests
+	$(BIN)/ruff check relayd tests tools
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import ssl
@@ -34,6 +35,11 @@ SendEmail = Callable[[bytes, str], Awaitable[None]]
 DEFAULT_RENOTIFY = 6 * 3600.0
 QUEUE_SIZE = 256
 HTTP_TIMEOUT = 10.0
+# Per event, at most this many new-key notifications per hour: 500 messages failing for the
+# same reason (an unverified sender) must not become 500 alerts.
+EVENT_BURST = 5
+EVENT_WINDOW = 3600.0
+MAX_TRACKED = 10_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class Notice:
     at: float
     since: float
     repeat: bool = False
+    suppressed: int = 0  # notifications of this event held back by the per-event limit
 
     def payload(self, hostname: str) -> dict[str, object]:
         """The webhook's JSON object (documented in docs/operations.md)."""
@@ -61,8 +68,10 @@ class Notice:
             "time": _iso(self.at),
             "since": _iso(self.since),
             "repeat": self.repeat,
+            "suppressed": self.suppressed,
             # Slack/Mattermost-compatible incoming webhooks show "text" as is.
-            "text": f"[relayd {hostname}] {word} {self.event} {self.key}: {self.message}",
+            "text": f"[relayd {hostname}] {word} {self.event} {self.key}: {self.message}"
+                    + (f" (+{self.suppressed} similar not sent)" if self.suppressed else ""),
         }
 
 
@@ -77,7 +86,8 @@ class Alerts:
                  clock: Callable[[], float] = time.time,
                  renotify_after: float = DEFAULT_RENOTIFY,
                  ssl_context: ssl.SSLContext | None = None,
-                 queue_size: int = QUEUE_SIZE) -> None:
+                 queue_size: int = QUEUE_SIZE, event_burst: int = EVENT_BURST,
+                 event_window: float = EVENT_WINDOW) -> None:
         self._cfg = cfg
         self._hostname = hostname
         self._send_email = send_email
@@ -85,8 +95,12 @@ class Alerts:
         self._renotify_after = renotify_after
         self._ssl = ssl_context
         self._queue: asyncio.Queue[Notice] = asyncio.Queue(maxsize=queue_size)
-        # (event, key) -> (active since, last notified)
-        self._active: dict[tuple[str, str], tuple[float, float]] = {}
+        # (event, key) -> (active since, last notified, a firing notice was sent)
+        self._active: dict[tuple[str, str], tuple[float, float, bool]] = {}
+        self._burst = event_burst
+        self._window = event_window
+        # event -> (window start, notifications in window, held back since last notification)
+        self._budget: dict[str, tuple[float, int, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self.sent = 0      # notifications delivered to at least one channel (for tests/metrics)
         self.dropped = 0   # notifications lost to a full queue
@@ -107,19 +121,40 @@ class Alerts:
         now = self._clock()
         state = self._active.get((event, key))
         if state is None:
-            self._active[(event, key)] = (now, now)
+            if len(self._active) >= MAX_TRACKED:
+                self._forget_stale(now)
             log.warning("alert: %s %s: %s", event, key, message)
-            self._enqueue(Notice(event, key, "firing", message, now, now))
+            sent = self._notify(Notice(event, key, "firing", message, now, now))
+            self._active[(event, key)] = (now, now, sent)
         elif now - state[1] >= self._renotify_after:
-            self._active[(event, key)] = (state[0], now)
             log.warning("alert (still active): %s %s: %s", event, key, message)
-            self._enqueue(Notice(event, key, "firing", message, now, state[0], repeat=True))
+            sent = self._notify(Notice(event, key, "firing", message, now, state[0],
+                                       repeat=state[2]))
+            self._active[(event, key)] = (state[0], now, state[2] or sent)
+
+    def _notify(self, notice: Notice) -> bool:
+        """Apply the per-event budget, then queue the notice; False if held back."""
+        start, used, held = self._budget.get(notice.event, (notice.at, 0, 0))
+        if notice.at - start >= self._window:
+            start, used = notice.at, 0
+        if used >= self._burst:
+            self._budget[notice.event] = (start, used, held + 1)
+            return False
+        self._budget[notice.event] = (start, used + 1, 0)
+        self._enqueue(dataclasses.replace(notice, suppressed=held))
+        return True
+
+    def _forget_stale(self, now: float) -> None:
+        # Keys that never clear (message_failed per queue ID) must not grow without bound.
+        for k, (_since, last, _sent) in list(self._active.items()):
+            if now - last >= self._renotify_after:
+                del self._active[k]
 
     def clear(self, event: str, key: str, message: str) -> None:
         """The condition ended: one recovery notice if an alert was sent for it."""
         state = self._active.pop((event, key), None)
-        if state is None:
-            return
+        if state is None or not state[2]:
+            return  # nothing was announced, so there is nothing to call off
         now = self._clock()
         log.info("alert resolved: %s %s: %s", event, key, message)
         self._enqueue(Notice(event, key, "resolved", message, now, state[0]))

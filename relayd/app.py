@@ -8,6 +8,7 @@ open sessions a grace period, and lets in-flight deliveries finish or return to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -15,46 +16,78 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from relayd import faults
+from relayd import faults, logline
 from relayd.alerts import Alerts
 from relayd.config import Config, Smarthost
-from relayd.errors import SpoolError
+from relayd.errors import SpoolError, UnknownMessage
+from relayd.forwarder import SmarthostPool
 from relayd.listener import Listener, ListenerSettings
 from relayd.metrics import Metrics
 from relayd.metrics_http import MetricsServer
-from relayd.model import Envelope, Message, Reply, State
+from relayd.model import Envelope, Message, Reply, State, Status
+from relayd.oauth import TokenStatistics, build_token_source
+from relayd.policy.pipeline import log_summary
 from relayd.qmgr import Pool, QueueManager
-from relayd.spool import Spool
+from relayd.sending import Accepted, SendingPolicy, read_dkim_keys
+from relayd.spool import Spool, new_queue_id
+from relayd.unsub_http import UnsubscribeServer
 
 log = logging.getLogger("relayd")
 
 
 class Intake:
-    """The listener's Acceptor: policy at acceptance, then the durable spool, then the
-    queue manager. Answers 250 only after ``Spool.put`` returned (RFC 5321 §6.1)."""
+    """The listener's Acceptor: the sending policy at acceptance, then the durable spool, then
+    the queue manager. Answers 250 only after every copy is on disk (RFC 5321 §6.1)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 
-    def check_recipient(self, rcpt: str) -> Reply | None:
-        return None
+    def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
+        return self.daemon.sending.check_recipient(mail_from, rcpt, self.daemon.clock())
+
+    def _store(self, queue_id: str, envelope: Envelope, content: bytes,
+               now: float) -> tuple[Accepted, list[tuple[str, Message]]]:
+        """Worker thread: policy (CPU) and spool writes (fsync), one hop off the loop."""
+        d = self.daemon
+        accepted = d.sending.accept(Message(envelope, content), now)
+        stored: list[tuple[str, Message]] = []
+        try:
+            for i, message in enumerate(accepted.outputs):
+                qid = queue_id if i == 0 else new_queue_id(now)
+                d.spool.put(message, qid)
+                stored.append((qid, message))
+        except SpoolError:
+            # All or nothing: the client will retry the whole message after our 451.
+            for qid, _ in stored:
+                with contextlib.suppress(SpoolError, UnknownMessage):
+                    d.spool.delete(qid)
+            raise
+        return accepted, stored
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:
         d = self.daemon
-        message = Message(envelope, content)
+        now = d.clock()
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(d.executor, d.spool.put, message, queue_id)
+            accepted, stored = await loop.run_in_executor(d.executor, self._store, queue_id,
+                                                          envelope, content, now)
         except SpoolError as exc:
             log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
             return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")
         faults.crash_point("before-250")
-        log.info("%s: client=[%s], helo=<%s>, from=<%s>, size=%d, nrcpt=%d", queue_id,
+        log.info("%s: client=[%s], helo=<%s>, from=<%s>, size=%d, nrcpt=%d, %s", queue_id,
                  envelope.client, envelope.helo, envelope.mail_from, len(content),
-                 len(envelope.rcpt_tos))
-        if d.metrics:
-            d.metrics.message_received()
-        d.qmgr.enqueue(queue_id, priority=envelope.priority)
+                 len(envelope.rcpt_tos), log_summary(accepted.result))
+        if len(stored) > 1:
+            log.info("%s: one copy per recipient (personal unsubscribe token): %s", queue_id,
+                     ", ".join(q for q, _ in stored))
+        for rcpt in accepted.suppressed:
+            log.info("%s", logline.delivery_line(queue_id, rcpt, "none", 0.0, 0, "2.0.0",
+                                                 Status.SUPPRESSED, "on the do-not-email list"))
+            d.metrics.suppressed()
+        d.metrics.message_received()
+        for qid, message in stored:
+            d.qmgr.enqueue(qid, priority=message.envelope.priority)
         return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
 
 
@@ -71,31 +104,13 @@ class Hooks:
     on_status: Callable[[str], object] | None = None
 
 
-def default_pool_factory(config_ref: Callable[[], Config]) -> Callable[[Smarthost], Pool]:
-    """Builds forwarder pools; the OAuth token source is created per smarthost."""
-
-    def factory(sh: Smarthost) -> Pool:
-        from relayd.forwarder import SmarthostPool  # the forwarder pulls in aiosmtplib
-
-        cfg = config_ref()
-        token_source = None
-        if sh.auth.oauth is not None:
-            from relayd.oauth import build_token_source
-
-            token_source = build_token_source(sh, state_dir=cfg.state_dir,
-                                              key_file=cfg.secrets.key_file)
-        pool: Pool = SmarthostPool(sh, hostname=cfg.hostname, token_source=token_source,
-                                   transcripts=cfg.logging.smtp_transcripts)
-        return pool
-
-    return factory
-
-
 class Daemon:
     """One running relayd."""
 
     def __init__(self, config: Config, *, pool_factory: Callable[[Smarthost], Pool] | None = None,
-                 clock: Callable[[], float] = time.time, sockets: Sequence[Any] | None = None) -> None:
+                 clock: Callable[[], float] = time.time, sockets: Sequence[Any] | None = None,
+                 housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
+                 cap_window: float = 86400.0) -> None:
         self.config = config
         self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="relayd-io")
@@ -104,17 +119,41 @@ class Daemon:
         self.metrics.declare_smarthosts(s.name for s in config.smarthosts)
         self.alerts = Alerts(config.alerts, hostname=config.hostname, send_email=self.send_alert_email,
                              clock=clock)
+        self.sending = SendingPolicy(config, dkim_keys=read_dkim_keys(config), cap_window=cap_window)
         self.intake = Intake(self)
         self.listener = Listener(ListenerSettings.from_config(config), self.intake)
         self.qmgr = QueueManager(self.spool, config.spool, config.smarthosts,
-                                 pool_factory or default_pool_factory(lambda: self.config),
+                                 pool_factory or self._make_pool,
                                  executor=self.executor, clock=clock, metrics=self.metrics,
-                                 alerts=self.alerts)
+                                 alerts=self.alerts, gate=self.sending)
+        self.unsubscribe_server = _unsubscribe_server(config, self.sending)
         self.metrics_server = (MetricsServer(config.metrics.listen, self.metrics.render)
                                if config.metrics.listen is not None else None)
         self._sockets = list(sockets or [])
+        self._housekeeping_interval = housekeeping_interval
         self._stop = asyncio.Event()
         self.hooks = Hooks()
+
+    def _make_pool(self, sh: Smarthost) -> Pool:
+        """A forwarder pool for ``sh`` with the current settings (and its OAuth token source)."""
+        cfg = self.config
+        token_source = None
+        if sh.auth.oauth is not None:
+            token_source = build_token_source(sh, state_dir=cfg.state_dir, key_file=cfg.secrets.key_file,
+                                              clock=self.clock, on_status=self._token_status)
+        return SmarthostPool(sh, hostname=cfg.hostname, token_source=token_source,
+                             transcripts=cfg.logging.smtp_transcripts)
+
+    def _token_status(self, st: TokenStatistics) -> None:
+        """After every token refresh: the expiry gauge, and the alert for a dead grant."""
+        if st.expires_at is not None:
+            self.metrics.set_token_expiry(st.smarthost, st.expires_at - self.clock())
+        if st.last_error_permanent:
+            self.alerts.fire("token_refresh_failed", st.smarthost,
+                             f"smarthost {st.smarthost}: {st.last_error}. {st.hint}".strip())
+        elif st.failures == 0:
+            self.alerts.clear("token_refresh_failed", st.smarthost,
+                              f"smarthost {st.smarthost}: OAuth token refreshed again")
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -137,6 +176,8 @@ class Daemon:
             if self.metrics_server is not None:
                 await self.metrics_server.start()
                 log.info("metrics at http://%s/metrics", self.metrics_server.address)
+            if self.unsubscribe_server is not None:
+                await self.unsubscribe_server.start()
             qmgr_task = asyncio.create_task(self.qmgr.run(), name="qmgr")
             tasks = [qmgr_task, asyncio.create_task(self.alerts.run(), name="alerts"),
                      asyncio.create_task(self._housekeeping(), name="housekeeping")]
@@ -163,7 +204,10 @@ class Daemon:
             self.listener.stop_accepting()
             if self.metrics_server is not None:
                 await self.metrics_server.close()
+            if self.unsubscribe_server is not None:
+                await self.unsubscribe_server.aclose()
             self.spool.close()
+            self.sending.close()
             self.executor.shutdown(wait=False)
         log.info("relayd stopped")
 
@@ -174,11 +218,15 @@ class Daemon:
             age = max(0.0, self.clock() - oldest) if oldest is not None else 0.0
             self.metrics.set_queue(counts, age)
             self.alerts.check_queue_age(age)
+            remaining = self.sending.cap_remaining(self.clock())
+            self.metrics.set_daily_cap_remaining(remaining)
+            if remaining:
+                self.alerts.clear("daily_cap_reached", "daily_cap", "limits.daily_cap has room again")
             if self.hooks.on_status:
                 self.hooks.on_status(f"{counts.get(State.QUEUED, 0)} queued, "
                                      f"{counts.get(State.ACTIVE, 0)} in delivery, "
                                      f"{counts.get(State.FAILED, 0)} failed")
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            await asyncio.sleep(self._housekeeping_interval)
 
     def _queue_snapshot(self) -> tuple[dict[State, int], float | None]:
         counts = self.spool.counts()
@@ -200,13 +248,14 @@ class Daemon:
             last = result.error or (str(result.outcomes[0].reply) if result.outcomes else "")
         raise OSError(f"no smarthost accepted the alert mail: {last}")
 
-    def reload(self, new: Config) -> None:
+    def reload(self, new: Config, dkim_keys: dict[str, bytes] | None = None) -> None:
         """Apply a validated config: smarthosts and retry settings for every later attempt."""
         if self.hooks.on_reloading:
             self.hooks.on_reloading()
         old = self.config
         self.config = new
         self.qmgr.update_smarthosts(new.smarthosts, new.spool)
+        self.sending.apply(new, dkim_keys=read_dkim_keys(new) if dkim_keys is None else dkim_keys)
         if new.listen != old.listen or new.spool.path != old.spool.path:
             log.warning("listen and spool.path changes need a restart; other settings are applied")
         self.listener.handler.settings = ListenerSettings.from_config(new)
@@ -218,3 +267,11 @@ class Daemon:
 def _fmt(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _unsubscribe_server(cfg: Config, sending: SendingPolicy) -> UnsubscribeServer | None:
+    unsub = cfg.unsubscribe
+    if unsub is None or unsub.http_listen is None or unsub.url is None:
+        return None
+    return UnsubscribeServer(unsub, sending.store,
+                             auto_add="unsubscribe" in cfg.do_not_email.auto_add)

@@ -18,6 +18,7 @@ from relayd.config import Config, load_config
 from relayd.errors import ConfigError, SpoolError
 from relayd.logsetup import setup_logging
 from relayd.sdnotify import Notifier, listen_fds, run_watchdog
+from relayd.sending import read_dkim_keys
 
 if TYPE_CHECKING:
     from relayd.cli import IO
@@ -56,7 +57,8 @@ async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
                 return
             for warning in new.warnings:
                 log.warning("config: %s", warning)
-            daemon.reload(new)
+            keys = await asyncio.to_thread(read_dkim_keys, new)
+            daemon.reload(new, keys)
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
         task = loop.create_task(coro)

@@ -31,11 +31,10 @@ class _KeyFileError(Exception):
 
 def key_file_from_config(path: Path) -> Path:
     """``secrets.key_file`` of the config at ``path`` (relative to its directory), or the
-    default when the file or the key is absent. Nothing else in the file is validated."""
+    default when the key is absent. Nothing else in the file is validated. A missing config
+    file is an error: guessing a key path would scatter keys around the system."""
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return DEFAULT_KEY_FILE
     except OSError as exc:
         raise _KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:

@@ -192,6 +192,10 @@ def _oauth(r: Reader, p: str, value: Any) -> OAuthConfig | None:
         r.fail(f"{p}.token_url", "is required for provider generic")
     if provider is OAuthProvider.AZURE and cfg.client_id is None:
         r.fail(f"{p}.client_id", "is required for provider azure")
+    if (provider is OAuthProvider.AZURE and cfg.client_secret is not None
+            and cfg.grant is not OAuthGrant.REFRESH_TOKEN and not cfg.tenant_id and not cfg.authority):
+        # App-only tokens need the tenant; MSAL calls /common "unreliable" for them.
+        r.fail(f"{p}.tenant_id", "is required for provider azure with client_secret (app-only)")
     return cfg
 
 

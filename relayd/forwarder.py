@@ -70,6 +70,7 @@ class _Tx:
     outcomes: dict[str, RecipientOutcome]
     fault: bool = False
     error: str = ""
+    setup_seconds: float = 0.0
 
 
 def _mailbox(address: str) -> str:
@@ -188,14 +189,17 @@ class SmarthostPool:
         if self._sh.outbox is not None:
             return await self._to_outbox(queue_id, content, mail_from, rcpts)
         self._waiting += 1
+        started = time.monotonic()
         async with self._slots:
             self._waiting -= 1
             self._busy += 1
+            got_slot = time.monotonic()
             try:
                 tx = await self._deliver_with_slot(content, _mailbox(mail_from), rcpts,
                                                    smtputf8, record)
             finally:
                 self._busy -= 1
+        done = time.monotonic()
         missing = local_reply("4.3.0", "no outcome recorded")
         outcomes = tuple(tx.outcomes.get(r) or RecipientOutcome(r, Status.DEFERRED, missing, missing.dsn)
                          for r in rcpts)
@@ -205,7 +209,9 @@ class SmarthostPool:
         fault = tx.fault and not any(o.status is Status.SENT for o in outcomes)
         return DeliveryResult(smarthost=self._sh.name, relay=self._sh.relay, outcomes=outcomes,
                               smarthost_fault=fault, error=tx.error,
-                              transcript=tuple(transcript))
+                              transcript=tuple(transcript), wait_seconds=got_slot - started,
+                              setup_seconds=tx.setup_seconds,
+                              transfer_seconds=max(0.0, done - got_slot - tx.setup_seconds))
 
     def _recorder(self, queue_id: str, lines: list[str]) -> Callable[[str], None]:
         relay = self._sh.relay
@@ -238,7 +244,9 @@ class SmarthostPool:
             conn = self._take_idle()
             reused = conn is not None
             if conn is None:
+                opening = time.monotonic()
                 conn = await self._open(record, tx, rcpts)
+                tx.setup_seconds += time.monotonic() - opening
                 if conn is None:
                     return tx
             conn.set_recorder(record)

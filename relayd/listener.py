@@ -39,6 +39,11 @@ _HAS_DATE = re.compile(rb"(?im)^date[ \t]*:")
 _HAS_MSGID = re.compile(rb"(?im)^message-id[ \t]*:")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_\[\]:]")
+# "<dot-atom@domain>" (RFC 5321 §4.1.2), the form nearly every MAIL / RCPT uses. aiosmtpd parses
+# each address with the email package's header parser (and defines a class per call), which
+# costs more than the rest of the command; this form gives the same result without it.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class ListenerSettings:
 class Acceptor(Protocol):
     """What the listener hands accepted mail to (implemented by the daemon)."""
 
-    def check_recipient(self, rcpt: str) -> Reply | None:
+    def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
         """A refusal for RCPT TO (e.g. do-not-email with action reject), or None."""
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:
@@ -163,6 +168,16 @@ class RelaySMTP(SMTP):
             return
         await super()._handle_client()
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        m = _SIMPLE_PATH.match(arg) if arg else None
+        rest = arg[m.end():] if m is not None else ""
+        if m is None or "(" in rest:
+            return super()._getaddr(arg)  # anything unusual: aiosmtpd's full parser
+        addr = m.group(1)
+        if self.local_part_limit and addr.rindex("@") > self.local_part_limit:
+            return None, None
+        return addr, rest.lstrip(" \t")  # the parser drops the folding white space too
+
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
@@ -192,38 +207,55 @@ class RelaySMTP(SMTP):
         """Read up to CRLF "." CRLF; returns (dot-stuffed data without the terminator, too_big).
 
         Only CRLF.CRLF ends the data: LF.LF, CR.CR, LF.CRLF and CRLF.LF are content
-        (SMTP smuggling, CVE-2023-51764 class). Searching for ".\\r\\n" and checking the two bytes
-        before it keeps the check correct across chunk boundaries.
+        (SMTP smuggling, CVE-2023-51764 class). The search is for LF "." CRLF, which in
+        well-formed content occurs only at the terminator (a line holding just a dot is sent
+        as ".."), so a message arrives in a few reads of up to the StreamReader limit however
+        many of its lines end with a full stop; the byte before it must then be CR.
         """
         reader = self._reader
         # Stop buffering well past the limit (dot-stuffing can at most double a message).
         cap = 2 * self.data_size_limit + 1024 if self.data_size_limit else 0
         chunks: list[bytes] = []
-        tail = b"\r\n"  # the CRLF that ended the DATA command line
         size = 0
         too_big = False
+        last = b"\n"  # the byte before the next piece
+        # After a CRLF that was not matched as part of a terminator (the DATA line's own, or
+        # the end of an LF.CRLF that was content), the terminator may be a bare ".\r\n"
+        # which the search cannot see: look at the next bytes first.
+        at_line_start = True
         while True:
             self._reset_timeout()
-            try:
-                piece = await reader.readuntil(b".\r\n")
-                ended = True
-            except asyncio.LimitOverrunError as exc:
-                piece = await reader.readexactly(exc.consumed)
+            if at_line_start:
+                at_line_start = False
+                piece = await reader.readexactly(1)
+                if piece == b".":
+                    piece += await reader.readexactly(2)
+                    if piece == b".\r\n":
+                        break
                 ended = False
+            else:
+                try:
+                    piece = await reader.readuntil(b"\n.\r\n")
+                    ended = True
+                except asyncio.LimitOverrunError as exc:
+                    # The last three bytes stay buffered, so a terminator is never split.
+                    piece = await reader.readexactly(exc.consumed)
+                    ended = False
             faults.crash_point("data")
             if ended:
-                before = (tail + piece)[-5:-3] if len(piece) < 5 else piece[-5:-3]
-                if before == b"\r\n":
+                before = piece[-5:-4] if len(piece) >= 5 else last
+                if before == b"\r":
                     if not too_big:
                         chunks.append(piece[:-3])
                     break
+                at_line_start = True
             size += len(piece)
             if cap and size > cap:
                 too_big = True
                 chunks.clear()
             if not too_big:
                 chunks.append(piece)
-            tail = (tail + piece)[-2:]
+            last = piece[-1:]
         return b"".join(chunks), too_big
 
 
@@ -274,7 +306,8 @@ class RelayHandler:
             return "452 4.5.3 Error: too many recipients"
         if not _address_ok(address):
             return "553 5.1.3 Bad recipient address syntax"
-        refusal = self.acceptor.check_recipient(address)
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        refusal = self.acceptor.check_recipient(sender, address)
         if refusal is not None:
             return f"{refusal.code} {refusal.text}"
         envelope.rcpt_tos.append(address)

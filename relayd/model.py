@@ -98,6 +98,11 @@ class DeliveryResult:
     smarthost_fault: bool = False
     error: str = ""
     transcript: tuple[str, ...] = field(default=())
+    # Postfix's delays=a/b/c/d split, for this attempt: waiting for a free connection, setting
+    # one up (connect, TLS, EHLO, AUTH; 0 when reused) and the transaction itself.
+    wait_seconds: float = 0.0
+    setup_seconds: float = 0.0
+    transfer_seconds: float = 0.0
 
     @property
     def delivered(self) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from relayd.secrets import Secret
 log = logging.getLogger("relayd.oauth")
 
 REFRESH_MARGIN = 600.0  # SPEC: refreshed at least 10 minutes before expiry
-FAILURE_BACKOFF = (5.0, 300.0)  # first and longest pause between failed token requests
+FAILURE_BACKOFF = (2.0, 60.0)  # pause between failed token requests (callers back off too)
 DEFAULT_LIFETIME = 3600.0  # RFC 6749 5.1: expires_in is only RECOMMENDED
 
 
@@ -144,9 +144,10 @@ class OAuthTokenSource:
                 self._failed(exc, now)
                 raise
             except Exception as exc:  # a library bug or an unexpected transport error
-                err = OAuthError(f"token request failed: {type(exc).__name__}: {exc}",
+                # Only the type: the text of an unexpected exception might quote a request.
+                err = OAuthError(f"token request failed unexpectedly ({type(exc).__name__})",
                                  hint="retried automatically; run 'relayd oauth token "
-                                 f"--smarthost {self.smarthost}' for details", permanent=False)
+                                 f"--smarthost {self.smarthost}' to check", permanent=False)
                 self._failed(err, now)
                 raise err from exc
             self._succeeded(token)
@@ -169,7 +170,7 @@ class OAuthTokenSource:
         assert self._store is not None
         try:
             data = self._store.read("token")
-        except OAuthError as exc:
+        except (OAuthError, OSError) as exc:
             log.warning("oauth: smarthost %s: token cache not used: %s", self.smarthost, exc)
             self._store = None
             return
@@ -260,16 +261,39 @@ def build_fetcher(smarthost: Smarthost, store: OAuthStore) -> Fetcher:
     return oauth_generic.build(smarthost, oauth, store)
 
 
+class _Unusable:
+    """Stands in for a fetcher whose settings are unusable: every fetch raises the reason, so
+    the daemon still starts and the mail waits with a clear error instead of crashing."""
+
+    def __init__(self, error: OAuthError) -> None:
+        self._error = error
+
+    @property
+    def description(self) -> str:
+        return "unusable settings"
+
+    def fetch(self, now: float) -> Token:
+        raise self._error
+
+
 def build_token_source(smarthost: Smarthost, *, state_dir: Path, key_file: Path,
                        clock: Callable[[], float] = time.time,
                        on_status: StatusCallback | None = None) -> OAuthTokenSource:
     """The token source for an ``auth.method: xoauth2`` smarthost.
 
-    Does no I/O itself: key and cache files are read on the first ``get_token``.
+    Does no I/O and never raises for bad settings: key and cache files are read, and setting
+    problems reported as OAuthError, on the first ``get_token``. ``on_status`` is called after
+    every refresh attempt with ``statistics()`` (for the ``token_refresh_failed`` alert and the
+    expiry metric).
     """
     oauth = oauth_config(smarthost)
     store = OAuthStore(state_dir, smarthost.name, key_file)
-    return OAuthTokenSource(smarthost.name, build_fetcher(smarthost, store), store,
+    fetcher: Fetcher
+    try:
+        fetcher = build_fetcher(smarthost, store)
+    except OAuthError as exc:
+        fetcher = _Unusable(exc)
+    return OAuthTokenSource(smarthost.name, fetcher, store,
                             provider=oauth.provider.value,
                             settings_digest=settings_digest(smarthost, oauth),
                             clock=clock, on_status=on_status)

@@ -5,18 +5,18 @@ refresh token), client authentication in the body (``client_secret_post``, secti
 because that is what Microsoft, Google and most providers accept. Error responses (section 5.2)
 are classified: ``invalid_grant`` means the refresh token is dead and a person must act
 (permanent); ``invalid_client`` and friends are configuration mistakes (permanent); HTTP 5xx,
-429, timeouts and connection errors are temporary. Blocking (urllib): call it in a thread.
+429, timeouts and connection errors are temporary. Uses requests like MSAL and google-auth do,
+so ``REQUESTS_CA_BUNDLE`` and ``HTTPS_PROXY`` apply to every provider alike. Blocking: call it
+in a thread.
 """
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from relayd.config import OAuthConfig, OAuthGrant, Smarthost
 from relayd.errors import OAuthError
@@ -56,34 +56,36 @@ def classify_error(smarthost: str, code: str, description: str, *, what: str,
 def post_form(url: str, form: dict[str, str], *, timeout: float, smarthost: str,
               refresh_hint: str) -> dict[str, Any]:
     """POST ``form`` to the token endpoint and return the JSON answer, or raise OAuthError."""
-    data = urllib.parse.urlencode(form).encode("ascii")
-    req = urllib.request.Request(url, data=data, method="POST", headers={
-        "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read().decode("utf-8", "replace"))
-        except (ValueError, OSError):
-            body = None
-        code = str(body.get("error", "")) if isinstance(body, dict) else ""
-        desc = str(body.get("error_description", "")) if isinstance(body, dict) else ""
-        raise classify_error(smarthost, code, desc, what=f"token endpoint answered HTTP {exc.code}",
-                             refresh_hint=refresh_hint, status=exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise OAuthError(f"cannot reach the token endpoint {url}: {reason}",
+        resp = requests.post(url, data=form, headers={"Accept": "application/json"},
+                             timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        raise OAuthError(f"cannot reach the token endpoint {url}: {_reason(exc)}",
                          hint="retried automatically with back-off; check network and token_url",
                          permanent=False) from None
     try:
-        answer = json.loads(raw.decode("utf-8"))
+        answer = resp.json()
     except ValueError:
         answer = None
+    if resp.status_code != 200:
+        code = str(answer.get("error", "")) if isinstance(answer, dict) else ""
+        desc = str(answer.get("error_description", "")) if isinstance(answer, dict) else ""
+        raise classify_error(smarthost, code, desc,
+                             what=f"token endpoint answered HTTP {resp.status_code}",
+                             refresh_hint=refresh_hint, status=resp.status_code)
     if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
         raise OAuthError(f"token endpoint {url} answered without an access_token",
                          hint="check token_url", permanent=False)
     return answer
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """A short cause (the innermost exception's text names the host, never the form)."""
+    inner: BaseException = exc
+    while inner.__context__ is not None and inner.__context__ is not inner:
+        inner = inner.__context__
+    text = str(inner) or type(inner).__name__
+    return text.splitlines()[0][:200]
 
 
 def lifetime(answer: dict[str, Any]) -> float:

@@ -120,9 +120,16 @@ class OAuthStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """An exclusive lock across processes for one refresh (flock on a lock file)."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.directory / f"{self._slug}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        """An exclusive lock across processes for one refresh (flock on a lock file).
+
+        Without a writable state directory there is nothing to protect: run unlocked.
+        """
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.directory / f"{self._slug}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

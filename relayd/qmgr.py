@@ -60,11 +60,11 @@ class Gate(Protocol):
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
         """Seconds this message must wait for the daily cap (0: may go now)."""
 
-    async def wait_rate(self, entry: Entry) -> None:
+    async def wait_rate(self, entry: Entry, count: int) -> None:
         """Pace deliveries to ``limits.rate``."""
 
     def delivered(self, entry: Entry, count: int, now: float) -> None:
-        """Count delivered recipients against the cap."""
+        """Count delivered recipients against the cap (called after every gated attempt)."""
 
     def hard_bounce(self, rcpt: str, reply: Reply) -> None:
         """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
@@ -93,7 +93,7 @@ class QmgrStats:
     paused: tuple[str, ...]
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)  # one per queued message: 100,000 queued = 4 MB less
 class _Item:
     due: float
     seq: int
@@ -372,15 +372,33 @@ class QueueManager:
         suppressed: tuple[str, ...] = ()
         if self.gate is not None:
             pending, suppressed = self.gate.recheck(entry, pending)
-            wait = self.gate.hold_for(entry, len(pending), now)
-            if wait > 0 and pending:
+            wait = self.gate.hold_for(entry, len(pending), now) if pending else 0.0
+            if wait > 0:
+                # Over the daily cap: the message waits in the spool, no attempt is spent.
                 meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
                                last_error="waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
                 self._push(entry.id, now + wait, entry.envelope.priority)
+                if self.alerts:
+                    self.alerts.fire("daily_cap_reached", "daily_cap",
+                                     "limits.daily_cap reached: mail waits in the queue")
                 return
             if pending:
-                await self.gate.wait_rate(entry)
+                try:
+                    await self.gate.wait_rate(entry, len(pending))
+                except BaseException:
+                    self.gate.delivered(entry, 0, self._now())
+                    raise
+        sent: list[str] = []
+        try:
+            await self._deliver_pending(entry, pending, suppressed, history, sent)
+        finally:
+            if self.gate is not None:
+                self.gate.delivered(entry, len(sent), self._now())
+
+    async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],
+                               history: list[Attempt], sent: list[str]) -> None:
+        now = self._now()
         for rcpt in suppressed:
             listed = Reply(250, "2.0.0 on the do-not-email list")
             self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
@@ -389,26 +407,36 @@ class QueueManager:
             if self.metrics:
                 self.metrics.suppressed()
 
-        content = await self._io(self.spool.read_content, entry.id, State.ACTIVE) if pending else b""
-        sent: list[str] = []
+        content = b""
+        if pending:
+            # Just accepted: still in memory, no thread hop. Otherwise read from disk.
+            cached = self.spool.cached_content(entry.id)
+            content = (cached if cached is not None
+                       else await self._io(self.spool.read_content, entry.id, State.ACTIVE))
         failed: list[tuple[str, Reply]] = []
         deferred: dict[str, RecipientOutcome] = {}
         remaining = tuple(pending)
         reached_any = False
         last_error = entry.last_error
         last_relay = "none"
+        delays: dict[str, tuple[float, float, float, float]] = {}
         for sh in self._smarthosts:
             if not remaining:
                 break
             health = self._health_of(sh.name)
             if health.paused_until > self._now():
                 continue
+            call_start = self._now()
             result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
                                                    remaining, smtputf8=entry.envelope.smtputf8)
             faults.crash_point("after-upstream-250")
+            split = (max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
+                     result.setup_seconds, result.transfer_seconds)
+            for o in result.outcomes:
+                delays[o.recipient] = split
             self._note_health(sh, result)
             last_relay = result.relay
-            if result.smarthost_fault:
+            if result.smarthost_fault and not any(o.status is Status.SENT for o in result.outcomes):
                 for o in result.outcomes:
                     deferred[o.recipient] = o
                     last_error = str(o.reply)
@@ -417,6 +445,8 @@ class QueueManager:
                 if not result.outcomes:
                     last_error = result.error
                 continue
+            # A recipient the smarthost accepted is delivered, whatever happened afterwards
+            # to the rest of the transaction: never send it twice.
             reached_any = True
             next_remaining = []
             for o in result.outcomes:
@@ -424,12 +454,12 @@ class QueueManager:
                 if o.status is Status.SENT:
                     sent.append(o.recipient)
                     deferred.pop(o.recipient, None)
-                    self._log(entry, o, result.relay, entry.attempts + 1)
+                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
                     history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
                 elif o.status is Status.FAILED:
                     failed.append((o.recipient, o.reply))
                     deferred.pop(o.recipient, None)
-                    self._log(entry, o, result.relay, entry.attempts + 1)
+                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
                     history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
                     last_error = str(o.reply)
                     if self.gate is not None:
@@ -442,15 +472,13 @@ class QueueManager:
                     self.metrics.delivery(sh.name, o.status,
                                           t - entry.created if o.status is Status.SENT else None)
             remaining = tuple(next_remaining)
-        if sent and self.gate is not None:
-            self.gate.delivered(entry, len(sent), self._now())
         await self._finish(entry, failed, deferred, remaining, reached_any, history, last_error,
-                           last_relay)
+                           last_relay, delays)
 
     async def _finish(self, entry: Entry, failed: list[tuple[str, Reply]],
                       deferred: dict[str, RecipientOutcome], remaining: tuple[str, ...],
                       reached_any: bool, history: list[Attempt], last_error: str | None,
-                      last_relay: str) -> None:
+                      last_relay: str, delays: dict[str, tuple[float, float, float, float]]) -> None:
         now = self._now()
         failed_rcpts = tuple(entry.meta.failed_rcpts) + tuple(r for r, _ in failed)
         if not remaining:
@@ -488,7 +516,7 @@ class QueueManager:
         for rcpt in remaining:
             o = deferred.get(rcpt)
             if o is not None:
-                self._log(entry, o, last_relay, attempts, deferred_until=due)
+                self._log(entry, o, last_relay, attempts, deferred_until=due, delays=delays.get(rcpt))
                 history.append(Attempt(now, rcpt, Status.DEFERRED.value, last_relay, str(o.reply), o.dsn))
         meta = replace(entry.meta, pending=remaining, failed_rcpts=failed_rcpts,
                        history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
@@ -524,7 +552,8 @@ class QueueManager:
             self.alerts.fire("message_failed", entry.id, f"message {entry.id} failed: {reason}")
 
     def _log(self, entry: Entry, o: RecipientOutcome, relay: str, attempts: int, *,
-             deferred_until: float | None = None, note: str = "") -> None:
+             deferred_until: float | None = None, note: str = "",
+             delays: tuple[float, float, float, float] | None = None) -> None:
         now = self._now()
         reply = str(o.reply) if o.reply.code > 0 else o.reply.text
         if note:
@@ -532,5 +561,5 @@ class QueueManager:
         if deferred_until is not None:
             reply = f"{reply}; next attempt in {max(0, deferred_until - now):.0f}s"
         log.info("%s", logline.delivery_line(entry.id, o.recipient, relay or "none", now - entry.created,
-                                             attempts, o.dsn or o.reply.dsn, o.status, reply))
+                                             attempts, o.dsn or o.reply.dsn, o.status, reply, delays))
 

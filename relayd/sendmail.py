@@ -59,9 +59,10 @@ SESSION_TIMEOUT = 120.0
 class SubmitError(Exception):
     """Submission failed; ``exit_code`` is the sysexits code for the caller."""
 
-    def __init__(self, exit_code: int, message: str) -> None:
+    def __init__(self, exit_code: int, message: str, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.unreachable = unreachable  # no connection at all: another address may work
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,29 @@ def read_settings(path: Path) -> SendmailSettings:
     return SendmailSettings(hostname, local_domain, tuple(listen), spool_path)
 
 
-def daemon_address(listen: Sequence[HostPort]) -> tuple[str, int]:
-    """Where to reach the daemon: its first ``listen`` address, wildcards made loopback."""
-    if not listen:
-        return ("127.0.0.1", 25)
-    first = listen[0]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(first.host, first.host)
-    return (host, first.port)
+def daemon_addresses(listen: Sequence[HostPort]) -> list[tuple[str, int]]:
+    """Where to reach the daemon, in ``listen`` order (the first one normally answers; the
+    others cover e.g. a host without IPv6); wildcard addresses become loopback."""
+    out: list[tuple[str, int]] = []
+    for hp in listen or (HostPort("127.0.0.1", 25),):
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(hp.host, hp.host)
+        if (host, hp.port) not in out:
+            out.append((host, hp.port))
+    return out
+
+
+def submit_any(addresses: Sequence[tuple[str, int]], **kwargs: Any) -> str:
+    """``submit`` to the first address that accepts a connection."""
+    error: SubmitError | None = None
+    for address in addresses:
+        try:
+            return submit(address, **kwargs)
+        except SubmitError as exc:
+            if not exc.unreachable:
+                raise
+            error = error or exc  # report the first (main) address
+    assert error is not None
+    raise error
 
 
 def _reply_text(code: int, msg: bytes | str) -> str:
@@ -158,7 +175,7 @@ def submit(address: tuple[str, int], *, helo: str, sender: str, recipients: Iter
                           f"{_reply_text(exc.smtp_code, exc.smtp_error)}") from None
     except (OSError, smtplib.SMTPException) as exc:
         raise SubmitError(EX_TEMPFAIL, f"cannot reach relayd at {where} ({_os_reason(exc)}); "
-                          "the message was not sent, try again later") from None
+                          "the message was not sent, try again later", unreachable=True) from None
     try:
         if code != 220:
             raise SubmitError(_class_exit(code, EX_UNAVAILABLE),
@@ -175,7 +192,10 @@ def submit(address: tuple[str, int], *, helo: str, sender: str, recipients: Iter
         recipients = list(recipients)
         if not content.isascii() and smtp.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")
-        if not (sender + "".join(recipients)).isascii() and smtp.has_extn("smtputf8"):
+        if not (sender + "".join(recipients)).isascii():
+            if not smtp.has_extn("smtputf8"):
+                raise SubmitError(EX_USAGE, "an address is not ASCII and relayd does not offer "
+                                  "SMTPUTF8 (RFC 6531)")
             options.append("SMTPUTF8")
         code, msg = smtp.mail(sender, options)
         if code != 250:
@@ -223,18 +243,26 @@ def _os_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def smtp_proxy(address: tuple[str, int], stdin: ByteStream, stdout: ByteStream) -> int:
+def smtp_proxy(addresses: Sequence[tuple[str, int]], stdin: ByteStream,
+               stdout: ByteStream) -> int:
     """``-bs``: relay an SMTP session between stdin/stdout and the daemon, byte for byte.
 
     SwiftMailer/Symfony speak SMTP over the pipe and read every reply, so they see relayd's
     own answers (including ``250 ... queued as ID`` and any rejection). If the daemon is down
     they get a 421 greeting and the command exits 75.
     """
-    try:
-        conn = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
-    except OSError as exc:
-        stdout.write(f"421 4.3.0 relayd is not reachable ({_os_reason(exc)}); "
-                     "try again later\r\n".encode())
+    conn: socket.socket | None = None
+    reasons: list[str] = []
+    for address in addresses:
+        try:
+            conn = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+            break
+        except OSError as exc:
+            reasons.append(_os_reason(exc))
+    if conn is None:
+        reason = reasons[0] if reasons else "no listen address"
+        stdout.write(f"421 4.3.0 relayd is not reachable ({reason}); try again later\r\n"
+                     .encode())
         stdout.flush()
         return EX_TEMPFAIL
     conn.settimeout(None)
@@ -320,7 +348,11 @@ def format_mailq(entries: Sequence[Any]) -> str:
 
 def _open_spool(path: Any) -> Any:
     # Imported lazily: the spool belongs to the daemon side and sendmail must stay light.
-    return importlib.import_module("relayd.spool").Spool(path)
+    try:
+        module = importlib.import_module("relayd.spool")
+    except ImportError as exc:
+        raise OSError(f"the queue cannot be read by this installation ({exc})") from None
+    return module.Spool(path)
 
 
 def list_queue(spool_path: Any, io: IO) -> int:
@@ -348,6 +380,9 @@ def flush_queue(spool_path: Any, io: IO) -> int:
     except PermissionError:
         print(f"sendmail: cannot flush the queue in {spool_path}: permission denied", file=io.err)
         return EX_NOPERM
+    except OSError as exc:
+        print(f"sendmail: cannot flush the queue in {spool_path}: {_os_reason(exc)}", file=io.err)
+        return EX_TEMPFAIL
     return 0
 
 
@@ -408,9 +443,9 @@ def main(args: argparse.Namespace, io: IO) -> int:
         return list_queue(cfg.spool_path, io)
     if opts.mode is Mode.FLUSH:
         return flush_queue(cfg.spool_path, io)
-    address = daemon_address(cfg.listen)
+    addresses = daemon_addresses(cfg.listen)
     if opts.mode is Mode.SMTP:
-        return smtp_proxy(address, _binary(io.stdin), _binary(io.out))
+        return smtp_proxy(addresses, _binary(io.stdin), _binary(io.out))
     for warning in opts.warnings:
         print(f"sendmail: warning: {warning}", file=io.err)
     data = read_message(_binary(io.stdin), ignore_dots=opts.ignore_dots)
@@ -421,8 +456,8 @@ def main(args: argparse.Namespace, io: IO) -> int:
         print(f"sendmail: {exc}", file=io.err)
         return EX_USAGE
     try:
-        submit(address, helo=cfg.hostname, sender=prepared.sender,
-               recipients=prepared.recipients, content=prepared.content)
+        submit_any(addresses, helo=cfg.hostname, sender=prepared.sender,
+                   recipients=prepared.recipients, content=prepared.content)
     except SubmitError as exc:
         print(f"sendmail: {exc}", file=io.err)
         return exc.exit_code

@@ -31,7 +31,8 @@ import fcntl
 import json
 import logging
 import os
-import secrets as _random
+import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,10 @@ FORMAT_VERSION = 1
 MAX_RECOVERIES = 5
 _STATE_DIRS = (State.QUEUED, State.ACTIVE, State.HELD, State.FAILED)
 _MAX_HEADER = 16 * 1024 * 1024
+# Messages just stored stay in memory until their first delivery attempt reads them, so the
+# queue manager neither re-reads nor re-parses a file it has just written. Bounded (oldest
+# dropped first) so a backlog cannot grow the daemon; anything not here is read from disk.
+RECENT_CACHE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,14 @@ class Entry:
 
 
 def new_queue_id(now: float | None = None) -> str:
-    """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex."""
+    """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex.
+
+    The bits only need to differ between messages of the same microsecond (the spool's
+    O_EXCL create catches the rest), not to be secret: the module PRNG (seeded from the OS,
+    reseeded after fork) costs no system call, unlike ``secrets`` (os.urandom per ID).
+    """
     us = int((time.time() if now is None else now) * 1_000_000)
-    return f"{us:013X}{_random.randbits(20):05X}"
+    return f"{us:013X}{random.getrandbits(20):05X}"
 
 
 def _valid_id(queue_id: str) -> bool:
@@ -179,6 +189,9 @@ class Spool:
         self._fsync = fsync
         self._lock_fd: int | None = None
         self._dir_fds: dict[str, int] = {}
+        self._recent: dict[str, Message] = {}  # insertion order = age
+        self._recent_bytes = 0
+        self._recent_lock = threading.Lock()
 
     # -- set-up ------------------------------------------------------------------------------
     def ensure_dirs(self) -> None:
@@ -212,6 +225,15 @@ class Spool:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _own(self, fd: int) -> None:
+        """Files written by root (an operator running `relayd queue` with sudo) get the spool
+        owner, so the daemon's unprivileged user can still read and rename them."""
+        if os.geteuid() != 0:
+            return
+        st = os.stat(self.path)
+        if st.st_uid != 0 or st.st_gid != 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
 
     def _dir(self, state: State | str) -> Path:
         return self.path / (state.value if isinstance(state, State) else state)
@@ -263,7 +285,33 @@ class Spool:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
+        self._remember(qid, message)
         return qid
+
+    # -- the in-memory copy of recent messages -------------------------------------------------
+    def _remember(self, qid: str, message: Message) -> None:
+        size = len(message.content)
+        if size > RECENT_CACHE_BYTES // 4:
+            return
+        with self._recent_lock:
+            self._recent[qid] = message
+            self._recent_bytes += size
+            while self._recent_bytes > RECENT_CACHE_BYTES:
+                oldest = self._recent.pop(next(iter(self._recent)))
+                self._recent_bytes -= len(oldest.content)
+
+    def _recent_message(self, qid: str, *, pop: bool) -> Message | None:
+        with self._recent_lock:
+            m = self._recent.pop(qid, None) if pop else self._recent.get(qid)
+            if m is not None and pop:
+                self._recent_bytes -= len(m.content)
+        return m
+
+    def cached_content(self, queue_id: str) -> bytes | None:
+        """The content of a message this Spool stored recently, without disk I/O (and
+        forgotten here: later attempts read the file); None when not in memory."""
+        m = self._recent_message(queue_id, pop=True)
+        return None if m is None else m.content
 
     # -- reading -----------------------------------------------------------------------------
     def _read_header(self, path: Path) -> tuple[dict[str, Any], int, int]:
@@ -315,6 +363,9 @@ class Spool:
 
     def read_content(self, queue_id: str, state: State | None = None) -> bytes:
         """The exact message bytes (without the spool header)."""
+        content = self.cached_content(queue_id)
+        if content is not None:
+            return content
         path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
         with open(path, "rb") as f:
             data = f.read()
@@ -356,8 +407,14 @@ class Spool:
         try:
             os.rename(self._file(State.QUEUED, queue_id), self._file(State.ACTIVE, queue_id))
         except FileNotFoundError:
+            self._recent_message(queue_id, pop=True)
             return None
         try:
+            m = self._recent_message(queue_id, pop=False)
+            if m is not None:  # the file holds exactly this envelope; only meta/ can have changed
+                return Entry(id=queue_id, state=State.ACTIVE, envelope=m.envelope,
+                             size=len(m.content), created=m.envelope.received_at,
+                             meta=self._read_meta(queue_id))
             return self._entry(queue_id, State.ACTIVE, self._file(State.ACTIVE, queue_id))
         except (OSError, ValueError, KeyError) as exc:
             self._set_aside(State.ACTIVE, queue_id, f"unreadable: {exc}")
@@ -370,6 +427,7 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
+                self._own(fd)
                 os.write(fd, data)
                 if self._fsync:
                     os.fsync(fd)
@@ -400,6 +458,7 @@ class Spool:
 
     def complete(self, queue_id: str) -> None:
         """Every recipient is done: remove the message."""
+        self._recent_message(queue_id, pop=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._file(State.ACTIVE, queue_id))
         with contextlib.suppress(FileNotFoundError):
@@ -408,7 +467,11 @@ class Spool:
     # -- operator commands (any process) -------------------------------------------------------
     def _poke(self, queue_id: str) -> None:
         with contextlib.suppress(OSError):
-            (self.path / "poke" / queue_id).touch()
+            fd = os.open(self.path / "poke" / queue_id, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                self._own(fd)
+            finally:
+                os.close(fd)
 
     def take_pokes(self) -> builtins.list[str]:
         """IDs changed by `relayd queue` since the last call (the daemon re-reads them)."""
@@ -469,6 +532,7 @@ class Spool:
         self._poke(queue_id)
 
     def delete(self, queue_id: str) -> None:
+        self._recent_message(queue_id, pop=True)
         state, path = self._locate(queue_id)
         if state is State.ACTIVE:
             raise SpoolError(f"{queue_id} is being delivered right now; try again in a moment")

@@ -205,3 +205,27 @@ async def test_no_channel_configured_is_silent(events) -> None:
     await alerts.wait_idle()
     await alerts.close()
     assert alerts.sent == 0
+
+
+async def test_many_keys_of_one_event_are_capped_per_hour() -> None:
+    """500 messages failing for the same reason must not become 500 alerts."""
+    clock = Clock()
+    async with Receiver() as rx:
+        alerts = Alerts(AlertsConfig(webhook=f"http://127.0.0.1:{rx.port}/"), hostname="h",
+                        clock=clock, event_burst=3, event_window=3600)
+        await alerts.start()
+        for i in range(500):
+            alerts.fire("message_failed", f"ID{i}", "554 Message rejected: Email address is not verified")
+        alerts.fire("smarthost_down", "primary", "other events have their own budget")
+        await alerts.wait_idle()
+        assert [x["key"] for x in rx.posts] == ["ID0", "ID1", "ID2", "primary"]
+        clock.now += 3600
+        alerts.fire("message_failed", "ID500", "554 again")
+        await alerts.wait_idle()
+        assert rx.posts[-1]["key"] == "ID500" and rx.posts[-1]["suppressed"] == 497
+        assert "(+497 similar not sent)" in rx.posts[-1]["text"]
+        # A condition whose firing was held back sends no recovery either.
+        alerts.clear("message_failed", "ID400", "n/a")
+        await alerts.wait_idle()
+        assert len(rx.posts) == 5
+        await alerts.close()

@@ -116,3 +116,10 @@ def test_key_rotation_with_two_keys(tmp_path: Path) -> None:
     assert loaded.smarthosts[0].auth.password.reveal() == SECRET  # type: ignore[union-attr]
     check = run_cli(["-c", str(minimal_config(tmp_path, f'password: "{old_value}"')), "check-config"])
     assert check.code == 1
+
+
+def test_keygen_needs_the_config_file(tmp_path: Path) -> None:
+    result = run_cli(["-c", str(tmp_path / "missing.yaml"), "secret", "keygen"])
+    assert result.code == 1
+    assert "cannot read" in result.err and "missing.yaml" in result.err
+    assert list(tmp_path.iterdir()) == []

@@ -36,7 +36,7 @@ class Store:
         self.spool = spool
         self.accepted: list[str] = []
 
-    def check_recipient(self, rcpt: str) -> Reply | None:
+    def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
         return None
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:

@@ -23,7 +23,7 @@ class SpoolAcceptor:
         self.accepted: list[str] = []
         self.refuse: set[str] = set()
 
-    def check_recipient(self, rcpt: str) -> Reply | None:
+    def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
         return Reply(550, "5.7.1 on the do-not-email list") if rcpt in self.refuse else None
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:

@@ -249,20 +249,73 @@ async def test_changed_settings_discard_the_cache(tmp_path: Path, server: FakeTo
     assert await source.get_token() != first
 
 
-async def test_missing_key_file_still_gives_tokens_in_memory(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_missing_key_file_still_gives_tokens_in_memory(tmp_path: Path, server: FakeTokenServer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = write_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
         client_secret_env: RELAYD_TEST_SECRET
     """)
-    import os
-    os.environ["RELAYD_TEST_SECRET"] = SECRET
-    try:
-        sh = smarthost(cfg)
-    finally:
-        del os.environ["RELAYD_TEST_SECRET"]
+    monkeypatch.setenv("RELAYD_TEST_SECRET", SECRET)
+    sh = smarthost(cfg)
     source = build_token_source(sh, state_dir=tmp_path / "state", key_file=tmp_path / "absent.key")
     token = await source.get_token()
     assert token == await source.get_token()
     assert not (tmp_path / "state" / "oauth").exists() or not list((tmp_path / "state" / "oauth").glob("*.token"))
+
+
+def test_oauth_token_command_prints_account_and_expiry_never_the_token(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+    from tests.support.oauth_helpers import run_cli
+
+    cc_source(tmp_path, server, key_file, FakeClock())     # writes the config
+    result = run_cli(["-c", str(tmp_path / "relayd.yaml"), "oauth", "token", "--smarthost", "m365"])
+    assert result.code == 0, result.out + result.err
+    assert result.out.startswith("m365: token OK for relay@example.com via generic client_credentials")
+    assert "expires 20" in result.out and "(in 59 min)" in result.out
+    assert server.issued and all(t not in result.out + result.err for t in server.issued)
+    unknown = run_cli(["-c", str(tmp_path / "relayd.yaml"), "oauth", "token", "--smarthost", "nope"])
+    assert unknown.code == 1 and "no smarthost named 'nope'" in unknown.err
+    server.clients.clear()
+    failed = run_cli(["-c", str(tmp_path / "relayd.yaml"), "oauth", "token"])
+    assert failed.code == 1
+    assert "m365: no token (needs action)" in failed.out and "what to do:" in failed.out
+
+
+async def test_unusable_settings_fail_at_first_use_not_at_build(tmp_path: Path, key_file: Path) -> None:
+    from relayd.config import AuthConfig, AuthMethod, OAuthConfig, OAuthProvider, Smarthost
+    from relayd.secrets import Secret
+
+    sh = Smarthost(name="m365", host="smtp.office365.com", auth=AuthConfig(
+        method=AuthMethod.XOAUTH2, username="relay@example.com",
+        oauth=OAuthConfig(provider=OAuthProvider.AZURE, client_id="c", client_secret=Secret("s"))))
+    source = build_token_source(sh, state_dir=tmp_path / "state", key_file=key_file)
+    with pytest.raises(OAuthError) as info:
+        await source.get_token()
+    assert info.value.permanent and "tenant_id" in str(info.value)
+
+
+def test_check_config_requires_tenant_for_azure_app_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support.oauth_helpers import run_cli
+
+    cfg = write_config(tmp_path, """
+        provider: azure
+        client_id: c
+        client_secret_env: AZ_SECRET
+    """)
+    monkeypatch.setenv("AZ_SECRET", "x")
+    result = run_cli(["-c", str(cfg), "check-config"])
+    assert result.code == 1
+    assert "smarthosts[0].auth.oauth.tenant_id: is required for provider azure with client_secret (app-only)" in result.out
+
+
+async def test_unwritable_state_dir_still_gives_tokens(tmp_path: Path, server: FakeTokenServer, key_file: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    cfg_source = cc_source(tmp_path, server, key_file, FakeClock())
+    source = build_token_source(smarthost(tmp_path / "relayd.yaml"), state_dir=blocked, key_file=key_file)
+    assert cfg_source is not None
+    token = await source.get_token()
+    assert await source.get_token() == token
+    assert "token cache not used" in caplog.text

@@ -4,6 +4,7 @@ fake upstream on loopback. Each test is something a sysadmin would notice."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ async def test_accepted_message_is_delivered_and_leaves_the_queue(tmp_path: Path
     line = next(r.getMessage() for r in caplog.records if "status=sent" in r.getMessage())
     assert line.startswith(f"{qid}: to=<user@example.net>, relay=primary[{up.host}]:{up.port}, delay=")
     assert "dsn=2.0.0" in line and "attempts=1" in line
+    assert re.search(r", delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+, ", line)
 
 
 async def test_temporary_failure_is_retried_with_backoff(tmp_path: Path) -> None:

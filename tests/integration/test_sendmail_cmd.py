@@ -309,3 +309,22 @@ def test_unreadable_or_invalid_config_exits_78(tmp_path, shim) -> None:
     bad.write_text("listen: ['127.0.0.1:99999']\n")
     r = _run(shim, bad, ["-i", "root"], b"x\n")
     assert r.returncode == 78 and b"listen[0]: port must be between 1 and 65535" in r.stderr
+
+
+def test_falls_back_to_the_next_listen_address(tmp_path, daemon, shim) -> None:
+    cfg = tmp_path / "relayd.yaml"
+    cfg.write_text(f"""
+hostname: host.example.com
+listen: ["127.0.0.1:{_closed_port()}", "0.0.0.0:{daemon.port}"]
+""")
+    r = _run(shim, cfg, ["-i", "a@example.org"], b"Subject: s\n\nb\n")
+    assert r.returncode == 0, r.stderr
+    assert len(daemon.recorder.messages) == 1
+
+
+def test_non_ascii_address_goes_with_smtputf8(tmp_path, daemon, shim) -> None:
+    cfg = _config(tmp_path, daemon.port)
+    r = _run(shim, cfg, ["-i", "jörg@exämple.org"], b"Subject: s\n\nb\n")
+    assert r.returncode == 0, r.stderr
+    (msg,) = daemon.recorder.messages
+    assert msg.rcpt_tos == ["jörg@exämple.org"] and "SMTPUTF8" in msg.mail_options

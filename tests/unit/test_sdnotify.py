@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from relayd.sdnotify import Notifier, listen_fd_names, listen_fds, run_watchdog
+from tests.support.ops_activation import spawn_socket_activated
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,13 +126,7 @@ def test_socket_activated_process_serves_on_the_passed_socket() -> None:
         conn.sendall(f"{len(socks)} {s.fileno()} {names} {left}".encode())
         conn.close()
     """)
-    # bash (not dash: fd numbers above 9) moves our socket to fd 3 and sets LISTEN_PID to the
-    # pid that `exec` keeps, exactly what the service manager does.
-    fd = listener.fileno()
-    proc = subprocess.Popen(
-        ["bash", "-c", f'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=smtp; exec "$0" "$@" 3<&{fd} {fd}<&-',
-         sys.executable, "-c", child, str(ROOT)],
-        pass_fds=(fd,))
+    proc = spawn_socket_activated([sys.executable, "-c", child, str(ROOT)], listener)
     listener.close()  # only the child holds the listening socket now
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:

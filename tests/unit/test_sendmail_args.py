@@ -7,6 +7,8 @@ import types
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayd.sendmail import format_mailq
 from relayd.sendmail_args import Mode, Options, UsageError, parse_args, prepare, read_message
@@ -163,3 +165,31 @@ def test_mailq_format_like_postfix() -> None:
     assert "4Xk2mN7QpRzbvV!" in text
     assert lines[-1] == "-- 3 Kbytes in 2 Requests."
     assert format_mailq([]) == "Mail queue is empty\n"
+
+
+_word = st.one_of(st.sampled_from(["-t", "-i", "-oi", "-f", "-F", "--", "-bs", "-bp", "-odi", "-oem",
+                                   "-B", "-N", "-q", "-", "root", "a@b.example", "-fx@y"]),
+                  st.text(max_size=12))
+
+
+@given(st.lists(_word, max_size=8))
+def test_parser_total_on_arbitrary_argv(argv: list[str]) -> None:
+    """Whatever a caller passes, the parser answers Options or a usage error, and nothing
+    it returns can smuggle a line break into headers or SMTP commands."""
+    try:
+        opts = parse_args(argv)
+    except UsageError:
+        return
+    for value in (*opts.recipients, opts.sender or "", opts.full_name or ""):
+        assert "\r" not in value and "\n" not in value
+
+
+@given(st.binary(max_size=300), st.booleans())
+def test_prepare_total_on_arbitrary_input(data: bytes, extract: bool) -> None:
+    try:
+        p = prepare(data, Options(extract=extract, recipients=("root",)), login="u",
+                    local_domain="example.com", hostname="h.example.com")
+    except UsageError:
+        return
+    assert b"\n" not in p.content.replace(b"\r\n", b"")
+    assert p.recipients[0] == "root@example.com"

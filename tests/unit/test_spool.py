@@ -146,3 +146,14 @@ def test_unknown_and_malformed_ids(spool: Spool) -> None:
         spool.get("../../etc/passwd")
     with pytest.raises(UnknownMessage):
         spool.get("0123456789ABCDEF")
+
+
+def test_files_written_by_root_keep_the_spool_owner(spool: Spool) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to change file ownership")  # CI and this machine run as root
+    os.chown(spool.path, 4242, 4243)
+    qid = spool.put(msg())
+    spool.hold(qid)
+    spool.release(qid, now=1.0)  # rewrites the metadata as root
+    st = os.stat(spool.path / "meta" / f"{qid}.json")
+    assert (st.st_uid, st.st_gid) == (4242, 4243)

@@ -1,0 +1,490 @@
+"""relayd versus Postfix, side by side in one run: same sink, same load, same machine.
+
+For each scenario (default: 1 KB and 100 KB bodies, 20 concurrent sessions, as fast as the
+relay accepts; plus 1 KB offered at a fixed 500 msgs/s for acceptance latency) this starts a
+fresh relayd (``relayd run`` with a temporary config: spool on the same disk, smarthost = the
+sink, ``tls: none``) and then a fresh private Postfix (``bench/postfix.py``), sends a short
+warm-up, resets the sink, runs ``bench/load.py``, and waits until the sink has counted every
+accepted message. It prints per system:
+
+- end-to-end msgs/s: messages counted at the sink / (last message at the sink - first
+  transaction started), so a relay that accepts fast but delivers late gets no credit;
+- acceptance msgs/s and acceptance latency p50 / p99 (MAIL to the 250 after the final dot);
+- end-to-end delivery latency p50 / p99 (submission to the sink's 250);
+- machine CPU per message (all processes, load generator and sink included; they do the
+  same work for both systems, so the difference is the relay's);
+- for relayd its peak RSS (VmHWM) and its own CPU per message;
+
+and the ratio relayd / Postfix of the end-to-end rates. Absolute numbers depend on the
+machine and on whatever else runs on it: compare the ratios, which are measured minutes
+apart under the same conditions.
+
+Usage: ``python bench/relay_bench.py`` (as root, for Postfix; ``--only relayd`` otherwise).
+``--json FILE`` also writes every measurement; ``--profile DIR`` records relayd with py-spy
+(``pip install py-spy``) into ``DIR/<scenario>.svg``/``.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from postfix import PostfixRelay, available, free_port  # noqa: E402
+
+RELAYD_CONFIG = """\
+hostname: relayd.bench.example
+listen: ["127.0.0.1:{port}"]
+allowed_clients: ["127.0.0.0/8"]
+max_message_size: 25MB
+spool: {{path: {spool}}}
+state_dir: {state}
+secrets: {{key_file: {state}/secret.key}}
+smarthosts:
+  - name: sink
+    host: 127.0.0.1
+    port: {sink_port}
+    tls: none
+    auth: {{method: none}}
+    max_connections: {connections}
+logging: {{level: {log_level}, format: text}}
+"""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    size: int
+    count: int
+    rate: float = 0.0
+
+
+@dataclass
+class Measurement:
+    system: str
+    scenario: str
+    accepted: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    errors: int = 0
+    e2e_rate: float = 0.0
+    accept_rate: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    e2e_p50_ms: float = 0.0
+    e2e_p99_ms: float = 0.0
+    cpu_ms_per_msg: float = 0.0  # whole machine
+    relay_cpu_ms_per_msg: float = 0.0  # relayd's own process (0 for Postfix: many processes)
+    peak_rss_mb: float = 0.0
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- the sink ---------------------------------------------------------------------------------
+
+class SinkClient:
+    """Talks to bench/sink.py's private verbs."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def ask(self, verb: str) -> list[str]:
+        with socket.create_connection(("127.0.0.1", self.port), 5) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(verb.encode() + b"\r\nQUIT\r\n")
+            return f.readline().decode().split()[1:]
+
+    def stat(self) -> tuple[int, float, float]:
+        n, _bytes, first, last = self.ask("XSTAT")
+        return int(n), float(first), float(last)
+
+    def latency(self) -> tuple[float, float]:
+        _n, p50, p99, _mx = self.ask("XLAT")
+        return float(p50), float(p99)
+
+    def reset(self) -> None:
+        self.ask("XRESET")
+
+    def wait_for(self, n: int, stall: float = 30.0) -> tuple[int, float]:
+        """Wait until ``n`` messages were counted (or nothing arrives for ``stall`` seconds)."""
+        last_n, last_change = -1, time.monotonic()
+        while True:
+            got, _first, last = self.stat()
+            if got >= n:
+                return got, last
+            if got != last_n:
+                last_n, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > stall:
+                return got, last
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def sink_process() -> Iterator[int]:
+    proc = subprocess.Popen([sys.executable, str(HERE / "sink.py"), "--latency"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("port "):
+            raise RuntimeError("the sink did not start")
+        yield int(line.split()[1])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- the systems under test --------------------------------------------------------------------
+
+def wait_banner(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the relay exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            s.settimeout(5)
+            if s.recv(100).startswith(b"220"):
+                s.sendall(b"QUIT\r\n")
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on port {port}")
+
+
+class Relayd:
+    name = "relayd"
+
+    def __init__(self, workdir: Path, sink_port: int, connections: int,
+                 profile: Path | None = None, profile_name: str = "", log_level: str = "info") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.config = workdir / "relayd.yaml"
+        (workdir / "state").mkdir(parents=True, exist_ok=True)
+        self.config.write_text(RELAYD_CONFIG.format(
+            port=self.port, spool=workdir / "spool", state=workdir / "state", sink_port=sink_port,
+            connections=connections, log_level=log_level))
+        self.log = workdir / "relayd.log"
+        self.profile = profile
+        self.profile_name = profile_name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.spy: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "-c", str(self.config),
+                                          "run"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=ROOT)
+        wait_banner(self.port, proc=self.proc)
+
+    def start_profile(self) -> None:
+        if self.profile is None or self.proc is None:
+            return
+        self.profile.mkdir(parents=True, exist_ok=True)
+        out = self.profile / f"{self.profile_name}.txt"
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads",
+                                     "--rate", "100", *os.environ.get("BENCH_PYSPY_ARGS", "").split(), "--format", "raw", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_profile(self) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.spy.wait(30)
+            self.spy = None
+
+    def proc_status(self) -> dict[str, str]:
+        assert self.proc is not None
+        out = {}
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                k, _, v = line.partition(":")
+                out[k] = v.strip()
+        return out
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def main_thread_cpu_seconds(self) -> float:
+        """CPU of the event-loop thread alone (the spool's I/O threads excluded)."""
+        assert self.proc is not None
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = text.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        hwm = self.proc_status().get("VmHWM", "0 kB").split()[0]
+        return int(hwm) / 1024
+
+    def queue_left(self) -> int:
+        n = 0
+        for state in ("queued", "active"):
+            with contextlib.suppress(FileNotFoundError):
+                n += len(os.listdir(self.workdir / "spool" / state))
+        return n
+
+    def stop(self) -> None:
+        self.stop_profile()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Postfix:
+    name = "postfix"
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.relay = PostfixRelay(workdir, sink_port)
+        self.port = self.relay.port
+
+    def start(self) -> None:
+        self.relay.start()
+
+    def start_profile(self) -> None:
+        pass
+
+    def stop_profile(self) -> None:
+        pass
+
+    def cpu_seconds(self) -> float:
+        return 0.0
+
+    def main_thread_cpu_seconds(self) -> float:
+        return 0.0
+
+    def peak_rss_mb(self) -> float:
+        return 0.0
+
+    def queue_left(self) -> int:
+        return self.relay.queue_size()
+
+    def stop(self) -> None:
+        self.relay.stop()
+
+
+# -- one measurement -----------------------------------------------------------------------------
+
+def machine_cpu_seconds() -> float:
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    busy = sum(int(x) for i, x in enumerate(parts) if i not in (3, 4))  # minus idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(port: int, sessions: int, size: int, count: int, rate: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "load.py"), "--port", str(port), "--sessions", str(sessions),
+           "--size", str(size), "--count", str(count)]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: int,
+            warmup: int) -> Measurement:
+    m = Measurement(system=system.name, scenario=sc.name)
+    system.start()
+    try:
+        if warmup:
+            sink.reset()
+            w = run_load(system.port, sessions, sc.size, warmup, 0.0)
+            sink.wait_for(int(w["accepted"]))
+        sink.reset()
+        system.start_profile()
+        cpu0, own0 = machine_cpu_seconds(), system.cpu_seconds()
+        main0 = system.main_thread_cpu_seconds()
+        r = run_load(system.port, sessions, sc.size, sc.count, sc.rate)
+        delivered, last = sink.wait_for(int(r["accepted"]))
+        cpu1, own1 = machine_cpu_seconds(), system.cpu_seconds()
+        main1 = system.main_thread_cpu_seconds()
+        system.stop_profile()
+        m.accepted, m.rejected, m.errors = int(r["accepted"]), int(r["rejected"]), int(r["errors"])
+        m.delivered = delivered
+        m.accept_rate = float(r["accept_rate"])
+        m.p50_ms, m.p99_ms, m.max_ms = float(r["p50_ms"]), float(r["p99_ms"]), float(r["max_ms"])
+        m.e2e_rate = delivered / (last - float(r["start"])) if last > float(r["start"]) else 0.0
+        m.e2e_p50_ms, m.e2e_p99_ms = sink.latency()
+        if delivered:
+            m.cpu_ms_per_msg = (cpu1 - cpu0) * 1000 / delivered
+            m.relay_cpu_ms_per_msg = (own1 - own0) * 1000 / delivered
+            m.extra["main_thread_cpu_ms_per_msg"] = round((main1 - main0) * 1000 / delivered, 3)
+            m.extra["main_thread_busy"] = round((main1 - main0) / (last - float(r["start"])), 3)
+        m.peak_rss_mb = system.peak_rss_mb()
+        if delivered < m.accepted:
+            m.note = f"only {delivered} of {m.accepted} accepted messages reached the sink"
+        if r.get("first_rejection"):
+            m.note = (m.note + "; " if m.note else "") + f"first rejection: {r['first_rejection']}"
+    finally:
+        system.stop()
+    return m
+
+
+def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float]:
+    """RSS of relayd holding ``count`` queued 1 KB messages: while they arrive with the
+    smarthost down, and after a restart that finds them all in the spool."""
+    dead = free_port()  # nothing listens there: every delivery attempt is refused
+    relayd = Relayd(workdir, dead, 4)
+    out: dict[str, float] = {"messages": count}
+    relayd.start()
+    try:
+        t0 = time.monotonic()
+        r = run_load(relayd.port, sessions, 1024, count, 0.0)
+        out["accept_rate"] = round(float(r["accept_rate"]))
+        out["load_seconds"] = round(time.monotonic() - t0, 1)
+        out["queued"] = relayd.queue_left()
+        out["rss_mb_while_accepting_peak"] = round(relayd.peak_rss_mb(), 1)
+        out["rss_mb_after_accepting"] = round(int(relayd.proc_status().get("VmRSS", "0 kB").split()[0])
+                                              / 1024, 1)
+    finally:
+        relayd.stop()
+    relayd = Relayd(workdir, dead, 4)  # same spool, fresh process
+    t0 = time.monotonic()
+    relayd.start()
+    try:
+        time.sleep(2.0)  # the queue manager loads the schedule right after start
+        out["restart_seconds_to_banner"] = round(time.monotonic() - t0 - 2.0, 1)
+        out["rss_mb_after_restart_peak"] = round(relayd.peak_rss_mb(), 1)
+        out["rss_mb_after_restart"] = round(int(relayd.proc_status().get("VmRSS", "0 kB").split()[0])
+                                            / 1024, 1)
+    finally:
+        relayd.stop()
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def report(results: list[Measurement], scenarios: list[Scenario]) -> str:
+    lines = []
+    hdr = (f"{'scenario':<22}{'system':<9}{'e2e/s':>8}{'acc/s':>8}{'p50ms':>8}{'p99ms':>8}"
+           f"{'e2e p99':>9}{'cpu ms/msg':>11}{'own cpu':>9}{'RSS MB':>8}")
+    lines.append(hdr)
+    for sc in scenarios:
+        for m in (x for x in results if x.scenario == sc.name):
+            lines.append(f"{sc.name:<22}{m.system:<9}{m.e2e_rate:>8.0f}{m.accept_rate:>8.0f}"
+                         f"{m.p50_ms:>8.1f}{m.p99_ms:>8.1f}{m.e2e_p99_ms:>9.1f}"
+                         f"{m.cpu_ms_per_msg:>11.2f}"
+                         f"{(f'{m.relay_cpu_ms_per_msg:.2f}' if m.system == 'relayd' else '-'):>9}"
+                         f"{(f'{m.peak_rss_mb:.0f}' if m.system == 'relayd' else '-'):>8}"
+                         + (f"  ({m.note})" if m.note else ""))
+    lines.append("")
+    for sc in scenarios:
+        rel = [m for m in results if m.scenario == sc.name and m.system == "relayd"]
+        pfx = [m for m in results if m.scenario == sc.name and m.system == "postfix"]
+        if rel and pfx and all(p.e2e_rate for p in pfx):
+            ratios = [r.e2e_rate / p.e2e_rate for r, p in zip(rel, pfx, strict=False)]
+            shown = ", ".join(f"{x:.2f}x" for x in ratios)
+            lines.append(f"{sc.name}: relayd / Postfix end to end = {shown}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--count-1k", type=int, default=10000)
+    p.add_argument("--count-100k", type=int, default=4000)
+    p.add_argument("--latency-rate", type=float, default=500.0,
+                   help="msgs/s offered in the latency scenario (0: skip it)")
+    p.add_argument("--latency-count", type=int, default=5000)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=1, help="repeat every pair (order alternates)")
+    p.add_argument("--only", choices=("relayd", "postfix"))
+    p.add_argument("--scenario", action="append", help="run only these scenarios (by name)")
+    p.add_argument("--relayd-connections", type=int, default=20,
+                   help="smarthost max_connections for relayd (Postfix's default concurrency is 20)")
+    p.add_argument("--relayd-log-level", default="info",
+                   help="relayd's logging.level (info logs 3 lines per message, like Postfix's 4-5)")
+    p.add_argument("--backlog", type=int, default=0,
+                   help="instead: queue this many 1 KB messages with the smarthost down and "
+                        "report relayd's RSS (then after a restart)")
+    p.add_argument("--workdir", type=Path, help="default: a temporary directory, removed afterwards")
+    p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.add_argument("--profile", type=Path, help="py-spy relayd into this directory")
+    a = p.parse_args(argv)
+
+    scenarios = [Scenario("1KB", 1024, a.count_1k), Scenario("100KB", 100 * 1024, a.count_100k)]
+    if a.latency_rate:
+        scenarios.append(Scenario(f"1KB@{a.latency_rate:g}/s", 1024, a.latency_count, a.latency_rate))
+    if a.scenario:
+        scenarios = [s for s in scenarios if s.name in a.scenario]
+    systems = ["relayd", "postfix"] if a.only is None else [a.only]
+    if "postfix" in systems and (why := available()):
+        print(f"Postfix cannot run here: {why}; use --only relayd", file=sys.stderr)
+        return 2
+    base = a.workdir or Path(tempfile.mkdtemp(prefix="relayd-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue below it
+    if a.backlog:
+        try:
+            print(json.dumps(measure_backlog(base / "backlog", a.backlog, a.sessions), indent=1))
+        finally:
+            if a.workdir is None:
+                shutil.rmtree(base, ignore_errors=True)
+        return 0
+    results: list[Measurement] = []
+    print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, work dir {base}", flush=True)
+    try:
+        with sink_process() as sink_port:
+            sink = SinkClient(sink_port)
+            for rnd in range(a.rounds):
+                for sc in scenarios:
+                    order = systems if rnd % 2 == 0 else systems[::-1]
+                    for name in order:
+                        wd = base / f"{name}-{sc.name.replace('/', '_')}-{rnd}"
+                        wd.mkdir(parents=True, exist_ok=True)
+                        tag = f"{sc.name.replace('/', '_')}-{rnd}"
+                        system: Relayd | Postfix = (
+                            Relayd(wd, sink_port, a.relayd_connections, a.profile, tag,
+                                   a.relayd_log_level)
+                            if name == "relayd" else Postfix(wd, sink_port))
+                        m = measure(system, sink, sc, a.sessions, a.warmup)
+                        results.append(m)
+                        print(f"{sc.name:<14} {name:<8} e2e {m.e2e_rate:7.0f}/s  accept "
+                              f"{m.accept_rate:7.0f}/s  p50 {m.p50_ms:6.1f} ms  p99 {m.p99_ms:6.1f} ms"
+                              + (f"  rss {m.peak_rss_mb:.0f} MB  cpu {m.relay_cpu_ms_per_msg:.2f} ms/msg"
+                                 f" (loop thread {m.extra.get('main_thread_cpu_ms_per_msg', 0):.2f},"
+                                 f" busy {m.extra.get('main_thread_busy', 0):.0%})"
+                                 if name == "relayd" else "")
+                              + (f"  [{m.note}]" if m.note else ""), flush=True)
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print()
+    print(report(results, scenarios))
+    if a.json:
+        a.json.write_text(json.dumps([asdict(m) for m in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

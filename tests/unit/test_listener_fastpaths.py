@@ -1,0 +1,85 @@
+"""The listener's fast paths behave exactly like the slow ones.
+
+The chunked DATA reader ends a message exactly where RFC 5321 says, however the bytes arrive: at the first CRLF "." CRLF (counting the CRLF of the DATA line), never at LF.CRLF,
+CR.CR or other look-alikes (SMTP smuggling), and leaves what follows for the next command."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relayd.listener import RelaySMTP
+
+TOKENS = [b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\n.\r\n", b"..\r\n", b"text.\r\n"]
+
+
+class _Reader:
+    """Just enough of RelaySMTP for ``_read_data``."""
+
+    _read_data = RelaySMTP._read_data
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int = 0) -> None:
+        self._reader = reader
+        self.data_size_limit = limit
+
+    def _reset_timeout(self) -> None:
+        pass
+
+
+async def _read(stream: bytes, cuts: list[int], limit: int) -> tuple[bytes, bool, bytes]:
+    reader = asyncio.StreamReader(limit=limit)
+    pos = 0
+    for n in cuts:
+        reader.feed_data(stream[pos:pos + n])
+        pos += n
+    reader.feed_data(stream[pos:])
+    reader.feed_eof()
+    data, too_big = await _Reader(reader)._read_data()
+    return data, too_big, await reader.read()
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.lists(st.sampled_from(TOKENS), max_size=60).map(b"".join),
+       cuts=st.lists(st.integers(1, 9), max_size=40),
+       limit=st.sampled_from([8, 16, 64, 65536]))
+def test_message_ends_at_the_first_crlf_dot_crlf(body: bytes, cuts: list[int], limit: int) -> None:
+    stream = body + b"\r\n.\r\nQUIT\r\n"
+    seen = b"\r\n" + stream  # the DATA command's CRLF comes first
+    end = seen.find(b"\r\n.\r\n")
+    data, too_big, rest = asyncio.run(_read(stream, cuts, limit))
+    assert not too_big
+    assert data == seen[2:end + 2]
+    assert rest == seen[end + 5:]
+
+
+def test_an_empty_message_is_just_the_dot() -> None:
+    assert asyncio.run(_read(b".\r\nQUIT\r\n", [1, 1], 64)) == (b"", False, b"QUIT\r\n")
+
+
+def _parse(server: SMTP, arg: str) -> object:
+    try:
+        return server._getaddr(arg)
+    except Exception as exc:  # aiosmtpd's parser raises on some garbage (e.g. "a@")
+        return type(exc)
+
+
+_FAST = RelaySMTP.__new__(RelaySMTP)
+_FULL = SMTP.__new__(SMTP)
+_FAST.local_part_limit = _FULL.local_part_limit = 64
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(list("aZ09.-_+!#@<> \"[]:=()\\,;\t")), max_size=30).map("".join))
+def test_mail_and_rcpt_addresses_parse_as_aiosmtpd_does(text: str) -> None:
+    for arg in (text, f"<{text}>", f"<{text}> SIZE=10", f"{text} BODY=8BITMIME"):
+        assert _parse(_FAST, arg) == _parse(_FULL, arg)
+
+
+def test_common_paths_and_the_local_part_limit() -> None:
+    for arg in ("<a@b>", "<a.b+tag@c.example> SIZE=1 BODY=8BITMIME", "<>", "<a..b@c>",
+                "<" + "x" * 64 + "@b>", "<" + "x" * 65 + "@b>", "<a@b> (comment) SIZE=1"):
+        assert _parse(_FAST, arg) == _parse(_FULL, arg)
+    assert _parse(_FAST, "<" + "x" * 65 + "@b>") == (None, None)

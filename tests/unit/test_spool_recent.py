@@ -1,0 +1,48 @@
+"""The spool's in-memory copy of just-stored messages gives the queue manager exactly what
+the file holds (and what an operator changed meanwhile), and is bounded."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from relayd.model import Envelope, Message, State
+from relayd.spool import RECENT_CACHE_BYTES, Spool
+
+
+def _msg(i: int, size: int = 100) -> Message:
+    env = Envelope("alice@example.com", ("bob@example.com",), client="127.0.0.1", helo="app",
+                   received_at=1000.0 + i, priority=bool(i % 2))
+    return Message(env, b"Subject: %d\r\n\r\n" % i + b"x" * size + b"\r\n")
+
+
+def test_claim_from_memory_matches_the_file_and_sees_operator_changes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    m = _msg(1)
+    qid = spool.put(m)
+    fresh = Spool(tmp_path / "s")  # another process: nothing in memory
+    spool.retry(qid, now=5000.0)  # `relayd queue retry` before the first attempt
+    from_memory = spool.claim(qid)
+    assert from_memory is not None
+    spool.requeue(qid, from_memory.meta)
+    from_disk = fresh.claim(qid)
+    assert from_disk is not None
+    assert from_memory == replace(from_disk, meta=from_memory.meta)
+    assert from_memory.meta.next_attempt == 5000.0 == from_disk.meta.next_attempt
+    assert spool.cached_content(qid) == m.content
+    assert spool.cached_content(qid) is None  # read once; later attempts use the file
+    assert spool.read_content(qid, State.ACTIVE) == m.content
+
+
+def test_memory_is_bounded_and_older_messages_come_from_disk(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    size = RECENT_CACHE_BYTES // 8
+    msgs = [_msg(i, size) for i in range(20)]
+    ids = [spool.put(m) for m in msgs]
+    assert spool._recent_bytes <= RECENT_CACHE_BYTES
+    assert spool.cached_content(ids[0]) is None
+    for qid, m in zip(ids, msgs, strict=True):
+        assert spool.read_content(qid) == m.content
+    assert spool._recent_bytes == 0
