@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -108,10 +109,8 @@ class Targets:
         from relayd.config import parse_config
         from relayd.errors import ConfigError
 
-        try:
+        with contextlib.suppress(ConfigError):
             parse_config(raw.decode("utf-8", "replace"), environ={})
-        except ConfigError:
-            pass
 
     def seeds(self, target: str) -> list[bytes]:
         if target == "config":
