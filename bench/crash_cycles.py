@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relayd.model import State  # noqa: E402
-from relayd.spool import Spool  # noqa: E402
-from tests.support.crashload import KillableRelay, Load, spool_files, wait_for_delivery  # noqa: E402
-from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config  # noqa: E402
-from tests.support.upstream import FakeUpstream  # noqa: E402
+from relayd.model import State
+from relayd.spool import Spool
+from tests.support.crashload import KillableRelay, Load, spool_files, wait_for_delivery
+from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config
+from tests.support.upstream import FakeUpstream
 
 POINTS = ("data", "spool-fsync", "before-250", "after-upstream-250")
 

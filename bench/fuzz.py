@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -108,10 +109,8 @@ class Targets:
         from relayd.config import parse_config
         from relayd.errors import ConfigError
 
-        try:
+        with contextlib.suppress(ConfigError):
             parse_config(raw.decode("utf-8", "replace"), environ={})
-        except ConfigError:
-            pass
 
     def seeds(self, target: str) -> list[bytes]:
         if target == "config":
@@ -132,7 +131,11 @@ def run_atheris(target: str, runs: int, workdir: Path) -> None:
     for i, seed in enumerate(t.seeds(target)):
         (corpus / f"seed{i}").write_bytes(seed)
     fn = getattr(t, target)
-    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=4096", "-print_final_stats=1", str(corpus)], fn)
+    # Failing inputs go to the temp directory (printed by libFuzzer), never into the tree.
+    crashes = Path(tempfile.gettempdir()) / "relayd-fuzz-crashes"
+    crashes.mkdir(exist_ok=True)
+    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=4096", "-print_final_stats=1",
+                   f"-artifact_prefix={crashes}/{target}-", str(corpus)], fn)
     atheris.Fuzz()
 
 
