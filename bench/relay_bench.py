@@ -238,6 +238,20 @@ class Relayd:
         fields = text.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def cpu_split(self) -> dict[str, float]:
+        """User and system CPU seconds of the loop thread and of all other threads."""
+        assert self.proc is not None
+        out = {"loop_user": 0.0, "loop_sys": 0.0, "threads_user": 0.0, "threads_sys": 0.0}
+        tck = os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                with contextlib.suppress(OSError):
+                    f = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                    who = "loop" if int(tid) == self.proc.pid else "threads"
+                    out[f"{who}_user"] += int(f[11]) / tck
+                    out[f"{who}_sys"] += int(f[12]) / tck
+        return out
+
     def peak_rss_mb(self) -> float:
         hwm = self.proc_status().get("VmHWM", "0 kB").split()[0]
         return int(hwm) / 1024
@@ -282,6 +296,9 @@ class Postfix:
     def main_thread_cpu_seconds(self) -> float:
         return 0.0
 
+    def cpu_split(self) -> dict[str, float]:
+        return {}
+
     def peak_rss_mb(self) -> float:
         return 0.0
 
@@ -323,11 +340,11 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
         sink.reset()
         system.start_profile()
         cpu0, own0 = machine_cpu_seconds(), system.cpu_seconds()
-        main0 = system.main_thread_cpu_seconds()
+        main0, split0 = system.main_thread_cpu_seconds(), system.cpu_split()
         r = run_load(system.port, sessions, sc.size, sc.count, sc.rate)
         delivered, last = sink.wait_for(int(r["accepted"]))
         cpu1, own1 = machine_cpu_seconds(), system.cpu_seconds()
-        main1 = system.main_thread_cpu_seconds()
+        main1, split1 = system.main_thread_cpu_seconds(), system.cpu_split()
         system.stop_profile()
         m.accepted, m.rejected, m.errors = int(r["accepted"]), int(r["rejected"]), int(r["errors"])
         m.delivered = delivered
@@ -339,6 +356,9 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
             m.cpu_ms_per_msg = (cpu1 - cpu0) * 1000 / delivered
             m.relay_cpu_ms_per_msg = (own1 - own0) * 1000 / delivered
             m.extra["main_thread_cpu_ms_per_msg"] = round((main1 - main0) * 1000 / delivered, 3)
+            for k in split0:  # thread exits between the two reads can make a delta negative
+                m.extra[f"{k}_ms_per_msg"] = round(max(0.0, split1.get(k, 0.0) - split0[k])
+                                                   * 1000 / delivered, 3)
             m.extra["main_thread_busy"] = round((main1 - main0) / (last - float(r["start"])), 3)
         m.peak_rss_mb = system.peak_rss_mb()
         if delivered < m.accepted:
