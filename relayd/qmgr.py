@@ -363,7 +363,8 @@ class QueueManager:
             try:
                 await self._io(self.spool.requeue, entry.id, meta)
             finally:  # requeue moves the file back even when the metadata write failed
-                self._push(entry.id, meta.next_attempt or now, entry.envelope.priority)
+                delay = (meta.next_attempt or now) - now
+                self._push(entry.id, self._now() + delay, entry.envelope.priority)
 
     async def _attempt(self, entry: Entry) -> None:
         now = self._now()
@@ -378,7 +379,7 @@ class QueueManager:
                 meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
                                last_error="waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
-                self._push(entry.id, now + wait, entry.envelope.priority)
+                self._push(entry.id, self._now() + wait, entry.envelope.priority)
                 if self.alerts:
                     self.alerts.fire("daily_cap_reached", "daily_cap",
                                      "limits.daily_cap reached: mail waits in the queue")
@@ -522,7 +523,9 @@ class QueueManager:
                        history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
                        next_attempt=due)
         await self._io(self.spool.requeue, entry.id, meta)
-        self._push(entry.id, due, entry.envelope.priority)
+        # Relative to a fresh reading: a wall-clock jump noticed while the spool was written
+        # shifted everything already scheduled, and must not strand this one.
+        self._push(entry.id, self._now() + (due - now), entry.envelope.priority)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _note_health(self, sh: Smarthost, result: DeliveryResult) -> None:
