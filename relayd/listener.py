@@ -273,6 +273,8 @@ class RelayHandler:
         if not client_allowed(peer, self.settings.allowed_clients):
             log.warning("reject: connect from %s: client not in allowed_clients", _peer_text(peer))
             return f"554 5.7.1 {self.settings.hostname} relaying denied: client not allowed"
+        if self.sessions <= self.settings.max_sessions:
+            log.info("connect from %s", _peer_text(peer))  # Postfix smtpd's "connect from" line
         if self.sessions > self.settings.max_sessions:
             log.warning("reject: connect from %s: too many sessions (%d)", _peer_text(peer),
                         self.settings.max_sessions)

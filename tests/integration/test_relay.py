@@ -32,6 +32,10 @@ async def test_accepted_message_is_delivered_and_leaves_the_queue(tmp_path: Path
     line = next(r.getMessage() for r in caplog.records if "status=sent" in r.getMessage())
     assert line.startswith(f"{qid}: to=<user@example.net>, relay=primary[{up.host}]:{up.port}, delay=")
     assert "dsn=2.0.0" in line and "attempts=1" in line
+    texts = [r.getMessage() for r in caplog.records]
+    assert any(t.startswith("connect from [127.0.0.1]:") for t in texts)
+    assert any(t.startswith(f"{qid}: client=[127.0.0.1], helo=<") and "from=<app@example.com>" in t for t in texts)
+    assert f"{qid}: removed" in texts
     assert re.search(r", delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+, ", line)
 
 
