@@ -162,20 +162,31 @@ async def test_corrupt_spool_files_are_set_aside_while_running_and_the_rest_deli
         # A new daemon: nothing of these three is in memory any more (a just-accepted message
         # is delivered from the copy in memory, so damage to its file could not matter).
         async with running_relay(cfg) as relay:
-            queued = tmp_path / "spool" / "queued"
-            await wait_until(lambda: sorted(listing(queued)) == sorted(f"{q}.msg" for q in ids),
-                             what="all three queued")
-            (queued / f"{ids[0]}.msg").write_bytes((queued / f"{ids[0]}.msg").read_bytes()[:40])  # truncated
-            raw = (queued / f"{ids[1]}.msg").read_bytes()
-            (queued / f"{ids[1]}.msg").write_bytes(raw.replace(b'"envelope"', b'"envelope', 1))  # bad JSON
+            queued, held = tmp_path / "spool" / "queued", tmp_path / "spool" / "held"
+            spool = relay.daemon.spool
+
+            def held_now(qid: str) -> bool:  # hold it so no delivery attempt races the damage
+                try:
+                    spool.hold(qid)
+                except SpoolError:
+                    return False  # being delivered (deferred) right now: try again
+                return True
+
+            for qid in ids[:2]:
+                await wait_until(lambda q=qid: held_now(q), what=f"{qid} held")
+            (held / f"{ids[0]}.msg").write_bytes((held / f"{ids[0]}.msg").read_bytes()[:40])  # truncated
+            raw = (held / f"{ids[1]}.msg").read_bytes()
+            (held / f"{ids[1]}.msg").write_bytes(raw.replace(b'"envelope"', b'"envelope', 1))  # bad JSON
             (queued / "0123456789ABCDEF01.msg").write_bytes(b"\x00\xff garbage")  # not ours at all
+            for qid in ids[:2]:
+                spool.release(qid)  # back to queued/, damaged, while relayd runs
             up.replies = {}
             await wait_until(lambda: len(up.messages) == 1, what="the intact message delivered")
             await wait_until(lambda: len(listing(tmp_path / "spool" / "corrupt")) == 3, timeout=10,
                              what="the three bad files set aside")
-            # The task that set the last file aside may still be unwinding: wait, don't race it.
-            await wait_until(lambda: relay.daemon.qmgr.statistics().in_flight == 0, what="no delivery in flight")
-            assert listing(queued) == [] and listing(tmp_path / "spool" / "active") == []
+            await wait_until(lambda: relay.daemon.qmgr.statistics().in_flight == 0
+                             and listing(queued) == [] and listing(tmp_path / "spool" / "active") == [],
+                             what="nothing left in delivery")
             assert (await relay.send(message("later"))) != ""  # still accepting
             await wait_until(lambda: len(up.messages) == 2, what="later delivered")
     assert b"X-Load-Id: c2" in up.messages[0].data
