@@ -372,8 +372,8 @@ class QueueManager:
         history = list(entry.history)
         suppressed: tuple[str, ...] = ()
         if self.gate is not None:
-            pending, suppressed = self.gate.recheck(entry, pending)
-            wait = self.gate.hold_for(entry, len(pending), now) if pending else 0.0
+            # The do-not-email list and the daily cap live in SQLite: read them off the loop.
+            pending, suppressed, wait = await self._io(self._gate_check, entry, pending, now)
             if wait > 0:
                 # Over the daily cap: the message waits in the spool, no attempt is spent.
                 meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
@@ -388,14 +388,28 @@ class QueueManager:
                 try:
                     await self.gate.wait_rate(entry, len(pending))
                 except BaseException:
-                    self.gate.delivered(entry, 0, self._now())
+                    await asyncio.shield(self._gate_settle(entry, 0))
                     raise
         sent: list[str] = []
         try:
             await self._deliver_pending(entry, pending, suppressed, history, sent)
         finally:
             if self.gate is not None:
-                self.gate.delivered(entry, len(sent), self._now())
+                # Shielded: a shutdown must not lose the count of what was already delivered.
+                await asyncio.shield(self._gate_settle(entry, len(sent)))
+
+    def _gate_check(self, entry: Entry, pending: tuple[str, ...],
+                    now: float) -> tuple[tuple[str, ...], tuple[str, ...], float]:
+        """Worker thread: (still allowed, now suppressed, seconds to wait for the cap)."""
+        assert self.gate is not None
+        allowed, suppressed = self.gate.recheck(entry, pending)
+        return allowed, suppressed, self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+
+    def _gate_settle(self, entry: Entry, count: int) -> asyncio.Future[None]:
+        """Count ``count`` delivered recipients against the cap, in a worker thread (SQLite)."""
+        assert self.gate is not None
+        return asyncio.get_running_loop().run_in_executor(
+            self._executor, self.gate.delivered, entry, count, self._now())
 
     async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],
                                history: list[Attempt], sent: list[str]) -> None:
@@ -464,7 +478,7 @@ class QueueManager:
                     history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
                     last_error = str(o.reply)
                     if self.gate is not None:
-                        self.gate.hard_bounce(o.recipient, o.reply)
+                        await self._io(self.gate.hard_bounce, o.recipient, o.reply)
                 else:
                     deferred[o.recipient] = o
                     next_remaining.append(o.recipient)
