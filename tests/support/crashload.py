@@ -22,7 +22,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import aiosmtplib
 
-from tests.support.relay import ROOT, RelayProcess
+from tests.support.relay import ROOT, RelayProcess, wait_for_greeting
 
 _ID = re.compile(rb"^X-Load-Id: (\S+)\r$", re.M)
 
@@ -64,22 +63,15 @@ class KillableRelay(RelayProcess):
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, env=full, stdout=log, stderr=log)
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                if code == -signal.SIGKILL and env:
-                    return  # armed and killed before the probe got in: still a valid cycle
-                raise AssertionError(f"relayd exited with {code}: {self.log()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    if s.recv(3) == b"220":
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"relayd did not start listening: {self.log()[-3000:]}")
-            time.sleep(0.02)
+        try:
+            if wait_for_greeting(self.proc, self.port, timeout):
+                return
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.log()[-3000:]}") from None
+        code = self.proc.returncode
+        if code == -signal.SIGKILL and env:
+            return  # armed and killed before the probe got in: still a valid cycle
+        raise AssertionError(f"relayd exited with {code}: {self.log()[-3000:]}")
 
     def inside(self, path: Path) -> Path:
         """``path`` as the relayd process sees it (inside its mount namespace)."""

@@ -71,6 +71,23 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str 
         await asyncio.sleep(0.02)
 
 
+def wait_for_greeting(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    """Poll 127.0.0.1:``port`` until relayd greets with 220 (True) or ``proc`` exits (False);
+    AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.recv(3) == b"220":
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"relayd did not start listening on port {port}")
+        time.sleep(0.02)
+    return False
+
+
 class RunningRelay:
     def __init__(self, daemon: Daemon, port: int, config_path: Path) -> None:
         self.daemon = daemon
@@ -127,19 +144,8 @@ class RelayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "run"], env=env,
                                      stdout=log, stderr=log)
         log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"relayd exited with {self.proc.returncode}: {self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    if s.recv(3) == b"220":
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"relayd did not start listening: {self.log()}")
-            time.sleep(0.05)
+        if not wait_for_greeting(self.proc, self.port, timeout):
+            raise AssertionError(f"relayd exited with {self.proc.returncode}: {self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
