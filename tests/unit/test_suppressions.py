@@ -41,6 +41,35 @@ def test_daemon_snapshot_sees_cli_changes_without_restart(tmp_path: Path) -> Non
         cli.close()
 
 
+def test_every_cli_change_is_seen_at_once_even_across_checkpoints(tmp_path: Path) -> None:
+    daemon, cli = SuppressionStore(tmp_path), SuppressionStore(tmp_path)
+    try:
+        for i in range(30):
+            if i % 7 == 3:  # the WAL is reset and rewritten from its start after this
+                cli._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cli.add([f"user{i}@example.net"])
+            assert f"user{i}@example.net" in daemon.snapshot()
+            cli.remove([f"user{i}@example.net"])
+            assert f"user{i}@example.net" not in daemon.snapshot()
+    finally:
+        daemon.close()
+        cli.close()
+
+
+def test_unchanged_list_costs_no_sqlite_query(tmp_path: Path) -> None:
+    daemon = SuppressionStore(tmp_path)
+    try:
+        daemon.add(["erin@example.net"])
+        daemon.snapshot()
+        statements: list[str] = []
+        daemon._db.set_trace_callback(statements.append)
+        for _ in range(100):
+            assert "erin@example.net" in daemon.snapshot()
+        assert len(statements) <= 2  # at most the once-a-second recheck, not one per message
+    finally:
+        daemon.close()
+
+
 def test_two_connections_writing_at_once(tmp_path: Path) -> None:
     stores = [SuppressionStore(tmp_path), SuppressionStore(tmp_path)]
     errors: list[BaseException] = []
