@@ -2,7 +2,7 @@
 
 Layout under ``spool.path``::
 
-    tmp/       writes in progress (never acknowledged; removed by recover())
+    tmp/       writes in progress; recover() keeps the complete ones, removes the rest
     queued/    waiting for delivery          held/    taken out of delivery by an operator
     active/    claimed by a delivery now     failed/  given up on (kept until deleted/retried)
     meta/      ID.json: attempts, history, next attempt, remaining recipients (mutable)
@@ -11,9 +11,18 @@ Layout under ``spool.path``::
     lock       flock held by the running daemon (a second daemon refuses to start)
 
 A message file ``ID.msg`` holds one header line ``RELAYD-SPOOL 1 <n>``, ``n`` bytes of JSON
-(the envelope), a newline, then the exact message bytes to send (CRLF, not dot-stuffed). It is
-written once: tmp -> fsync -> rename -> fsync(dir), and only then does the listener answer
-250 (RFC 5321 §6.1: accepting a message means taking responsibility for it). Every state
+(the envelope, the content's length and CRC-32), a newline, then the exact message bytes to
+send (CRLF, not dot-stuffed). It is written once: tmp/ -> fsync -> rename into queued/, and
+only then does the listener answer 250 (RFC 5321 §6.1: accepting a message means taking
+responsibility for it).
+
+One fsync per message, like Postfix's queue file: on a journaling file system (ext4, XFS,
+btrfs) the fsync of a new file also commits its directory entry in tmp/, so once it returns
+the message survives a power loss in tmp/ or, if the later rename was committed too, in
+queued/. ``recover()`` therefore moves every *complete* file in tmp/ (length and CRC-32
+match the header) into queued/ and removes only the incomplete ones, which were never
+acknowledged. Fsyncing queued/ after the rename as well would cost a second journal commit
+per message on the acceptance path and buy nothing this does not. Every state
 change is one ``rename``, which is atomic, so `relayd queue ...` in another process and the
 daemon arbitrate by whoever renames first. One file per message (instead of an .eml plus a
 .json sidecar) halves the fsyncs on the acceptance path; the mutable metadata lives in
@@ -31,22 +40,36 @@ import fcntl
 import json
 import logging
 import os
-import random
 import threading
 import time
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from relayd import faults
 from relayd.errors import SpoolError, UnknownMessage
-from relayd.model import Envelope, Message, State
+from relayd.model import Message, State
+from relayd.spool_records import (
+    FORMAT_VERSION,
+    Attempt,
+    Entry,
+    Meta,
+    check_size,
+    envelope_from_json,
+    envelope_to_json,
+    meta_from_json,
+    meta_to_json,
+    new_queue_id,
+    valid_id,
+)
+
+__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "Spool", "new_queue_id"]
 
 log = logging.getLogger("relayd.spool")
 
 MAGIC = b"RELAYD-SPOOL 1 "
-FORMAT_VERSION = 1
 MAX_RECOVERIES = 5
 _STATE_DIRS = (State.QUEUED, State.ACTIVE, State.HELD, State.FAILED)
 _MAX_HEADER = 16 * 1024 * 1024
@@ -54,131 +77,6 @@ _MAX_HEADER = 16 * 1024 * 1024
 # queue manager neither re-reads nor re-parses a file it has just written. Bounded (oldest
 # dropped first) so a backlog cannot grow the daemon; anything not here is read from disk.
 RECENT_CACHE_BYTES = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One recorded outcome for one recipient (the history shown by `queue show`)."""
-
-    at: float
-    recipient: str
-    status: str
-    relay: str
-    reply: str
-    dsn: str = ""
-
-
-@dataclass(frozen=True)
-class Meta:
-    """The mutable part of a spooled message."""
-
-    attempts: int = 0
-    next_attempt: float | None = None
-    last_error: str | None = None
-    pending: tuple[str, ...] | None = None  # None: every envelope recipient is still pending
-    failed_rcpts: tuple[str, ...] = ()
-    history: tuple[Attempt, ...] = ()
-    recoveries: int = 0
-    retried_at: float | None = None
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A spooled message as seen by the queue commands and the queue manager."""
-
-    id: str
-    state: State
-    envelope: Envelope
-    size: int
-    created: float
-    meta: Meta = field(default_factory=Meta)
-
-    @property
-    def attempts(self) -> int:
-        return self.meta.attempts
-
-    @property
-    def next_attempt(self) -> float | None:
-        return self.meta.next_attempt
-
-    @property
-    def last_error(self) -> str | None:
-        return self.meta.last_error
-
-    @property
-    def history(self) -> tuple[Attempt, ...]:
-        return self.meta.history
-
-    @property
-    def pending(self) -> tuple[str, ...]:
-        """Recipients still to be delivered."""
-        return self.envelope.rcpt_tos if self.meta.pending is None else self.meta.pending
-
-    @property
-    def recipients(self) -> tuple[str, ...]:
-        """What `queue list` shows: failed recipients for failed messages, else pending ones."""
-        if self.state is State.FAILED and self.meta.failed_rcpts:
-            return self.meta.failed_rcpts
-        return self.pending
-
-    @property
-    def age_base(self) -> float:
-        """Start of the max_age clock (reset by `queue retry` of a failed message)."""
-        return max(self.created, self.meta.retried_at or 0.0)
-
-
-def new_queue_id(now: float | None = None) -> str:
-    """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex.
-
-    The bits only need to differ between messages of the same microsecond (the spool's
-    O_EXCL create catches the rest), not to be secret: the module PRNG (seeded from the OS,
-    reseeded after fork) costs no system call, unlike ``secrets`` (os.urandom per ID).
-    """
-    us = int((time.time() if now is None else now) * 1_000_000)
-    return f"{us:013X}{random.getrandbits(20):05X}"
-
-
-def _valid_id(queue_id: str) -> bool:
-    return 8 <= len(queue_id) <= 40 and all(c in "0123456789ABCDEF" for c in queue_id)
-
-
-def _envelope_to_json(env: Envelope) -> dict[str, Any]:
-    return {"mail_from": env.mail_from, "rcpt_tos": list(env.rcpt_tos), "client": env.client,
-            "helo": env.helo, "received_at": env.received_at, "smtputf8": env.smtputf8,
-            "priority": env.priority}
-
-
-def _envelope_from_json(d: dict[str, Any]) -> Envelope:
-    return Envelope(mail_from=str(d["mail_from"]), rcpt_tos=tuple(str(r) for r in d["rcpt_tos"]),
-                    client=str(d.get("client", "")), helo=str(d.get("helo", "")),
-                    received_at=float(d.get("received_at", 0.0)),
-                    smtputf8=bool(d.get("smtputf8", False)), priority=bool(d.get("priority", False)))
-
-
-def _meta_to_json(m: Meta) -> dict[str, Any]:
-    return {"version": FORMAT_VERSION, "attempts": m.attempts, "next_attempt": m.next_attempt,
-            "last_error": m.last_error, "pending": None if m.pending is None else list(m.pending),
-            "failed_rcpts": list(m.failed_rcpts), "recoveries": m.recoveries,
-            "retried_at": m.retried_at,
-            "history": [{"at": a.at, "recipient": a.recipient, "status": a.status, "relay": a.relay,
-                         "reply": a.reply, "dsn": a.dsn} for a in m.history]}
-
-
-def _meta_from_json(d: dict[str, Any]) -> Meta:
-    pending = d.get("pending")
-    return Meta(
-        attempts=int(d.get("attempts", 0)),
-        next_attempt=None if d.get("next_attempt") is None else float(d["next_attempt"]),
-        last_error=d.get("last_error"),
-        pending=None if pending is None else tuple(str(r) for r in pending),
-        failed_rcpts=tuple(str(r) for r in d.get("failed_rcpts", [])),
-        history=tuple(Attempt(at=float(a["at"]), recipient=str(a["recipient"]),
-                              status=str(a["status"]), relay=str(a.get("relay", "")),
-                              reply=str(a.get("reply", "")), dsn=str(a.get("dsn", "")))
-                      for a in d.get("history", [])),
-        recoveries=int(d.get("recoveries", 0)),
-        retried_at=None if d.get("retried_at") is None else float(d["retried_at"]),
-    )
 
 
 class Spool:
@@ -257,12 +155,14 @@ class Spool:
     def put(self, message: Message, queue_id: str | None = None) -> str:
         """Store ``message`` durably in ``queued/`` and return its queue ID.
 
-        Returns only after the file and the directory entry are on disk. On any error the
-        temporary file is removed and SpoolError is raised: nothing is half-stored.
+        Returns only after the file is on disk (see the module docstring for why the rename
+        needs no fsync of its own). On any error the temporary file is removed and SpoolError
+        is raised: nothing is half-stored.
         """
         qid = queue_id or new_queue_id(message.envelope.received_at or None)
         header = json.dumps({"version": FORMAT_VERSION, "id": qid,
-                             "envelope": _envelope_to_json(message.envelope)},
+                             "envelope": envelope_to_json(message.envelope),
+                             "size": len(message.content), "crc32": zlib.crc32(message.content)},
                             ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         tmp = self.path / "tmp" / f"{qid}.msg"
         try:
@@ -280,7 +180,6 @@ class Spool:
                 os.close(fd)
             faults.crash_point("spool-fsync")
             os.rename(tmp, self._file(State.QUEUED, qid))
-            self._sync_dir(State.QUEUED.value)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -327,17 +226,20 @@ class Spool:
             if len(raw) != n + 1 or raw[-1:] != b"\n":
                 raise ValueError("truncated header")
             size = os.fstat(f.fileno()).st_size
-        return json.loads(raw[:-1]), len(first) + n + 1, size
+        header = json.loads(raw[:-1])
+        offset = len(first) + n + 1
+        check_size(header, size - offset)
+        return header, offset, size
 
     def _read_meta(self, queue_id: str) -> Meta:
         try:
             raw = self._meta_file(queue_id).read_bytes()
         except FileNotFoundError:
             return Meta()
-        return _meta_from_json(json.loads(raw))
+        return meta_from_json(json.loads(raw))
 
     def _locate(self, queue_id: str) -> tuple[State, Path]:
-        if not _valid_id(queue_id):
+        if not valid_id(queue_id):
             raise UnknownMessage(queue_id)
         for state in _STATE_DIRS:
             p = self._file(state, queue_id)
@@ -347,7 +249,7 @@ class Spool:
 
     def _entry(self, queue_id: str, state: State, path: Path) -> Entry:
         header, offset, size = self._read_header(path)
-        return Entry(id=queue_id, state=state, envelope=_envelope_from_json(header["envelope"]),
+        return Entry(id=queue_id, state=state, envelope=envelope_from_json(header["envelope"]),
                      size=size - offset, created=float(header["envelope"].get("received_at", 0.0)),
                      meta=self._read_meta(queue_id))
 
@@ -369,8 +271,11 @@ class Spool:
         path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
         with open(path, "rb") as f:
             data = f.read()
-        n = int(data[len(MAGIC):data.index(b"\n")])
-        return data[data.index(b"\n") + n + 2:]
+        end = data.index(b"\n")
+        n = int(data[len(MAGIC):end])
+        content = data[end + n + 2:]
+        check_size(json.loads(data[end + 1:end + 1 + n]), len(content))
+        return content
 
     def ids(self, state: State) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (a directory listing; cheap)."""
@@ -422,7 +327,7 @@ class Spool:
 
     def write_meta(self, queue_id: str, meta: Meta) -> None:
         """Replace the metadata durably (tmp -> fsync -> rename)."""
-        data = json.dumps(_meta_to_json(meta), ensure_ascii=False).encode("utf-8")
+        data = json.dumps(meta_to_json(meta), ensure_ascii=False).encode("utf-8")
         tmp = self.path / "tmp" / f"{queue_id}.json.{os.getpid()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -555,7 +460,9 @@ class Spool:
     def recover(self, now: float | None = None) -> builtins.list[str]:
         """Start-up recovery after a crash; returns the IDs moved from active back to queued.
 
-        - tmp/: never acknowledged writes, removed (the client got no 250, it still has the mail).
+        - tmp/: a complete file (length and CRC-32 as its header says) may have been
+          acknowledged, its rename into queued/ lost with the crash: it is moved there. The
+          rest were never acknowledged (no fsync, no 250) and are removed.
         - active/: back to queued; a message that was in flight MAX_RECOVERIES times goes to failed
           with a reason instead of crashing the relay forever (Mailman's MAX_BAK_COUNT).
         - unreadable files anywhere are moved to corrupt/ with a log line and never block others.
@@ -563,8 +470,7 @@ class Spool:
         now = time.time() if now is None else now
         self.ensure_dirs()
         for name in os.listdir(self.path / "tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(self.path / "tmp" / name)
+            self._recover_tmp(name)
         recovered: builtins.list[str] = []
         for qid in self.ids(State.ACTIVE):
             try:
@@ -589,6 +495,30 @@ class Spool:
                 except (OSError, ValueError, KeyError) as exc:
                     self._set_aside(state, qid, f"unreadable: {exc}")
         return recovered
+
+    def _recover_tmp(self, name: str) -> None:
+        path = self.path / "tmp" / name
+        qid = name[:-4]
+        try:
+            if not name.endswith(".msg") or not valid_id(qid):
+                raise ValueError("not a message file")
+            with open(path, "rb") as f:
+                data = f.read()
+            header, offset, _ = self._read_header(path)
+            content = data[offset:]
+            if "crc32" not in header:
+                raise ValueError("no checksum")
+            if zlib.crc32(content) != header["crc32"]:
+                raise ValueError("checksum mismatch")
+            if os.path.exists(self._file(State.QUEUED, qid)):
+                raise ValueError("already queued")
+            os.rename(path, self._file(State.QUEUED, qid))
+            self._sync_dir(State.QUEUED.value)
+            log.warning("%s: recovered a completely written message from tmp/ (the crash came "
+                        "before its rename); it will be delivered", qid)
+        except (OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def iter_queued_schedule(self) -> Iterator[tuple[str, float | None, float, bool]]:
         """(id, next_attempt, created, priority) for every queued message, for the scheduler."""

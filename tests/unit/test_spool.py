@@ -110,6 +110,40 @@ def test_recover_after_crash(spool: Spool) -> None:
     assert e.state is State.QUEUED and e.next_attempt == 7.0 and e.meta.recoveries == 1
 
 
+def test_complete_file_left_in_tmp_is_recovered_not_removed(spool: Spool) -> None:
+    # The fsync of tmp/ID.msg is what the 250 waits for; a power loss before the journal
+    # commits the rename into queued/ leaves the acknowledged message in tmp/.
+    qid = spool.put(msg())
+    content = spool.read_content(qid)
+    os.rename(spool.path / "queued" / f"{qid}.msg", spool.path / "tmp" / f"{qid}.msg")
+    torn = spool.put(msg())
+    data = (spool.path / "queued" / f"{torn}.msg").read_bytes()
+    (spool.path / "queued" / f"{torn}.msg").unlink()
+    (spool.path / "tmp" / f"{torn}.msg").write_bytes(data[:-3])  # cut short: never fsynced
+    flipped = spool.put(msg())
+    data = (spool.path / "queued" / f"{flipped}.msg").read_bytes()
+    (spool.path / "queued" / f"{flipped}.msg").unlink()
+    (spool.path / "tmp" / f"{flipped}.msg").write_bytes(data[:-1] + b"X")  # same length, other bytes
+    Spool(spool.path).recover()
+    assert os.listdir(spool.path / "tmp") == []
+    assert spool.ids(State.QUEUED) == [qid]
+    fresh = Spool(spool.path)
+    assert fresh.read_content(qid) == content
+    assert fresh.get(qid).envelope == msg().envelope
+
+
+def test_torn_file_in_queued_is_set_aside(spool: Spool) -> None:
+    good, bad = spool.put(msg()), spool.put(msg())
+    path = spool.path / "queued" / f"{bad}.msg"
+    path.write_bytes(path.read_bytes()[:-10])
+    fresh = Spool(spool.path)
+    with pytest.raises(ValueError, match="torn"):
+        fresh.read_content(bad)
+    fresh.recover()
+    assert fresh.ids(State.QUEUED) == [good]
+    assert os.listdir(spool.path / "corrupt") == [f"{bad}.msg"]
+
+
 def test_message_that_keeps_crashing_goes_to_failed_not_lost(spool: Spool) -> None:
     qid = spool.put(msg())
     for _ in range(MAX_RECOVERIES):
