@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import logging
 import re
@@ -92,12 +93,26 @@ def client_allowed(peer: Any, allowed: Iterable[_IPNetwork]) -> bool:
     return any(ip.version == net.version and ip in net for net in allowed)
 
 
+def unstuff(data: bytes) -> bytes:
+    """Undo SMTP dot-stuffing (RFC 5321 §4.5.2): drop the first "." of every line."""
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n")
+    return data[1:] if data[:1] == b"." else data
+
+
 def normalize_line_endings(content: bytes) -> bytes:
     """Turn bare LF and bare CR into CRLF, so stored bytes are exactly what is sent."""
     crlf = content.count(b"\r\n")
     if crlf == content.count(b"\n") and crlf == content.count(b"\r"):
         return content
     return _LINE_ENDS.sub(b"\r\n", content)
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(second: int) -> str:
+    """The Date / Received timestamp (RFC 5322 §3.3), formatted once per second, not per
+    message (email.utils is among the listener's larger per-message costs)."""
+    return email.utils.formatdate(second, localtime=True)
 
 
 def stamp(content: bytes, *, queue_id: str, envelope: Envelope, hostname: str, esmtp: bool,
@@ -108,7 +123,7 @@ def stamp(content: bytes, *, queue_id: str, envelope: Envelope, hostname: str, e
         block, end = b"", 0
     else:
         block = content if end < 0 else content[:end + 2]
-    date = email.utils.formatdate(now, localtime=True)
+    date = _rfc5322_date(int(now))
     helo = _HELO_SAFE.sub("?", envelope.helo)[:255] or "unknown"
     proto = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") if esmtp else "SMTP"
     rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
@@ -190,8 +205,9 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         raw, too_big = await self._read_data()
-        # RFC 5321 §4.5.2: remove the leading dot of every line that has one.
-        content = b"" if too_big else (b"\r\n" + raw).replace(b"\r\n.", b"\r\n")[2:]
+        # RFC 5321 §4.5.2: remove the leading dot of every line that has one. (One pass over
+        # the data, none when no line starts with a dot; the first line is looked at alone.)
+        content = b"" if too_big else unstuff(raw)
         if too_big or (self.data_size_limit and len(content) > self.data_size_limit):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("552 5.3.4 Error: message exceeds the maximum size "

@@ -117,6 +117,9 @@ class TextFormatter(logging.Formatter):
     def __init__(self, *, journald: bool) -> None:
         super().__init__()
         self._journald = journald
+        self._pid = os.getpid()
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -130,8 +133,11 @@ class TextFormatter(logging.Formatter):
         prefix = _PREFIX.get(record.levelno, "")
         if self._journald:
             return f"<{_SD_PRIORITY.get(record.levelno, 6)}>{prefix}{message}"
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created))
-        return f"{stamp} relayd[{record.process}]: {prefix}{message}"
+        second = int(record.created)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
+        return f"{self._stamp} relayd[{self._pid}]: {prefix}{message}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -144,7 +150,7 @@ class JsonFormatter(logging.Formatter):
             "level": logging.getLevelName(record.levelno).lower(),
             "logger": record.name,
             "message": record.getMessage(),
-            "pid": record.process,
+            "pid": record.process or os.getpid(),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
@@ -180,6 +186,12 @@ def setup_logging(cfg: LoggingConfig, *, stream: TextIO | None = None,
         handler.setFormatter(TextFormatter(journald=_journald(stream, env)))
     root.addHandler(handler)
     root.setLevel(level_number(cfg.level))
+    # Per-record bookkeeping the formatters never show: the caller's file and line (a walk of
+    # the stack on every record), thread and multiprocessing names. The pid is read once by
+    # TextFormatter. The logging HOWTO's "Optimization" section names these switches.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     # Transcripts are verbose and only for debugging a provider; records below the root
     # level still reach the handler because the logger's own level decides.
     logging.getLogger(TRANSCRIPT_LOGGER).setLevel(

@@ -66,8 +66,15 @@ class Gate(Protocol):
     def delivered(self, entry: Entry, count: int, now: float) -> None:
         """Count delivered recipients against the cap (called after every gated attempt)."""
 
+    def counts_deliveries(self) -> bool:
+        """False when delivered() has nothing to record (no daily cap): no thread hop then."""
+
     def hard_bounce(self, rcpt: str, reply: Reply) -> None:
         """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
+
+
+# The gate's answer for one message: (still allowed, now suppressed, seconds to wait for the cap).
+_Verdict = tuple[tuple[str, ...], tuple[str, ...], float]
 
 
 class Alerter(Protocol):
@@ -334,9 +341,19 @@ class QueueManager:
                 await pool.aclose()
 
     # -- one message ------------------------------------------------------------------------------
+    def _claim(self, qid: str, now: float) -> tuple[Entry | None, _Verdict | None]:
+        """Worker thread: claim the message and, in the same hop, ask the gate about it."""
+        entry = self.spool.claim(qid)
+        if entry is None or self.gate is None:
+            return entry, None
+        try:
+            return entry, self._gate_check(entry, entry.pending, now)
+        except Exception:  # asked again in _attempt, where an error defers the message
+            return entry, None
+
     async def _deliver_one(self, qid: str) -> None:
         try:
-            entry = await self._io(self.spool.claim, qid)
+            entry, verdict = await self._io(self._claim, qid, self._now())
         except OSError as exc:
             # The spool cannot change right now (read-only, I/O error): nothing was claimed.
             # Keep the message scheduled; dropped here it would wait for the next slow rescan.
@@ -348,7 +365,7 @@ class QueueManager:
         if entry is None:
             return  # held, deleted or retried by an operator meanwhile
         try:
-            await self._attempt(entry)
+            await self._attempt(entry, verdict)
         except asyncio.CancelledError:
             # Shutdown: give the message back untouched so the next start delivers it.
             with contextlib.suppress(OSError):
@@ -366,14 +383,17 @@ class QueueManager:
                 delay = (meta.next_attempt or now) - now
                 self._push(entry.id, self._now() + delay, entry.envelope.priority)
 
-    async def _attempt(self, entry: Entry) -> None:
+    async def _attempt(self, entry: Entry, verdict: _Verdict | None) -> None:
         now = self._now()
         pending = entry.pending
         history = list(entry.history)
         suppressed: tuple[str, ...] = ()
         if self.gate is not None:
-            # The do-not-email list and the daily cap live in SQLite: read them off the loop.
-            pending, suppressed, wait = await self._io(self._gate_check, entry, pending, now)
+            # The do-not-email list and the daily cap live in SQLite: _claim read them off the
+            # loop, in the claim's own thread hop.
+            if verdict is None:
+                verdict = await self._io(self._gate_check, entry, pending, now)
+            pending, suppressed, wait = verdict
             if wait > 0:
                 # Over the daily cap: the message waits in the spool, no attempt is spent.
                 meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
@@ -398,8 +418,7 @@ class QueueManager:
                 # Shielded: a shutdown must not lose the count of what was already delivered.
                 await asyncio.shield(self._gate_settle(entry, len(sent)))
 
-    def _gate_check(self, entry: Entry, pending: tuple[str, ...],
-                    now: float) -> tuple[tuple[str, ...], tuple[str, ...], float]:
+    def _gate_check(self, entry: Entry, pending: tuple[str, ...], now: float) -> _Verdict:
         """Worker thread: (still allowed, now suppressed, seconds to wait for the cap)."""
         assert self.gate is not None
         allowed, suppressed = self.gate.recheck(entry, pending)
@@ -408,7 +427,13 @@ class QueueManager:
     def _gate_settle(self, entry: Entry, count: int) -> asyncio.Future[None]:
         """Count ``count`` delivered recipients against the cap, in a worker thread (SQLite)."""
         assert self.gate is not None
-        return asyncio.get_running_loop().run_in_executor(
+        loop = asyncio.get_running_loop()
+        if not self.gate.counts_deliveries():
+            self.gate.delivered(entry, count, self._now())  # in memory only
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        return loop.run_in_executor(
             self._executor, self.gate.delivered, entry, count, self._now())
 
     async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],

@@ -116,6 +116,9 @@ class SendingPolicy:
         if self.rate is not None and limited(self.limits, entry.envelope.priority):
             await self.rate.wait(max(1, count))
 
+    def counts_deliveries(self) -> bool:
+        return self._cap is not None
+
     def delivered(self, entry: Entry, count: int, now: float) -> None:
         cap = self._cap
         granted = self._grants.pop(entry.id, 0)

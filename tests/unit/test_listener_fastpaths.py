@@ -11,7 +11,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.listener import RelaySMTP
+from relayd.listener import RelaySMTP, unstuff
 
 TOKENS = [b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\n.\r\n", b"..\r\n", b"text.\r\n"]
 
@@ -83,3 +83,10 @@ def test_common_paths_and_the_local_part_limit() -> None:
                 "<" + "x" * 64 + "@b>", "<" + "x" * 65 + "@b>", "<a@b> (comment) SIZE=1"):
         assert _parse(_FAST, arg) == _parse(_FULL, arg)
     assert _parse(_FAST, "<" + "x" * 65 + "@b>") == (None, None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=30).map(b"".join))
+def test_unstuff_removes_exactly_one_leading_dot_per_line(data: bytes) -> None:
+    # The definition: every line (after the DATA line's CRLF) loses one leading ".".
+    assert unstuff(data) == (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
