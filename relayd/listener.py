@@ -153,6 +153,7 @@ class RelaySMTP(SMTP):
         self._relay = handler
         self._refusal: str | None = None
         self._session_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -161,6 +162,30 @@ class RelaySMTP(SMTP):
             self._refusal = self._relay.on_connect(transport.get_extra_info("peername"))
             self._session_timer = self.loop.call_later(self._relay.settings.session_timeout,
                                                        self._session_expired)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timeout, armed lazily.
+
+        aiosmtpd cancels and re-creates its timer for every command and (here) every DATA
+        chunk: four or five timer objects per message. Instead the deadline moves forward
+        and one timer, when it fires early, re-arms itself for the rest of the time. A
+        shorter duration than the pending timer's (aiosmtpd's PROXY wait) re-arms at once.
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return  # fires first, then re-arms for what is left
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._timeout_handle = None
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+            return
+        self._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _session_expired(self) -> None:
         transport = cast(asyncio.WriteTransport | None, self.transport)

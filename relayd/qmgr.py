@@ -332,6 +332,7 @@ class QueueManager:
                 await pool.aclose()
         self._pools.clear()
         self._retired.clear()
+        await self._io(self.spool.flush_completions)
 
     async def _retire_pools(self) -> None:
         # Pools replaced by a reload close once their in-flight deliveries are done.
@@ -528,7 +529,7 @@ class QueueManager:
                 await self._io(self.spool.fail, entry.id, meta)
                 self._message_failed(entry, last_error or "permanent failure")
             else:
-                await self._io(self.spool.complete, entry.id)
+                self.spool.complete_later(entry.id)
                 log.info("%s", logline.removed_line(entry.id))
             return
         attempts = entry.attempts + (1 if reached_any else 0)

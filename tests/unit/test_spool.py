@@ -191,3 +191,18 @@ def test_files_written_by_root_keep_the_spool_owner(spool: Spool) -> None:
     spool.release(qid, now=1.0)  # rewrites the metadata as root
     st = os.stat(spool.path / "meta" / f"{qid}.json")
     assert (st.st_uid, st.st_gid) == (4242, 4243)
+
+
+def test_complete_later_removes_in_the_background_and_flush_waits(spool: Spool) -> None:
+    ids = [spool.put(msg()) for _ in range(50)]
+    for qid in ids:
+        spool.claim(qid)
+        spool.complete_later(qid)
+    spool.flush_completions()
+    assert spool.ids(State.ACTIVE) == [] and spool.ids(State.QUEUED) == []
+    # A later one after a flush starts the background thread again; close() waits for it too.
+    last = spool.put(msg())
+    spool.claim(last)
+    spool.complete_later(last)
+    spool.close()
+    assert spool.ids(State.ACTIVE) == []
