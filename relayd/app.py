@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from relayd import faults, logline
@@ -29,6 +31,7 @@ from relayd.oauth import TokenStatistics, build_token_source
 from relayd.policy.pipeline import log_summary
 from relayd.qmgr import Pool, QueueManager
 from relayd.sending import Accepted, SendingPolicy, read_dkim_keys
+from relayd.split import DeliveryProcess
 from relayd.spool import Spool, new_queue_id
 from relayd.unsub_http import UnsubscribeServer
 
@@ -87,7 +90,7 @@ class Intake:
             d.metrics.suppressed()
         d.metrics.message_received()
         for qid, message in stored:
-            d.qmgr.enqueue(qid, priority=message.envelope.priority)
+            d.enqueue(qid, message.envelope.priority)
         return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
 
 
@@ -104,19 +107,32 @@ class Hooks:
     on_status: Callable[[str], object] | None = None
 
 
+class Role(enum.Enum):
+    """What this process does (relayd/split.py): everything, or one half of ``relayd run``."""
+
+    ALL = "all"
+    ACCEPT = "accept"  # listener, spool writes, /metrics, unsubscribe page; runs DELIVER
+    DELIVER = "deliver"  # queue manager, smarthost connections, alerts
+
+
 class Daemon:
-    """One running relayd."""
+    """One running relayd (or one of its two processes, see ``Role``)."""
 
     def __init__(self, config: Config, *, pool_factory: Callable[[Smarthost], Pool] | None = None,
                  clock: Callable[[], float] = time.time, sockets: Sequence[Any] | None = None,
                  housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
-                 cap_window: float = 86400.0) -> None:
+                 cap_window: float = 86400.0, role: Role = Role.ALL,
+                 config_path: Path | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.role = role
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="relayd-io")
-        self.spool = Spool(config.spool.path)
-        self.metrics = Metrics()
+        # In the accepting process nothing is delivered, so nothing just stored is read back.
+        self.spool = Spool(config.spool.path, keep_recent=role is not Role.ACCEPT)
+        self.metrics = metrics or Metrics()
         self.metrics.declare_smarthosts(s.name for s in config.smarthosts)
+        self.delivery_process = (DeliveryProcess(config_path, self.spool, self.metrics)
+                                 if role is Role.ACCEPT and config_path is not None else None)
         self.alerts = Alerts(config.alerts, hostname=config.hostname, send_email=self.send_alert_email,
                              clock=clock)
         self.sending = SendingPolicy(config, dkim_keys=read_dkim_keys(config), cap_window=cap_window)
@@ -126,9 +142,10 @@ class Daemon:
                                  pool_factory or self._make_pool,
                                  executor=self.executor, clock=clock, metrics=self.metrics,
                                  alerts=self.alerts, gate=self.sending)
-        self.unsubscribe_server = _unsubscribe_server(config, self.sending)
+        serving = role is not Role.DELIVER
+        self.unsubscribe_server = _unsubscribe_server(config, self.sending) if serving else None
         self.metrics_server = (MetricsServer(config.metrics.listen, self.metrics.render)
-                               if config.metrics.listen is not None else None)
+                               if config.metrics.listen is not None and serving else None)
         self._sockets = list(sockets or [])
         self._housekeeping_interval = housekeeping_interval
         self._stop = asyncio.Event()
@@ -162,26 +179,41 @@ class Daemon:
         """Begin a clean shutdown (SIGTERM)."""
         self._stop.set()
 
+    def enqueue(self, queue_id: str, priority: bool) -> None:
+        """A message was stored: schedule it here, or tell the delivery process."""
+        if self.delivery_process is not None:
+            self.delivery_process.notify(queue_id, priority)
+        else:
+            self.qmgr.enqueue(queue_id, priority=priority)
+
     async def serve(self) -> None:
         """Run until ``stop()``; raises SpoolError when another relayd holds the spool."""
-        await self._io(self.spool.lock)
+        delivering = self.role is not Role.ACCEPT
+        listening = self.role is not Role.DELIVER
         tasks: list[asyncio.Task[None]] = []
+        qmgr_task: asyncio.Task[None] | None = None
+        if listening:  # the delivery process runs under its parent's lock
+            await self._io(self.spool.lock)
         try:
-            recovered = await self._io(self.spool.recover)
-            if recovered:
-                log.warning("recovered %d message(s) that were being delivered when relayd stopped",
-                            len(recovered))
-            addresses = await self.listener.start(self._sockets or None)
-            log.info("relayd listening on %s", ", ".join(_fmt(a) for a in addresses))
-            if self.metrics_server is not None:
-                await self.metrics_server.start()
-                log.info("metrics at http://%s/metrics", self.metrics_server.address)
-            if self.unsubscribe_server is not None:
-                await self.unsubscribe_server.start()
-            qmgr_task = asyncio.create_task(self.qmgr.run(), name="qmgr")
-            tasks = [qmgr_task, asyncio.create_task(self.alerts.run(), name="alerts"),
-                     asyncio.create_task(self._housekeeping(), name="housekeeping")]
-            if self.hooks.on_ready:
+            if listening:
+                recovered = await self._io(self.spool.recover)
+                if recovered:
+                    log.warning("recovered %d message(s) that were being delivered when relayd "
+                                "stopped", len(recovered))
+                addresses = await self.listener.start(self._sockets or None)
+                log.info("relayd listening on %s", ", ".join(_fmt(a) for a in addresses))
+                if self.metrics_server is not None:
+                    await self.metrics_server.start()
+                    log.info("metrics at http://%s/metrics", self.metrics_server.address)
+                if self.unsubscribe_server is not None:
+                    await self.unsubscribe_server.start()
+            if self.delivery_process is not None:
+                await self.delivery_process.start()
+            if delivering:
+                qmgr_task = asyncio.create_task(self.qmgr.run(), name="qmgr")
+                tasks += [qmgr_task, asyncio.create_task(self.alerts.run(), name="alerts")]
+            tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+            if self.hooks.on_ready and listening:
                 self.hooks.on_ready(addresses)
             stop_wait = asyncio.create_task(self._stop.wait())
             try:
@@ -192,16 +224,23 @@ class Daemon:
                 if t.done():
                     t.result()  # propagate a crash of a component
             log.info("relayd stopping")
-            await self.listener.aclose(grace=5.0)
-            self.qmgr.stop()
-            await qmgr_task
-            await self.alerts.close(grace=2.0)
+            if listening:
+                await self.listener.aclose(grace=5.0)
+            if self.delivery_process is not None:
+                await self.delivery_process.stop()
+            if qmgr_task is not None:
+                self.qmgr.stop()
+                await qmgr_task
+                await self.alerts.close(grace=2.0)
         finally:
             for t in tasks:
                 if not t.done():
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.listener.stop_accepting()
+            if listening:
+                self.listener.stop_accepting()
+            if self.delivery_process is not None:
+                await self.delivery_process.stop(grace=5.0)
             if self.metrics_server is not None:
                 await self.metrics_server.close()
             if self.unsubscribe_server is not None:
@@ -212,16 +251,19 @@ class Daemon:
         log.info("relayd stopped")
 
     async def _housekeeping(self) -> None:
-        """Queue gauges, the queue_age alert and the systemd STATUS= line, every few seconds."""
+        """Queue gauges, the queue_age alert and the systemd STATUS= line, every few seconds.
+        (The gauges and STATUS= where /metrics is served; the alerts where deliveries run.)"""
         while True:
             counts, oldest = await self._io(self._queue_snapshot)
             age = max(0.0, self.clock() - oldest) if oldest is not None else 0.0
             self.metrics.set_queue(counts, age)
-            self.alerts.check_queue_age(age)
-            remaining = self.sending.cap_remaining(self.clock())
-            self.metrics.set_daily_cap_remaining(remaining)
-            if remaining:
-                self.alerts.clear("daily_cap_reached", "daily_cap", "limits.daily_cap has room again")
+            if self.role is not Role.ACCEPT:
+                self.alerts.check_queue_age(age)
+                remaining = self.sending.cap_remaining(self.clock())
+                self.metrics.set_daily_cap_remaining(remaining)
+                if remaining:
+                    self.alerts.clear("daily_cap_reached", "daily_cap",
+                                      "limits.daily_cap has room again")
             if self.hooks.on_status:
                 self.hooks.on_status(f"{counts.get(State.QUEUED, 0)} queued, "
                                      f"{counts.get(State.ACTIVE, 0)} in delivery, "
@@ -256,9 +298,13 @@ class Daemon:
         self.config = new
         self.qmgr.update_smarthosts(new.smarthosts, new.spool)
         self.sending.apply(new, dkim_keys=read_dkim_keys(new) if dkim_keys is None else dkim_keys)
-        if new.listen != old.listen or new.spool.path != old.spool.path:
-            log.warning("listen and spool.path changes need a restart; other settings are applied")
-        self.listener.handler.settings = ListenerSettings.from_config(new)
+        if self.role is not Role.DELIVER:
+            if new.listen != old.listen or new.spool.path != old.spool.path:
+                log.warning("listen and spool.path changes need a restart; other settings are "
+                            "applied")
+            self.listener.handler.settings = ListenerSettings.from_config(new)
+        if self.delivery_process is not None:
+            self.delivery_process.reload()  # it reads the same file
         log.info("configuration reloaded")
         if self.hooks.on_reloaded:
             self.hooks.on_reloaded()

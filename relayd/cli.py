@@ -63,6 +63,7 @@ HANDLERS = {
     "oauth": "relayd.cmd_oauth:main",
     "explain": "relayd.explain:main",
     "sendmail": "relayd.sendmail:main",
+    "_deliver": "relayd.cmd_deliver:main",
 }
 
 
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     sub.add_parser("run", help="run the daemon in the foreground")
+    # Internal: the delivery process of `relayd run` (relayd/split.py); not in --help.
+    p = sub.add_parser("_deliver")
+    p.add_argument("--notify-fd", type=int, required=True)
+    p.add_argument("--events-fd", type=int, required=True)
     sub.add_parser("check-config", help="validate the config file")
 
     p = sub.add_parser("send-test", help="send one test message now, bypassing the spool")

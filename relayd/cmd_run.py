@@ -13,12 +13,13 @@ import signal
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from relayd.app import Daemon
+from relayd.app import Daemon, Role
 from relayd.config import Config, load_config
 from relayd.errors import ConfigError, SpoolError
 from relayd.logsetup import setup_logging
 from relayd.sdnotify import Notifier, listen_fds, run_watchdog
 from relayd.sending import read_dkim_keys
+from relayd.split import split_enabled
 
 if TYPE_CHECKING:
     from relayd.cli import IO
@@ -36,7 +37,9 @@ async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
     from relayd.cli import config_path
 
     notifier = Notifier.from_env()
-    daemon = Daemon(cfg, sockets=listen_fds())
+    # Two processes (accepting and delivering) when there is a second CPU: relayd/split.py.
+    role = Role.ACCEPT if split_enabled() else Role.ALL
+    daemon = Daemon(cfg, sockets=listen_fds(), role=role, config_path=config_path(args))
     daemon.hooks.on_ready = lambda addrs: notifier.ready(f"listening on {len(addrs)} socket(s)")
     daemon.hooks.on_reloading = notifier.reloading
     daemon.hooks.on_reloaded = notifier.ready

@@ -80,11 +80,26 @@ _MAX_HEADER = 16 * 1024 * 1024
 RECENT_CACHE_BYTES = 4 * 1024 * 1024
 
 
+def _parse(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header, content) of a whole spool file; ValueError when it is not one or is torn."""
+    end = data.find(b"\n", 0, 64)
+    if not data.startswith(MAGIC) or end < 0:
+        raise ValueError("not a relayd spool file")
+    n = int(data[len(MAGIC):end])
+    if not 0 < n < _MAX_HEADER or data[end + 1 + n:end + 2 + n] != b"\n":
+        raise ValueError("truncated header")
+    header = json.loads(data[end + 1:end + 1 + n])
+    content = data[end + n + 2:]
+    check_size(header, len(content))
+    return header, content
+
+
 class Spool:
     """Durable message store with the states queued / active / held / failed."""
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, keep_recent: bool = True) -> None:
         self.path = Path(path)
+        self._keep_recent = keep_recent
         self._root = str(self.path)
         self._reaper: threading.Thread | None = None
         self._reaper_lock = threading.Lock()
@@ -198,7 +213,7 @@ class Spool:
     # -- the in-memory copy of recent messages -------------------------------------------------
     def _remember(self, qid: str, message: Message) -> None:
         size = len(message.content)
-        if size > RECENT_CACHE_BYTES // 4:
+        if size > RECENT_CACHE_BYTES // 4 or not self._keep_recent:
             return
         with self._recent_lock:
             self._recent[qid] = message
@@ -279,12 +294,7 @@ class Spool:
             return content
         path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
         with open(path, "rb") as f:
-            data = f.read()
-        end = data.index(b"\n")
-        n = int(data[len(MAGIC):end])
-        content = data[end + n + 2:]
-        check_size(json.loads(data[end + 1:end + 1 + n]), len(content))
-        return content
+            return _parse(f.read())[1]
 
     def ids(self, state: State) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (a directory listing; cheap)."""
@@ -329,7 +339,19 @@ class Spool:
                 return Entry(id=queue_id, state=State.ACTIVE, envelope=m.envelope,
                              size=len(m.content), created=m.envelope.received_at,
                              meta=self._read_meta(queue_id))
-            return self._entry(queue_id, State.ACTIVE, self._file(State.ACTIVE, queue_id))
+            # Read the whole file once: the delivery that follows needs the content too, and
+            # in the delivery process (relayd/split.py) nothing is in memory yet.
+            with open(self._file(State.ACTIVE, queue_id), "rb") as f:
+                data = f.read()
+            header, content = _parse(data)
+            envelope = envelope_from_json(header["envelope"])
+            if self._keep_recent and len(content) <= RECENT_CACHE_BYTES // 4:
+                with self._recent_lock:
+                    self._recent[queue_id] = Message(envelope, content)
+                    self._recent_bytes += len(content)
+            return Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
+                         created=float(header["envelope"].get("received_at", 0.0)),
+                         meta=self._read_meta(queue_id))
         except (OSError, ValueError, KeyError) as exc:
             self._set_aside(State.ACTIVE, queue_id, f"unreadable: {exc}")
             return None
@@ -512,6 +534,20 @@ class Spool:
         self.ensure_dirs()
         for name in os.listdir(self.path / "tmp"):
             self._recover_tmp(name)
+        recovered = self.recover_active(now)
+        for state in (State.QUEUED, State.HELD, State.FAILED):
+            for qid in self.ids(state):
+                try:
+                    self._read_header(self._file(state, qid))
+                    self._read_meta(qid)
+                except (OSError, ValueError, KeyError) as exc:
+                    self._set_aside(state, qid, f"unreadable: {exc}")
+        return recovered
+
+    def recover_active(self, now: float | None = None) -> builtins.list[str]:
+        """Messages left in active/ by a delivery that was cut short go back to queued/ (see
+        ``recover``); returns their IDs. Safe while the listener stores new mail."""
+        now = time.time() if now is None else now
         recovered: builtins.list[str] = []
         for qid in self.ids(State.ACTIVE):
             try:
@@ -528,13 +564,6 @@ class Spool:
                 continue
             self.requeue(qid, replace(meta, next_attempt=now))
             recovered.append(qid)
-        for state in (State.QUEUED, State.HELD, State.FAILED):
-            for qid in self.ids(state):
-                try:
-                    self._read_header(self._file(state, qid))
-                    self._read_meta(qid)
-                except (OSError, ValueError, KeyError) as exc:
-                    self._set_aside(state, qid, f"unreadable: {exc}")
         return recovered
 
     def _recover_tmp(self, name: str) -> None:

@@ -1,0 +1,86 @@
+"""``relayd _deliver``: the delivery process that ``relayd run`` starts (relayd/split.py).
+
+Not for operators: it runs only as the child of ``relayd run``, which passes it the two pipe
+descriptors. It schedules what arrives on the notify pipe (and what its rescans find), reports
+metrics on the events pipe, reloads the file on SIGHUP, stops cleanly on SIGTERM, and exits
+at once when the notify pipe closes because its parent is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from relayd.app import Daemon, Role
+from relayd.config import Config, load_config
+from relayd.errors import ConfigError
+from relayd.logsetup import setup_logging
+from relayd.sending import read_dkim_keys
+from relayd.split import EventMetrics, open_events, read_lines
+
+if TYPE_CHECKING:
+    from relayd.cli import IO
+
+log = logging.getLogger("relayd")
+
+
+async def run_delivery(args: argparse.Namespace, cfg: Config) -> int:
+    from relayd.cli import config_path
+
+    events = await open_events(args.events_fd)
+    daemon = Daemon(cfg, role=Role.DELIVER, metrics=EventMetrics(events))
+    loop = asyncio.get_running_loop()
+    background: set[asyncio.Task[None]] = set()
+
+    def on_line(line: bytes) -> None:
+        qid, _, priority = line.decode("ascii", "replace").partition(" ")
+        if qid:
+            daemon.qmgr.enqueue(qid, priority=priority.strip() == "1")
+
+    def orphaned() -> None:
+        # The accepting process is gone (killed): stop now, as if killed with it, so that a
+        # new relayd run never finds this one still delivering. Claimed messages stay in
+        # active/ and the next start's recovery queues them again.
+        log.error("relayd run (the accepting process) is gone; the delivery process exits")
+        os._exit(1)
+
+    async def reload() -> None:
+        try:
+            new = await asyncio.to_thread(load_config, config_path(args))
+        except ConfigError:
+            return  # the accepting process logs the problems and keeps its settings too
+        keys = await asyncio.to_thread(read_dkim_keys, new)
+        daemon.reload(new, keys)
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    await read_lines(args.notify_fd, on_line, orphaned)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload()))
+    try:
+        await daemon.serve()
+    finally:
+        for task in list(background):
+            task.cancel()
+        events.close()
+    return 0
+
+
+def main(args: argparse.Namespace, io: IO) -> int:
+    cfg = io.config(args)
+    setup_logging(cfg.logging)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides when to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import uvloop
+
+    return int(uvloop.run(run_delivery(args, cfg)))
