@@ -200,7 +200,7 @@ class Relayd:
         self.profile.mkdir(parents=True, exist_ok=True)
         out = self.profile / f"{self.profile_name}.txt"
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads",
+        self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads", "--subprocesses",
                                      "--rate", "100", *os.environ.get("BENCH_PYSPY_ARGS", "").split(), "--format", "raw", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -211,50 +211,61 @@ class Relayd:
                 self.spy.wait(30)
             self.spy = None
 
-    def proc_status(self) -> dict[str, str]:
+    def pids(self) -> list[int]:
+        """relayd run and its delivery process (relayd/split.py), if it has one."""
+        assert self.proc is not None
+        try:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        return [self.proc.pid, *map(int, kids)]
+
+    def proc_status(self, pid: int | None = None) -> dict[str, str]:
         assert self.proc is not None
         out = {}
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            for line in Path(f"/proc/{pid or self.proc.pid}/status").read_text().splitlines():
                 k, _, v = line.partition(":")
                 out[k] = v.strip()
         return out
 
-    def cpu_seconds(self) -> float:
-        assert self.proc is not None
+    @staticmethod
+    def _ticks(path: str) -> tuple[int, int]:
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
         except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return 0, 0
+        return int(fields[11]), int(fields[12])
+
+    def cpu_seconds(self) -> float:
+        """Both processes (a process's stat counts all its threads)."""
+        return sum(sum(self._ticks(f"/proc/{pid}/stat")) for pid in self.pids()) / os.sysconf("SC_CLK_TCK")
 
     def main_thread_cpu_seconds(self) -> float:
-        """CPU of the event-loop thread alone (the spool's I/O threads excluded)."""
-        assert self.proc is not None
-        try:
-            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return 0.0
-        fields = text.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU of the event-loop threads alone (the spool's I/O threads excluded)."""
+        return sum(sum(self._ticks(f"/proc/{pid}/task/{pid}/stat"))
+                   for pid in self.pids()) / os.sysconf("SC_CLK_TCK")
 
     def cpu_split(self) -> dict[str, float]:
-        """User and system CPU seconds of the loop thread and of all other threads."""
-        assert self.proc is not None
+        """User and system CPU seconds of the loop threads and of all other threads."""
         out = {"loop_user": 0.0, "loop_sys": 0.0, "threads_user": 0.0, "threads_sys": 0.0}
         tck = os.sysconf("SC_CLK_TCK")
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
-                with contextlib.suppress(OSError):
-                    f = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-                    who = "loop" if int(tid) == self.proc.pid else "threads"
-                    out[f"{who}_user"] += int(f[11]) / tck
-                    out[f"{who}_sys"] += int(f[12]) / tck
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    user, system = self._ticks(f"/proc/{pid}/task/{tid}/stat")
+                    who = "loop" if int(tid) == pid else "threads"
+                    out[f"{who}_user"] += user / tck
+                    out[f"{who}_sys"] += system / tck
         return out
 
+    def rss_mb(self) -> float:
+        """Resident memory of both processes now."""
+        return sum(int(self.proc_status(pid).get("VmRSS", "0 kB").split()[0]) for pid in self.pids()) / 1024
+
     def peak_rss_mb(self) -> float:
-        hwm = self.proc_status().get("VmHWM", "0 kB").split()[0]
-        return int(hwm) / 1024
+        """Sum of each process's peak (VmHWM): an upper bound of the peak of the sum."""
+        return sum(int(self.proc_status(pid).get("VmHWM", "0 kB").split()[0]) for pid in self.pids()) / 1024
 
     def queue_left(self) -> int:
         n = 0
@@ -384,8 +395,7 @@ def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float
         out["load_seconds"] = round(time.monotonic() - t0, 1)
         out["queued"] = relayd.queue_left()
         out["rss_mb_while_accepting_peak"] = round(relayd.peak_rss_mb(), 1)
-        out["rss_mb_after_accepting"] = round(int(relayd.proc_status().get("VmRSS", "0 kB").split()[0])
-                                              / 1024, 1)
+        out["rss_mb_after_accepting"] = round(relayd.rss_mb(), 1)
     finally:
         relayd.stop()
     relayd = Relayd(workdir, dead, 4)  # same spool, fresh process
@@ -395,8 +405,7 @@ def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float
         time.sleep(2.0)  # the queue manager loads the schedule right after start
         out["restart_seconds_to_banner"] = round(time.monotonic() - t0 - 2.0, 1)
         out["rss_mb_after_restart_peak"] = round(relayd.peak_rss_mb(), 1)
-        out["rss_mb_after_restart"] = round(int(relayd.proc_status().get("VmRSS", "0 kB").split()[0])
-                                            / 1024, 1)
+        out["rss_mb_after_restart"] = round(relayd.rss_mb(), 1)
     finally:
         relayd.stop()
     return out
@@ -492,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{sc.name:<14} {name:<8} e2e {m.e2e_rate:7.0f}/s  accept "
                               f"{m.accept_rate:7.0f}/s  p50 {m.p50_ms:6.1f} ms  p99 {m.p99_ms:6.1f} ms"
                               + (f"  rss {m.peak_rss_mb:.0f} MB  cpu {m.relay_cpu_ms_per_msg:.2f} ms/msg"
-                                 f" (loop thread {m.extra.get('main_thread_cpu_ms_per_msg', 0):.2f},"
+                                 f" (loop threads {m.extra.get('main_thread_cpu_ms_per_msg', 0):.2f},"
                                  f" busy {m.extra.get('main_thread_busy', 0):.0%})"
                                  if name == "relayd" else "")
                               + (f"  [{m.note}]" if m.note else ""), flush=True)

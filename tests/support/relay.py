@@ -131,14 +131,16 @@ async def running_relay(config_path: Path, **daemon_kw: Any) -> AsyncIterator[Ru
 class RelayProcess:
     """``relayd run`` as a child process (for kill -9, SIGHUP and SIGTERM tests)."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    def __init__(self, config_path: Path, port: int, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.port = port
         self.log_path = log_path
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), RELAYD_CONFIG=str(self.config_path))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), RELAYD_CONFIG=str(self.config_path), **self.env)
         env.pop("NOTIFY_SOCKET", None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "run"], env=env,

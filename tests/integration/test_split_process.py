@@ -1,0 +1,122 @@
+"""`relayd run` as two processes (relayd/split.py): the delivery process delivers what the
+accepting one stores, its metrics reach /metrics, it is restarted when it dies, it dies with
+its parent, and RELAYD_SINGLE_PROCESS=1 keeps one process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import urllib.request
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.relay import RelayProcess, free_port, upstream_smarthost, wait_until, write_config
+from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: relayd runs one process")
+
+STARTED = re.compile(r"delivery process started \(pid (\d+)\)")
+
+
+async def submit(port: int, n: int) -> None:
+    msg = b"From: app@example.com\r\nSubject: split %d\r\n\r\nbody\r\n" % n
+    _errors, reply = await aiosmtplib.send(msg, sender="app@example.com",
+                                          recipients=[f"user{n}@example.net"], hostname="127.0.0.1",
+                                          port=port, start_tls=False, timeout=10)
+    assert reply.startswith("2.0.0 Ok: queued as"), reply
+
+
+def children(proc: RelayProcess) -> list[int]:
+    return [int(p) for p in STARTED.findall(proc.log())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def delivered(up: FakeUpstream) -> set[str]:
+    return {m.rcpt_tos[0] for m in up.messages}
+
+
+async def test_delivery_process_delivers_reports_metrics_and_is_restarted(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    async with FakeUpstream() as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port,
+                           metrics={"listen": f"127.0.0.1:{metrics_port}"})
+        proc = RelayProcess(cfg, port, tmp_path / "relayd.log")
+        await asyncio.to_thread(proc.start)
+        try:
+            await wait_until(lambda: len(children(proc)) == 1, what="the delivery process")
+            first = children(proc)[0]
+            assert first != proc.proc.pid and alive(first)  # type: ignore[union-attr]
+            with open(f"/proc/{first}/cmdline", "rb") as f:
+                assert b"_deliver" in f.read()
+            await asyncio.gather(*(submit(port, n) for n in range(5)))
+            await wait_until(lambda: len(delivered(up)) == 5, what="5 deliveries")
+
+            # What the delivery process counted is on the accepting process's /metrics.
+            async def sent() -> float:
+                text = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                    f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode())
+                samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                           for fam in text_string_to_metric_families(text) for s in fam.samples}
+                assert samples[("relayd_smarthost_up", (("smarthost", "primary"),))] == 1
+                return samples[("relayd_deliveries_total", (("smarthost", "primary"), ("status", "sent")))]
+            for _ in range(50):
+                if await sent() == 5:
+                    break
+                await asyncio.sleep(0.1)
+            assert await sent() == 5
+
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: len(children(proc)) == 2, timeout=15, what="a new delivery process")
+            assert "the delivery process exited unexpectedly" in proc.log()
+            await asyncio.gather(*(submit(port, n) for n in range(5, 10)))
+            await wait_until(lambda: len(delivered(up)) == 10, what="10 deliveries after the restart")
+        finally:
+            assert proc.stop() == 0
+        assert not alive(children(proc)[-1])  # SIGTERM stopped the delivery process too
+    assert len(up.messages) == 10  # nothing was in flight when it was killed: no duplicates
+
+
+async def test_kill_9_of_relayd_run_takes_its_delivery_process_along(tmp_path: Path) -> None:
+    port = free_port()
+    async with FakeUpstream(replies={"greeting": "421 4.3.2 down for maintenance"}) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        proc = RelayProcess(cfg, port, tmp_path / "relayd.log")
+        await asyncio.to_thread(proc.start)
+        await wait_until(lambda: len(children(proc)) == 1, what="the delivery process")
+        child = children(proc)[0]
+        await asyncio.gather(*(submit(port, n) for n in range(5)))
+        proc.kill9()
+        # It must not go on delivering beside the relayd run that replaces this one.
+        await wait_until(lambda: not alive(child), timeout=5, what="the orphaned delivery process to exit")
+        up.replies = {}
+        await asyncio.to_thread(proc.start)  # the spool lock is free again
+        try:
+            await wait_until(lambda: len(delivered(up)) == 5, timeout=30, what="all 5 after the restart")
+        finally:
+            assert proc.stop() == 0
+
+
+async def test_single_process_when_the_environment_asks(tmp_path: Path) -> None:
+    port = free_port()
+    async with FakeUpstream() as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        proc = RelayProcess(cfg, port, tmp_path / "relayd.log", env={"RELAYD_SINGLE_PROCESS": "1"})
+        await asyncio.to_thread(proc.start)
+        try:
+            await submit(port, 1)
+            await wait_until(lambda: len(up.messages) == 1, what="the delivery")
+        finally:
+            assert proc.stop() == 0
+        assert children(proc) == []
