@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import dkim
-
 from relayd.policy import _mime
 from relayd.policy.records import Copy, DkimSigner, Draft, Policy, PolicyContext
 
@@ -34,6 +32,10 @@ def signer_for(policy: Policy, content: bytes) -> tuple[DkimSigner | None, str |
 
 def sign_bytes(signer: DkimSigner, content: bytes) -> bytes:
     """Prepend a DKIM-Signature header to ``content``."""
+    # Imported when first needed: dkimpy pulls in dnspython, several MB in each of relayd
+    # run's processes, which most installations (no dkim: entries) never use.
+    import dkim
+
     header, _ = _mime.split_message(content)
     h = _mime.Headers.parse(header)
     include = [n.lower().encode("ascii") for n in SIGNED_HEADERS if h.has(n)]
@@ -54,6 +56,8 @@ def sign(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
     if signer is None:
         why = "no From header" if domain is None else f"no dkim entry for From domain {domain}"
         return draft.note("dkim", f"not signed: {why}")
+    import dkim
+
     try:
         copies = tuple(Copy(c.rcpts, sign_bytes(signer, c.content)) for c in draft.copies)
     except dkim.DKIMException as exc:
