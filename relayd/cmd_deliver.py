@@ -63,8 +63,9 @@ async def run_delivery(args: argparse.Namespace, cfg: Config) -> int:
         task.add_done_callback(background.discard)
 
     await read_lines(args.notify_fd, on_line, orphaned)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop)
+    # Only SIGTERM, from the parent: a Ctrl-C reaches the whole process group, and the parent
+    # decides when this process stops (after its listener), or it would be restarted.
+    loop.add_signal_handler(signal.SIGTERM, daemon.stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload()))
     try:
         await daemon.serve()

@@ -345,10 +345,7 @@ class Spool:
                 data = f.read()
             header, content = _parse(data)
             envelope = envelope_from_json(header["envelope"])
-            if self._keep_recent and len(content) <= RECENT_CACHE_BYTES // 4:
-                with self._recent_lock:
-                    self._recent[queue_id] = Message(envelope, content)
-                    self._recent_bytes += len(content)
+            self._remember(queue_id, Message(envelope, content))  # bounded like any other
             return Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
                          created=float(header["envelope"].get("received_at", 0.0)),
                          meta=self._read_meta(queue_id))
