@@ -13,14 +13,12 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from relayd.app import Daemon, Role
-from relayd.config import Config, load_config
-from relayd.errors import ConfigError
+from relayd.cmd_run import Background, reload_from_file
+from relayd.config import Config
 from relayd.logsetup import setup_logging
-from relayd.sending import read_dkim_keys
 from relayd.split import EventMetrics, open_events, read_lines
 
 if TYPE_CHECKING:
@@ -35,7 +33,7 @@ async def run_delivery(args: argparse.Namespace, cfg: Config) -> int:
     events = await open_events(args.events_fd)
     daemon = Daemon(cfg, role=Role.DELIVER, metrics=EventMetrics(events))
     loop = asyncio.get_running_loop()
-    background: set[asyncio.Task[None]] = set()
+    background = Background(loop)
 
     def on_line(line: bytes) -> None:
         qid, _, priority = line.decode("ascii", "replace").partition(" ")
@@ -49,29 +47,17 @@ async def run_delivery(args: argparse.Namespace, cfg: Config) -> int:
         log.error("relayd run (the accepting process) is gone; the delivery process exits")
         os._exit(1)
 
-    async def reload() -> None:
-        try:
-            new = await asyncio.to_thread(load_config, config_path(args))
-        except ConfigError:
-            return  # the accepting process logs the problems and keeps its settings too
-        keys = await asyncio.to_thread(read_dkim_keys, new)
-        daemon.reload(new, keys)
-
-    def spawn(coro: Coroutine[Any, Any, None]) -> None:
-        task = loop.create_task(coro)
-        background.add(task)
-        task.add_done_callback(background.discard)
-
     await read_lines(args.notify_fd, on_line, orphaned)
     # Only SIGTERM, from the parent: a Ctrl-C reaches the whole process group, and the parent
     # decides when this process stops (after its listener), or it would be restarted.
     loop.add_signal_handler(signal.SIGTERM, daemon.stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload()))
+    # The accepting process logs the problems of an invalid file; this one only keeps going.
+    loop.add_signal_handler(signal.SIGHUP, lambda: background.spawn(
+        reload_from_file(daemon, config_path(args), report=False)))
     try:
         await daemon.serve()
     finally:
-        for task in list(background):
-            task.cancel()
+        background.cancel()
         events.close()
     return 0
 

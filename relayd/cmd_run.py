@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relayd.app import Daemon, Role
@@ -33,6 +34,41 @@ def _setup_logging(cfg: Config) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
+class Background:
+    """Tasks started from signal handlers, kept referenced until they finish."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def reload_from_file(daemon: Daemon, path: Path, *, report: bool) -> None:
+    """SIGHUP: load ``path`` and apply it; an invalid file keeps the running settings (and,
+    with ``report``, logs the same ``path: message`` lines as check-config)."""
+    try:
+        new = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        if report:
+            log.error("reload refused, keeping the running configuration: %s is invalid", path)
+            for problem in exc.problems:
+                log.error("%s", problem)
+        return
+    if report:
+        for warning in new.warnings:
+            log.warning("config: %s", warning)
+    keys = await asyncio.to_thread(read_dkim_keys, new)
+    daemon.reload(new, keys)
+
+
 async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
     from relayd.cli import config_path
 
@@ -46,32 +82,16 @@ async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
     daemon.hooks.on_status = notifier.status
     loop = asyncio.get_running_loop()
     reloading = asyncio.Lock()
-    background: set[asyncio.Task[None]] = set()
+    background = Background(loop)
 
     async def reload() -> None:
         async with reloading:
-            try:
-                new = await asyncio.to_thread(load_config, config_path(args))
-            except ConfigError as exc:
-                log.error("reload refused, keeping the running configuration: %s is invalid",
-                          config_path(args))
-                for problem in exc.problems:
-                    log.error("%s", problem)
-                return
-            for warning in new.warnings:
-                log.warning("config: %s", warning)
-            keys = await asyncio.to_thread(read_dkim_keys, new)
-            daemon.reload(new, keys)
-
-    def spawn(coro: Coroutine[Any, Any, None]) -> None:
-        task = loop.create_task(coro)
-        background.add(task)
-        task.add_done_callback(background.discard)
+            await reload_from_file(daemon, config_path(args), report=True)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload()))
-    spawn(run_watchdog(notifier))
+    loop.add_signal_handler(signal.SIGHUP, lambda: background.spawn(reload()))
+    background.spawn(run_watchdog(notifier))
     try:
         await daemon.serve()
     except SpoolError as exc:
@@ -84,8 +104,7 @@ async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
         notifier.stopping()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        for task in list(background):
-            task.cancel()
+        background.cancel()
     return 0
 
 

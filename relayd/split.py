@@ -21,7 +21,8 @@ relayd now runs the queue manager in a child process with its own loop and GIL:
 - a delivery process that dies is started again (after one second), once its claimed
   messages are back in ``queued/``.
 
-``RELAYD_SINGLE_PROCESS=1`` in the environment keeps everything in one process.
+``RELAYD_SINGLE_PROCESS=1`` in the environment keeps everything in one process (``=0`` asks
+for two even on one CPU).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,16 @@ FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_exp
                        "set_daily_cap_remaining"})
 
 
-def split_enabled(environ: dict[str, str] | None = None) -> bool:
-    """Two processes unless the machine has one CPU or the environment says otherwise."""
+def split_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Two processes when the machine has a second CPU; ``RELAYD_SINGLE_PROCESS=1`` forces
+    one, ``=0`` forces two (on one CPU they only take turns, but it works the same)."""
     env = os.environ if environ is None else environ
-    return (os.cpu_count() or 1) >= 2 and env.get(SINGLE_PROCESS_ENV, "") not in ("1", "yes", "true")
+    value = env.get(SINGLE_PROCESS_ENV, "").strip().lower()
+    if value in ("1", "yes", "true"):
+        return False
+    if value in ("0", "no", "false"):
+        return True
+    return (os.cpu_count() or 1) >= 2
 
 
 class _Lines(asyncio.Protocol):

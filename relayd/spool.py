@@ -570,9 +570,7 @@ class Spool:
             if not name.endswith(".msg") or not valid_id(qid):
                 raise ValueError("not a message file")
             with open(path, "rb") as f:
-                data = f.read()
-            header, offset, _ = self._read_header(path)
-            content = data[offset:]
+                header, content = _parse(f.read())
             if "crc32" not in header:
                 raise ValueError("no checksum")
             if zlib.crc32(content) != header["crc32"]:

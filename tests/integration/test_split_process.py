@@ -12,13 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import aiosmtplib
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relayd.split import split_enabled
 from tests.support.relay import RelayProcess, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
-pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: relayd runs one process")
+# Two processes whatever the machine's CPU count (the default needs a second CPU).
+SPLIT = {"RELAYD_SINGLE_PROCESS": "0"}
 
 STARTED = re.compile(r"delivery process started \(pid (\d+)\)")
 
@@ -52,7 +53,7 @@ async def test_delivery_process_delivers_reports_metrics_and_is_restarted(tmp_pa
     async with FakeUpstream() as up:
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port,
                            metrics={"listen": f"127.0.0.1:{metrics_port}"})
-        proc = RelayProcess(cfg, port, tmp_path / "relayd.log")
+        proc = RelayProcess(cfg, port, tmp_path / "relayd.log", env=SPLIT)
         await asyncio.to_thread(proc.start)
         try:
             await wait_until(lambda: len(children(proc)) == 1, what="the delivery process")
@@ -92,7 +93,7 @@ async def test_kill_9_of_relayd_run_takes_its_delivery_process_along(tmp_path: P
     port = free_port()
     async with FakeUpstream(replies={"greeting": "421 4.3.2 down for maintenance"}) as up:
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
-        proc = RelayProcess(cfg, port, tmp_path / "relayd.log")
+        proc = RelayProcess(cfg, port, tmp_path / "relayd.log", env=SPLIT)
         await asyncio.to_thread(proc.start)
         await wait_until(lambda: len(children(proc)) == 1, what="the delivery process")
         child = children(proc)[0]
@@ -106,6 +107,12 @@ async def test_kill_9_of_relayd_run_takes_its_delivery_process_along(tmp_path: P
             await wait_until(lambda: len(delivered(up)) == 5, timeout=30, what="all 5 after the restart")
         finally:
             assert proc.stop() == 0
+
+
+def test_the_environment_switch() -> None:
+    assert not split_enabled({"RELAYD_SINGLE_PROCESS": "1"})
+    assert split_enabled({"RELAYD_SINGLE_PROCESS": "0"})
+    assert split_enabled({}) == ((os.cpu_count() or 1) >= 2)
 
 
 async def test_single_process_when_the_environment_asks(tmp_path: Path) -> None:
