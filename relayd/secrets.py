@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+# cryptography is imported where a key is used, not here: config.py imports this module in
+# every process, and cryptography costs about 7 MB of memory per process that never
+# decrypts (no ``enc:`` value and no OAuth token store).
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet, MultiFernet
 
 ENC_PREFIX = "enc:"
 
@@ -59,7 +64,7 @@ def strip_one_newline(text: str) -> str:
     return text
 
 
-KeyRing = Fernet | MultiFernet
+KeyRing: TypeAlias = "Fernet | MultiFernet"
 
 
 def load_key(key_file: Path) -> MultiFernet:
@@ -67,6 +72,8 @@ def load_key(key_file: Path) -> MultiFernet:
 
     Raises OSError or ValueError with a message naming the file, never the key.
     """
+    from cryptography.fernet import Fernet, MultiFernet
+
     lines = [line.strip() for line in key_file.read_bytes().splitlines()]
     keys = [line for line in lines if line and not line.startswith(b"#")]
     try:
@@ -79,6 +86,8 @@ def load_key(key_file: Path) -> MultiFernet:
 
 def generate_key() -> bytes:
     """A new random Fernet key (url-safe base64, 32 bytes of entropy)."""
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key()
 
 
@@ -89,6 +98,8 @@ def encrypt(fernet: KeyRing, value: str) -> str:
 
 def decrypt(fernet: KeyRing, value: str) -> str:
     """Decrypt an ``enc:...`` value; raises ValueError without echoing the value."""
+    from cryptography.fernet import InvalidToken
+
     try:
         return fernet.decrypt(value[len(ENC_PREFIX):].encode("ascii")).decode("utf-8")
     except (InvalidToken, UnicodeError) as exc:
