@@ -16,24 +16,28 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relayd import faults, logline
-from relayd.alerts import Alerts
 from relayd.config import Config, Smarthost
 from relayd.errors import SpoolError, UnknownMessage
-from relayd.forwarder import SmarthostPool
-from relayd.listener import Listener, ListenerSettings
-from relayd.metrics import Metrics
-from relayd.metrics_http import MetricsServer
+from relayd.metrics import Metrics, Recorder
 from relayd.model import Envelope, Message, Reply, State, Status
-from relayd.oauth import TokenStatistics, build_token_source
 from relayd.policy.pipeline import log_summary
-from relayd.qmgr import Pool, QueueManager
 from relayd.sending import Accepted, SendingPolicy, read_dkim_keys
 from relayd.split import DeliveryProcess
 from relayd.spool import Spool, new_queue_id
-from relayd.unsub_http import UnsubscribeServer
+
+# Each half of ``relayd run`` imports only what it runs (the listener side never loads
+# aiosmtplib, the queue manager or the alerts; the delivery side never loads aiosmtpd or the
+# HTTP servers): a process's memory is mostly its imported modules.
+if TYPE_CHECKING:
+    from relayd.alerts import Alerts
+    from relayd.listener import Listener
+    from relayd.metrics_http import MetricsServer
+    from relayd.oauth import TokenStatistics
+    from relayd.qmgr import Pool, QueueManager
+    from relayd.unsub_http import UnsubscribeServer
 
 log = logging.getLogger("relayd")
 
@@ -122,37 +126,75 @@ class Daemon:
                  clock: Callable[[], float] = time.time, sockets: Sequence[Any] | None = None,
                  housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
                  cap_window: float = 86400.0, role: Role = Role.ALL,
-                 config_path: Path | None = None, metrics: Metrics | None = None) -> None:
+                 config_path: Path | None = None, metrics: Recorder | None = None) -> None:
         self.config = config
         self.clock = clock
         self.role = role
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="relayd-io")
         # In the accepting process nothing is delivered, so nothing just stored is read back.
         self.spool = Spool(config.spool.path, keep_recent=role is not Role.ACCEPT)
-        self.metrics = metrics or Metrics()
+        self.metrics: Recorder = metrics if metrics is not None else Metrics()
         self.metrics.declare_smarthosts(s.name for s in config.smarthosts)
         self.delivery_process = (DeliveryProcess(config_path, self.spool, self.metrics)
                                  if role is Role.ACCEPT and config_path is not None else None)
-        self.alerts = Alerts(config.alerts, hostname=config.hostname, send_email=self.send_alert_email,
-                             clock=clock)
         self.sending = SendingPolicy(config, dkim_keys=read_dkim_keys(config), cap_window=cap_window)
         self.intake = Intake(self)
-        self.listener = Listener(ListenerSettings.from_config(config), self.intake)
-        self.qmgr = QueueManager(self.spool, config.spool, config.smarthosts,
-                                 pool_factory or self._make_pool,
-                                 executor=self.executor, clock=clock, metrics=self.metrics,
-                                 alerts=self.alerts, gate=self.sending)
-        serving = role is not Role.DELIVER
-        self.unsubscribe_server = _unsubscribe_server(config, self.sending) if serving else None
-        self.metrics_server = (MetricsServer(config.metrics.listen, self.metrics.render)
-                               if config.metrics.listen is not None and serving else None)
+        self._alerts: Alerts | None = None
+        self._qmgr: QueueManager | None = None
+        self._listener: Listener | None = None
+        self.unsubscribe_server: UnsubscribeServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        if role is not Role.ACCEPT:
+            from relayd.alerts import Alerts
+            from relayd.qmgr import QueueManager
+
+            self._alerts = Alerts(config.alerts, hostname=config.hostname,
+                                  send_email=self.send_alert_email, clock=clock)
+            self._qmgr = QueueManager(self.spool, config.spool, config.smarthosts,
+                                      pool_factory or self._make_pool,
+                                      executor=self.executor, clock=clock, metrics=self.metrics,
+                                      alerts=self._alerts, gate=self.sending)
+        if role is not Role.DELIVER:
+            from relayd.listener import Listener, ListenerSettings
+            from relayd.metrics_http import MetricsServer
+
+            self._listener = Listener(ListenerSettings.from_config(config), self.intake)
+            self.unsubscribe_server = _unsubscribe_server(config, self.sending)
+            if config.metrics.listen is not None:
+                if not isinstance(self.metrics, Metrics):
+                    raise TypeError("serving /metrics needs a Metrics registry")
+                self.metrics_server = MetricsServer(config.metrics.listen, self.metrics.render)
         self._sockets = list(sockets or [])
         self._housekeeping_interval = housekeeping_interval
         self._stop = asyncio.Event()
         self.hooks = Hooks()
 
+    @property
+    def qmgr(self) -> QueueManager:
+        """The queue manager (not in the accepting process: its child delivers)."""
+        if self._qmgr is None:
+            raise RuntimeError("the accepting process has no queue manager")
+        return self._qmgr
+
+    @property
+    def alerts(self) -> Alerts:
+        """The alerts (where deliveries run)."""
+        if self._alerts is None:
+            raise RuntimeError("the accepting process sends no alerts")
+        return self._alerts
+
+    @property
+    def listener(self) -> Listener:
+        """The SMTP listener (not in the delivery process)."""
+        if self._listener is None:
+            raise RuntimeError("the delivery process has no listener")
+        return self._listener
+
     def _make_pool(self, sh: Smarthost) -> Pool:
         """A forwarder pool for ``sh`` with the current settings (and its OAuth token source)."""
+        from relayd.forwarder import SmarthostPool
+        from relayd.oauth import build_token_source
+
         cfg = self.config
         token_source = None
         if sh.auth.oauth is not None:
@@ -296,13 +338,16 @@ class Daemon:
             self.hooks.on_reloading()
         old = self.config
         self.config = new
-        self.qmgr.update_smarthosts(new.smarthosts, new.spool)
+        if self._qmgr is not None:
+            self._qmgr.update_smarthosts(new.smarthosts, new.spool)
         self.sending.apply(new, dkim_keys=read_dkim_keys(new) if dkim_keys is None else dkim_keys)
-        if self.role is not Role.DELIVER:
+        if self._listener is not None:
+            from relayd.listener import ListenerSettings
+
             if new.listen != old.listen or new.spool.path != old.spool.path:
                 log.warning("listen and spool.path changes need a restart; other settings are "
                             "applied")
-            self.listener.handler.settings = ListenerSettings.from_config(new)
+            self._listener.handler.settings = ListenerSettings.from_config(new)
         if self.delivery_process is not None:
             self.delivery_process.reload()  # it reads the same file
         log.info("configuration reloaded")
@@ -319,5 +364,7 @@ def _unsubscribe_server(cfg: Config, sending: SendingPolicy) -> UnsubscribeServe
     unsub = cfg.unsubscribe
     if unsub is None or unsub.http_listen is None or unsub.url is None:
         return None
+    from relayd.unsub_http import UnsubscribeServer
+
     return UnsubscribeServer(unsub, sending.store,
                              auto_add="unsubscribe" in cfg.do_not_email.auto_add)

@@ -28,7 +28,7 @@ from relayd import faults, logline
 from relayd.backoff import backoff_delay, is_expired
 from relayd.config import Smarthost, SpoolConfig
 from relayd.errors import SpoolError
-from relayd.metrics import Metrics
+from relayd.metrics import Recorder
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.spool import Attempt, Entry, Spool
 
@@ -113,7 +113,7 @@ class QueueManager:
     def __init__(self, spool: Spool, spool_cfg: SpoolConfig, smarthosts: Sequence[Smarthost],
                  pool_factory: Callable[[Smarthost], Pool], *, executor: Executor | None = None,
                  clock: Callable[[], float] = time.time, gate: Gate | None = None,
-                 metrics: Metrics | None = None, alerts: Alerter | None = None) -> None:
+                 metrics: Recorder | None = None, alerts: Alerter | None = None) -> None:
         self.spool = spool
         self.cfg = spool_cfg
         self.clock = clock

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from relayd.metrics import Metrics
+from relayd.metrics import Recorder
 from relayd.model import Status
 from relayd.spool import Spool
 
@@ -47,7 +47,7 @@ log = logging.getLogger("relayd")
 SINGLE_PROCESS_ENV = "RELAYD_SINGLE_PROCESS"
 PARENT_ENV = "RELAYD_DELIVERY_PARENT"
 RESTART_DELAY = 1.0
-# The Metrics methods the delivery process may call in the accepting process.
+# The Recorder methods the delivery process may call in the accepting process.
 FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_expiry",
                        "set_daily_cap_remaining"})
 
@@ -119,7 +119,7 @@ class DeliveryProcess:
     """The accepting process's handle on the delivery process: starts, feeds, reloads,
     restarts and stops it."""
 
-    def __init__(self, config_path: Path, spool: Spool, metrics: Metrics) -> None:
+    def __init__(self, config_path: Path, spool: Spool, metrics: Recorder) -> None:
         self._config_path = config_path
         self._spool = spool
         self._metrics = metrics
@@ -210,12 +210,11 @@ class DeliveryProcess:
                 await self._supervisor
 
 
-class EventMetrics(Metrics):
-    """The delivery process's Metrics: the forwarded recordings go to the accepting process;
-    the rest stay here (unused: nothing in the delivery process serves /metrics)."""
+class EventMetrics(Recorder):
+    """The delivery process's recorder: the forwarded recordings go to the accepting process;
+    the rest are dropped (nothing in the delivery process serves /metrics)."""
 
     def __init__(self, events: _Batcher) -> None:
-        super().__init__()
         self._events = events
 
     def _send(self, name: str, *args: Any, **kwargs: Any) -> None:
