@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -267,6 +268,21 @@ class Relayd:
         """Sum of each process's peak (VmHWM): an upper bound of the peak of the sum."""
         return sum(int(self.proc_status(pid).get("VmHWM", "0 kB").split()[0]) for pid in self.pids()) / 1024
 
+    def memory_now(self) -> dict[str, dict[str, float]]:
+        """Each process's resident (RSS) and proportional (PSS) memory now, in MB. PSS counts a
+        page shared by the two processes (libraries, the interpreter) half in each, so the sum
+        of PSS is the memory the pair occupies; the sum of RSS counts shared pages twice."""
+        out: dict[str, dict[str, float]] = {}
+        for i, pid in enumerate(self.pids()):
+            fields: dict[str, float] = {}
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    k, _, v = line.partition(":")
+                    if k in ("Rss", "Pss"):
+                        fields[k.lower()] = int(v.split()[0]) / 1024
+            out["accepting" if i == 0 else "delivery"] = fields
+        return out
+
     def queue_left(self) -> int:
         n = 0
         for state in ("queued", "active"):
@@ -313,6 +329,9 @@ class Postfix:
     def peak_rss_mb(self) -> float:
         return 0.0
 
+    def memory_now(self) -> dict[str, dict[str, float]]:
+        return {}
+
     def queue_left(self) -> int:
         return self.relay.queue_size()
 
@@ -339,6 +358,44 @@ def run_load(port: int, sessions: int, size: int, count: int, rate: float) -> di
     return result
 
 
+class MemorySampler:
+    """Samples each relayd process's RSS and PSS every half second while the load runs: the
+    largest sums seen, and each process's largest values."""
+
+    def __init__(self, system: Relayd | Postfix) -> None:
+        self.system = system
+        self.samples: list[dict[str, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            sample = self.system.memory_now()
+            if sample:
+                self.samples.append(sample)
+            if self._stop.wait(0.5):
+                return
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind in ("rss", "pss"):
+            out[f"{kind}_sum_max_mb"] = round(max(sum(p.get(kind, 0.0) for p in s.values())
+                                                  for s in self.samples), 1)
+            for proc in ("accepting", "delivery"):
+                values = [s[proc].get(kind, 0.0) for s in self.samples if proc in s]
+                if values:
+                    out[f"{proc}_{kind}_max_mb"] = round(max(values), 1)
+        return out
+
+
 def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: int,
             warmup: int) -> Measurement:
     m = Measurement(system=system.name, scenario=sc.name)
@@ -352,8 +409,9 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
         system.start_profile()
         cpu0, own0 = machine_cpu_seconds(), system.cpu_seconds()
         main0, split0 = system.main_thread_cpu_seconds(), system.cpu_split()
-        r = run_load(system.port, sessions, sc.size, sc.count, sc.rate)
-        delivered, last = sink.wait_for(int(r["accepted"]))
+        with MemorySampler(system) as mem:
+            r = run_load(system.port, sessions, sc.size, sc.count, sc.rate)
+            delivered, last = sink.wait_for(int(r["accepted"]))
         cpu1, own1 = machine_cpu_seconds(), system.cpu_seconds()
         main1, split1 = system.main_thread_cpu_seconds(), system.cpu_split()
         system.stop_profile()
@@ -372,6 +430,8 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
                                                    * 1000 / delivered, 3)
             m.extra["main_thread_busy"] = round((main1 - main0) / (last - float(r["start"])), 3)
         m.peak_rss_mb = system.peak_rss_mb()
+        if mem.samples:
+            m.extra["memory"] = mem.report()
         if delivered < m.accepted:
             m.note = f"only {delivered} of {m.accepted} accepted messages reached the sink"
         if r.get("first_rejection"):
@@ -500,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(m)
                         print(f"{sc.name:<14} {name:<8} e2e {m.e2e_rate:7.0f}/s  accept "
                               f"{m.accept_rate:7.0f}/s  p50 {m.p50_ms:6.1f} ms  p99 {m.p99_ms:6.1f} ms"
-                              + (f"  rss {m.peak_rss_mb:.0f} MB  cpu {m.relay_cpu_ms_per_msg:.2f} ms/msg"
+                              + (f"  rss {m.peak_rss_mb:.0f} MB"
+                                 f" (pss {m.extra.get('memory', {}).get('pss_sum_max_mb', 0):.0f})"
+                                 f"  cpu {m.relay_cpu_ms_per_msg:.2f} ms/msg"
                                  f" (loop threads {m.extra.get('main_thread_cpu_ms_per_msg', 0):.2f},"
                                  f" busy {m.extra.get('main_thread_busy', 0):.0%})"
                                  if name == "relayd" else "")
