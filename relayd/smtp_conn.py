@@ -193,8 +193,9 @@ class UpstreamConnection:
         """Write several commands in one write (RFC 2920 §3.1: the group ends with the one
         command whose reply changes what comes next, DATA); read each reply with
         ``read_reply``. Lines must have passed ``check_command``."""
-        for line in lines:
-            self._note(f"C: {line.decode('utf-8', 'replace')}")
+        if self._record is not None:
+            for line in lines:
+                self._record(f"C: {line.decode('utf-8', 'replace')}")
         self._write(b"".join(line + b"\r\n" for line in lines), len(lines))
 
     async def read_reply(self, timeout: float | None = None) -> Reply:
