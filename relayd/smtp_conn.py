@@ -1,11 +1,13 @@
 """One SMTP client connection to a smarthost: connect, TLS, EHLO, AUTH and raw commands,
 with a redacted transcript.
 
-Built on aiosmtplib's ``SMTP`` for the socket, TLS and reply parsing, but issues its own
+Built on aiosmtplib's ``SMTP`` for the socket, TLS, EHLO and AUTH, but issues its own
 commands so that (a) STARTTLS is mandatory for ``tls: starttls`` (never aiosmtplib's
 opportunistic default), (b) every line can be recorded with AUTH payloads redacted, and
 (c) the message body is written in one piece (``send_body``) instead of aiosmtplib's
-line-by-line re-normalisation.
+line-by-line re-normalisation. Once set up, the connection reads replies with relayd's own
+reader (``smtp_replies``), which can take a pipelined group's replies (RFC 2920,
+``send_group``); every command after set-up goes through it, pipelined or not.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiosmtplib
 from aiosmtplib.errors import SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
@@ -21,6 +23,7 @@ from aiosmtplib.errors import SMTPResponseException, SMTPServerDisconnected, SMT
 from relayd.config import Smarthost, TlsMode
 from relayd.model import Reply, TokenSource
 from relayd.smtp_auth import authenticate
+from relayd.smtp_replies import ReplyReader, check_command
 
 REDACTED = "<redacted>"
 
@@ -63,6 +66,7 @@ class UpstreamConnection:
         self.auth_mechanism: str | None = None
         self.tls = False
         self.messages = 0
+        self._replies: ReplyReader | None = None
         self.opened_at = self.idle_since = time.monotonic()
 
     # -- transcript -------------------------------------------------------------------------
@@ -125,6 +129,7 @@ class UpstreamConnection:
             await self._ehlo()
         offered = self.extensions.get("auth", "").upper().split()
         self.auth_mechanism = await authenticate(self.command, sh.auth, offered, token_source)
+        self.take_over()
 
     def _tls_version(self) -> str:
         obj = self._smtp.get_transport_info("ssl_object")
@@ -146,13 +151,23 @@ class UpstreamConnection:
 
     # -- commands ---------------------------------------------------------------------------
 
+    def take_over(self) -> None:
+        """After set-up: read replies with relayd's own reader (``smtp_replies``), which
+        keeps every reply of a pipelined group (RFC 2920); aiosmtplib's drops them."""
+        proto = self._smtp.protocol
+        if proto is None:
+            raise SMTPServerDisconnected("Connection lost")
+        self._replies = ReplyReader.attach(proto)
+
     async def command(self, line: bytes, *, secret: bool = False,
                       timeout: float | None = None) -> Reply:
         """Send one command line and return the reply; ``secret`` redacts the argument.
 
-        aiosmtplib refuses control characters in arguments (command injection) with
-        ValueError, and closes the connection itself on a 421, timeout or disconnect.
+        A line with a control character is refused with ValueError (command injection).
+        The connection is closed on a 421, a timeout or a disconnect.
         """
+        if self._replies is not None:
+            check_command(line)  # before the transcript: no CR/LF in a log line either
         if self._record is not None:
             if secret:
                 verb = line.split(b" ", 2)
@@ -161,6 +176,10 @@ class UpstreamConnection:
             else:
                 shown = line.decode("utf-8", "replace")
             self._note(f"C: {shown}")
+        if self._replies is not None:
+            self._write(line + b"\r\n", 1)
+            return await self.read_reply(timeout)
+        # Set-up (AUTH): aiosmtplib's own reader, which also refuses control characters.
         try:
             resp = await self._smtp.execute_command(
                 line, timeout=self.smarthost.timeout if timeout is None else timeout)
@@ -170,16 +189,48 @@ class UpstreamConnection:
         self._note_reply(reply)
         return reply
 
+    def send_group(self, lines: Sequence[bytes]) -> None:
+        """Write several commands in one write (RFC 2920 §3.1: the group ends with the one
+        command whose reply changes what comes next, DATA); read each reply with
+        ``read_reply``. Lines must have passed ``check_command``."""
+        if self._record is not None:
+            for line in lines:
+                self._record(f"C: {line.decode('utf-8', 'replace')}")
+        self._write(b"".join(line + b"\r\n" for line in lines), len(lines))
+
+    async def read_reply(self, timeout: float | None = None) -> Reply:
+        """The next reply after ``take_over``. A malformed reply comes back as code -1 (the
+        connection is then closed); a 421 closes the connection (RFC 5321 §3.8)."""
+        if self._replies is None:
+            raise SMTPServerDisconnected("Connection lost")
+        try:
+            reply = await self._replies.read(self.smarthost.timeout if timeout is None else timeout)
+        except (SMTPServerDisconnected, SMTPTimeoutError):
+            # Unknown how far the server got: never pair a late reply with a later command.
+            self.close()
+            raise
+        except SMTPResponseException as exc:
+            return self._malformed(exc)
+        self._note_reply(reply)
+        if reply.code == 421:
+            self.close()
+        return reply
+
+    def _write(self, data: bytes, replies: int) -> None:
+        if self._replies is None:
+            raise SMTPServerDisconnected("Connection lost")
+        try:
+            self._replies.send(data, replies)
+        except SMTPServerDisconnected:
+            self.close()
+            raise
+
     async def send_body(self, content: bytes, timeout: float) -> Reply:
         """After ``354``: the dot-stuffed content and the final dot; returns the final reply.
 
         ``content`` has CRLF line ends and is not dot-stuffed. RFC 5321 §4.5.2: a line
         starting with "." gets one more; one ``bytes.replace`` does the whole message.
         """
-        proto = self._smtp.protocol
-        lock = proto._command_lock if proto is not None else None
-        if proto is None or lock is None:
-            raise SMTPServerDisconnected("Connection lost")
         # find() is a memchr scan; replace() would copy the whole message even with no dots.
         stuffed = content.replace(b"\r\n.", b"\r\n..") if b"\r\n." in content else content
         if stuffed[:1] == b".":
@@ -188,30 +239,26 @@ class UpstreamConnection:
         if self._record is not None:
             self._note(f"C: <message, {len(content)} bytes>")
             self._note("C: .")
-        try:
-            # Same protocol as aiosmtplib's execute_data_command: hold the command lock and
-            # arm _response_pending before writing, so the reply is paired correctly.
-            async with lock:
-                proto._response_pending = True
-                # One write, so one send(2), for body and terminator (a copy costs less).
-                proto.write(stuffed + end)
-                resp = await proto.read_response(timeout=timeout)
-        except (SMTPServerDisconnected, SMTPTimeoutError):
-            self.close()
-            raise
-        except SMTPResponseException as exc:
-            return self._malformed(exc)
-        reply = _reply(resp)
-        self._note_reply(reply)
-        if reply.code == 421:
-            self.close()
-        return reply
+        # One write, so one send(2), for body and terminator (a copy costs less).
+        self._write(stuffed + end, 1)
+        return await self.read_reply(timeout)
+
+    async def send_lone_dot(self, timeout: float) -> Reply:
+        """RFC 2920 §3.1: a pipelined DATA answered 354 although no recipient was accepted
+        is ended with a single dot, never the message."""
+        self._note("C: .")
+        self._write(b".\r\n", 1)
+        return await self.read_reply(timeout)
 
     async def quit(self, timeout: float = 2.0) -> None:
         """Polite QUIT (RFC 5321 §4.1.1.10), then close, ignoring errors on the way out."""
         if self._smtp.is_connected:
             with contextlib.suppress(Exception):  # closing anyway
-                await self._smtp.execute_command(b"QUIT", timeout=timeout)
+                if self._replies is not None:
+                    self._write(b"QUIT\r\n", 1)
+                    await self._replies.read(timeout)
+                else:
+                    await self._smtp.execute_command(b"QUIT", timeout=timeout)
         self.close()
 
     def _malformed(self, exc: SMTPResponseException) -> Reply:

@@ -191,3 +191,56 @@ async def test_wrong_password_is_refused_by_postfix_and_mail_waits(
     assert entry.state.value == "queued"
     assert "535" in (entry.last_error or "")  # Postfix: 535 5.7.8 authentication failed
     assert "wrong horse" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def postfix_limits() -> Iterator[PostfixSmarthost]:
+    """STARTTLS and AUTH, two recipients per transaction, one recipient refused by name."""
+    main = {"smtpd_recipient_limit": "2",
+            "smtpd_recipient_restrictions": "check_recipient_access inline:{ gone@example.net=REJECT }"}
+    with PostfixSmarthost(tls=True, credentials=CREDENTIALS, main=main) as pf:
+        yield pf
+
+
+async def test_pipelined_transactions_with_postfix(postfix_limits: PostfixSmarthost) -> None:
+    """Postfix offers PIPELINING: MAIL, every RCPT and DATA go in one write after STARTTLS and
+    AUTH; a refused recipient, and the 452 past smtpd_recipient_limit whose recipient goes in
+    a second transaction on the same connection, are read from the group in order."""
+    from relayd.config import AuthConfig, AuthMethod, Smarthost, TlsMode
+    from relayd.forwarder import SmarthostPool
+    from relayd.model import Status
+    from relayd.secrets import Secret
+
+    pf = postfix_limits
+    sh = Smarthost(name="postfix", host=pf.host, port=pf.port, tls=TlsMode.STARTTLS,
+                   ca_file=pf.ca_file, timeout=5,
+                   auth=AuthConfig(method=AuthMethod.PLAIN, username=CREDENTIALS[0],
+                                   password=Secret(CREDENTIALS[1])))
+    pool = SmarthostPool(sh, hostname="relay.test.example", transcripts=True)
+    rcpts = ("one@example.net", "gone@example.net", "two@example.net", "three@example.org")
+    try:
+        result = await pool.deliver("PIPE1", MSG, "app@example.com", rcpts)
+        assert pool.statistics().connections_opened == 1
+    finally:
+        await pool.aclose()
+    assert [o.status for o in result.outcomes] == [Status.SENT, Status.FAILED, Status.SENT, Status.SENT]
+    assert result.outcomes[1].reply.code == 554 and "Access denied" in result.outcomes[1].reply.text
+    lines = list(result.transcript)
+    assert "S: 250-PIPELINING" in lines
+    mail = f"C: MAIL FROM:<app@example.com> SIZE={len(MSG)}"
+    first = lines.index(mail)
+    # The whole group was written before the first reply was read.
+    assert lines[first + 1:first + 6] == [*(f"C: RCPT TO:<{r}>" for r in rcpts), "C: DATA"]
+    assert [ln[:6] for ln in lines[first + 6:first + 12]] == ["S: 250", "S: 250", "S: 554", "S: 250",
+                                                              "S: 452", "S: 354"]
+    second = lines.index(mail, first + 1)
+    assert lines[second + 1:second + 3] == ["C: RCPT TO:<three@example.org>", "C: DATA"]
+    held = {h.recipients: h for h in await _held(pf)}
+    assert set(held) == {("one@example.net", "two@example.net"), ("three@example.org",)}
+    for h in held.values():  # Postfix adds a Date: to the headers; the body is as sent
+        header, body = h.content.split(b"\n\n", 1)
+        assert body == MSG.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")
+        assert b"\nSubject: interop\n" in header
+    log = pf.log()
+    assert "improper command pipelining" not in log
+    assert log.count("sasl_method=PLAIN, sasl_username=relay") == 2

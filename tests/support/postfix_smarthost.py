@@ -14,6 +14,7 @@ Postfix's Dovecot SASL client; the Dovecot side is ``FakeDovecotAuth`` below, a 
 the documented Dovecot auth protocol served from a thread, because neither Dovecot nor
 saslpasswd2 is installed).
 With ``auth``, relaying requires authentication (``permit_sasl_authenticated`` only).
+``main``: more ``main.cf`` settings (e.g. ``smtpd_recipient_limit``), applied last.
 
 Postfix's daemons run as ``postfix`` and must reach the queue directory, so the instance lives
 in a world-traversable directory under /tmp (pytest's tmp_path is root-only), removed on stop.
@@ -107,8 +108,10 @@ postlog   unix-dgram n - n - 1 postlogd
 class PostfixSmarthost:
     """A private Postfix instance; use as a context manager (stops and cleans up on exit)."""
 
-    def __init__(self, *, tls: bool = False, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(self, *, tls: bool = False, credentials: tuple[str, str] | None = None,
+                 main: dict[str, str] | None = None) -> None:
         require_postfix()
+        self.extra_main = dict(main or {})
         self.tls = tls
         self.credentials = credentials
         self.host = "127.0.0.1"
@@ -212,6 +215,7 @@ class PostfixSmarthost:
                 # that AUTH succeeded.
                 "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
             })
+        main.update(self.extra_main)
         text = "".join(f"{k} = {v}\n" for k, v in main.items())
         (self.config_dir / "main.cf").write_text(text)
         (self.config_dir / "master.cf").write_text(

@@ -33,12 +33,19 @@ Constructor options (all also plain attributes, so a test may change them betwee
   "after 354, while the client sends the message") at which the server closes the connection
   / stops answering forever. ``drop_once``: only the first time, then behave normally.
 - ``size_limit``: the advertised SIZE (0: no SIZE). ``smtputf8``: offer SMTPUTF8.
+- ``pipelining``: advertise PIPELINING (RFC 2920) in the EHLO reply (aiosmtpd reads pipelined
+  commands either way). A scripted ``data`` reply starting with ``354`` is followed by a real
+  read of the message up to the final dot (recorded in ``forced_data``), then the ``dot``
+  script or ``554 5.5.1 no valid recipients``.
 
 Recorded: ``messages`` (``Received``: mail_from, rcpt_tos, data, mail_options,
 rcpt_options, tls, auth_mechanism, auth_login, connection), ``auth_attempts`` (``AuthAttempt``:
 mechanism, login, secret, ok, connection), ``connections`` (number accepted),
 ``commands`` (every command line as received, AUTH payloads included: for asserting what
-was sent, including "nothing in clear text"), ``max_concurrent`` (peak open sessions).
+was sent, including "nothing in clear text"), ``max_concurrent`` (peak open sessions),
+``waiting_at_mail`` (for each MAIL, the command lines that had already arrived, unread, when
+the server began to handle it, before it replied: a pipelined group's RCPTs and DATA),
+``forced_data`` (see ``pipelining``).
 ``await up.wait_connections(n)`` waits (with a deadline) until n sessions were opened.
 """
 
@@ -113,7 +120,8 @@ class FakeUpstream:
                  xoauth2_style: str = "google",
                  auth_failure: str = "535 5.7.8 Authentication credentials invalid", replies: Mapping[str, Any] | None = None,
                  drop_at: str | None = None, hang_at: str | None = None, drop_once: bool = False,
-                 size_limit: int = 0, smtputf8: bool = True, hostname: str = "localhost") -> None:
+                 size_limit: int = 0, smtputf8: bool = True, pipelining: bool = False,
+                 hostname: str = "localhost") -> None:
         self.tls = tls
         self.require_starttls = require_starttls
         self.auth = tuple(m.upper() for m in auth)
@@ -130,12 +138,15 @@ class FakeUpstream:
         self.drop_once = drop_once
         self.size_limit = size_limit
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
         self.hostname = hostname
         self.host = "127.0.0.1"
         self.port = 0
         self.messages: list[Received] = []
         self.auth_attempts: list[AuthAttempt] = []
         self.commands: list[str] = []
+        self.waiting_at_mail: list[list[str]] = []
+        self.forced_data: list[bytes] = []
         self.connections = 0
         self.open_sessions = 0
         self.max_concurrent = 0
@@ -300,6 +311,8 @@ class _ScriptedSMTP(SMTP):  # type: ignore[misc]
 
     async def smtp_MAIL(self, arg: str) -> None:
         self.fake.commands.append(f"MAIL {arg}")
+        unread = bytes(self._reader._buffer)
+        self.fake.waiting_at_mail.append([ln.decode() for ln in unread.split(b"\r\n") if ln])
         if await self._scripted("mail"):
             return
         if (self.fake.require_auth and not self.session.authenticated
@@ -321,13 +334,32 @@ class _ScriptedSMTP(SMTP):  # type: ignore[misc]
 
     async def smtp_DATA(self, arg: str) -> None:
         self.fake.commands.append("DATA")
-        if await self._scripted("data"):
+        if await self._act("data"):
+            return
+        reply = self.fake.next_reply("data")
+        if reply is not None and reply.startswith("354"):
+            await self._forced_data(reply)
+            return
+        if reply is not None:
+            await self.push(reply)
             return
         if self.fake.drop_at == "body" or self.fake.hang_at == "body":
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             await self._act("body")
             return
         await super().smtp_DATA(arg)
+
+    async def _forced_data(self, reply: str) -> None:
+        """354 whatever the state (a broken server): read up to the final dot, record it."""
+        await self.push(reply)
+        data = b""
+        while True:
+            line = await self._reader.readuntil(b"\r\n")
+            if line == b".\r\n":
+                break
+            data += line
+        self.fake.forced_data.append(data)
+        await self.push(self.fake.next_reply("dot") or "554 5.5.1 no valid recipients")
 
     async def smtp_RSET(self, arg: str) -> None:
         self.fake.commands.append("RSET")
@@ -429,7 +461,10 @@ class _Handler:
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         # aiosmtpd advertises a bare "AUTH" when every mechanism is excluded; real servers don't.
-        return [r for r in responses if r.strip() != "250-AUTH"]
+        lines = [r for r in responses if r.strip() != "250-AUTH"]
+        if self.fake.pipelining:
+            lines.insert(1, "250-PIPELINING")
+        return lines
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str | None:
         if await self.proto._act("dot"):
