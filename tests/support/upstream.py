@@ -33,8 +33,8 @@ Constructor options (all also plain attributes, so a test may change them betwee
   "after 354, while the client sends the message") at which the server closes the connection
   / stops answering forever. ``drop_once``: only the first time, then behave normally.
 - ``size_limit``: the advertised SIZE (0: no SIZE). ``smtputf8``: offer SMTPUTF8.
-- ``pipelining``: advertise PIPELINING (RFC 2920) in the EHLO reply (aiosmtpd reads pipelined
-  commands either way). A scripted ``data`` reply starting with ``354`` is followed by a real
+- ``pipelining``: advertise PIPELINING (RFC 2920) in the EHLO reply, as real smarthosts do
+  (default True; aiosmtpd reads pipelined commands either way). A scripted ``data`` reply starting with ``354`` is followed by a real
   read of the message up to the final dot (recorded in ``forced_data``), then the ``dot``
   script or ``554 5.5.1 no valid recipients``.
 
@@ -120,7 +120,7 @@ class FakeUpstream:
                  xoauth2_style: str = "google",
                  auth_failure: str = "535 5.7.8 Authentication credentials invalid", replies: Mapping[str, Any] | None = None,
                  drop_at: str | None = None, hang_at: str | None = None, drop_once: bool = False,
-                 size_limit: int = 0, smtputf8: bool = True, pipelining: bool = False,
+                 size_limit: int = 0, smtputf8: bool = True, pipelining: bool = True,
                  hostname: str = "localhost") -> None:
         self.tls = tls
         self.require_starttls = require_starttls
