@@ -54,6 +54,8 @@ from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Message, State
 from relayd.spool_records import (
     FORMAT_VERSION,
+    MAGIC,
+    MAX_HEADER,
     Attempt,
     Entry,
     Meta,
@@ -63,6 +65,7 @@ from relayd.spool_records import (
     meta_from_json,
     meta_to_json,
     new_queue_id,
+    parse_file,
     valid_id,
 )
 
@@ -70,28 +73,12 @@ __all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "Spoo
 
 log = logging.getLogger("relayd.spool")
 
-MAGIC = b"RELAYD-SPOOL 1 "
 MAX_RECOVERIES = 5
 _STATE_DIRS = (State.QUEUED, State.ACTIVE, State.HELD, State.FAILED)
-_MAX_HEADER = 16 * 1024 * 1024
 # Messages just stored stay in memory until their first delivery attempt reads them, so the
 # queue manager neither re-reads nor re-parses a file it has just written. Bounded (oldest
 # dropped first) so a backlog cannot grow the daemon; anything not here is read from disk.
 RECENT_CACHE_BYTES = 4 * 1024 * 1024
-
-
-def _parse(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """(header, content) of a whole spool file; ValueError when it is not one or is torn."""
-    end = data.find(b"\n", 0, 64)
-    if not data.startswith(MAGIC) or end < 0:
-        raise ValueError("not a relayd spool file")
-    n = int(data[len(MAGIC):end])
-    if not 0 < n < _MAX_HEADER or data[end + 1 + n:end + 2 + n] != b"\n":
-        raise ValueError("truncated header")
-    header = json.loads(data[end + 1:end + 1 + n])
-    content = data[end + n + 2:]
-    check_size(header, len(content))
-    return header, content
 
 
 class Spool:
@@ -243,7 +230,7 @@ class Spool:
             if not first.startswith(MAGIC) or not first.endswith(b"\n"):
                 raise ValueError("not a relayd spool file")
             n = int(first[len(MAGIC):-1])
-            if not 0 < n < _MAX_HEADER:
+            if not 0 < n < MAX_HEADER:
                 raise ValueError("bad header length")
             raw = f.read(n + 1)
             if len(raw) != n + 1 or raw[-1:] != b"\n":
@@ -294,15 +281,22 @@ class Spool:
             return content
         path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
         with open(path, "rb") as f:
-            return _parse(f.read())[1]
+            return parse_file(f.read())[1]
 
     def ids(self, state: State) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (a directory listing; cheap)."""
+        return builtins.list(self._iter_ids(state))
+
+    def _iter_ids(self, state: State) -> Iterator[str]:
+        """The IDs in ``state`` one by one: with 100,000 queued, os.listdir's list of names
+        next to the list of IDs made of it cost ~16 MB at once, every few seconds."""
         try:
-            names = os.listdir(self._dir(state))
+            with os.scandir(self._dir(state)) as it:
+                for e in it:
+                    if e.name.endswith(".msg"):
+                        yield e.name[:-4]
         except FileNotFoundError:
-            return []
-        return [n[:-4] for n in names if n.endswith(".msg")]
+            return
 
     def list(self, state: State | None = None) -> list[Entry]:
         """Entries in ``state`` (or every state), oldest first; unreadable files are skipped."""
@@ -315,7 +309,16 @@ class Spool:
         return out
 
     def counts(self) -> dict[State, int]:
-        return {st: len(self.ids(st)) for st in _STATE_DIRS}
+        return {st: sum(1 for _ in self._iter_ids(st)) for st in _STATE_DIRS}
+
+    def snapshot(self) -> tuple[dict[State, int], float | None]:
+        """(counts per state, acceptance time of the oldest queued or active message),
+        without holding a list of IDs: queue IDs start with the acceptance time in
+        microseconds (hex), so no file needs to be opened either."""
+        counts = self.counts()
+        oldest = min((int(q[:13], 16) for st in (State.QUEUED, State.ACTIVE)
+                      for q in self._iter_ids(st)), default=None)
+        return counts, None if oldest is None else oldest / 1_000_000
 
     # -- transitions (daemon) ------------------------------------------------------------------
     def _move(self, queue_id: str, src: State, dst: State) -> bool:
@@ -343,7 +346,7 @@ class Spool:
             # in the delivery process (relayd/split.py) nothing is in memory yet.
             with open(self._file(State.ACTIVE, queue_id), "rb") as f:
                 data = f.read()
-            header, content = _parse(data)
+            header, content = parse_file(data)
             envelope = envelope_from_json(header["envelope"])
             self._remember(queue_id, Message(envelope, content))  # bounded like any other
             return Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
@@ -533,7 +536,7 @@ class Spool:
             self._recover_tmp(name)
         recovered = self.recover_active(now)
         for state in (State.QUEUED, State.HELD, State.FAILED):
-            for qid in self.ids(state):
+            for qid in self._iter_ids(state):  # one at a time: see _iter_ids
                 try:
                     self._read_header(self._file(state, qid))
                     self._read_meta(qid)
@@ -570,7 +573,7 @@ class Spool:
             if not name.endswith(".msg") or not valid_id(qid):
                 raise ValueError("not a message file")
             with open(path, "rb") as f:
-                header, content = _parse(f.read())
+                header, content = parse_file(f.read())
             if "crc32" not in header:
                 raise ValueError("no checksum")
             if zlib.crc32(content) != header["crc32"]:
@@ -587,7 +590,7 @@ class Spool:
 
     def iter_queued_schedule(self) -> Iterator[tuple[str, float | None, float, bool]]:
         """(id, next_attempt, created, priority) for every queued message, for the scheduler."""
-        for qid in self.ids(State.QUEUED):
+        for qid in self._iter_ids(State.QUEUED):
             try:
                 entry = self._entry(qid, State.QUEUED, self._file(State.QUEUED, qid))
             except FileNotFoundError:
