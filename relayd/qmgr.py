@@ -3,7 +3,7 @@ transitions.
 
 It keeps a compact in-memory schedule of queued IDs (relayd/schedule.py: priority first),
 wakes on new mail or at the earliest due time instead of polling, and rescans the spool
-slowly (plus `relayd queue` pokes quickly) to pick up changes made from another process. For each due
+slowly (plus `relayd queue` pokes quickly) to pick up messages it does not know yet. For each due
 message it claims the file, tries the smarthosts in order (later ones are fallbacks for the
 recipients the earlier ones deferred), logs one Postfix-shaped line per recipient, and then
 completes, requeues with backoff, or fails the message. A smarthost that fails as a whole
@@ -35,6 +35,7 @@ log = logging.getLogger("relayd.qmgr")
 _T = TypeVar("_T")
 
 RESCAN_INTERVAL = 30.0
+RESCAN_BATCH = 1000  # IDs per thread hop of a rescan (and per stretch on the event loop)
 POKE_INTERVAL = 1.0
 # A disagreement this large between the wall clock and the monotonic clock over one loop tick
 # is a clock jump (NTP step, VM resume, operator), not elapsed time.
@@ -191,16 +192,30 @@ class QueueManager:
 
     # -- main loop -----------------------------------------------------------------------------
     async def load(self) -> int:
-        """Fill the schedule from the spool (start-up and slow rescans); returns the count."""
-        rows = await self._io(lambda: list(self.spool.iter_queued_schedule()))
-        now = self._now()
-        # No stored retry time lies further out than the longest backoff, even when the clock
-        # was set back while relayd was not running.
-        latest = now + self.cfg.retry.max_interval
-        for qid, next_attempt, _created, priority in rows:
-            if qid not in self._schedule and qid not in self._inflight:
-                self.enqueue(qid, now if next_attempt is None else min(next_attempt, latest), priority)
-        return len(rows)
+        """Fill the schedule from the spool (start-up and slow rescans); returns the number
+        of queued messages seen. Only the files of messages not scheduled yet are read, a
+        batch at a time: a backlog costs neither a list of every ID nor a read of every
+        file on each rescan."""
+        seen = 0
+        scan = self.spool.scan_queued()
+        try:
+            while batch := await self._io(scan.next_batch, RESCAN_BATCH):
+                seen += len(batch)
+                unknown = [q for q in batch if q not in self._schedule and q not in self._inflight]
+                if not unknown:
+                    continue
+                rows = await self._io(self.spool.schedule_rows, unknown)
+                now = self._now()
+                # No stored retry time lies further out than the longest backoff, even when
+                # the clock was set back while relayd was not running.
+                latest = now + self.cfg.retry.max_interval
+                for qid, next_attempt, priority in rows:
+                    if qid not in self._schedule and qid not in self._inflight:
+                        self.enqueue(qid, now if next_attempt is None else min(next_attempt, latest),
+                                     priority)
+        finally:
+            await self._io(scan.close)
+        return seen
 
     async def _apply_pokes(self) -> None:
         ids = await self._io(self.spool.take_pokes)

@@ -44,7 +44,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,10 @@ from relayd.spool_records import (
     parse_file,
     valid_id,
 )
+from relayd.spool_scan import QueuedScan
 
-__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "Spool", "new_queue_id"]
+__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "QueuedScan", "Spool",
+           "new_queue_id"]
 
 log = logging.getLogger("relayd.spool")
 
@@ -588,9 +590,15 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def iter_queued_schedule(self) -> Iterator[tuple[str, float | None, float, bool]]:
-        """(id, next_attempt, created, priority) for every queued message, for the scheduler."""
-        for qid in self._iter_ids(State.QUEUED):
+    def scan_queued(self) -> QueuedScan:
+        """The IDs in queued/, a batch at a time (see QueuedScan)."""
+        return QueuedScan(self._iter_ids(State.QUEUED))
+
+    def schedule_rows(self, queue_ids: Iterable[str]) -> builtins.list[tuple[str, float | None, bool]]:
+        """(id, next_attempt, priority) of each queued message in ``queue_ids``, for the
+        scheduler; files that are gone are left out, unreadable ones set aside."""
+        rows = []
+        for qid in queue_ids:
             try:
                 entry = self._entry(qid, State.QUEUED, self._file(State.QUEUED, qid))
             except FileNotFoundError:
@@ -598,4 +606,6 @@ class Spool:
             except (OSError, ValueError, KeyError) as exc:
                 self._set_aside(State.QUEUED, qid, f"unreadable: {exc}")
                 continue
-            yield qid, entry.next_attempt, entry.created, entry.envelope.priority
+            rows.append((qid, entry.next_attempt, entry.envelope.priority))
+        return rows
+
