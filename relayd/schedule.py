@@ -31,6 +31,7 @@ _ODD = 0xFFFF  # the low part of a slot whose ID is not a standard one (see _odd
 _FIB = 0x9E3779B97F4A7C15  # Fibonacci hashing: consecutive IDs spread over the table
 _M64 = (1 << 64) - 1
 _MIN_TABLE_BITS = 3
+_MIN_SLOTS = 64
 _COMPACT_MIN = 4096  # slots; below this a mostly empty schedule is not worth compacting
 
 
@@ -49,17 +50,20 @@ class Schedule:
         self._live = 0
         self._odd: dict[str, int] = {}  # non-standard ID -> slot
         self._odd_ids: dict[int, str] = {}  # slot -> non-standard ID
-        self._reset_slots()
+        self._reset_slots(_MIN_SLOTS)
         self._reset_table(_MIN_TABLE_BITS)
 
-    def _reset_slots(self) -> None:
-        self._hi = array("Q")  # ID value >> 8 (standard IDs)
-        self._lo = array("H")  # ID value & 0xFF, or _ODD
-        self._due = array("d")
-        self._seq = array("Q")
-        self._pos = array("i")  # index in the lane's heap; -1: a free slot
-        self._lane = bytearray()  # 0: priority, 1: normal
-        self._free = array("I")
+    def _reset_slots(self, capacity: int) -> None:
+        # Allocated once per doubling, not grown item by item: every reallocation that
+        # moves a large array leaves a hole in the C heap (RSS that stays).
+        self._hi = array("Q", bytes(8 * capacity))  # ID value >> 8 (standard IDs)
+        self._lo = array("H", bytes(2 * capacity))  # ID value & 0xFF, or _ODD
+        self._due = array("d", bytes(8 * capacity))
+        self._seq = array("Q", bytes(8 * capacity))
+        self._pos = array("i", bytes(4 * capacity))  # index in the lane's heap; -1: free
+        self._lane = bytearray(capacity)  # 0: priority, 1: normal
+        self._top = 0  # slots from here on were never used
+        self._free = array("I")  # freed slots below _top
         self._heaps = (array("I"), array("I"))
 
     def _reset_table(self, bits: int) -> None:
@@ -156,14 +160,15 @@ class Schedule:
 
     def _new_slot(self, qid: str, value: int) -> int:
         if value >= 0 and (self._filled + 1) * 3 > len(self._table) * 2:
-            self._rebuild()  # before taking a slot: a rebuild renumbers them
+            self._rehash()
         if self._free:
             slot = self._free.pop()
         else:
-            slot = len(self._pos)
-            for arr in (self._hi, self._lo, self._due, self._seq, self._pos):
-                arr.append(0)
-            self._lane.append(0)
+            if self._top == len(self._pos):
+                for arr in (self._hi, self._lo, self._due, self._seq, self._pos, self._lane):
+                    arr *= 2  # one reallocation; the copied values are overwritten when used
+            slot = self._top
+            self._top += 1
         self._pos[slot] = -1
         if value < 0:
             self._hi[slot], self._lo[slot] = 0, _ODD
@@ -186,7 +191,7 @@ class Schedule:
         self._free.append(slot)
         self._live -= 1
         if len(self._pos) > _COMPACT_MIN and self._live * 8 < len(self._pos):
-            self._rebuild()  # a drained backlog gives its memory back
+            self._compact()  # a drained backlog gives its memory back
 
     # -- the hash table (standard IDs) -----------------------------------------------------------
     def _bucket(self, value: int) -> int:
@@ -213,32 +218,35 @@ class Schedule:
             self._filled += 1
         table[i] = slot + 1
 
-    def _rebuild(self) -> None:
-        """Renumber the live slots densely (heap order kept) and rehash: removes deleted
-        buckets and free slots, and sizes the table for about twice the live count."""
-        old = (self._hi, self._lo, self._due, self._seq, self._lane, self._heaps)
-        hi, lo, due, seq, lane, heaps = old
+    def _rehash(self) -> None:
+        """A new table for about twice the live count, without the deleted buckets."""
+        self._reset_table(max(_MIN_TABLE_BITS, (2 * self._live + 2).bit_length()))
+        hi, lo, pos = self._hi, self._lo, self._pos
+        for slot in range(self._top):
+            if pos[slot] >= 0 and lo[slot] != _ODD:
+                self._insert((hi[slot] << 8) | lo[slot], slot)
+
+    def _compact(self) -> None:
+        """Renumber the live slots densely (heap order kept) into arrays for about twice
+        as many, and rehash."""
+        hi, lo, due, seq, lane, heaps = (self._hi, self._lo, self._due, self._seq, self._lane,
+                                         self._heaps)
         odd_ids = self._odd_ids
-        self._reset_slots()
+        self._reset_slots(max(_MIN_SLOTS, 2 * self._live))
         self._odd, self._odd_ids = {}, {}
-        bits = max(_MIN_TABLE_BITS, (2 * self._live).bit_length())
-        self._reset_table(bits)
         for n, heap in enumerate(heaps):
-            for slot in heap:
-                new = len(self._pos)
-                self._hi.append(hi[slot])
-                self._lo.append(lo[slot])
-                self._due.append(due[slot])
-                self._seq.append(seq[slot])
-                self._lane.append(lane[slot])
-                self._pos.append(len(self._heaps[n]))
+            for i, slot in enumerate(heap):
+                new = self._top
+                self._top += 1
+                self._hi[new], self._lo[new] = hi[slot], lo[slot]
+                self._due[new], self._seq[new], self._lane[new] = due[slot], seq[slot], lane[slot]
+                self._pos[new] = i
                 self._heaps[n].append(new)
                 if lo[slot] == _ODD:
                     qid = odd_ids[slot]
                     self._odd[qid] = new
                     self._odd_ids[new] = qid
-                else:
-                    self._insert((hi[slot] << 8) | lo[slot], new)
+        self._rehash()
 
     # -- the heaps ---------------------------------------------------------------------------------
     def _heap_remove(self, slot: int) -> None:

@@ -235,7 +235,9 @@ def test_large_schedule_is_small() -> None:
         size, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert size < 60 * n, f"{size / n:.0f} bytes per message"  # was ~300
+    # ~31 bytes per slot (at most twice as many slots as messages), 4-8 per bucket of the
+    # hash table, 4 in a heap; the heaps of objects it replaced took ~300
+    assert size < 80 * n, f"{size / n:.0f} bytes per message"
 
 
 def test_large_schedule_is_fast_in_order_and_gives_memory_back() -> None:
@@ -247,7 +249,7 @@ def test_large_schedule_is_fast_in_order_and_gives_memory_back() -> None:
         s.push(qid, 1_700_000_000 + i / 1500, i % 10 == 0)
     pushed = time.perf_counter() - t0
     full = _footprint(s)
-    assert full < 60 * n
+    assert full < 80 * n
     assert len(s) == n and all(q in s for q in ids[::97])
     t0 = time.perf_counter()
     out = [s.pop_due(2e9) for _ in range(n)]
