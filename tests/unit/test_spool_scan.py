@@ -129,3 +129,15 @@ async def test_rescan_is_cancellable_and_closes_its_listing(spool: Spool, monkey
         await task
     assert closed == [True]
     assert 0 < qm.statistics().scheduled < 50
+
+
+def test_headers_longer_than_one_read_and_torn_inside(spool: Spool) -> None:
+    rcpts = tuple(f"user{i}@example.net" for i in range(600))  # a ~15 KB header
+    env = Envelope("alice@example.com", rcpts, received_at=1_700_000_000.0, priority=True)
+    big = spool.put(Message(env, b"Subject: many\r\n\r\nhi\r\n"))
+    torn = spool.put(Message(env, b"Subject: many\r\n\r\nhi\r\n"))
+    path = spool.path / "queued" / f"{torn}.msg"
+    path.write_bytes(path.read_bytes()[:9000])  # cut inside the header
+    assert spool.get(big).envelope == env
+    assert spool.schedule_rows([big, torn]) == [(big, None, True)]
+    assert os.listdir(spool.path / "corrupt") == [f"{torn}.msg"]
