@@ -3,11 +3,12 @@ transitions.
 
 It keeps a compact in-memory schedule of queued IDs (relayd/schedule.py: priority first),
 wakes on new mail or at the earliest due time instead of polling, and rescans the spool
-slowly (plus `relayd queue` pokes quickly) to pick up messages it does not know yet. For each due
-message it claims the file, tries the smarthosts in order (later ones are fallbacks for the
-recipients the earlier ones deferred), logs one Postfix-shaped line per recipient, and then
-completes, requeues with backoff, or fails the message. A smarthost that fails as a whole
-(refused, TLS, auth, 421, timeout) is paused with backoff and costs queued mail no attempts.
+slowly (plus `relayd queue` pokes quickly) to pick up messages it does not know yet. For
+each due message it claims the file, tries the smarthosts in order (later ones are
+fallbacks for the recipients the earlier ones deferred), logs one Postfix-shaped line per
+recipient, and then completes, requeues with backoff, or fails the message. A smarthost
+that fails as a whole (refused, TLS, auth, 421, timeout) is paused with backoff and costs
+queued mail no attempts.
 """
 
 from __future__ import annotations
