@@ -68,7 +68,7 @@ from relayd.spool_records import (
     parse_file,
     valid_id,
 )
-from relayd.spool_scan import QueuedScan
+from relayd.spool_scan import QueuedScan, iter_ids, oldest
 
 __all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "QueuedScan", "Spool",
            "new_queue_id"]
@@ -300,15 +300,7 @@ class Spool:
         return builtins.list(self._iter_ids(state))
 
     def _iter_ids(self, state: State) -> Iterator[str]:
-        """The IDs in ``state`` one by one: with 100,000 queued, os.listdir's list of names
-        next to the list of IDs made of it cost ~16 MB at once, every few seconds."""
-        try:
-            with os.scandir(self._dir(state)) as it:
-                for e in it:
-                    if e.name.endswith(".msg"):
-                        yield e.name[:-4]
-        except FileNotFoundError:
-            return
+        return iter_ids(self._dir(state))
 
     def list(self, state: State | None = None) -> list[Entry]:
         """Entries in ``state`` (or every state), oldest first; unreadable files are skipped."""
@@ -324,13 +316,9 @@ class Spool:
         return {st: sum(1 for _ in self._iter_ids(st)) for st in _STATE_DIRS}
 
     def snapshot(self) -> tuple[dict[State, int], float | None]:
-        """(counts per state, acceptance time of the oldest queued or active message),
-        without holding a list of IDs: queue IDs start with the acceptance time in
-        microseconds (hex), so no file needs to be opened either."""
-        counts = self.counts()
-        oldest = min((int(q[:13], 16) for st in (State.QUEUED, State.ACTIVE)
-                      for q in self._iter_ids(st)), default=None)
-        return counts, None if oldest is None else oldest / 1_000_000
+        """(counts per state, acceptance time of the oldest queued or active message), without
+        a list of IDs and without opening a file (see spool_scan.oldest)."""
+        return self.counts(), oldest(self._dir(State.QUEUED), self._dir(State.ACTIVE))
 
     # -- transitions (daemon) ------------------------------------------------------------------
     def _move(self, queue_id: str, src: State, dst: State) -> bool:

@@ -33,11 +33,12 @@ def test_ids_counts_and_snapshot(spool: Spool) -> None:
                                                     State.FAILED)}, None)
     ids = [spool.put(_msg(i)) for i in range(5)]
     (spool.path / "queued" / "stray.tmp").write_bytes(b"")  # not a message file
+    (spool.path / "active" / "stray.msg").write_bytes(b"")  # not a queue ID
     spool.claim(ids[0])
     spool.hold(ids[1])
     assert sorted(spool.ids(State.QUEUED)) == sorted(ids[2:])
     counts, oldest = spool.snapshot()
-    assert counts == spool.counts() == {State.QUEUED: 3, State.ACTIVE: 1, State.HELD: 1,
+    assert counts == spool.counts() == {State.QUEUED: 3, State.ACTIVE: 2, State.HELD: 1,
                                         State.FAILED: 0}
     # the oldest queued or active message, from its ID (held ones do not count)
     assert oldest == pytest.approx(1_700_000_000.0, abs=1e-6)
