@@ -2,10 +2,10 @@
 
 A message is scheduled at most once: ``push`` sets (or moves) its due time, ``forget`` drops
 it, ``pop_due`` hands out the earliest due one, priority mail first; messages due at the
-same time leave in the order they were (re)scheduled. With 100,000 messages queued and the
-smarthost down, one Python object per message (a heap item, a dict entry, the ID string
-and the due float: ~300 bytes) made the delivery process ~30 MB larger; here a message is
-a slot in a few typed arrays (~45 bytes):
+same time leave in the order they were (re)scheduled. Python objects per message (a heap
+item, a dict entry, the ID string, the due float) cost ~300 bytes: 30 MB in the delivery
+process with 100,000 queued. Here a message is a slot in a few typed arrays (~50 bytes,
+arrays at most twice as long as needed):
 
 - slots: the queue ID's value (a standard 18-digit ID is a 72-bit number), the due time,
   the (re)scheduling sequence number, the lane and the position in the lane's heap;
