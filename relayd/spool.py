@@ -68,7 +68,7 @@ from relayd.spool_records import (
     parse_file,
     valid_id,
 )
-from relayd.spool_scan import QueuedScan, iter_ids, oldest
+from relayd.spool_scan import QueuedScan, count_and_oldest, iter_ids
 
 __all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "QueuedScan", "Spool",
            "new_queue_id"]
@@ -316,9 +316,12 @@ class Spool:
         return {st: sum(1 for _ in self._iter_ids(st)) for st in _STATE_DIRS}
 
     def snapshot(self) -> tuple[dict[State, int], float | None]:
-        """(counts per state, acceptance time of the oldest queued or active message), without
-        a list of IDs and without opening a file (see spool_scan.oldest)."""
-        return self.counts(), oldest(self._dir(State.QUEUED), self._dir(State.ACTIVE))
+        """(counts per state, acceptance time of the oldest queued or active message), in
+        one pass over each directory and without a list of IDs (see count_and_oldest)."""
+        scans = {st: count_and_oldest(self._dir(st)) for st in _STATE_DIRS}
+        times = [scans[st][1] for st in (State.QUEUED, State.ACTIVE)]
+        oldest = min((t for t in times if t is not None), default=None)
+        return {st: n for st, (n, _) in scans.items()}, None if oldest is None else oldest / 1e6
 
     # -- transitions (daemon) ------------------------------------------------------------------
     def _move(self, queue_id: str, src: State, dst: State) -> bool:

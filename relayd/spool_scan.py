@@ -15,8 +15,6 @@ import threading
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
-from relayd.spool_records import valid_id
-
 
 def iter_ids(directory: str | Path) -> Iterator[str]:
     """The queue IDs of the message files (``ID.msg``) in ``directory``, one by one; none
@@ -30,17 +28,27 @@ def iter_ids(directory: str | Path) -> Iterator[str]:
         return
 
 
-def oldest(*directories: str | Path) -> float | None:
-    """The acceptance time of the oldest message in ``directories`` (None: no message).
-    Queue IDs start with it, in microseconds (hex), so no file needs to be opened; a name
-    that is no queue ID (a stray file) is left out rather than failing the whole count."""
-    us: int | None = None
-    for d in directories:
-        for qid in iter_ids(d):
-            if valid_id(qid):
-                t = int(qid[:13], 16)
-                us = t if us is None or t < us else us
-    return None if us is None else us / 1_000_000
+def count_and_oldest(directory: str | Path) -> tuple[int, int | None]:
+    """(number of message files in ``directory``, acceptance time of the oldest in
+    microseconds or None), in one pass. Queue IDs start with that time (hex), so no file is
+    opened; a name that is no number (a stray file) is counted but not dated."""
+    n, oldest = 0, None
+    try:
+        with os.scandir(directory) as it:
+            for e in it:
+                name = e.name
+                if not name.endswith(".msg"):
+                    continue
+                n += 1
+                try:
+                    us = int(name[:-4][:13], 16)
+                except ValueError:
+                    continue
+                if oldest is None or us < oldest:
+                    oldest = us
+    except FileNotFoundError:
+        pass
+    return n, oldest
 
 
 class QueuedScan:
