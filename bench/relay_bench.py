@@ -441,6 +441,17 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
     return m
 
 
+def _per_process(relayd: Relayd, when: str) -> dict[str, float]:
+    """Peak (VmHWM) and current (VmRSS) MB of each process: the accepting one (relayd run)
+    first, then its delivery process (absent with RELAYD_SINGLE_PROCESS=1)."""
+    out: dict[str, float] = {}
+    for role, pid in zip(("accept", "deliver"), relayd.pids(), strict=False):
+        status = relayd.proc_status(pid)
+        for key, name in (("VmHWM", "peak"), ("VmRSS", "now")):
+            out[f"{role}_rss_mb_{when}_{name}"] = round(int(status.get(key, "0 kB").split()[0]) / 1024, 1)
+    return out
+
+
 def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float]:
     """RSS of relayd holding ``count`` queued 1 KB messages: while they arrive with the
     smarthost down, and after a restart that finds them all in the spool."""
@@ -456,6 +467,7 @@ def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float
         out["queued"] = relayd.queue_left()
         out["rss_mb_while_accepting_peak"] = round(relayd.peak_rss_mb(), 1)
         out["rss_mb_after_accepting"] = round(relayd.rss_mb(), 1)
+        out.update(_per_process(relayd, "after_accepting"))
     finally:
         relayd.stop()
     relayd = Relayd(workdir, dead, 4)  # same spool, fresh process
@@ -466,6 +478,7 @@ def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float
         out["restart_seconds_to_banner"] = round(time.monotonic() - t0 - 2.0, 1)
         out["rss_mb_after_restart_peak"] = round(relayd.peak_rss_mb(), 1)
         out["rss_mb_after_restart"] = round(relayd.rss_mb(), 1)
+        out.update(_per_process(relayd, "after_restart"))
     finally:
         relayd.stop()
     return out

@@ -1,13 +1,14 @@
 """The queue manager: decides what to deliver when, and turns delivery results into spool
 transitions.
 
-It keeps a small in-memory schedule of queued IDs (two heaps: priority first), wakes on new
-mail or at the earliest due time instead of polling, and rescans the spool slowly (plus
-`relayd queue` pokes quickly) to pick up changes made from another process. For each due
-message it claims the file, tries the smarthosts in order (later ones are fallbacks for the
-recipients the earlier ones deferred), logs one Postfix-shaped line per recipient, and then
-completes, requeues with backoff, or fails the message. A smarthost that fails as a whole
-(refused, TLS, auth, 421, timeout) is paused with backoff and costs queued mail no attempts.
+It keeps a compact in-memory schedule of queued IDs (relayd/schedule.py: priority first),
+wakes on new mail or at the earliest due time instead of polling, and rescans the spool
+slowly (plus `relayd queue` pokes quickly) to pick up messages it does not know yet. For
+each due message it claims the file, tries the smarthosts in order (later ones are
+fallbacks for the recipients the earlier ones deferred), logs one Postfix-shaped line per
+recipient, and then completes, requeues with backoff, or fails the message. A smarthost
+that fails as a whole (refused, TLS, auth, 421, timeout) is paused with backoff and costs
+queued mail no attempts.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import heapq
-import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from relayd import faults, logline
@@ -30,12 +29,14 @@ from relayd.config import Smarthost, SpoolConfig
 from relayd.errors import SpoolError
 from relayd.metrics import Recorder
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
+from relayd.schedule import Schedule
 from relayd.spool import Attempt, Entry, Spool
 
 log = logging.getLogger("relayd.qmgr")
 _T = TypeVar("_T")
 
 RESCAN_INTERVAL = 30.0
+RESCAN_BATCH = 1000  # IDs per thread hop of a rescan (and per stretch on the event loop)
 POKE_INTERVAL = 1.0
 # A disagreement this large between the wall clock and the monotonic clock over one loop tick
 # is a clock jump (NTP step, VM resume, operator), not elapsed time.
@@ -100,13 +101,6 @@ class QmgrStats:
     paused: tuple[str, ...]
 
 
-@dataclass(order=True, slots=True)  # one per queued message: 100,000 queued = 4 MB less
-class _Item:
-    due: float
-    seq: int
-    qid: str = field(compare=False)
-
-
 class QueueManager:
     """Schedules and performs deliveries for one spool."""
 
@@ -125,10 +119,8 @@ class QueueManager:
         self._smarthosts: tuple[Smarthost, ...] = tuple(smarthosts)
         self._pools: dict[str, Pool] = {}
         self._health: dict[str, SmarthostState] = {}
-        self._heaps: tuple[list[_Item], list[_Item]] = ([], [])  # (priority, normal)
-        self._due: dict[str, float] = {}
+        self._schedule = Schedule()
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._stopping = False
         self._max_inflight = max(4, 2 * sum(s.max_connections for s in self._smarthosts))
@@ -150,32 +142,11 @@ class QueueManager:
         self._push(qid, self._now() if due is None else due, priority)
 
     def _push(self, qid: str, when: float, priority: bool) -> None:
-        if self._due.get(qid) == when:
-            return
-        self._due[qid] = when
-        heapq.heappush(self._heaps[0 if priority else 1], _Item(when, next(self._seq), qid))
-        self._wake.set()
+        if self._schedule.push(qid, when, priority):
+            self._wake.set()
 
     def forget(self, qid: str) -> None:
-        self._due.pop(qid, None)  # stale heap items are skipped when popped
-
-    def _pop_due(self, now: float) -> str | None:
-        for heap in self._heaps:
-            while heap:
-                top = heap[0]
-                if self._due.get(top.qid) != top.due:
-                    heapq.heappop(heap)  # superseded or forgotten
-                    continue
-                if top.due <= now:
-                    heapq.heappop(heap)
-                    del self._due[top.qid]
-                    return top.qid
-                break
-        return None
-
-    def _next_due(self) -> float | None:
-        times = [h[0].due for h in self._heaps if h]
-        return min(times) if times else None
+        self._schedule.forget(qid)
 
     def _hosts_available_at(self, now: float) -> float:
         """When at least one smarthost is not paused (now, if one is available)."""
@@ -187,7 +158,7 @@ class QueueManager:
 
     def statistics(self) -> QmgrStats:
         now = self._now()
-        return QmgrStats(scheduled=len(self._due), in_flight=len(self._inflight),
+        return QmgrStats(scheduled=len(self._schedule), in_flight=len(self._inflight),
                          paused=tuple(n for n, h in self._health.items() if h.paused_until > now))
 
     # -- configuration reload ----------------------------------------------------------------
@@ -222,16 +193,30 @@ class QueueManager:
 
     # -- main loop -----------------------------------------------------------------------------
     async def load(self) -> int:
-        """Fill the schedule from the spool (start-up and slow rescans); returns the count."""
-        rows = await self._io(lambda: list(self.spool.iter_queued_schedule()))
-        now = self._now()
-        # No stored retry time lies further out than the longest backoff, even when the clock
-        # was set back while relayd was not running.
-        latest = now + self.cfg.retry.max_interval
-        for qid, next_attempt, _created, priority in rows:
-            if qid not in self._due and qid not in self._inflight:
-                self.enqueue(qid, now if next_attempt is None else min(next_attempt, latest), priority)
-        return len(rows)
+        """Fill the schedule from the spool (start-up and slow rescans); returns the number
+        of queued messages seen. Only the files of messages not scheduled yet are read, a
+        batch at a time: a backlog costs neither a list of every ID nor a read of every
+        file on each rescan."""
+        seen = 0
+        scan = self.spool.scan_queued()
+        try:
+            while batch := await self._io(scan.next_batch, RESCAN_BATCH):
+                seen += len(batch)
+                unknown = [q for q in batch if q not in self._schedule and q not in self._inflight]
+                if not unknown:
+                    continue
+                rows = await self._io(self.spool.schedule_rows, unknown)
+                now = self._now()
+                # No stored retry time lies further out than the longest backoff, even when
+                # the clock was set back while relayd was not running.
+                latest = now + self.cfg.retry.max_interval
+                for qid, next_attempt, priority in rows:
+                    if qid not in self._schedule and qid not in self._inflight:
+                        self.enqueue(qid, now if next_attempt is None else min(next_attempt, latest),
+                                     priority)
+        finally:
+            await self._io(scan.close)
+        return seen
 
     async def _apply_pokes(self) -> None:
         ids = await self._io(self.spool.take_pokes)
@@ -264,9 +249,9 @@ class QueueManager:
                     last_scan = tick
                 await self._retire_pools()
                 available = self._hosts_available_at(now)
-                qid = self._pop_due(now) if available <= now else None
+                qid = self._schedule.pop_due(now) if available <= now else None
                 if qid is None:
-                    due = self._next_due()
+                    due = self._schedule.next_due()
                     wake_at = min(x for x in (due if due is not None else now + POKE_INTERVAL,
                                               now + POKE_INTERVAL) if x is not None)
                     if available > now:
@@ -293,10 +278,7 @@ class QueueManager:
             return now
         self._clock_skew += jump
         log.warning("the wall clock jumped %+.0fs; retry times follow it, expiry ignores it", jump)
-        for heap in self._heaps:
-            for item in heap:  # a uniform shift keeps the heap order
-                item.due += jump
-        self._due = {qid: due + jump for qid, due in self._due.items()}
+        self._schedule.shift(jump)
         for health in self._health.values():
             if health.paused_until:
                 health.paused_until += jump

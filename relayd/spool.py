@@ -44,7 +44,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Message, State
 from relayd.spool_records import (
     FORMAT_VERSION,
+    MAGIC,
+    MAX_HEADER,
     Attempt,
     Entry,
     Meta,
@@ -63,35 +65,23 @@ from relayd.spool_records import (
     meta_from_json,
     meta_to_json,
     new_queue_id,
+    parse_file,
     valid_id,
 )
+from relayd.spool_scan import QueuedScan, count_and_oldest, iter_ids
 
-__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "Spool", "new_queue_id"]
+__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "QueuedScan", "Spool",
+           "new_queue_id"]
 
 log = logging.getLogger("relayd.spool")
 
-MAGIC = b"RELAYD-SPOOL 1 "
 MAX_RECOVERIES = 5
 _STATE_DIRS = (State.QUEUED, State.ACTIVE, State.HELD, State.FAILED)
-_MAX_HEADER = 16 * 1024 * 1024
 # Messages just stored stay in memory until their first delivery attempt reads them, so the
 # queue manager neither re-reads nor re-parses a file it has just written. Bounded (oldest
 # dropped first) so a backlog cannot grow the daemon; anything not here is read from disk.
 RECENT_CACHE_BYTES = 4 * 1024 * 1024
-
-
-def _parse(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """(header, content) of a whole spool file; ValueError when it is not one or is torn."""
-    end = data.find(b"\n", 0, 64)
-    if not data.startswith(MAGIC) or end < 0:
-        raise ValueError("not a relayd spool file")
-    n = int(data[len(MAGIC):end])
-    if not 0 < n < _MAX_HEADER or data[end + 1 + n:end + 2 + n] != b"\n":
-        raise ValueError("truncated header")
-    header = json.loads(data[end + 1:end + 1 + n])
-    content = data[end + n + 2:]
-    check_size(header, len(content))
-    return header, content
+_HEADER_READ = 4096  # bytes read at first for a header (envelopes are usually far smaller)
 
 
 class Spool:
@@ -238,28 +228,37 @@ class Spool:
     # -- reading -----------------------------------------------------------------------------
     def _read_header(self, path: str | Path) -> tuple[dict[str, Any], int, int]:
         """(header json, offset of content, total file size)."""
-        with open(path, "rb") as f:
-            first = f.readline(64)
-            if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+        # os.read, not open(): one read nearly always holds the whole header, and start-up
+        # reads this for every queued message before the listener binds.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, _HEADER_READ)
+            end = data.find(b"\n", 0, 64)
+            if not data.startswith(MAGIC) or end < 0:
                 raise ValueError("not a relayd spool file")
-            n = int(first[len(MAGIC):-1])
-            if not 0 < n < _MAX_HEADER:
+            n = int(data[len(MAGIC):end])
+            if not 0 < n < MAX_HEADER:
                 raise ValueError("bad header length")
-            raw = f.read(n + 1)
-            if len(raw) != n + 1 or raw[-1:] != b"\n":
-                raise ValueError("truncated header")
-            size = os.fstat(f.fileno()).st_size
+            want = end + n + 2
+            while len(data) < want and (more := os.read(fd, want - len(data))):
+                data += more
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        raw = data[end + 1:want]
+        if len(raw) != n + 1 or raw[-1:] != b"\n":
+            raise ValueError("truncated header")
         header = json.loads(raw[:-1])
-        offset = len(first) + n + 1
-        check_size(header, size - offset)
-        return header, offset, size
+        check_size(header, size - want)
+        return header, want, size
 
     def _read_meta(self, queue_id: str) -> Meta:
-        try:
-            with open(self._meta_file(queue_id), "rb") as f:
-                raw = f.read()
+        try:  # most messages have no meta file: os.open fails cheaper than open()
+            fd = os.open(self._meta_file(queue_id), os.O_RDONLY)
         except FileNotFoundError:
             return Meta()
+        with open(fd, "rb") as f:
+            raw = f.read()
         return meta_from_json(json.loads(raw))
 
     def _locate(self, queue_id: str) -> tuple[State, str]:
@@ -294,15 +293,14 @@ class Spool:
             return content
         path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
         with open(path, "rb") as f:
-            return _parse(f.read())[1]
+            return parse_file(f.read())[1]
 
     def ids(self, state: State) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (a directory listing; cheap)."""
-        try:
-            names = os.listdir(self._dir(state))
-        except FileNotFoundError:
-            return []
-        return [n[:-4] for n in names if n.endswith(".msg")]
+        return builtins.list(self._iter_ids(state))
+
+    def _iter_ids(self, state: State) -> Iterator[str]:
+        return iter_ids(self._dir(state))
 
     def list(self, state: State | None = None) -> list[Entry]:
         """Entries in ``state`` (or every state), oldest first; unreadable files are skipped."""
@@ -315,7 +313,15 @@ class Spool:
         return out
 
     def counts(self) -> dict[State, int]:
-        return {st: len(self.ids(st)) for st in _STATE_DIRS}
+        return {st: sum(1 for _ in self._iter_ids(st)) for st in _STATE_DIRS}
+
+    def snapshot(self) -> tuple[dict[State, int], float | None]:
+        """(counts per state, acceptance time of the oldest queued or active message), in
+        one pass over each directory and without a list of IDs (see count_and_oldest)."""
+        scans = {st: count_and_oldest(self._dir(st)) for st in _STATE_DIRS}
+        times = [scans[st][1] for st in (State.QUEUED, State.ACTIVE)]
+        oldest = min((t for t in times if t is not None), default=None)
+        return {st: n for st, (n, _) in scans.items()}, None if oldest is None else oldest / 1e6
 
     # -- transitions (daemon) ------------------------------------------------------------------
     def _move(self, queue_id: str, src: State, dst: State) -> bool:
@@ -343,7 +349,7 @@ class Spool:
             # in the delivery process (relayd/split.py) nothing is in memory yet.
             with open(self._file(State.ACTIVE, queue_id), "rb") as f:
                 data = f.read()
-            header, content = _parse(data)
+            header, content = parse_file(data)
             envelope = envelope_from_json(header["envelope"])
             self._remember(queue_id, Message(envelope, content))  # bounded like any other
             return Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
@@ -533,7 +539,7 @@ class Spool:
             self._recover_tmp(name)
         recovered = self.recover_active(now)
         for state in (State.QUEUED, State.HELD, State.FAILED):
-            for qid in self.ids(state):
+            for qid in self._iter_ids(state):  # one at a time: see _iter_ids
                 try:
                     self._read_header(self._file(state, qid))
                     self._read_meta(qid)
@@ -570,7 +576,7 @@ class Spool:
             if not name.endswith(".msg") or not valid_id(qid):
                 raise ValueError("not a message file")
             with open(path, "rb") as f:
-                header, content = _parse(f.read())
+                header, content = parse_file(f.read())
             if "crc32" not in header:
                 raise ValueError("no checksum")
             if zlib.crc32(content) != header["crc32"]:
@@ -585,9 +591,15 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def iter_queued_schedule(self) -> Iterator[tuple[str, float | None, float, bool]]:
-        """(id, next_attempt, created, priority) for every queued message, for the scheduler."""
-        for qid in self.ids(State.QUEUED):
+    def scan_queued(self) -> QueuedScan:
+        """The IDs in queued/, a batch at a time (see QueuedScan)."""
+        return QueuedScan(self._iter_ids(State.QUEUED))
+
+    def schedule_rows(self, queue_ids: Iterable[str]) -> builtins.list[tuple[str, float | None, bool]]:
+        """(id, next_attempt, priority) of each queued message in ``queue_ids``, for the
+        scheduler; files that are gone are left out, unreadable ones set aside."""
+        rows = []
+        for qid in queue_ids:
             try:
                 entry = self._entry(qid, State.QUEUED, self._file(State.QUEUED, qid))
             except FileNotFoundError:
@@ -595,4 +607,6 @@ class Spool:
             except (OSError, ValueError, KeyError) as exc:
                 self._set_aside(State.QUEUED, qid, f"unreadable: {exc}")
                 continue
-            yield qid, entry.next_attempt, entry.created, entry.envelope.priority
+            rows.append((qid, entry.next_attempt, entry.envelope.priority))
+        return rows
+

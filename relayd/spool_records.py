@@ -1,11 +1,12 @@
-"""The spool's records (Entry, Meta, Attempt) and their JSON encoding in spool files.
+"""The spool's records (Entry, Meta, Attempt), their JSON encoding and the file format.
 
 Split from ``spool.py`` so that the file I/O stays in one module and the pure data in
-another; ``relayd.spool`` re-exports everything here.
+another; ``relayd.spool`` re-exports the records.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from typing import Any
 from relayd.model import Envelope, State
 
 FORMAT_VERSION = 1
+MAGIC = b"RELAYD-SPOOL 1 "
+MAX_HEADER = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,3 +150,17 @@ def meta_from_json(d: dict[str, Any]) -> Meta:
         recoveries=int(d.get("recoveries", 0)),
         retried_at=None if d.get("retried_at") is None else float(d["retried_at"]),
     )
+
+
+def parse_file(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header, content) of a whole spool file; ValueError when it is not one or is torn."""
+    end = data.find(b"\n", 0, 64)
+    if not data.startswith(MAGIC) or end < 0:
+        raise ValueError("not a relayd spool file")
+    n = int(data[len(MAGIC):end])
+    if not 0 < n < MAX_HEADER or data[end + 1 + n:end + 2 + n] != b"\n":
+        raise ValueError("truncated header")
+    header = json.loads(data[end + 1:end + 1 + n])
+    content = data[end + n + 2:]
+    check_size(header, len(content))
+    return header, content
