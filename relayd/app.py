@@ -313,12 +313,7 @@ class Daemon:
             await asyncio.sleep(self._housekeeping_interval)
 
     def _queue_snapshot(self) -> tuple[dict[State, int], float | None]:
-        counts = self.spool.counts()
-        queued = self.spool.ids(State.QUEUED) + self.spool.ids(State.ACTIVE)
-        # Queue IDs start with the acceptance time in microseconds (hex), so the smallest ID
-        # is the oldest message: no file needs to be opened.
-        oldest = min((int(q[:13], 16) / 1_000_000 for q in queued), default=None)
-        return counts, oldest
+        return self.spool.snapshot()
 
     async def send_alert_email(self, content: bytes, to: str) -> None:
         """Alert mail goes straight through the smarthosts (no spool, cap or suppression):
