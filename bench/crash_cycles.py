@@ -28,7 +28,7 @@ from tests.support.crashload import KillableRelay, Load, spool_files, wait_for_d
 from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
-POINTS = ("data", "spool-fsync", "before-250", "after-upstream-250")
+POINTS = ("data", "spool-fsync", "before-250", "after-upstream-250", "spool-recycle")
 
 
 async def campaign(args: argparse.Namespace, work: Path) -> int:

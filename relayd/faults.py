@@ -21,6 +21,8 @@ The points (where they are called, and what a crash there means):
 - ``before-250``: daemon intake, after the spool commit and before the 250 is written.
 - ``after-upstream-250``: queue manager, after a smarthost answered a delivery and before
   the spool records the outcome (the at-least-once duplicate window).
+- ``spool-recycle``: Spool.complete, after a delivered message's file was emptied and before
+  it moved into free/ for reuse (relayd/spool_free.py).
 - ``queue-command``: Spool.retry/release, between the renames of an operator command run by
   ``relayd queue`` in another process.
 - ``spool-write`` (fail only): Spool.put, after the bytes were written, before fsync (where a
@@ -43,7 +45,8 @@ from dataclasses import dataclass, field
 
 CRASH_ENV = "RELAYD_CRASH_AT"
 FAIL_ENV = "RELAYD_FAIL_AT"
-POINTS = ("data", "spool-fsync", "before-250", "after-upstream-250", "queue-command", "spool-write")
+POINTS = ("data", "spool-fsync", "before-250", "after-upstream-250", "spool-recycle", "queue-command",
+          "spool-write")
 
 
 def _kill_self() -> None:

@@ -3,6 +3,7 @@
 Layout under ``spool.path``::
 
     tmp/       writes in progress; recover() keeps the complete ones, removes the rest
+    free/      emptied files of delivered messages, reused by the next ones (spool_free.py)
     queued/    waiting for delivery          held/    taken out of delivery by an operator
     active/    claimed by a delivery now     failed/  given up on (kept until deleted/retried)
     meta/      ID.json: attempts, history, next attempt, remaining recipients (mutable)
@@ -27,6 +28,8 @@ change is one ``rename``, which is atomic, so `relayd queue ...` in another proc
 daemon arbitrate by whoever renames first. One file per message (instead of an .eml plus a
 .json sidecar) halves the fsyncs on the acceptance path; the mutable metadata lives in
 ``meta/`` and is only written on the slow paths (deferral, failure, operator commands).
+The file of a delivered message is emptied and kept in ``free/`` for the next message to be
+written into: allocating an inode was the costliest step of storing one (spool_free.py).
 
 All methods are blocking; the daemon calls them through an executor.
 """
@@ -40,8 +43,6 @@ import fcntl
 import json
 import logging
 import os
-import queue
-import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -52,6 +53,8 @@ from typing import Any
 from relayd import faults
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Message, State
+from relayd.spool_cache import RECENT_CACHE_BYTES, RecentMessages
+from relayd.spool_free import FreeFiles, Reaper
 from relayd.spool_records import (
     FORMAT_VERSION,
     MAGIC,
@@ -70,43 +73,36 @@ from relayd.spool_records import (
 )
 from relayd.spool_scan import QueuedScan, count_and_oldest, iter_ids
 
-__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "Attempt", "Entry", "Meta", "QueuedScan", "Spool",
-           "new_queue_id"]
+__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "RECENT_CACHE_BYTES", "Attempt", "Entry", "Meta",
+           "QueuedScan", "Spool", "new_queue_id"]
 
 log = logging.getLogger("relayd.spool")
 
 MAX_RECOVERIES = 5
 _STATE_DIRS = (State.QUEUED, State.ACTIVE, State.HELD, State.FAILED)
-# Messages just stored stay in memory until their first delivery attempt reads them, so the
-# queue manager neither re-reads nor re-parses a file it has just written. Bounded (oldest
-# dropped first) so a backlog cannot grow the daemon; anything not here is read from disk.
-RECENT_CACHE_BYTES = 4 * 1024 * 1024
 _HEADER_READ = 4096  # bytes read at first for a header (envelopes are usually far smaller)
 
 
 class Spool:
     """Durable message store with the states queued / active / held / failed."""
 
-    def __init__(self, path: Path, *, fsync: bool = True, keep_recent: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, keep_recent: bool = True,
+                 reuse_files: bool = True) -> None:
         self.path = Path(path)
-        self._keep_recent = keep_recent
         self._root = str(self.path)
-        self._reaper: threading.Thread | None = None
-        self._reaper_lock = threading.Lock()
-        self._reaper_queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._free = FreeFiles(f"{self._root}/free") if reuse_files else None
+        self._reaper = Reaper(self.complete)
         self._fsync = fsync
         self._lock_fd: int | None = None
         self._dir_fds: dict[str, int] = {}
-        self._recent: dict[str, Message] = {}  # insertion order = age
-        self._recent_bytes = 0
-        self._recent_lock = threading.Lock()
+        self.recent = RecentMessages(enabled=keep_recent)
 
     # -- set-up ------------------------------------------------------------------------------
     def ensure_dirs(self) -> None:
         """Create the spool directories (mode 0700: mail content is private)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for name in ("tmp", "meta", "poke", "corrupt", *(s.value for s in _STATE_DIRS)):
+            for name in ("tmp", "free", "meta", "poke", "corrupt", *(s.value for s in _STATE_DIRS)):
                 (self.path / name).mkdir(exist_ok=True, mode=0o700)
         except OSError as exc:
             raise SpoolError(f"cannot create the spool at {self.path}: {exc.strerror or exc}") from exc
@@ -179,7 +175,10 @@ class Spool:
                             ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         tmp = f"{self._root}/tmp/{qid}.msg"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = self._open_tmp(tmp)
+        except OSError as exc:
+            raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
+        try:
             try:
                 data = b"".join((MAGIC, str(len(header)).encode(), b"\n", header, b"\n",
                                  message.content))
@@ -197,32 +196,32 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
-        self._remember(qid, message)
+        self.recent.remember(qid, message)
         return qid
 
-    # -- the in-memory copy of recent messages -------------------------------------------------
-    def _remember(self, qid: str, message: Message) -> None:
-        size = len(message.content)
-        if size > RECENT_CACHE_BYTES // 4 or not self._keep_recent:
-            return
-        with self._recent_lock:
-            self._recent[qid] = message
-            self._recent_bytes += size
-            while self._recent_bytes > RECENT_CACHE_BYTES:
-                oldest = self._recent.pop(next(iter(self._recent)))
-                self._recent_bytes -= len(oldest.content)
-
-    def _recent_message(self, qid: str, *, pop: bool) -> Message | None:
-        with self._recent_lock:
-            m = self._recent.pop(qid, None) if pop else self._recent.get(qid)
-            if m is not None and pop:
-                self._recent_bytes -= len(m.content)
-        return m
+    def _open_tmp(self, tmp: str) -> int:
+        """A descriptor on a new, empty ``tmp``: a free file renamed, else a new one. Raises
+        FileExistsError when ``tmp`` exists (a duplicate ID: the other file stays)."""
+        free = self._free
+        if free is None or not free.take(tmp):
+            try:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                # Out of inodes: the free files hold some, look again now (not after a pause).
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or free is None \
+                        or not free.take(tmp, relist=True):
+                    raise
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def cached_content(self, queue_id: str) -> bytes | None:
         """The content of a message this Spool stored recently, without disk I/O (and
         forgotten here: later attempts read the file); None when not in memory."""
-        m = self._recent_message(queue_id, pop=True)
+        m = self.recent.pop(queue_id)
         return None if m is None else m.content
 
     # -- reading -----------------------------------------------------------------------------
@@ -337,10 +336,10 @@ class Spool:
         try:
             os.rename(self._file(State.QUEUED, queue_id), self._file(State.ACTIVE, queue_id))
         except FileNotFoundError:
-            self._recent_message(queue_id, pop=True)
+            self.recent.pop(queue_id)
             return None
         try:
-            m = self._recent_message(queue_id, pop=False)
+            m = self.recent.get(queue_id)
             if m is not None:  # the file holds exactly this envelope; only meta/ can have changed
                 return Entry(id=queue_id, state=State.ACTIVE, envelope=m.envelope,
                              size=len(m.content), created=m.envelope.received_at,
@@ -351,7 +350,7 @@ class Spool:
                 data = f.read()
             header, content = parse_file(data)
             envelope = envelope_from_json(header["envelope"])
-            self._remember(queue_id, Message(envelope, content))  # bounded like any other
+            self.recent.remember(queue_id, Message(envelope, content))  # bounded like any other
             return Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
                          created=float(header["envelope"].get("received_at", 0.0)),
                          meta=self._read_meta(queue_id))
@@ -396,10 +395,15 @@ class Spool:
         self._move(queue_id, src, State.FAILED)
 
     def complete(self, queue_id: str) -> None:
-        """Every recipient is done: remove the message."""
-        self._recent_message(queue_id, pop=True)
+        """Every recipient is done: remove the message (its file is kept empty in free/ for
+        reuse, see spool_free.py)."""
+        self.recent.pop(queue_id)
+        path = self._file(State.ACTIVE, queue_id)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._file(State.ACTIVE, queue_id))
+            if self._free is None:
+                os.unlink(path)
+            else:
+                self._free.give(path, queue_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._meta_file(queue_id))
 
@@ -412,28 +416,11 @@ class Spool:
         after recovery: at least once, never lost (RFC 5321 §6.1 prefers a duplicate).
         ``flush_completions()`` (and ``close()``) wait until every one is done.
         """
-        with self._reaper_lock:
-            if self._reaper is None:
-                self._reaper = threading.Thread(target=self._reap, name="relayd-spool-reaper",
-                                                daemon=True)
-                self._reaper.start()
-        self._reaper_queue.put(queue_id)
-
-    def _reap(self) -> None:
-        while (queue_id := self._reaper_queue.get()) is not None:
-            try:
-                self.complete(queue_id)
-            except OSError as exc:  # read-only or failing disk: recovery delivers it again
-                log.error("%s: delivered, but its spool file could not be removed: %s",
-                          queue_id, exc.strerror or exc)
+        self._reaper.put(queue_id)
 
     def flush_completions(self) -> None:
         """Wait until every ``complete_later`` has been carried out."""
-        with self._reaper_lock:
-            reaper, self._reaper = self._reaper, None
-            if reaper is not None:
-                self._reaper_queue.put(None)
-                reaper.join()
+        self._reaper.flush()
 
     # -- operator commands (any process) -------------------------------------------------------
     def _poke(self, queue_id: str) -> None:
@@ -503,7 +490,7 @@ class Spool:
         self._poke(queue_id)
 
     def delete(self, queue_id: str) -> None:
-        self._recent_message(queue_id, pop=True)
+        self.recent.pop(queue_id)
         state, path = self._locate(queue_id)
         if state is State.ACTIVE:
             raise SpoolError(f"{queue_id} is being delivered right now; try again in a moment")
@@ -537,6 +524,8 @@ class Spool:
         self.ensure_dirs()
         for name in os.listdir(self.path / "tmp"):
             self._recover_tmp(name)
+        if self._free is not None:
+            self._free.sweep()
         recovered = self.recover_active(now)
         for state in (State.QUEUED, State.HELD, State.FAILED):
             for qid in self._iter_ids(state):  # one at a time: see _iter_ids
@@ -553,6 +542,8 @@ class Spool:
         now = time.time() if now is None else now
         recovered: builtins.list[str] = []
         for qid in self.ids(State.ACTIVE):
+            if self._emptied(qid):
+                continue
             try:
                 meta = self._read_meta(qid)
                 self._read_header(self._file(State.ACTIVE, qid))
@@ -569,6 +560,22 @@ class Spool:
             recovered.append(qid)
         return recovered
 
+    def _emptied(self, queue_id: str) -> bool:
+        """An empty file in active/ is a delivered message whose file was being kept for
+        reuse when relayd stopped (spool_free.py): nothing else puts an empty file there.
+        It is removed with its metadata; True when that was the case."""
+        path = self._file(State.ACTIVE, queue_id)
+        try:
+            if os.stat(path).st_size != 0:
+                return False
+            os.unlink(path)
+        except FileNotFoundError:
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._meta_file(queue_id))
+        log.info("%s: delivered before relayd stopped; removed its emptied spool file", queue_id)
+        return True
+
     def _recover_tmp(self, name: str) -> None:
         path = self.path / "tmp" / name
         qid = name[:-4]
@@ -581,6 +588,8 @@ class Spool:
                 raise ValueError("no checksum")
             if zlib.crc32(content) != header["crc32"]:
                 raise ValueError("checksum mismatch")
+            if header.get("id", qid) != qid:  # a reused file not yet overwritten (spool_free.py)
+                raise ValueError("another message's file")
             if os.path.exists(self._file(State.QUEUED, qid)):
                 raise ValueError("already queued")
             os.rename(path, self._file(State.QUEUED, qid))

@@ -35,7 +35,8 @@ def assert_spool_clean(spool: Path) -> None:
         assert files.get(name, []) == [], f"{name}/ not empty: {files.get(name)}"
 
 
-@pytest.mark.parametrize("point", ["data", "spool-fsync", "before-250", "after-upstream-250"])
+@pytest.mark.parametrize("point", ["data", "spool-fsync", "before-250", "after-upstream-250",
+                                   "spool-recycle"])
 async def test_kill_at_point_under_load_loses_nothing(tmp_path: Path, point: str) -> None:
     async with FakeUpstream() as up:
         port = free_port()
@@ -68,6 +69,9 @@ async def test_kill_at_point_under_load_loses_nothing(tmp_path: Path, point: str
     if point in ("before-250", "after-upstream-250"):
         # Committed but unacknowledged / delivered but not recorded: a re-send is certain.
         assert verdict.duplicates >= 1
+    if point == "spool-recycle":
+        # Killed with a delivered message's file emptied in active/: recovery dropped it.
+        assert "removed its emptied spool file" in relay.log()
     assert_spool_clean(tmp_path / "spool")
     assert "Traceback" not in relay.log()
 

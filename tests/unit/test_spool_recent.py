@@ -41,8 +41,8 @@ def test_memory_is_bounded_and_older_messages_come_from_disk(tmp_path: Path) -> 
     size = RECENT_CACHE_BYTES // 8
     msgs = [_msg(i, size) for i in range(20)]
     ids = [spool.put(m) for m in msgs]
-    assert spool._recent_bytes <= RECENT_CACHE_BYTES
+    assert spool.recent.bytes <= RECENT_CACHE_BYTES
     assert spool.cached_content(ids[0]) is None
     for qid, m in zip(ids, msgs, strict=True):
         assert spool.read_content(qid) == m.content
-    assert spool._recent_bytes == 0
+    assert spool.recent.bytes == 0

@@ -1,0 +1,197 @@
+"""Reuse of delivered messages' files (relayd/spool_free.py): the next message is written into
+an emptied file instead of a new one, without ever mixing two messages, leaving delivered
+content on disk, or losing a message to a crash at any step."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from relayd import spool_free
+from relayd.errors import SpoolError
+from relayd.model import Envelope, Message, State
+from relayd.spool import Spool
+from relayd.spool_free import FreeFiles
+from relayd.spool_records import parse_file
+
+
+def _msg(body: bytes, rcpt: str = "bob@example.com") -> Message:
+    env = Envelope("alice@example.com", (rcpt,), client="127.0.0.1", helo="app", received_at=1000.0)
+    return Message(env, b"Subject: test\r\n\r\n" + body)
+
+
+def _deliver(spool: Spool, qid: str) -> None:
+    assert spool.claim(qid) is not None
+    spool.complete(qid)
+
+
+def _all_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "lock")
+
+
+def test_the_next_message_is_written_into_a_delivered_messages_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    long = _msg(b"first message, the longer one " * 200)
+    first = spool.put(long)
+    inode = os.stat(tmp_path / "s" / "queued" / f"{first}.msg").st_ino
+    _deliver(spool, first)
+    assert os.listdir(tmp_path / "s" / "free") == [first]
+    assert os.stat(tmp_path / "s" / "free" / first).st_size == 0
+    assert b"the longer one" not in _all_bytes(tmp_path / "s")  # delivered content is gone
+
+    short = _msg(b"second, short\r\n", rcpt="carol@example.com")
+    second = spool.put(short)
+    path = tmp_path / "s" / "queued" / f"{second}.msg"
+    assert os.stat(path).st_ino == inode
+    assert os.listdir(tmp_path / "s" / "free") == []
+    header, content = parse_file(path.read_bytes())  # no stale tail of the longer message
+    assert content == short.content and header["id"] == second
+    fresh = Spool(tmp_path / "s")  # another process reads exactly the new message
+    entry = fresh.claim(second)
+    assert entry is not None and entry.envelope.rcpt_tos == ("carol@example.com",)
+    assert fresh.read_content(second, State.ACTIVE) == short.content
+
+
+def test_without_free_files_a_new_file_is_created(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", reuse_files=False)
+    spool.ensure_dirs()
+    qid = spool.put(_msg(b"x\r\n"))
+    _deliver(spool, qid)
+    assert os.listdir(tmp_path / "s" / "free") == []
+    assert os.listdir(tmp_path / "s" / "active") == []
+
+
+def test_the_pool_is_bounded_and_the_rest_is_removed(tmp_path: Path) -> None:
+    d = tmp_path / "free"
+    d.mkdir()
+    pool = FreeFiles(str(d), limit=3)
+    for i in range(5):
+        p = tmp_path / f"m{i}"
+        p.write_bytes(b"delivered %d" % i)
+        pool.give(str(p), f"m{i}")
+        assert not p.exists()
+    assert sorted(os.listdir(d)) == ["m0", "m1", "m2"]
+    assert all(os.stat(d / n).st_size == 0 for n in os.listdir(d))
+
+
+def test_a_duplicate_queue_id_is_refused_and_the_other_file_kept(tmp_path: Path) -> None:
+    for reuse in (True, False):
+        root = tmp_path / f"s{reuse}"
+        spool = Spool(root, reuse_files=reuse)
+        spool.ensure_dirs()
+        _deliver(spool, spool.put(_msg(b"done\r\n")))  # one free file to take, when reusing
+        other = root / "tmp" / "ABCDEF0123456789AB.msg"
+        other.write_bytes(b"another message being written")
+        with pytest.raises(SpoolError):
+            spool.put(_msg(b"same id\r\n"), "ABCDEF0123456789AB")
+        assert other.read_bytes() == b"another message being written"
+        assert not (root / "queued" / "ABCDEF0123456789AB.msg").exists()
+
+
+def test_two_takers_of_one_free_file_never_share_it(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both link the same free file before either unlinks it: only the one whose unlink
+    succeeds keeps it; the other drops its link before writing anything."""
+    d = tmp_path / "free"
+    d.mkdir()
+    (d / "F").write_bytes(b"")
+    a, b = FreeFiles(str(d)), FreeFiles(str(d))
+    real_link = os.link
+    b_dst = str(tmp_path / "b.msg")
+    a_dst = str(tmp_path / "a.msg")
+
+    def link_then_a_takes(src: str, dst: str) -> None:
+        real_link(src, dst)
+        if dst == b_dst:  # b has linked; a now links and unlinks first
+            monkeypatch.setattr(spool_free.os, "link", real_link)
+            assert a.take(a_dst)
+
+    monkeypatch.setattr(spool_free.os, "link", link_then_a_takes)
+    assert b.take(b_dst) is False
+    assert os.path.exists(a_dst) and not os.path.exists(b_dst)
+    assert os.listdir(d) == []
+
+
+def test_out_of_inodes_on_tmpfs_the_free_file_is_moved_instead_of_linked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs charges a hard link against nr_inodes: link fails with ENOSPC exactly when the
+    free files are the only way to store mail (tests/integration/test_local_faults.py)."""
+    d = tmp_path / "free"
+    d.mkdir()
+    (d / "F").write_bytes(b"")
+    (d / "G").write_bytes(b"")
+
+    def no_inodes(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_free.os, "link", no_inodes)
+    pool = FreeFiles(str(d))
+    assert pool.take(str(tmp_path / "a.msg"))
+    (tmp_path / "b.msg").write_bytes(b"another message")
+    with pytest.raises(FileExistsError):  # the other file is never replaced
+        pool.take(str(tmp_path / "b.msg"))
+    assert (tmp_path / "b.msg").read_bytes() == b"another message"
+    assert len(os.listdir(d)) == 1
+
+
+def test_an_empty_pool_is_listed_again_only_after_a_pause(tmp_path: Path) -> None:
+    d = tmp_path / "free"
+    d.mkdir()
+    now = [100.0]
+    pool = FreeFiles(str(d), clock=lambda: now[0])
+    assert pool.take(str(tmp_path / "x")) is False
+    (d / "F").write_bytes(b"")
+    assert pool.take(str(tmp_path / "x")) is False  # not listed again yet: create instead
+    now[0] += spool_free.REFILL_PAUSE
+    assert pool.take(str(tmp_path / "x")) is True
+
+
+def test_an_emptied_file_in_active_after_a_crash_is_removed_quietly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Killed between emptying a delivered message's file and moving it into free/."""
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    done, pending = spool.put(_msg(b"delivered\r\n")), spool.put(_msg(b"in flight\r\n"))
+    assert spool.claim(done) is not None and spool.claim(pending) is not None
+    spool.write_meta(done, spool.get(done).meta)
+    os.truncate(tmp_path / "s" / "active" / f"{done}.msg", 0)
+
+    caplog.set_level(logging.INFO, "relayd.spool")
+    after = Spool(tmp_path / "s")
+    assert after.recover() == [pending]  # the interrupted delivery goes again; the other not
+    assert os.listdir(tmp_path / "s" / "corrupt") == []
+    assert not (tmp_path / "s" / "meta" / f"{done}.json").exists()
+    assert after.ids(State.QUEUED) == [pending]
+    assert "removed its emptied spool file" in caplog.text
+
+
+def test_a_reused_file_not_yet_overwritten_is_never_recovered_as_the_new_message(
+        tmp_path: Path) -> None:
+    """A complete file in tmp/ whose header names another message (killed after taking a free
+    file that still held content): recovery removes it instead of queueing old mail."""
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    old = spool.put(_msg(b"old mail\r\n"))
+    os.rename(tmp_path / "s" / "queued" / f"{old}.msg", tmp_path / "s" / "tmp" / "0123456789ABCDEF.msg")
+    Spool(tmp_path / "s").recover()
+    assert os.listdir(tmp_path / "s" / "tmp") == []
+    assert spool.ids(State.QUEUED) == []
+
+
+def test_recovery_keeps_only_empty_files_in_free(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    free = tmp_path / "s" / "free"
+    (free / "EMPTY").write_bytes(b"")
+    (free / "FULL").write_bytes(b"placed here by hand")
+    (free / "DIR").mkdir()
+    spool.recover()
+    assert sorted(os.listdir(free)) == ["DIR", "EMPTY"]  # a directory is skipped, never taken
+    qid = spool.put(_msg(b"new\r\n"))
+    assert Spool(tmp_path / "s").read_content(qid) == _msg(b"new\r\n").content
+    assert sorted(os.listdir(free)) == ["DIR"]
