@@ -53,7 +53,7 @@ from relayd import faults
 log = logging.getLogger("relayd.spool")
 
 FREE_FILES_MAX = 1000  # about one second of mail at the rates relayd reaches
-REFILL_PAUSE = 0.25
+REFILL_PAUSE = 0.05
 RECOUNT_INTERVAL = 1.0
 
 
@@ -123,17 +123,18 @@ class FreeFiles:
             self._count = max(0, self._count - 1)
 
     def _refill(self, now: bool = False) -> bool:
-        if (self._clock() < self._refill_after and not now) \
-                or not self._refill_lock.acquire(blocking=not now):
+        if self._clock() < self._refill_after and not now:
             return False
-        try:
+        with self._refill_lock:
+            # Twenty threads may find the list empty at once: one lists, the others take from
+            # what it found (listing again would hand out every name once per thread).
+            if self._names:
+                return True
             names = self._list(self._limit)
             self._names.extend(names)
             if not names:
                 self._refill_after = self._clock() + REFILL_PAUSE
             return bool(names)
-        finally:
-            self._refill_lock.release()
 
     def _list(self, limit: int | None = None) -> list[str]:
         names: list[str] = []

@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,30 @@ def test_out_of_inodes_on_tmpfs_the_free_file_is_moved_instead_of_linked(
         pool.take(str(tmp_path / "b.msg"))
     assert (tmp_path / "b.msg").read_bytes() == b"another message"
     assert len(os.listdir(d)) == 1
+
+
+def test_threads_taking_at_once_each_get_a_different_file_and_none_goes_without(
+        tmp_path: Path) -> None:
+    d = tmp_path / "free"
+    d.mkdir()
+    for i in range(60):
+        (d / f"F{i}").write_bytes(b"")
+    pool = FreeFiles(str(d))
+    out = tmp_path / "tmp"
+    out.mkdir()
+    start = threading.Barrier(12)
+
+    def taker(t: int) -> list[bool]:
+        start.wait()
+        return [pool.take(str(out / f"{t}-{k}.msg")) for k in range(5)]
+
+    with ThreadPoolExecutor(12) as ex:
+        results = [ok for oks in ex.map(taker, range(12)) for ok in oks]
+    assert results == [True] * 60  # while files are left, nobody creates one instead
+    assert os.listdir(d) == []
+    inodes = {os.stat(out / name).st_ino for name in os.listdir(out)}
+    assert len(inodes) == 60  # no two messages share a file
+    assert pool.take(str(out / "more.msg")) is False
 
 
 def test_an_empty_pool_is_listed_again_only_after_a_pause(tmp_path: Path) -> None:
