@@ -29,33 +29,42 @@ class _Item:
 
 
 class Reference:
-    """The previous implementation (relayd.qmgr before relayd.schedule), as the model."""
+    """The previous implementation (relayd.qmgr before relayd.schedule), as the model.
+
+    One correction: the old code knew a heap entry was stale only by its time, so a message
+    pushed at t, then at u, then at t again was popped by its *first* entry, ahead of
+    messages pushed at t in between. The schedule (and this model, through ``latest``) keeps
+    FIFO by the latest push. Hypothesis found the difference; no user can see it."""
 
     def __init__(self) -> None:
         self.heaps: tuple[list[_Item], list[_Item]] = ([], [])
         self.due: dict[str, float] = {}
+        self.latest: dict[str, int] = {}
         self.seq = itertools.count()
 
     def push(self, qid: str, when: float, priority: bool) -> bool:
         if self.due.get(qid) == when:
             return False
         self.due[qid] = when
-        heapq.heappush(self.heaps[0 if priority else 1], _Item(when, next(self.seq), qid))
+        self.latest[qid] = seq = next(self.seq)
+        heapq.heappush(self.heaps[0 if priority else 1], _Item(when, seq, qid))
         return True
 
     def forget(self, qid: str) -> None:
         self.due.pop(qid, None)
+        self.latest.pop(qid, None)
 
     def pop_due(self, now: float) -> str | None:
         for heap in self.heaps:
             while heap:
                 top = heap[0]
-                if self.due.get(top.qid) != top.due:
+                if self.due.get(top.qid) != top.due or self.latest.get(top.qid) != top.seq:
                     heapq.heappop(heap)
                     continue
                 if top.due <= now:
                     heapq.heappop(heap)
                     del self.due[top.qid]
+                    del self.latest[top.qid]
                     return top.qid
                 break
         return None
