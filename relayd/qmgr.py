@@ -27,6 +27,7 @@ from relayd import faults, logline
 from relayd.backoff import backoff_delay, is_expired
 from relayd.config import Smarthost, SpoolConfig
 from relayd.errors import SpoolError
+from relayd.hops import Hops
 from relayd.metrics import Recorder
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.schedule import Schedule
@@ -115,6 +116,7 @@ class QueueManager:
         self.metrics = metrics
         self.alerts = alerts
         self._executor = executor
+        self._hops = Hops(executor)
         self._pool_factory = pool_factory
         self._smarthosts: tuple[Smarthost, ...] = tuple(smarthosts)
         self._pools: dict[str, Pool] = {}
@@ -336,7 +338,7 @@ class QueueManager:
 
     async def _deliver_one(self, qid: str) -> None:
         try:
-            entry, verdict = await self._io(self._claim, qid, self._now())
+            entry, verdict = await self._hops.call(self._claim, qid, self._now())
         except OSError as exc:
             # The spool cannot change right now (read-only, I/O error): nothing was claimed.
             # Keep the message scheduled; dropped here it would wait for the next slow rescan.

@@ -1,0 +1,92 @@
+"""Batched thread hops (relayd/hops.py): every call gets its own result or exception, in
+order, calls made while a batch runs go in the next one, and no call is lost or run twice."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from relayd.hops import Hops
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_results_and_errors_go_to_their_own_callers() -> None:
+    with CountingExecutor() as ex:
+        hops = Hops(ex)
+
+        def work(i: int) -> int:
+            if i % 3 == 0:
+                raise ValueError(f"bad {i}")
+            return i * 10
+
+        results = await asyncio.gather(*(hops.call(work, i) for i in range(10)),
+                                       return_exceptions=True)
+    for i, r in enumerate(results):
+        if i % 3 == 0:
+            assert isinstance(r, ValueError) and str(r) == f"bad {i}"
+        else:
+            assert r == i * 10
+
+
+async def test_calls_made_during_a_batch_run_together_in_the_next() -> None:
+    release = threading.Event()
+    ran: list[tuple[str, str]] = []
+    with CountingExecutor() as ex:
+        hops = Hops(ex)
+
+        def first() -> str:
+            release.wait(5)
+            ran.append(("first", threading.current_thread().name))
+            return "first"
+
+        def later(i: int) -> int:
+            ran.append((f"later{i}", threading.current_thread().name))
+            return i
+
+        f = hops.call(first)
+        await asyncio.sleep(0)  # the first batch is in the executor now
+        rest = [hops.call(later, i) for i in range(20)]
+        assert ex.submitted == 1
+        release.set()
+        assert await f == "first"
+        assert await asyncio.gather(*rest) == list(range(20))
+        assert ex.submitted == 2  # twenty calls, one round trip
+    assert [name for name, _ in ran] == ["first"] + [f"later{i}" for i in range(20)]
+    assert len({thread for _, thread in ran[1:]}) == 1
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
+    release = threading.Event()
+    with CountingExecutor() as ex:
+        hops = Hops(ex)
+        blocker = hops.call(release.wait, 5)
+        await asyncio.sleep(0)
+        a, b = hops.call(lambda: "a"), hops.call(lambda: "b")
+        a.cancel()
+        release.set()
+        assert await blocker is True
+        assert await b == "b"
+        with pytest.raises(asyncio.CancelledError):
+            await a
+
+
+async def test_an_executor_that_was_shut_down_fails_the_calls() -> None:
+    ex = ThreadPoolExecutor(1)
+    ex.shutdown()
+    hops = Hops(ex)
+    with pytest.raises(RuntimeError):
+        await hops.call(lambda: 1)
+    with pytest.raises(RuntimeError):  # and the next call still gets an answer
+        await hops.call(lambda: 2)
