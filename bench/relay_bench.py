@@ -438,6 +438,10 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
             m.note = (m.note + "; " if m.note else "") + f"first rejection: {r['first_rejection']}"
     finally:
         system.stop()
+        # Write back what this run left dirty (its queue files, its journal) now, so the next
+        # run's fsyncs do not queue behind it: a relayd latency run right after Postfix's
+        # once measured p99 57.9 ms where relayd alone gives 2.8-4.4 ms. Both systems get it.
+        os.sync()
     return m
 
 
