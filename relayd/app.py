@@ -193,11 +193,13 @@ class Daemon:
     def _make_pool(self, sh: Smarthost) -> Pool:
         """A forwarder pool for ``sh`` with the current settings (and its OAuth token source)."""
         from relayd.forwarder import SmarthostPool
-        from relayd.oauth import build_token_source
 
         cfg = self.config
         token_source = None
         if sh.auth.oauth is not None:
+            # Imported only here: it loads cryptography (~5 MB per process) for the token cache.
+            from relayd.oauth import build_token_source
+
             token_source = build_token_source(sh, state_dir=cfg.state_dir, key_file=cfg.secrets.key_file,
                                               clock=self.clock, on_status=self._token_status)
         return SmarthostPool(sh, hostname=cfg.hostname, token_source=token_source,

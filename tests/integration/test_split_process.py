@@ -109,6 +109,28 @@ async def test_kill_9_of_relayd_run_takes_its_delivery_process_along(tmp_path: P
             assert proc.stop() == 0
 
 
+async def test_without_keys_neither_process_loads_cryptography(tmp_path: Path) -> None:
+    """cryptography's native module is ~5 MB of memory per process. Without an ``enc:`` value
+    or OAuth it stays out of both processes, also after deliveries (the delivery process
+    used to import it with the OAuth module whenever it built a smarthost pool)."""
+    port = free_port()
+    async with FakeUpstream() as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        proc = RelayProcess(cfg, port, tmp_path / "relayd.log", env=SPLIT)
+        await asyncio.to_thread(proc.start)
+        try:
+            await wait_until(lambda: len(children(proc)) == 1, what="the delivery process")
+            await asyncio.gather(*(submit(port, n) for n in range(3)))
+            await wait_until(lambda: len(delivered(up)) == 3, what="three deliveries")
+            assert proc.proc is not None
+            for pid in (proc.proc.pid, children(proc)[0]):
+                maps = Path(f"/proc/{pid}/maps").read_text()
+                assert "libpython" in maps or "python" in maps  # the right process
+                assert "_rust.abi3" not in maps, f"pid {pid} loaded cryptography"
+        finally:
+            assert proc.stop() == 0
+
+
 def test_the_environment_switch() -> None:
     assert not split_enabled({"RELAYD_SINGLE_PROCESS": "1"})
     assert split_enabled({"RELAYD_SINGLE_PROCESS": "0"})
