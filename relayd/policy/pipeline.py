@@ -1,7 +1,7 @@
 """The sending policy as an ordered tuple of pure steps, and the records they pass along.
 
 ``build_policy(config, dkim_keys)`` compiles the config slices once (regexes, keys);
-``run_pipeline(policy, message, ctx)`` applies ``STEPS`` in SPEC order (priority ->
+``run_pipeline(policy, message, ctx)`` applies ``steps_in_order()`` in SPEC order (priority ->
 do-not-email -> rewrite -> headers -> unsubscribe -> DKIM) and returns a ``PipelineResult``.
 No step does I/O, reads the clock or logs: the time and the do-not-email snapshot come in
 ``PolicyContext``, and every decision is returned as data (``steps`` notes for explain/logs).
@@ -10,12 +10,12 @@ No step does I/O, reads the clock or logs: the time and the do-not-email snapsho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 
 from relayd.config import Config, SuppressAction
 from relayd.model import Envelope, Message, Reply
-from relayd.policy import signing, steps, unsubscribe
 from relayd.policy.records import (
     CompiledRule,
     Copy,
@@ -28,19 +28,26 @@ from relayd.policy.records import (
     Step,
 )
 
-__all__ = ["STEPS", "Note", "PipelineResult", "Policy", "PolicyContext", "build_policy", "log_summary",
-           "rcpt_decision", "recheck_at_delivery", "run_pipeline"]
+__all__ = ["Note", "PipelineResult", "Policy", "PolicyContext", "build_policy", "log_summary",
+           "rcpt_decision", "recheck_at_delivery", "run_pipeline", "steps_in_order"]
 
-# The SPEC order, in one place: priority -> do-not-email -> rewrite -> headers ->
-# unsubscribe -> DKIM (DKIM last, so the signature covers every other change).
-STEPS: tuple[tuple[str, Step], ...] = (
-    ("priority", steps.classify),
-    ("do_not_email", steps.suppress),
-    ("rewrite", steps.rewrite),
-    ("headers", steps.edit_headers),
-    ("unsubscribe", unsubscribe.apply),
-    ("dkim", signing.sign),
-)
+@functools.cache
+def steps_in_order() -> tuple[tuple[str, Step], ...]:
+    """The SPEC order, in one place: priority -> do-not-email -> rewrite -> headers ->
+    unsubscribe -> DKIM (DKIM last, so the signature covers every other change).
+
+    Imported on first use: the steps need the email package (~1.5 MB), which the delivery
+    process, using only ``recheck_at_delivery``, never loads."""
+    from relayd.policy import signing, steps, unsubscribe
+
+    return (
+        ("priority", steps.classify),
+        ("do_not_email", steps.suppress),
+        ("rewrite", steps.rewrite),
+        ("headers", steps.edit_headers),
+        ("unsubscribe", unsubscribe.apply),
+        ("dkim", signing.sign),
+    )
 
 
 def build_policy(config: Config, dkim_keys: Mapping[str, bytes]) -> Policy:
@@ -72,7 +79,7 @@ def run_pipeline(policy: Policy, message: Message, ctx: PolicyContext) -> Pipeli
     draft = Draft(envelope=message.envelope,
                   copies=(Copy(message.envelope.rcpt_tos, message.content),),
                   priority=message.envelope.priority)
-    for _, step in STEPS:
+    for _, step in steps_in_order():
         draft = step(draft, policy, ctx)
     outputs = tuple(
         Message(dataclasses.replace(draft.envelope, rcpt_tos=c.rcpts, priority=draft.priority),

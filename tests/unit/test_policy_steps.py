@@ -7,7 +7,13 @@ import pytest
 
 from relayd.model import Envelope
 from relayd.policy import _mime
-from relayd.policy.pipeline import STEPS, PolicyContext, build_policy, rcpt_decision, recheck_at_delivery
+from relayd.policy.pipeline import (
+    PolicyContext,
+    build_policy,
+    rcpt_decision,
+    recheck_at_delivery,
+    steps_in_order,
+)
 from relayd.policy.unsubscribe import make_token, verify_token
 from tests.support.policy_helpers import config, dkim_keypair, eml, message, parse, run
 
@@ -21,7 +27,7 @@ def headers(content: bytes) -> _mime.Headers:
 
 
 def test_steps_run_in_spec_order() -> None:
-    assert [name for name, _ in STEPS] == ["priority", "do_not_email", "rewrite", "headers",
+    assert [name for name, _ in steps_in_order()] == ["priority", "do_not_email", "rewrite", "headers",
                                            "unsubscribe", "dkim"]
 
 
