@@ -120,6 +120,7 @@ class Smarthost:
     helo: str | None = None
     timeout: float = 30.0
     max_connections: int = 4
+    pipelining: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     outbox: Path | None = None
 

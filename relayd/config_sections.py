@@ -97,7 +97,7 @@ def smarthosts_section(r: Reader, value: Any) -> tuple[Smarthost, ...]:
 
 def _smarthost(r: Reader, p: str, value: Any, index: int) -> Smarthost | None:
     known = {"name", "host", "port", "tls", "verify_certificate", "ca_file", "helo", "timeout",
-             "max_connections", "auth", "outbox"}
+             "max_connections", "pipelining", "auth", "outbox"}
     m = r.section(p, value, known)
     if m is None:
         return None
@@ -124,6 +124,7 @@ def _smarthost(r: Reader, p: str, value: Any, index: int) -> Smarthost | None:
         timeout=r.duration(f"{p}.timeout", m.get("timeout"), 30.0),
         max_connections=(r.integer(f"{p}.max_connections", m["max_connections"], 1, 100)
                          if m.get("max_connections") is not None else 4),
+        pipelining=r.boolean(f"{p}.pipelining", m.get("pipelining"), True),
         auth=_auth(r, f"{p}.auth", m.get("auth")),
         outbox=outbox,
     )

@@ -406,7 +406,9 @@ class SmarthostPool:
         group = self._rcpt_lines(rcpts, enc, tx)
         if not group:
             return ()
-        pipelined = conn.supports("pipelining")
+        # smarthosts[].pipelining: false is the way out for a server that offers PIPELINING
+        # but loses or reorders the replies of a group (Postfix: smtp_discard_ehlo_keywords).
+        pipelined = self._sh.pipelining and conn.supports("pipelining")
         try:
             if pipelined:
                 # RFC 2920 §3.1: DATA may only end a group; the body waits for its 354.

@@ -91,6 +91,19 @@ def test_without_pipelining_each_command_waits_for_its_reply(on_loop: Runner) ->
     on_loop(scenario)
 
 
+def test_pipelining_false_waits_for_each_reply_although_the_server_offers_it(on_loop: Runner) -> None:
+    """smarthosts[].pipelining: false, for a server that offers PIPELINING and mishandles it."""
+    async def scenario() -> None:
+        async with FakeUpstream(pipelining=True) as up:
+            rcpts = ("r1@example.net", "r2@example.net")
+            result = await deliver(up.smarthost(pipelining=False), rcpts)
+            assert result.delivered == rcpts
+            assert up.waiting_at_mail == [[]]  # nothing sent before MAIL was answered
+            assert transaction_commands(up) == ["MAIL FROM:<a@example.com>", *rcpt_lines(*rcpts), "DATA"]
+            assert up.messages[0].data == MSG
+    on_loop(scenario)
+
+
 async def test_esmtp_parameters_go_in_the_group() -> None:
     content = b"Subject: caf\xc3\xa9\r\n\r\n8-bit \xe2\x82\xac body\r\n"
     async with FakeUpstream(pipelining=True, size_limit=10_000) as up:

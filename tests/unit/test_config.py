@@ -26,6 +26,7 @@ def test_minimal_config_gets_spec_defaults() -> None:
     cfg = parse_config(MINIMAL)
     sh = cfg.smarthosts[0]
     assert sh.tls is TlsMode.STARTTLS and sh.port == 587 and sh.verify_certificate
+    assert sh.pipelining
     assert sh.auth.method is AuthMethod.NONE
     assert cfg.max_message_size == 25 * 1024 * 1024
     assert cfg.max_recipients == 100
@@ -54,6 +55,8 @@ def test_default_port_follows_tls_mode(tls: str, port: int) -> None:
          "smarthosts[0]: needs either host (an SMTP server) or outbox (a directory for .eml files)"),
         (MINIMAL + "lisen: ['127.0.0.1:25']\n", "lisen: unknown key (did you mean 'listen'?)"),
         ("smarthosts:\n  - {host: h, prot: 25}\n", "smarthosts[0].prot: unknown key (did you mean 'port'?)"),
+        ("smarthosts:\n  - {host: h, pipelining: sometimes}\n",
+         "smarthosts[0].pipelining: must be true or false (got 'sometimes')"),
         (MINIMAL + "max_recipients: many\n", "max_recipients: must be a whole number (got 'many')"),
         (MINIMAL + "max_message_size: huge\n",
          "max_message_size: must be a size like 25MB, 512KB or a byte count (got 'huge')"),

@@ -31,6 +31,7 @@ ALL_KEYS = {
     "smarthosts", "smarthosts[].name", "smarthosts[].host", "smarthosts[].port",
     "smarthosts[].tls", "smarthosts[].verify_certificate", "smarthosts[].ca_file",
     "smarthosts[].helo", "smarthosts[].timeout", "smarthosts[].max_connections",
+    "smarthosts[].pipelining",
     "smarthosts[].outbox", "smarthosts[].auth", "smarthosts[].auth.method",
     "smarthosts[].auth.username", "smarthosts[].auth.password",
     "smarthosts[].auth.password_file", "smarthosts[].auth.password_env",
