@@ -200,8 +200,8 @@ class Spool:
         return qid
 
     def _open_tmp(self, tmp: str) -> int:
-        """A descriptor on a new, empty ``tmp``: a free file renamed, else a new one. Raises
-        FileExistsError when ``tmp`` exists (a duplicate ID: the other file stays)."""
+        """A descriptor on a new, empty ``tmp``: a free file taken under that name, else a new
+        one. Raises FileExistsError when ``tmp`` exists (a duplicate ID: the other file stays)."""
         free = self._free
         if free is None or not free.take(tmp):
             try:

@@ -122,8 +122,8 @@ class FreeFiles:
         with self._count_lock:
             self._count = max(0, self._count - 1)
 
-    def _refill(self, now: bool = False) -> bool:
-        if self._clock() < self._refill_after and not now:
+    def _refill(self, relist: bool = False) -> bool:
+        if self._clock() < self._refill_after and not relist:
             return False
         with self._refill_lock:
             # Twenty threads may find the list empty at once: one lists, the others take from
