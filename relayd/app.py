@@ -133,7 +133,11 @@ class Daemon:
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="relayd-io")
         # In the accepting process nothing is delivered, so nothing just stored is read back.
         self.spool = Spool(config.spool.path, keep_recent=role is not Role.ACCEPT)
-        self.metrics: Recorder = metrics if metrics is not None else Metrics()
+        # prometheus_client costs the process about 3 MB; nothing can read the registry unless
+        # /metrics is served, so without metrics.listen the recordings go nowhere.
+        if metrics is None:
+            metrics = Metrics() if config.metrics.listen is not None else Recorder()
+        self.metrics: Recorder = metrics
         self.metrics.declare_smarthosts(s.name for s in config.smarthosts)
         self.delivery_process = (DeliveryProcess(config_path, self.spool, self.metrics)
                                  if role is Role.ACCEPT and config_path is not None else None)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -10,6 +13,7 @@ from relayd.metrics import Metrics
 from relayd.metrics_http import MetricsServer
 from relayd.model import State, Status
 from relayd.units import HostPort
+from tests.support.relay import write_config
 
 
 async def _get(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -93,3 +97,29 @@ async def test_other_paths_and_methods() -> None:
     # Closing the server with that idle client still connected returns promptly.
     assert await asyncio.wait_for(_idle_r.read(), 5) == b""
     idle_w.close()
+
+
+_LOADED = """
+import sys
+from pathlib import Path
+from relayd.app import Daemon, Role
+from relayd.config import load_config
+for role in (Role.ACCEPT, Role.ALL):
+    Daemon(load_config(Path(sys.argv[1])), role=role)
+print("prometheus_client" in sys.modules)
+"""
+
+
+def test_the_prometheus_client_is_loaded_only_when_metrics_are_served(tmp_path: Path) -> None:
+    """prometheus_client and what it imports cost the accepting process about 2 MB; without
+    ``metrics.listen`` nothing could read the registry, so it is not loaded at all."""
+    smarthost = {"name": "s", "host": "127.0.0.1", "port": 25, "tls": "none"}
+    (tmp_path / "off").mkdir()
+    (tmp_path / "on").mkdir()
+    off = write_config(tmp_path / "off", [smarthost])
+    on = write_config(tmp_path / "on", [smarthost], metrics={"listen": "127.0.0.1:9325"})
+    root = Path(__file__).resolve().parents[2]
+    for cfg, loaded in ((off, "False"), (on, "True")):
+        out = subprocess.run([sys.executable, "-c", _LOADED, str(cfg)], capture_output=True,
+                             text=True, cwd=root, timeout=60, check=True)
+        assert out.stdout.strip() == loaded, (cfg, out.stderr)
