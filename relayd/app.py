@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from relayd import faults, logline
 from relayd.config import Config, Smarthost
 from relayd.errors import SpoolError, UnknownMessage
+from relayd.hops import Batches, Outcome
 from relayd.metrics import Metrics, Recorder
 from relayd.model import Envelope, Message, Reply, State, Status
 from relayd.policy.pipeline import log_summary
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relayd")
 
+# One message whose DATA has ended: (queue ID, envelope, content, time of acceptance).
+_Arrival = tuple[str, Envelope, bytes, float]
+
 
 class Intake:
     """The listener's Acceptor: the sending policy at acceptance, then the durable spool, then
@@ -48,36 +52,58 @@ class Intake:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        # Messages whose DATA ended while the previous ones were being stored go to the spool
+        # together, with one flush for all of them (relayd/spool_write.py).
+        self._stores: Batches[_Arrival] = Batches(self._store_batch, daemon.executor)
 
     def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
         return self.daemon.sending.check_recipient(mail_from, rcpt, self.daemon.clock())
 
-    def _store(self, queue_id: str, envelope: Envelope, content: bytes,
-               now: float) -> tuple[Accepted, list[tuple[str, Message]]]:
-        """Worker thread: policy (CPU) and spool writes (fsync), one hop off the loop."""
+    def _store_batch(self, batch: list[_Arrival]) -> list[Outcome]:
+        """Worker thread: the policy (CPU) for each message, then the spool writes of all
+        of them, one hop off the loop. Per message: (True, (Accepted, [(ID, stored copy)]))
+        or (False, the error)."""
         d = self.daemon
-        accepted = d.sending.accept(Message(envelope, content), now)
-        stored: list[tuple[str, Message]] = []
-        try:
+        decisions: list[Accepted | Exception] = []
+        items: list[tuple[Message, str]] = []
+        owners: list[int] = []  # which message of the batch each spool item is a copy of
+        for k, (queue_id, envelope, content, now) in enumerate(batch):
+            try:
+                accepted = d.sending.accept(Message(envelope, content), now)
+            except Exception as exc:  # handed to that message's session, as before batching
+                decisions.append(exc)
+                continue
+            decisions.append(accepted)
             for i, message in enumerate(accepted.outputs):
-                qid = queue_id if i == 0 else new_queue_id(now)
-                d.spool.put(message, qid)
-                stored.append((qid, message))
-        except SpoolError:
-            # All or nothing: the client will retry the whole message after our 451.
-            for qid, _ in stored:
-                with contextlib.suppress(SpoolError, UnknownMessage):
-                    d.spool.delete(qid)
-            raise
-        return accepted, stored
+                items.append((message, queue_id if i == 0 else new_queue_id(now)))
+                owners.append(k)
+        results = d.spool.put_batch(items) if items else []
+        stored: list[list[tuple[str, Message]]] = [[] for _ in batch]
+        errors: dict[int, SpoolError] = {}
+        for (message, _qid), k, result in zip(items, owners, results, strict=True):
+            if isinstance(result, SpoolError):
+                errors.setdefault(k, result)
+            else:
+                stored[k].append((result, message))
+        out: list[Outcome] = []
+        for k, decision in enumerate(decisions):
+            if isinstance(decision, Exception):
+                out.append((False, decision))
+            elif k in errors:
+                # All or nothing: the client will retry the whole message after our 451.
+                for qid, _ in stored[k]:
+                    with contextlib.suppress(SpoolError, UnknownMessage):
+                        d.spool.delete(qid)
+                out.append((False, errors[k]))
+            else:
+                out.append((True, (decision, stored[k])))
+        return out
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:
         d = self.daemon
         now = d.clock()
-        loop = asyncio.get_running_loop()
         try:
-            accepted, stored = await loop.run_in_executor(d.executor, self._store, queue_id,
-                                                          envelope, content, now)
+            accepted, stored = await self._stores.submit((queue_id, envelope, content, now))
         except SpoolError as exc:
             log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
             return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")

@@ -17,7 +17,8 @@ anything beyond one cached lookup, because the environment variables below are n
 The points (where they are called, and what a crash there means):
 
 - ``data``: listener, while reading DATA (after 354, before the final dot was answered).
-- ``spool-fsync``: Spool.put, after the file's fsync and before the rename into queued/.
+- ``spool-fsync``: storing a batch of messages (spool_write.Writer.put_batch), after their
+  files were flushed to disk (fsync or syncfs) and before the renames into queued/.
 - ``before-250``: daemon intake, after the spool commit and before the 250 is written.
 - ``after-upstream-250``: queue manager, after a smarthost answered a delivery and before
   the spool records the outcome (the at-least-once duplicate window).
@@ -25,8 +26,8 @@ The points (where they are called, and what a crash there means):
   it moved into free/ for reuse (relayd/spool_free.py).
 - ``queue-command``: Spool.retry/release, between the renames of an operator command run by
   ``relayd queue`` in another process.
-- ``spool-write`` (fail only): Spool.put, after the bytes were written, before fsync (where a
-  delayed-allocation filesystem reports ENOSPC).
+- ``spool-write`` (fail only): storing a message, after its bytes were written and before the
+  flush (where a delayed-allocation filesystem reports ENOSPC).
 
 The environment is read once per process, on the first call; the armed plan keeps a hit
 counter (the only mutable state, and only when armed).

@@ -13,20 +13,21 @@ Layout under ``spool.path``::
 
 A message file ``ID.msg`` holds one header line ``RELAYD-SPOOL 1 <n>``, ``n`` bytes of JSON
 (the envelope, the content's length and CRC-32), a newline, then the exact message bytes to
-send (CRLF, not dot-stuffed). It is written once: tmp/ -> fsync -> rename into queued/, and
-only then does the listener answer 250 (RFC 5321 §6.1: accepting a message means taking
-responsibility for it).
+send (CRLF, not dot-stuffed). It is written once: tmp/ -> flushed to disk -> rename into
+queued/, and only then does the listener answer 250 (RFC 5321 §6.1: accepting a message
+means taking responsibility for it). Messages arriving together are stored as one batch with
+one flush (``put_batch``, spool_write.py): an fsync per file, or one syncfs for the batch.
 
-One fsync per message, like Postfix's queue file: on a journaling file system (ext4, XFS,
-btrfs) the fsync of a new file also commits its directory entry in tmp/, so once it returns
-the message survives a power loss in tmp/ or, if the later rename was committed too, in
-queued/. ``recover()`` therefore moves every *complete* file in tmp/ (length and CRC-32
-match the header) into queued/ and removes only the incomplete ones, which were never
-acknowledged. Fsyncing queued/ after the rename as well would cost a second journal commit
-per message on the acceptance path and buy nothing this does not. Every state
+One flush per file, like Postfix's fsync of its queue file: on a journaling file system
+(ext4, XFS, btrfs) making a new file durable also commits its directory entry in tmp/, so
+once the flush returns the message survives a power loss in tmp/ or, if the later rename was
+committed too, in queued/. ``recover()`` therefore moves every *complete* file in tmp/
+(length and CRC-32 match the header) into queued/ and removes only the incomplete ones,
+which were never acknowledged. Fsyncing queued/ after the rename as well would cost a second
+journal commit per message on the acceptance path and buy nothing this does not. Every state
 change is one ``rename``, which is atomic, so `relayd queue ...` in another process and the
 daemon arbitrate by whoever renames first. One file per message (instead of an .eml plus a
-.json sidecar) halves the fsyncs on the acceptance path; the mutable metadata lives in
+.json sidecar) halves the flushes on the acceptance path; the mutable metadata lives in
 ``meta/`` and is only written on the slow paths (deferral, failure, operator commands).
 The file of a delivered message is emptied and kept in ``free/`` for the next message to be
 written into: allocating an inode was the costliest step of storing one (spool_free.py).
@@ -45,7 +46,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,6 @@ from relayd.spool_records import (
     Meta,
     check_size,
     envelope_from_json,
-    envelope_to_json,
     meta_from_json,
     meta_to_json,
     new_queue_id,
@@ -72,6 +72,7 @@ from relayd.spool_records import (
     valid_id,
 )
 from relayd.spool_scan import QueuedScan, count_and_oldest, iter_ids
+from relayd.spool_write import Flush, Flusher, Writer
 
 __all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "RECENT_CACHE_BYTES", "Attempt", "Entry", "Meta",
            "QueuedScan", "Spool", "new_queue_id"]
@@ -87,7 +88,7 @@ class Spool:
     """Durable message store with the states queued / active / held / failed."""
 
     def __init__(self, path: Path, *, fsync: bool = True, keep_recent: bool = True,
-                 reuse_files: bool = True) -> None:
+                 reuse_files: bool = True, flush: Flush = Flush.AUTO) -> None:
         self.path = Path(path)
         self._root = str(self.path)
         self._free = FreeFiles(f"{self._root}/free") if reuse_files else None
@@ -96,6 +97,8 @@ class Spool:
         self._lock_fd: int | None = None
         self._dir_fds: dict[str, int] = {}
         self.recent = RecentMessages(enabled=keep_recent)
+        self._writer = Writer(self._root, self._free, self.recent,
+                              Flusher(flush if fsync else Flush.NONE))
 
     # -- set-up ------------------------------------------------------------------------------
     def ensure_dirs(self) -> None:
@@ -169,54 +172,15 @@ class Spool:
         is raised: nothing is half-stored.
         """
         qid = queue_id or new_queue_id(message.envelope.received_at or None)
-        header = json.dumps({"version": FORMAT_VERSION, "id": qid,
-                             "envelope": envelope_to_json(message.envelope),
-                             "size": len(message.content), "crc32": zlib.crc32(message.content)},
-                            ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        tmp = f"{self._root}/tmp/{qid}.msg"
-        try:
-            fd = self._open_tmp(tmp)
-        except OSError as exc:
-            raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
-        try:
-            try:
-                data = b"".join((MAGIC, str(len(header)).encode(), b"\n", header, b"\n",
-                                 message.content))
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                faults.fail_point("spool-write")
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            faults.crash_point("spool-fsync")
-            os.rename(tmp, self._file(State.QUEUED, qid))
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
-        self.recent.remember(qid, message)
-        return qid
+        result = self.put_batch([(message, qid)])[0]
+        if isinstance(result, SpoolError):
+            raise result
+        return result
 
-    def _open_tmp(self, tmp: str) -> int:
-        """A descriptor on a new, empty ``tmp``: a free file taken under that name, else a new
-        one. Raises FileExistsError when ``tmp`` exists (a duplicate ID: the other file stays)."""
-        free = self._free
-        if free is None or not free.take(tmp):
-            try:
-                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except OSError as exc:
-                # Out of inodes: the free files hold some, look again now (not after a pause).
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or free is None \
-                        or not free.take(tmp, relist=True):
-                    raise
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    def put_batch(self, items: Sequence[tuple[Message, str]]) -> builtins.list[str | SpoolError]:
+        """Store several messages with one flush (spool_write.py); for each (message, ID), the
+        ID once it is durable in ``queued/`` or the SpoolError that kept it out."""
+        return self._writer.put_batch(items)
 
     def cached_content(self, queue_id: str) -> bytes | None:
         """The content of a message this Spool stored recently, without disk I/O (and

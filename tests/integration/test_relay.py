@@ -3,6 +3,7 @@ fake upstream on loopback. Each test is something a sysadmin would notice."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from relayd.cli import main as cli_main
-from relayd.model import State
+from relayd.model import Envelope, State
+from relayd.spool import new_queue_id
 from tests.support.relay import running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
@@ -159,3 +161,25 @@ async def test_queue_commands_work_while_the_daemon_runs(tmp_path: Path, capsys:
             assert cli_main([*c, "release", qid]) == 0
             await wait_until(lambda: len(up.messages) == 1, what="delivery after release")
             await wait_until(lambda: spool.list() == [], what="queue empty")
+
+
+async def test_messages_stored_together_are_refused_or_accepted_each_on_its_own(tmp_path: Path) -> None:
+    """Messages whose DATA ends at the same moment share one spool batch and one flush
+    (relayd/spool_write.py); a message the spool cannot store gets its 451 alone, its
+    neighbours get their 250 and are delivered."""
+    async with FakeUpstream() as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            ids = [new_queue_id() for _ in range(5)]
+            # Another file already holds the third ID: that message cannot be stored.
+            (tmp_path / "spool" / "tmp" / f"{ids[2]}.msg").write_bytes(b"another message")
+            envelopes = [Envelope("app@example.com", (f"user{n}@example.net",), client="127.0.0.1",
+                                  helo="app", received_at=1000.0) for n in range(5)]
+            replies = await asyncio.gather(*(
+                relay.daemon.intake.accept(qid, env, b"Subject: %d\r\n\r\nbody\r\n" % n)
+                for n, (qid, env) in enumerate(zip(ids, envelopes, strict=True))))
+            assert [r.code for r in replies] == [250, 250, 451, 250, 250]
+            assert "4.3.0" in replies[2].text
+            await wait_until(lambda: len(up.messages) == 4, what="the four accepted messages")
+    assert sorted(m.rcpt_tos[0] for m in up.messages) == [
+        "user0@example.net", "user1@example.net", "user3@example.net", "user4@example.net"]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from relayd.hops import Hops
+from relayd.hops import Batches, Hops
 
 
 class CountingExecutor(ThreadPoolExecutor):
@@ -90,3 +90,36 @@ async def test_an_executor_that_was_shut_down_fails_the_calls() -> None:
         await hops.call(lambda: 1)
     with pytest.raises(RuntimeError):  # and the next call still gets an answer
         await hops.call(lambda: 2)
+
+
+async def test_a_batch_function_sees_every_item_queued_meanwhile_in_one_list() -> None:
+    """The spool's writes: one call of the batch function stores everything that arrived
+    while the previous batch ran, and a batch function that raises fails all its items."""
+    release = threading.Event()
+    seen: list[list[int]] = []
+
+    def store(items: list[int]) -> list[tuple[bool, object]]:
+        seen.append(items)
+        if items == [0]:
+            release.wait(10)
+        if 99 in items:
+            raise OSError("the disk went away")
+        return [(True, i * 2) if i != 3 else (False, ValueError("three")) for i in items]
+
+    with ThreadPoolExecutor(4) as ex:
+        batches: Batches[int] = Batches(store, ex)
+        first = batches.submit(0)
+        rest = [batches.submit(i) for i in range(1, 6)]
+        release.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        assert seen == [[0], [1, 2, 3, 4, 5]]
+        assert results[:3] == [0, 2, 4] and results[4:] == [8, 10]
+        assert isinstance(results[3], ValueError)
+        release.clear()
+        blocker = batches.submit(0)
+        failed = [batches.submit(98), batches.submit(99)]  # queued together behind the blocker
+        release.set()
+        assert await blocker == 0
+        got = await asyncio.gather(*failed, return_exceptions=True)
+    assert seen[-1] == [98, 99]
+    assert all(isinstance(r, OSError) and "went away" in str(r) for r in got)
