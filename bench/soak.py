@@ -119,7 +119,7 @@ async def soak(args: argparse.Namespace, work: Path) -> int:
             if relay.running():
                 relay.kill9()
     verdict = load.ledger.verdict(m.data for m in up.messages)
-    leftovers = {k: len(v) for k, v in spool_files(work / "spool").items() if k not in ("meta", "poke") and v}
+    leftovers = {k: len(v) for k, v in spool_files(work / "spool").items() if k not in ("meta", "poke", "free") and v}
     elapsed = time.monotonic() - started
     print(f"""
 ### soak.py --messages {args.messages} --workers {args.workers} --size {args.size} --kill-every {args.kill_every} --fault-every {args.fault_every} --seed {args.seed}
