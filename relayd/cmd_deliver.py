@@ -4,11 +4,15 @@ Not for operators: it runs only as the child of ``relayd run``, which passes it 
 descriptors. It schedules what arrives on the notify pipe (and what its rescans find), reports
 metrics on the events pipe, reloads the file on SIGHUP, stops cleanly on SIGTERM, and exits
 at once when the notify pipe closes because its parent is gone.
+
+``relayd run`` starts it as ``python -m relayd -c FILE _deliver --notify-fd N --events-fd M``
+(``split.child_argv``); ``relayd/__main__.py`` reads exactly that with ``split.from_argv``
+and calls ``deliver`` instead of the CLI, so the long-running child never imports argparse
+or builds the CLI's parser (about 1 MB).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -17,19 +21,19 @@ from typing import TYPE_CHECKING
 
 from relayd.app import Daemon, Role
 from relayd.cmd_run import Background, reload_from_file
-from relayd.config import Config
+from relayd.config import Config, load_config
 from relayd.logsetup import setup_logging
-from relayd.split import EventMetrics, open_events, read_lines
+from relayd.split import DeliverArgs, EventMetrics, open_events, read_lines
 
 if TYPE_CHECKING:
+    import argparse
+
     from relayd.cli import IO
 
 log = logging.getLogger("relayd")
 
 
-async def run_delivery(args: argparse.Namespace, cfg: Config) -> int:
-    from relayd.cli import config_path
-
+async def run_delivery(args: DeliverArgs, cfg: Config) -> int:
     events = await open_events(args.events_fd)
     daemon = Daemon(cfg, role=Role.DELIVER, metrics=EventMetrics(events))
     loop = asyncio.get_running_loop()
@@ -53,7 +57,7 @@ async def run_delivery(args: argparse.Namespace, cfg: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, daemon.stop)
     # The accepting process logs the problems of an invalid file; this one only keeps going.
     loop.add_signal_handler(signal.SIGHUP, lambda: background.spawn(
-        reload_from_file(daemon, config_path(args), report=False)))
+        reload_from_file(daemon, args.config, report=False)))
     try:
         await daemon.serve()
     finally:
@@ -63,7 +67,14 @@ async def run_delivery(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def main(args: argparse.Namespace, io: IO) -> int:
-    cfg = io.config(args)
+    """The CLI's handler (any other spelling of the command line)."""
+    from relayd.cli import config_path
+
+    return deliver(DeliverArgs(config_path(args), args.notify_fd, args.events_fd))
+
+
+def deliver(args: DeliverArgs) -> int:
+    cfg = load_config(args.config)
     setup_logging(cfg.logging)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     # Ctrl-C in a terminal reaches the whole process group: the parent decides when to stop.

@@ -6,7 +6,6 @@ the new file is invalid, logging the same ``path: message`` lines as check-confi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -23,6 +22,8 @@ from relayd.sending import read_dkim_keys
 from relayd.split import split_enabled
 
 if TYPE_CHECKING:
+    import argparse
+
     from relayd.cli import IO
 
 log = logging.getLogger("relayd")

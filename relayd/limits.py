@@ -10,16 +10,19 @@ cap or the rate, but its deliveries still count against the cap: the provider co
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relayd.config import LimitsConfig
 from relayd.units import Rate
+
+if TYPE_CHECKING:
+    import sqlite3
 
 WINDOW = 86400.0
 DB_NAME = "daily_cap.sqlite3"
@@ -61,6 +64,8 @@ class DailyCap:
         self._db: sqlite3.Connection | None = None
         if state_dir is None:
             return
+        import sqlite3  # here: only with limits.daily_cap (about 1.5 MB per process)
+
         path = state_dir / DB_NAME
         if readonly:
             if path.exists():

@@ -34,7 +34,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,33 @@ RESTART_DELAY = 1.0
 # The Recorder methods the delivery process may call in the accepting process.
 FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_expiry",
                        "set_daily_cap_remaining"})
+
+
+@dataclass(frozen=True)
+class DeliverArgs:
+    """What the accepting process passes its child: the config file and the two pipes."""
+
+    config: Path
+    notify_fd: int
+    events_fd: int
+
+
+def child_argv(args: DeliverArgs) -> list[str]:
+    """The delivery process's arguments after ``python -m relayd`` (``ps`` shows them)."""
+    return ["-c", str(args.config), "_deliver", "--notify-fd", str(args.notify_fd),
+            "--events-fd", str(args.events_fd)]
+
+
+def from_argv(argv: Sequence[str]) -> DeliverArgs | None:
+    """``child_argv``'s output read back, else None (the CLI parses any other spelling).
+    relayd/__main__.py uses it so the child never loads argparse and the CLI's parser."""
+    if len(argv) != 7 or [argv[0], argv[2], argv[3], argv[5]] != [
+            "-c", "_deliver", "--notify-fd", "--events-fd"]:
+        return None
+    try:
+        return DeliverArgs(Path(argv[1]), int(argv[4]), int(argv[6]))
+    except ValueError:
+        return None
 
 
 def split_enabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -139,8 +167,8 @@ class DeliveryProcess:
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relayd", "-c", str(self._config_path), "_deliver",
-                "--notify-fd", str(notify_r), "--events-fd", str(events_w),
+                sys.executable, "-m", "relayd",
+                *child_argv(DeliverArgs(self._config_path, notify_r, events_w)),
                 pass_fds=(notify_r, events_w), env=env, stdin=asyncio.subprocess.DEVNULL)
         finally:
             os.close(notify_r)

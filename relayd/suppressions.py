@@ -6,23 +6,31 @@ stored lower-cased (the list is case-insensitive). The daemon keeps an in-memory
 reloads it only when the database files changed and ``PRAGMA data_version`` confirms another
 connection committed, so the per-message cost is two ``stat`` calls (``snapshot()``; call it
 through ``asyncio.to_thread`` from the event loop, it touches the file system).
+
+The database is opened (and created) on first use: reads find an empty list while it does
+not exist, and only a write creates it. SQLite costs each daemon process about 1.5 MB, which
+a relay nobody ever unsubscribed from does not need to pay.
 """
 
 from __future__ import annotations
 
 import builtins
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relayd.model import RecipientOutcome, Status
 from relayd.units import is_address
 
+if TYPE_CHECKING:
+    import sqlite3
+
 DB_NAME = "suppressions.sqlite3"
+_EMPTY: frozenset[str] = frozenset()
 # Even with unchanged files, ask SQLite itself at least this often (see snapshot()).
 RECHECK_SECONDS = 1.0
 _SCHEMA = """
@@ -54,13 +62,9 @@ class SuppressionStore:
     def __init__(self, state_dir: Path, *, busy_timeout: float = 5.0) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / DB_NAME
+        self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout, check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db: sqlite3.Connection | None = None
         self._snapshot: frozenset[str] | None = None
         self._version: tuple[int, int] = (-1, -1)
         self._local_writes = 0
@@ -70,7 +74,31 @@ class SuppressionStore:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _open(self) -> sqlite3.Connection:
+        """The connection, opened (creating the database) on first use; hold the lock."""
+        if self._db is None:
+            import sqlite3
+
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout, check_same_thread=False,
+                                 isolation_level=None)
+            try:
+                db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.execute(_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _absent(self) -> bool:
+        """No database yet (nothing was ever listed): reads answer without creating one."""
+        return self._db is None and not os.path.exists(self.path)
 
     def __enter__(self) -> SuppressionStore:
         return self
@@ -83,26 +111,30 @@ class SuppressionStore:
         """Add addresses (case-insensitive); returns how many were new."""
         rows = [(normalize(a), reason) for a in addresses if normalize(a)]
         with self._lock:
-            before = self._db.total_changes
-            self._db.execute("BEGIN IMMEDIATE")
+            db = self._open()
+            before = db.total_changes
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
+                db.executemany(
                     "INSERT OR IGNORE INTO suppressed (address, reason) VALUES (?, ?)", rows)
-                self._db.execute("COMMIT")
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
             self._local_writes += 1
-            return self._db.total_changes - before
+            return db.total_changes - before
 
     def remove(self, addresses: Iterable[str]) -> int:
         """Remove addresses; returns how many were on the list."""
         rows = [(normalize(a),) for a in addresses]
         with self._lock:
-            before = self._db.total_changes
-            self._db.executemany("DELETE FROM suppressed WHERE address = ?", rows)
+            if self._absent():
+                return 0
+            db = self._open()
+            before = db.total_changes
+            db.executemany("DELETE FROM suppressed WHERE address = ?", rows)
             self._local_writes += 1
-            return self._db.total_changes - before
+            return db.total_changes - before
 
     def import_lines(self, lines: Iterable[str], reason: str = "import") -> ImportResult:
         """One address per line; ``#`` comments and blank lines ignored (SPEC)."""
@@ -127,19 +159,25 @@ class SuppressionStore:
     # -- reads ---------------------------------------------------------------------------
     def contains(self, address: str) -> bool:
         with self._lock:
-            row = self._db.execute("SELECT 1 FROM suppressed WHERE address = ?",
+            if self._absent():
+                return False
+            row = self._open().execute("SELECT 1 FROM suppressed WHERE address = ?",
                                    (normalize(address),)).fetchone()
         return row is not None
 
     def list(self) -> builtins.list[str]:
         """Every listed address, sorted."""
         with self._lock:
-            rows = self._db.execute("SELECT address FROM suppressed ORDER BY address").fetchall()
+            if self._absent():
+                return []
+            rows = self._open().execute("SELECT address FROM suppressed ORDER BY address").fetchall()
         return [r[0] for r in rows]
 
     def __len__(self) -> int:
         with self._lock:
-            row = self._db.execute("SELECT count(*) FROM suppressed").fetchone()
+            if self._absent():
+                return 0
+            row = self._open().execute("SELECT count(*) FROM suppressed").fetchone()
         return int(row[0])
 
     def _file_signature(self) -> tuple[int, ...] | None:
@@ -162,6 +200,8 @@ class SuppressionStore:
         signature alone could miss. Measured: the PRAGMA under the lock, twice per message,
         was the largest wall-time item in the I/O threads under load.
         """
+        if self._absent():
+            return _EMPTY
         sig = self._file_signature()
         now = time.monotonic()
         cached = self._snapshot
@@ -169,10 +209,10 @@ class SuppressionStore:
                 and self._local_writes == self._version[1] and now - self._checked_at < RECHECK_SECONDS):
             return cached
         with self._lock:
-            version = (int(self._db.execute("PRAGMA data_version").fetchone()[0]),
-                       self._local_writes)
+            db = self._open()
+            version = (int(db.execute("PRAGMA data_version").fetchone()[0]), self._local_writes)
             if self._snapshot is None or version != self._version:
-                rows = self._db.execute("SELECT address FROM suppressed").fetchall()
+                rows = db.execute("SELECT address FROM suppressed").fetchall()
                 self._snapshot = frozenset(r[0] for r in rows)
                 self._version = version
             self._signature, self._checked_at = sig, now
@@ -191,6 +231,8 @@ def read_snapshot(state_dir: Path) -> frozenset[str]:
     path = state_dir / DB_NAME
     if not path.exists():
         return frozenset()
+    import sqlite3
+
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     try:
         return frozenset(r[0] for r in db.execute("SELECT address FROM suppressed"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiosmtplib
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.split import split_enabled
+from relayd.split import DeliverArgs, child_argv, from_argv, split_enabled
 from tests.support.relay import RelayProcess, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
@@ -112,7 +112,8 @@ async def test_kill_9_of_relayd_run_takes_its_delivery_process_along(tmp_path: P
 async def test_without_keys_neither_process_loads_cryptography(tmp_path: Path) -> None:
     """cryptography's native module is ~5 MB of memory per process. Without an ``enc:`` value
     or OAuth it stays out of both processes, also after deliveries (the delivery process
-    used to import it with the OAuth module whenever it built a smarthost pool)."""
+    used to import it with the OAuth module whenever it built a smarthost pool). Likewise
+    SQLite (~1.5 MB each) while there is no do-not-email list and no ``limits.daily_cap``."""
     port = free_port()
     async with FakeUpstream() as up:
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
@@ -127,8 +128,23 @@ async def test_without_keys_neither_process_loads_cryptography(tmp_path: Path) -
                 maps = Path(f"/proc/{pid}/maps").read_text()
                 assert "libpython" in maps or "python" in maps  # the right process
                 assert "_rust.abi3" not in maps, f"pid {pid} loaded cryptography"
+                assert "libsqlite3" not in maps, f"pid {pid} loaded SQLite"
+            assert not (tmp_path / "state" / "suppressions.sqlite3").exists()
         finally:
             assert proc.stop() == 0
+
+
+def test_the_delivery_process_command_line_is_read_back_without_the_cli() -> None:
+    """relayd/__main__.py recognises the child's own command line and skips argparse (about
+    1 MB the long-running child would keep); any other spelling goes to the CLI as before."""
+    args = DeliverArgs(Path("/etc/relayd/relayd.yaml"), 5, 7)
+    argv = child_argv(args)
+    assert argv[2] == "_deliver"  # what ps shows, as docs/operations.md says
+    assert from_argv(argv) == args
+    assert from_argv(["-c", "x.yaml", "queue", "list"]) is None
+    assert from_argv(["_deliver", "--notify-fd", "5", "--events-fd", "7"]) is None
+    assert from_argv(["-c", "x.yaml", "_deliver", "--notify-fd", "five", "--events-fd", "7"]) is None
+    assert from_argv(["-c", "x.yaml", "_deliver", "--events-fd", "7", "--notify-fd", "5"]) is None
 
 
 def test_the_environment_switch() -> None:

@@ -46,6 +46,7 @@ def test_every_cli_change_is_seen_at_once_even_across_checkpoints(tmp_path: Path
     try:
         for i in range(30):
             if i % 7 == 3:  # the WAL is reset and rewritten from its start after this
+                assert cli._db is not None
                 cli._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             cli.add([f"user{i}@example.net"])
             assert f"user{i}@example.net" in daemon.snapshot()
@@ -62,12 +63,36 @@ def test_unchanged_list_costs_no_sqlite_query(tmp_path: Path) -> None:
         daemon.add(["erin@example.net"])
         daemon.snapshot()
         statements: list[str] = []
+        assert daemon._db is not None
         daemon._db.set_trace_callback(statements.append)
         for _ in range(100):
             assert "erin@example.net" in daemon.snapshot()
         assert len(statements) <= 2  # at most the once-a-second recheck, not one per message
     finally:
         daemon.close()
+
+
+def test_without_a_list_nothing_is_created_and_later_lists_are_seen(tmp_path: Path) -> None:
+    """A relay nobody unsubscribed from never opens SQLite (about 1.5 MB per process): reads
+    answer from nothing and leave no database behind; the first write by anyone creates it,
+    and a store that only read before sees it."""
+    daemon = SuppressionStore(tmp_path)
+    try:
+        assert daemon.snapshot() == frozenset()
+        assert not daemon.contains("x@example.net") and daemon.list() == [] and len(daemon) == 0
+        assert daemon.remove(["x@example.net"]) == 0
+        assert read_snapshot(tmp_path) == frozenset()
+        assert not (tmp_path / "suppressions.sqlite3").exists()
+        with SuppressionStore(tmp_path) as cli:
+            cli.add(["Frank@Example.NET"])
+        assert daemon.snapshot() == frozenset({"frank@example.net"})
+        assert daemon.contains("frank@example.net")
+    finally:
+        daemon.close()
+    # Every connection closed: the WAL is checkpointed and removed; a new store still reads it.
+    assert not (tmp_path / "suppressions.sqlite3-wal").exists()
+    with SuppressionStore(tmp_path) as again:
+        assert again.snapshot() == frozenset({"frank@example.net"})
 
 
 def test_two_connections_writing_at_once(tmp_path: Path) -> None:
