@@ -159,7 +159,7 @@ class Daemon:
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="relayd-io")
         # In the accepting process nothing is delivered, so nothing just stored is read back.
         self.spool = Spool(config.spool.path, keep_recent=role is not Role.ACCEPT)
-        # prometheus_client costs the process about 3 MB; nothing can read the registry unless
+        # prometheus_client costs the process about 2 MB; nothing can read the registry unless
         # /metrics is served, so without metrics.listen the recordings go nowhere.
         if metrics is None:
             metrics = Metrics() if config.metrics.listen is not None else Recorder()

@@ -8,6 +8,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -145,6 +147,19 @@ def test_the_delivery_process_command_line_is_read_back_without_the_cli() -> Non
     assert from_argv(["_deliver", "--notify-fd", "5", "--events-fd", "7"]) is None
     assert from_argv(["-c", "x.yaml", "_deliver", "--notify-fd", "five", "--events-fd", "7"]) is None
     assert from_argv(["-c", "x.yaml", "_deliver", "--events-fd", "7", "--notify-fd", "5"]) is None
+
+
+def test_a_delivery_process_started_on_an_invalid_file_reports_it_like_the_cli(tmp_path: Path) -> None:
+    """The file can change between relayd run's start and a restart of its child: the child
+    then says what is wrong and exits 78 (EX_CONFIG), as every other command does."""
+    bad = tmp_path / "relayd.yaml"
+    bad.write_text("listen: [unclosed\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "relayd", *child_argv(DeliverArgs(bad, 0, 1))],
+                         capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 78
+    assert f"invalid config {bad}" in out.stderr and "invalid YAML" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_the_environment_switch() -> None:
