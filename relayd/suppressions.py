@@ -7,9 +7,12 @@ reloads it only when the database files changed and ``PRAGMA data_version`` conf
 connection committed, so the per-message cost is two ``stat`` calls (``snapshot()``; call it
 through ``asyncio.to_thread`` from the event loop, it touches the file system).
 
-The database is opened (and created) on first use: reads find an empty list while it does
-not exist, and only a write creates it. SQLite costs each daemon process about 1.5 MB, which
-a relay nobody ever unsubscribed from does not need to pay.
+SQLite is loaded only once the list has content: SQLite costs each daemon process about
+1.5 MB, which a relay nobody ever unsubscribed from does not need to pay. The store creates
+the database as an empty (0-byte) file, which SQLite reads as an empty database, so the
+file belongs to whoever runs first: normally the daemon's user. Run as root (``sudo relayd
+suppress add``) on a state directory owned by someone else, it hands the database and its
+``-wal``/``-shm`` files to that owner, or the daemon could no longer write to its own list.
 """
 
 from __future__ import annotations
@@ -71,6 +74,13 @@ class SuppressionStore:
         self._wal = Path(f"{self.path}-wal")
         self._signature: tuple[int, ...] | None = None
         self._checked_at = 0.0
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            self._give_to_owner()
 
     def close(self) -> None:
         with self._lock:
@@ -94,11 +104,33 @@ class SuppressionStore:
                 db.close()
                 raise
             self._db = db
+            self._give_to_owner()  # the -wal and -shm files exist now
         return self._db
 
+    def _give_to_owner(self) -> None:
+        """As root, give files root just created the state directory's owner (the daemon)."""
+        if os.geteuid() != 0:
+            return
+        owner = os.stat(self.path.parent)
+        if owner.st_uid == 0 and owner.st_gid == 0:
+            return
+        for name in (self.path, self._wal, Path(f"{self.path}-shm")):
+            try:
+                st = os.stat(name)
+                if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                    os.chown(name, owner.st_uid, owner.st_gid)
+            except FileNotFoundError:
+                continue
+
     def _absent(self) -> bool:
-        """No database yet (nothing was ever listed): reads answer without creating one."""
-        return self._db is None and not os.path.exists(self.path)
+        """Nothing was ever listed (no database, or the empty file): reads answer without
+        loading SQLite."""
+        if self._db is not None:
+            return False
+        try:
+            return os.stat(self.path).st_size == 0
+        except FileNotFoundError:
+            return True
 
     def __enter__(self) -> SuppressionStore:
         return self
@@ -122,6 +154,7 @@ class SuppressionStore:
                 db.execute("ROLLBACK")
                 raise
             self._local_writes += 1
+            self._give_to_owner()
             return db.total_changes - before
 
     def remove(self, addresses: Iterable[str]) -> int:
@@ -134,6 +167,7 @@ class SuppressionStore:
             before = db.total_changes
             db.executemany("DELETE FROM suppressed WHERE address = ?", rows)
             self._local_writes += 1
+            self._give_to_owner()
             return db.total_changes - before
 
     def import_lines(self, lines: Iterable[str], reason: str = "import") -> ImportResult:
@@ -229,7 +263,7 @@ def is_hard_bounce(outcome: RecipientOutcome) -> bool:
 def read_snapshot(state_dir: Path) -> frozenset[str]:
     """The list read without writing anything (for ``relayd explain``); empty if absent."""
     path = state_dir / DB_NAME
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:
         return frozenset()
     import sqlite3
 

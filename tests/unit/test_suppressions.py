@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -72,17 +73,18 @@ def test_unchanged_list_costs_no_sqlite_query(tmp_path: Path) -> None:
         daemon.close()
 
 
-def test_without_a_list_nothing_is_created_and_later_lists_are_seen(tmp_path: Path) -> None:
-    """A relay nobody unsubscribed from never opens SQLite (about 1.5 MB per process): reads
-    answer from nothing and leave no database behind; the first write by anyone creates it,
-    and a store that only read before sees it."""
+def test_without_a_list_sqlite_is_not_needed_and_later_lists_are_seen(tmp_path: Path) -> None:
+    """A relay nobody unsubscribed from never opens SQLite (about 1.5 MB per process): the
+    database is an empty file (an empty database to SQLite) until the first write by anyone,
+    and a store that only read before sees what was written."""
     daemon = SuppressionStore(tmp_path)
     try:
         assert daemon.snapshot() == frozenset()
         assert not daemon.contains("x@example.net") and daemon.list() == [] and len(daemon) == 0
         assert daemon.remove(["x@example.net"]) == 0
         assert read_snapshot(tmp_path) == frozenset()
-        assert not (tmp_path / "suppressions.sqlite3").exists()
+        assert (tmp_path / "suppressions.sqlite3").stat().st_size == 0
+        assert daemon._db is None
         with SuppressionStore(tmp_path) as cli:
             cli.add(["Frank@Example.NET"])
         assert daemon.snapshot() == frozenset({"frank@example.net"})
@@ -93,6 +95,20 @@ def test_without_a_list_nothing_is_created_and_later_lists_are_seen(tmp_path: Pa
     assert not (tmp_path / "suppressions.sqlite3-wal").exists()
     with SuppressionStore(tmp_path) as again:
         assert again.snapshot() == frozenset({"frank@example.net"})
+
+
+def test_a_list_root_creates_stays_writable_by_the_daemon(tmp_path: Path) -> None:
+    """``sudo relayd suppress add`` before the daemon ever ran: the database and its WAL
+    files get the state directory's owner (the daemon's user), not root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to change file ownership")  # CI and this machine run as root
+    os.chown(tmp_path, 4242, 4243)
+    with SuppressionStore(tmp_path) as cli:
+        cli.add(["gina@example.net"])
+        for name in ("suppressions.sqlite3", "suppressions.sqlite3-wal", "suppressions.sqlite3-shm"):
+            st = (tmp_path / name).stat()
+            assert (st.st_uid, st.st_gid) == (4242, 4243), name
+    assert (tmp_path / "suppressions.sqlite3").stat().st_uid == 4242
 
 
 def test_two_connections_writing_at_once(tmp_path: Path) -> None:
