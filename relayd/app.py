@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -270,7 +271,11 @@ class Daemon:
             await self._io(self.spool.lock)
         try:
             if listening:
-                recovered = await self._io(self.spool.recover)
+                # queued/ is read by the queue manager's first scan (in this process or the
+                # delivery process), which sets unreadable files aside too: reading it here as
+                # well took half of the time to the banner with 100,000 queued.
+                recovered = await self._io(functools.partial(self.spool.recover,
+                                                             check_queued=False))
                 if recovered:
                     log.warning("recovered %d message(s) that were being delivered when relayd "
                                 "stopped", len(recovered))

@@ -474,7 +474,8 @@ class Spool:
             os.rename(self._file(state, queue_id), dst)
         log.error("%s: spool file set aside in %s: %s", queue_id, dst.parent, why)
 
-    def recover(self, now: float | None = None) -> builtins.list[str]:
+    def recover(self, now: float | None = None, *,
+                check_queued: bool = True) -> builtins.list[str]:
         """Start-up recovery after a crash; returns the IDs moved from active back to queued.
 
         - tmp/: a complete file (length and CRC-32 as its header says) may have been
@@ -483,6 +484,8 @@ class Spool:
         - active/: back to queued; a message that was in flight MAX_RECOVERIES times goes to failed
           with a reason instead of crashing the relay forever (Mailman's MAX_BAK_COUNT).
         - unreadable files anywhere are moved to corrupt/ with a log line and never block others.
+          ``check_queued=False`` leaves queued/ to the queue manager, whose first scan reads
+          every queued file anyway (``schedule_rows``) and sets the unreadable ones aside.
         """
         now = time.time() if now is None else now
         self.ensure_dirs()
@@ -491,7 +494,8 @@ class Spool:
         if self._free is not None:
             self._free.sweep()
         recovered = self.recover_active(now)
-        for state in (State.QUEUED, State.HELD, State.FAILED):
+        states = (State.QUEUED, State.HELD, State.FAILED) if check_queued else (State.HELD, State.FAILED)
+        for state in states:
             for qid in self._iter_ids(state):  # one at a time: see _iter_ids
                 try:
                     self._read_header(self._file(state, qid))

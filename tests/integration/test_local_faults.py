@@ -193,6 +193,28 @@ async def test_corrupt_spool_files_are_set_aside_while_running_and_the_rest_deli
     assert sum("spool file set aside" in r.getMessage() for r in caplog.records) == 3
 
 
+async def test_corrupt_files_found_at_start_are_set_aside_and_the_rest_delivered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Damaged while relayd was stopped: the queue manager's first scan at start-up (not a
+    second read before the listener binds) sets the bad files aside; the others go out."""
+    async with FakeUpstream(replies=DOWN) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            ids = [await relay.send(message(f"s{n}")) for n in range(3)]
+        queued = tmp_path / "spool" / "queued"
+        await wait_until(lambda: len(listing(queued)) == 3, what="three queued")
+        (queued / f"{ids[0]}.msg").write_bytes((queued / f"{ids[0]}.msg").read_bytes()[:40])
+        (queued / "0123456789ABCDEF01.msg").write_bytes(b"\x00\xff garbage")
+        up.replies = {}
+        async with running_relay(cfg):
+            await wait_until(lambda: len(up.messages) == 2, what="the two intact messages")
+            await wait_until(lambda: len(listing(tmp_path / "spool" / "corrupt")) == 2,
+                             what="the two bad files set aside")
+            await wait_until(lambda: listing(queued) == [], what="nothing left queued")
+    assert sorted(m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages) == [b"s1", b"s2"]
+    assert sum("spool file set aside" in r.getMessage() for r in caplog.records) == 2
+
+
 class JumpingClock:
     """Wall clock for the daemon that an operator (or a broken NTP) can move."""
 
