@@ -22,8 +22,8 @@ The points (where they are called, and what a crash there means):
 - ``before-250``: daemon intake, after the spool commit and before the 250 is written.
 - ``after-upstream-250``: queue manager, after a smarthost answered a delivery and before
   the spool records the outcome (the at-least-once duplicate window).
-- ``spool-recycle``: Spool.complete, after a delivered message's file was emptied and before
-  it moved into free/ for reuse (relayd/spool_free.py).
+- ``spool-recycle``: Spool.complete, right after a delivered message's file moved into free/
+  for reuse, content and all (relayd/spool_free.py).
 - ``queue-command``: Spool.retry/release, between the renames of an operator command run by
   ``relayd queue`` in another process.
 - ``spool-write`` (fail only): storing a message, after its bytes were written and before the

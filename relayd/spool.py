@@ -3,7 +3,7 @@
 Layout under ``spool.path``::
 
     tmp/       writes in progress; recover() keeps the complete ones, removes the rest
-    free/      emptied files of delivered messages, reused by the next ones (spool_free.py)
+    free/      files of delivered messages, overwritten by the next ones (spool_free.py)
     queued/    waiting for delivery          held/    taken out of delivery by an operator
     active/    claimed by a delivery now     failed/  given up on (kept until deleted/retried)
     meta/      ID.json: attempts, history, next attempt, remaining recipients (mutable)
@@ -29,8 +29,8 @@ change is one ``rename``, which is atomic, so `relayd queue ...` in another proc
 daemon arbitrate by whoever renames first. One file per message (instead of an .eml plus a
 .json sidecar) halves the flushes on the acceptance path; the mutable metadata lives in
 ``meta/`` and is only written on the slow paths (deferral, failure, operator commands).
-The file of a delivered message is emptied and kept in ``free/`` for the next message to be
-written into: allocating an inode was the costliest step of storing one (spool_free.py).
+The file of a delivered message is kept in ``free/`` for the next message to be written
+into: allocating an inode was the costliest step of storing one (spool_free.py).
 
 All methods are blocking; the daemon calls them through an executor.
 """
@@ -92,7 +92,7 @@ class Spool:
         self.path = Path(path)
         self._root = str(self.path)
         self._free = FreeFiles(f"{self._root}/free") if reuse_files else None
-        self._reaper = Reaper(self.complete)
+        self._reaper = Reaper(self.complete, tidy=self._free.scrub if self._free else None)
         self._fsync = fsync
         self._lock_fd: int | None = None
         self._dir_fds: dict[str, int] = {}
@@ -359,8 +359,8 @@ class Spool:
         self._move(queue_id, src, State.FAILED)
 
     def complete(self, queue_id: str) -> None:
-        """Every recipient is done: remove the message (its file is kept empty in free/ for
-        reuse, see spool_free.py)."""
+        """Every recipient is done: remove the message (its file is kept in free/ for the
+        next message to overwrite, see spool_free.py)."""
         self.recent.pop(queue_id)
         path = self._file(State.ACTIVE, queue_id)
         with contextlib.suppress(FileNotFoundError):
@@ -383,8 +383,11 @@ class Spool:
         self._reaper.put(queue_id)
 
     def flush_completions(self) -> None:
-        """Wait until every ``complete_later`` has been carried out."""
+        """Wait until every ``complete_later`` has been carried out, then remove the files
+        kept in free/ with delivered content (relayd is stopping: see spool_free.py)."""
         self._reaper.flush()
+        if self._free is not None:
+            self._free.sweep()
 
     # -- operator commands (any process) -------------------------------------------------------
     def _poke(self, queue_id: str) -> None:

@@ -1,36 +1,50 @@
-"""What becomes of a delivered message's file: emptied and kept in ``free/`` for reuse, in a
-background thread (``Reaper``).
+"""What becomes of a delivered message's file: kept in ``free/`` and overwritten by a later
+message, in a background thread (``Reaper``).
 
 Storing a message meant creating a file, and creating a file means allocating an inode: on
 the ext4 benchmark VM that was the most expensive step of the whole acceptance path, several
 hundred microseconds of kernel CPU per message under load, against ~15 us to move an
 existing file (docs/performance.md has the measurements). Postfix creates a queue file per
-message too; relayd now keeps the files of delivered messages and writes the next messages
-into them.
+message too; relayd keeps the files of delivered messages and writes the next messages into
+them. A small file keeps its content until it is overwritten: emptying it first (as relayd
+did until the sixth benchmark round) freed its data blocks only for the next message to
+allocate them again, and cost more kernel CPU than creating a new file (~95 against ~65 us
+per message with the flush, and twice the flush's wait, docs/performance.md).
 
 The life of a file:
 
-1. ``give`` (the delivery side, once every recipient is done): the file is emptied where it
-   is (``truncate`` in ``active/``), then renamed into ``free/``. Emptying it *before* it can
-   be taken means a taker never shares an inode with a pending truncation, and no delivered
-   content stays on disk. A crash between the two steps leaves an empty file in ``active/``:
-   no writer ever puts an empty file there (``queued/`` only receives complete, fsynced
-   files), so recovery knows it for a delivered message and drops it quietly.
+1. ``give`` (the delivery side, once every recipient is done): a file over
+   ``KEEP_CONTENT_MAX`` is emptied where it is (``truncate`` in ``active/``), so ``free/``
+   never holds more than ``limit`` times that much data; then the file is renamed into
+   ``free/``. A crash between the two steps leaves an empty file in ``active/``: no writer
+   ever puts an empty file there (``queued/`` only receives complete, flushed files), so
+   recovery knows it for a delivered message and drops it quietly. A crash after the rename
+   leaves a file in ``free/``, which start-up removes (``sweep``).
 2. ``take`` (the accepting side, in ``Spool.put``): ``link(free/F, tmp/ID.msg)`` then
    ``unlink(free/F)``. ``link`` fails with EEXIST when ``tmp/ID.msg`` exists, the same
    protection against a duplicate queue ID as the ``O_EXCL`` create it replaces (``rename``
    would silently replace the other message's file). If two takers link the same free file,
    only one ``unlink`` succeeds; the other removes its link before writing anything.
-3. The taker opens the file with ``O_TRUNC`` (3 us; a free file is empty anyway, but a stale
-   tail behind a shorter message would make it unreadable) and writes, fsyncs and renames it
-   exactly like a new file. Until then recovery sees an incomplete file in ``tmp/``, or one
-   whose header names another ID, and removes it: never acknowledged, never delivered.
+3. The taker writes the new file from its first byte, cuts it to the new length
+   (``ftruncate``: no stale tail of a longer message), flushes and renames it exactly like a
+   new file. Until then recovery sees in ``tmp/`` a file whose length or CRC-32 does not
+   match its header, or whose header names another ID, and removes it: never acknowledged,
+   never delivered.
 
-At most ``limit`` files are kept (an empty file costs one inode and no data blocks): after a
-backlog drains, the surplus is unlinked as before. The accepting process lists ``free/`` when
-its list of names runs out (not more often than every ``REFILL_PAUSE`` seconds while the
-directory is empty, when new files are created instead); the giving side counts ``free/``
-again every ``RECOUNT_INTERVAL`` seconds, since another process takes from it.
+Delivered content does not stay in ``free/``: ``scrub`` (the reaper thread, every
+``SCRUB_INTERVAL`` seconds, busy or idle) removes the files that were there at its previous
+round already, so a file is either overwritten or gone within two intervals; stopping
+relayd and starting it remove them all (``sweep``). Removing is safe against a taker at any
+step: an ``unlink`` before its ``link`` makes the link fail, one between its ``link`` and
+its ``unlink`` makes its unlink fail (it drops its link before writing anything), and after
+that the name is gone. Under load, scrubbing shrinks the pool to what ten to twenty seconds
+of mail need.
+
+At most ``limit`` files are kept: after a backlog drains, the surplus is unlinked as before.
+The accepting process lists ``free/`` when its list of names runs out (not more often than
+every ``REFILL_PAUSE`` seconds while the directory is empty, when new files are created
+instead); the giving side counts ``free/`` again every ``RECOUNT_INTERVAL`` seconds, since
+another process takes from it.
 
 Blocking; called from the spool's worker threads.
 """
@@ -53,12 +67,14 @@ from relayd import faults
 log = logging.getLogger("relayd.spool")
 
 FREE_FILES_MAX = 1000  # about one second of mail at the rates relayd reaches
+KEEP_CONTENT_MAX = 64 * 1024  # so free/ holds at most ~64 MB of delivered mail
 REFILL_PAUSE = 0.05
 RECOUNT_INTERVAL = 1.0
+SCRUB_INTERVAL = 10.0
 
 
 class FreeFiles:
-    """The pool of empty message files in one spool's ``free/`` directory."""
+    """The pool of reusable message files in one spool's ``free/`` directory."""
 
     def __init__(self, directory: str, *, limit: int = FREE_FILES_MAX,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -71,6 +87,7 @@ class FreeFiles:
         self._count_lock = threading.Lock()
         self._count = 0
         self._recount_at = 0.0
+        self._seen: set[str] = set()  # free/ at the previous scrub
 
     # -- the accepting side -----------------------------------------------------------------
     def take(self, dst: str, *, relist: bool = False) -> bool:
@@ -152,12 +169,29 @@ class FreeFiles:
         if self._full():
             os.unlink(path)
             return
-        os.truncate(path, 0)  # before it is in free/: see the module docstring
-        faults.crash_point("spool-recycle")
+        if os.stat(path).st_size > KEEP_CONTENT_MAX:
+            os.truncate(path, 0)  # before it is in free/: see the module docstring
         os.rename(path, f"{self._dir}/{name}")
+        faults.crash_point("spool-recycle")
         with self._count_lock:
             self._count += 1
         self._refill_after = 0.0  # a taker in this process may list free/ again at once
+
+    def scrub(self) -> int:
+        """Remove the files that were in free/ at the previous call already (delivered
+        content is not kept for longer than two calls apart); returns how many."""
+        names = self._list()
+        removed = 0
+        for name in names:
+            if name in self._seen:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                    os.unlink(f"{self._dir}/{name}")
+                    removed += 1
+        self._seen = set(names) - self._seen
+        if removed:
+            with self._count_lock:
+                self._count = max(0, self._count - removed)
+        return removed
 
     def _full(self) -> bool:
         now = self._clock()
@@ -170,8 +204,9 @@ class FreeFiles:
 
     # -- recovery -----------------------------------------------------------------------------
     def sweep(self) -> None:
-        """Start-up: remove anything in ``free/`` that is not an empty regular file (only
-        empty files are ever put there; this keeps a hand-placed file out of the queue)."""
+        """Start and stop: remove every file in ``free/`` that holds something (delivered
+        content, or a file placed there by hand) or is not a regular file; only the empty
+        files an earlier version kept stay for reuse."""
         for name in self._list():
             path = f"{self._dir}/{name}"
             with contextlib.suppress(OSError):
@@ -179,19 +214,26 @@ class FreeFiles:
                 if st.st_size != 0 or not stat.S_ISREG(st.st_mode):
                     os.unlink(path)
         self._names.clear()
+        self._seen.clear()
         self._recount_at = 0.0
 
 
 class Reaper:
-    """Runs ``complete(queue_id)`` for delivered messages in one background thread.
+    """Runs ``complete(queue_id)`` for delivered messages in one background thread, and
+    ``tidy()`` every ``interval`` seconds while the thread runs, busy or idle.
 
     The queue manager does not wait for the file system, and under load one thread working
     through a queue costs less than a thread-pool round trip per message. ``flush`` waits
     until everything put so far is done (the thread starts again on the next ``put``).
     """
 
-    def __init__(self, complete: Callable[[str], None]) -> None:
+    def __init__(self, complete: Callable[[str], None], *,
+                 tidy: Callable[[], object] | None = None, interval: float = SCRUB_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._complete = complete
+        self._tidy = tidy
+        self._interval = interval
+        self._clock = clock
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -205,12 +247,27 @@ class Reaper:
         self._queue.put(queue_id)
 
     def _run(self) -> None:
-        while (queue_id := self._queue.get()) is not None:
+        due = self._clock() + self._interval
+        while True:
             try:
-                self._complete(queue_id)
-            except OSError as exc:  # read-only or failing disk: recovery delivers it again
-                log.error("%s: delivered, but its spool file could not be removed: %s",
-                          queue_id, exc.strerror or exc)
+                queue_id = self._queue.get(timeout=None if self._tidy is None
+                                           else max(0.0, due - self._clock()))
+            except queue.Empty:
+                queue_id = ""
+            if queue_id is None:
+                return
+            if queue_id:
+                try:
+                    self._complete(queue_id)
+                except OSError as exc:  # read-only or failing disk: recovery delivers it again
+                    log.error("%s: delivered, but its spool file could not be removed: %s",
+                              queue_id, exc.strerror or exc)
+            if self._tidy is not None and self._clock() >= due:
+                due = self._clock() + self._interval
+                try:
+                    self._tidy()
+                except OSError as exc:
+                    log.error("cannot tidy the spool's free files: %s", exc.strerror or exc)
 
     def flush(self) -> None:
         with self._lock:

@@ -235,7 +235,7 @@ class Writer:
                             ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         tmp = f"{self._root}/tmp/{qid}.msg"
         try:
-            fd = self._open_tmp(tmp)
+            fd, reused = self._open_tmp(tmp)
         except OSError as exc:
             raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
         try:
@@ -244,6 +244,8 @@ class Writer:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            if reused:  # a longer delivered message's tail must not follow this one
+                os.ftruncate(fd, len(data))
             faults.fail_point("spool-write")
         except OSError as exc:
             os.close(fd)
@@ -252,20 +254,24 @@ class Writer:
             raise SpoolError(f"cannot store message: {exc.strerror or exc}") from exc
         return _Written(qid, tmp, fd, message)
 
-    def _open_tmp(self, tmp: str) -> int:
-        """A descriptor on a new, empty ``tmp``: a free file taken under that name, else a new
-        one. Raises FileExistsError when ``tmp`` exists (a duplicate ID: the other file stays)."""
+    def _open_tmp(self, tmp: str) -> tuple[int, bool]:
+        """A descriptor on a new file ``tmp`` and whether it is a reused one (a free file taken
+        under that name, still holding a delivered message: overwritten from its first byte
+        and cut to length, spool_free.py), else a new, empty one. Raises FileExistsError when
+        ``tmp`` exists (a duplicate ID: the other file stays)."""
         free = self._free
         if free is None or not free.take(tmp):
             try:
-                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), False
             except OSError as exc:
                 # Out of inodes: the free files hold some, look again now (not after a pause).
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or free is None \
                         or not free.take(tmp, relist=True):
                     raise
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            # No O_TRUNC: freeing the old data blocks only to allocate them again for the new
+            # content cost more than the write itself (spool_free.py).
+            return os.open(tmp, os.O_WRONLY), True
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -1,6 +1,7 @@
-"""Reuse of delivered messages' files (relayd/spool_free.py): the next message is written into
-an emptied file instead of a new one, without ever mixing two messages, leaving delivered
-content on disk, or losing a message to a crash at any step."""
+"""Reuse of delivered messages' files (relayd/spool_free.py): the next message is written over
+a delivered one's file instead of into a new one, without ever mixing two messages, keeping
+delivered content on disk for longer than two scrubs or past a stop, or losing a message to
+a crash at any step."""
 
 from __future__ import annotations
 
@@ -42,15 +43,14 @@ def test_the_next_message_is_written_into_a_delivered_messages_file(tmp_path: Pa
     first = spool.put(long)
     inode = os.stat(tmp_path / "s" / "queued" / f"{first}.msg").st_ino
     _deliver(spool, first)
-    assert os.listdir(tmp_path / "s" / "free") == [first]
-    assert os.stat(tmp_path / "s" / "free" / first).st_size == 0
-    assert b"the longer one" not in _all_bytes(tmp_path / "s")  # delivered content is gone
+    assert os.listdir(tmp_path / "s" / "free") == [first]  # kept as it is, to be overwritten
 
     short = _msg(b"second, short\r\n", rcpt="carol@example.com")
     second = spool.put(short)
     path = tmp_path / "s" / "queued" / f"{second}.msg"
     assert os.stat(path).st_ino == inode
     assert os.listdir(tmp_path / "s" / "free") == []
+    assert b"the longer one" not in _all_bytes(tmp_path / "s")  # overwritten and cut to length
     header, content = parse_file(path.read_bytes())  # no stale tail of the longer message
     assert content == short.content and header["id"] == second
     fresh = Spool(tmp_path / "s")  # another process reads exactly the new message
@@ -78,7 +78,74 @@ def test_the_pool_is_bounded_and_the_rest_is_removed(tmp_path: Path) -> None:
         pool.give(str(p), f"m{i}")
         assert not p.exists()
     assert sorted(os.listdir(d)) == ["m0", "m1", "m2"]
-    assert all(os.stat(d / n).st_size == 0 for n in os.listdir(d))
+    assert (d / "m1").read_bytes() == b"delivered 1"  # small files keep their content
+
+
+def test_a_big_delivered_file_is_emptied_before_it_is_kept(tmp_path: Path) -> None:
+    """free/ never holds more than limit x KEEP_CONTENT_MAX bytes of delivered mail."""
+    d = tmp_path / "free"
+    d.mkdir()
+    pool = FreeFiles(str(d))
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.write_bytes(b"x" * (spool_free.KEEP_CONTENT_MAX + 1))
+    small.write_bytes(b"x" * spool_free.KEEP_CONTENT_MAX)
+    pool.give(str(big), "big")
+    pool.give(str(small), "small")
+    assert os.stat(d / "big").st_size == 0
+    assert os.stat(d / "small").st_size == spool_free.KEEP_CONTENT_MAX
+
+
+def test_delivered_content_is_gone_after_two_scrubs_and_after_a_stop(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    free = FreeFiles(str(tmp_path / "s" / "free"))
+    first = spool.put(_msg(b"first delivered mail\r\n"))
+    _deliver(spool, first)
+    assert free.scrub() == 0  # seen once: it may still be taken
+    second = spool.put(_msg(b"second delivered mail\r\n"))  # takes the first one's file
+    third = spool.put(_msg(b"third delivered mail\r\n"))
+    _deliver(spool, second)
+    assert free.scrub() == 0  # the first file is no longer there; the second one is new
+    assert free.scrub() == 1  # the second one sat there since the previous scrub
+    assert b"delivered mail" not in b"".join(
+        p.read_bytes() for p in (tmp_path / "s" / "free").iterdir())
+
+    _deliver(spool, third)
+    assert os.listdir(tmp_path / "s" / "free") == [third]
+    spool.flush_completions()  # what the delivery process does when relayd stops
+    assert os.listdir(tmp_path / "s" / "free") == []
+    assert b"delivered mail" not in _all_bytes(tmp_path / "s")
+
+
+def test_a_scrub_between_a_takers_link_and_unlink_leaves_it_without_that_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scrub removes a free file a taker has just linked: the taker's unlink fails, so it
+    drops its link before writing anything and creates a file instead."""
+    d = tmp_path / "free"
+    d.mkdir()
+    (d / "F").write_bytes(b"delivered mail")
+    taker, scrubber = FreeFiles(str(d)), FreeFiles(str(d))
+    assert scrubber.scrub() == 0
+    real_link = os.link
+
+    def link_then_scrub(src: str, dst: str) -> None:
+        real_link(src, dst)
+        assert scrubber.scrub() == 1
+
+    monkeypatch.setattr(spool_free.os, "link", link_then_scrub)
+    dst = tmp_path / "a.msg"
+    assert taker.take(str(dst)) is False
+    assert not dst.exists() and os.listdir(d) == []
+
+
+def test_the_reaper_tidies_while_idle_and_stops_cleanly() -> None:
+    tidied = threading.Event()
+    done: list[str] = []
+    reaper = spool_free.Reaper(done.append, tidy=tidied.set, interval=0.01)
+    reaper.put("A")
+    assert tidied.wait(10), "tidy never ran while the reaper had nothing to do"
+    reaper.flush()
+    assert done == ["A"]
 
 
 def test_a_duplicate_queue_id_is_refused_and_the_other_file_kept(tmp_path: Path) -> None:
@@ -179,7 +246,7 @@ def test_an_empty_pool_is_listed_again_only_after_a_pause(tmp_path: Path) -> Non
 
 def test_an_emptied_file_in_active_after_a_crash_is_removed_quietly(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Killed between emptying a delivered message's file and moving it into free/."""
+    """Killed between emptying a big delivered message's file and moving it into free/."""
     spool = Spool(tmp_path / "s")
     spool.ensure_dirs()
     done, pending = spool.put(_msg(b"delivered\r\n")), spool.put(_msg(b"in flight\r\n"))
@@ -204,6 +271,21 @@ def test_a_reused_file_not_yet_overwritten_is_never_recovered_as_the_new_message
     spool.ensure_dirs()
     old = spool.put(_msg(b"old mail\r\n"))
     os.rename(tmp_path / "s" / "queued" / f"{old}.msg", tmp_path / "s" / "tmp" / "0123456789ABCDEF.msg")
+    Spool(tmp_path / "s").recover()
+    assert os.listdir(tmp_path / "s" / "tmp") == []
+    assert spool.ids(State.QUEUED) == []
+
+
+def test_a_reused_file_with_the_old_messages_tail_is_never_recovered(tmp_path: Path) -> None:
+    """Killed after a new message was written over a longer delivered one and before the file
+    was cut to length: its length no longer matches its header, so recovery removes it."""
+    spool = Spool(tmp_path / "s")
+    spool.ensure_dirs()
+    new = spool.put(_msg(b"new\r\n"))
+    path = tmp_path / "s" / "queued" / f"{new}.msg"
+    stale = path.read_bytes() + b"tail of a longer delivered message\r\n"
+    path.unlink()
+    (tmp_path / "s" / "tmp" / f"{new}.msg").write_bytes(stale)
     Spool(tmp_path / "s").recover()
     assert os.listdir(tmp_path / "s" / "tmp") == []
     assert spool.ids(State.QUEUED) == []
