@@ -81,6 +81,34 @@ def test_the_pool_is_bounded_and_the_rest_is_removed(tmp_path: Path) -> None:
     assert (d / "m1").read_bytes() == b"delivered 1"  # small files keep their content
 
 
+def test_files_taken_by_the_other_process_make_room_within_the_same_second(
+        tmp_path: Path) -> None:
+    """The accepting process takes files without telling the delivery process: a pool it has
+    just emptied must not look full to the giver until its next periodic count (that made
+    the giver remove half the files under load, and the taker create as many)."""
+    d = tmp_path / "free"
+    d.mkdir()
+    now = [100.0]
+    giver = FreeFiles(str(d), limit=3, clock=lambda: now[0])
+    taker = FreeFiles(str(d), limit=3, clock=lambda: now[0])
+
+    def give(name: str) -> None:
+        (tmp_path / name).write_bytes(b"delivered")
+        giver.give(str(tmp_path / name), name)
+
+    for name in ("a", "b", "c"):
+        give(name)
+    for k in range(3):
+        assert taker.take(str(tmp_path / f"new{k}.msg"))
+    assert os.listdir(d) == []
+    now[0] += spool_free.FULL_RECOUNT_PAUSE  # well within RECOUNT_INTERVAL
+    give("d")
+    assert os.listdir(d) == ["d"]  # kept: the giver looked again instead of removing it
+    for name in ("e", "f", "g"):
+        give(name)
+    assert sorted(os.listdir(d)) == ["d", "e", "f"]  # really full: the rest is removed
+
+
 def test_a_big_delivered_file_is_emptied_before_it_is_kept(tmp_path: Path) -> None:
     """free/ never holds more than limit x KEEP_CONTENT_MAX bytes of delivered mail."""
     d = tmp_path / "free"
