@@ -23,6 +23,7 @@ from relayd.app import Daemon, Role
 from relayd.cmd_run import Background, reload_from_file
 from relayd.config import Config, load_config
 from relayd.logsetup import setup_logging
+from relayd.metrics import Recorder
 from relayd.split import DeliverArgs, EventMetrics, open_events, read_lines
 
 if TYPE_CHECKING:
@@ -35,7 +36,11 @@ log = logging.getLogger("relayd")
 
 async def run_delivery(args: DeliverArgs, cfg: Config) -> int:
     events = await open_events(args.events_fd)
-    daemon = Daemon(cfg, role=Role.DELIVER, metrics=EventMetrics(events))
+    # Without metrics.listen the accepting process records nothing (app.py), so the delivery
+    # process does not encode an event per recipient for it to decode and drop: that was ~4 %
+    # of this loop's time and ~6 % of the accepting loop's in the relay benchmark.
+    recorder = EventMetrics(events) if cfg.metrics.listen is not None else Recorder()
+    daemon = Daemon(cfg, role=Role.DELIVER, metrics=recorder)
     loop = asyncio.get_running_loop()
     background = Background(loop)
 
