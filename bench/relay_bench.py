@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -551,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue below it
     if a.backlog:
+        compile_bytecode()
         try:
             print(json.dumps(measure_backlog(base / "backlog", a.backlog, a.sessions), indent=1))
         finally:
@@ -558,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(base, ignore_errors=True)
         return 0
     results: list[Measurement] = []
+    compile_bytecode()
     print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, work dir {base}", flush=True)
     try:
         with sink_process() as sink_port:
@@ -592,6 +595,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps([asdict(m) for m in results], indent=1))
     return 0
+
+
+def compile_bytecode() -> None:
+    """Byte-compile relayd and the environment's packages first, as installing them does.
+
+    An installed relayd runs from .pyc files (pip compiles them; under the systemd unit's
+    ProtectSystem=strict nothing else could write them). Run from a checkout with
+    PYTHONDONTWRITEBYTECODE set, or with .pyc files older than their sources, every start
+    compiled the sources again: +6 MB of RSS for the two processes (67 against 61 MB at
+    1 KB) and a slower start, which is not what a sysadmin's relayd pays."""
+    purelib = sysconfig.get_paths()["purelib"]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "relayd"), purelib],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
 if __name__ == "__main__":
