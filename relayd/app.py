@@ -324,7 +324,9 @@ class Daemon:
                 await self.metrics_server.close()
             if self.unsubscribe_server is not None:
                 await self.unsubscribe_server.aclose()
-            self.spool.close()
+            # Off the loop: it waits for the removal thread and removes the delivered
+            # content kept in free/ (spool_free.py).
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.spool.close)
             self.sending.close()
             self.executor.shutdown(wait=False)
         log.info("relayd stopped")
