@@ -93,16 +93,26 @@ class SuppressionStore:
         if self._db is None:
             import sqlite3
 
-            db = sqlite3.connect(self.path, timeout=self._busy_timeout, check_same_thread=False,
-                                 isolation_level=None)
-            try:
-                db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = NORMAL")
-                db.execute(_SCHEMA)
-            except BaseException:
-                db.close()
-                raise
+            deadline = time.monotonic() + self._busy_timeout
+            while True:
+                db = sqlite3.connect(self.path, timeout=self._busy_timeout,
+                                     check_same_thread=False, isolation_level=None)
+                try:
+                    db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                    db.execute("PRAGMA journal_mode = WAL")
+                    db.execute("PRAGMA synchronous = NORMAL")
+                    db.execute(_SCHEMA)
+                    break
+                except sqlite3.OperationalError as exc:
+                    db.close()
+                    # Switching a new database to WAL, or another connection recovering the
+                    # WAL, answers SQLITE_BUSY without calling the busy handler: wait here.
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+                except BaseException:
+                    db.close()
+                    raise
             self._db = db
             self._give_to_owner()  # the -wal and -shm files exist now
         return self._db
