@@ -5,17 +5,13 @@ import sys
 # The delivery process of ``relayd run`` skips the CLI's argparse (relayd/cmd_deliver.py);
 # the cheap test first, so that other commands do not import the daemon.
 if sys.argv[3:4] == ["_deliver"]:
-    from relayd.errors import ConfigError
     from relayd.split import from_argv
 
     _args = from_argv(sys.argv[1:])
     if _args is not None:
         from relayd.cmd_deliver import deliver
 
-        try:
-            raise SystemExit(deliver(_args))
-        except ConfigError:
-            pass  # the file changed since relayd run read it: the CLI reports it, as always
+        raise SystemExit(deliver(_args))
 
 from relayd.cli import main
 

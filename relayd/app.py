@@ -166,7 +166,7 @@ class Daemon:
             metrics = Metrics() if config.metrics.listen is not None else Recorder()
         self.metrics: Recorder = metrics
         self.metrics.declare_smarthosts(s.name for s in config.smarthosts)
-        self.delivery_process = (DeliveryProcess(config_path, self.spool, self.metrics)
+        self.delivery_process = (DeliveryProcess(config_path, config.text, self.spool, self.metrics)
                                  if role is Role.ACCEPT and config_path is not None else None)
         self.sending = SendingPolicy(config, dkim_keys=read_dkim_keys(config), cap_window=cap_window)
         self.intake = Intake(self)
@@ -383,7 +383,7 @@ class Daemon:
                             "applied")
             self._listener.handler.settings = ListenerSettings.from_config(new)
         if self.delivery_process is not None:
-            self.delivery_process.reload()  # it reads the same file
+            self.delivery_process.reload(new.text)  # what was accepted, not the file
         log.info("configuration reloaded")
         if self.hooks.on_reloaded:
             self.hooks.on_reloaded()

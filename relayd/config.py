@@ -12,7 +12,7 @@ import enum
 import ipaddress
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -248,6 +248,10 @@ class Config:
     max_sessions: int = 100
     source: Path | None = None
     warnings: tuple[str, ...] = ()
+    # The YAML text this was read from: the delivery process is given exactly this text, so
+    # that it runs the settings the accepting process accepted, never a file refused since.
+    # Not in repr (it may hold plain-text secrets).
+    text: str = field(default="", repr=False, compare=False)
 
     def smarthost(self, name: str) -> Smarthost:
         """The smarthost called ``name``; KeyError lists the known names."""
@@ -285,7 +289,7 @@ def parse_config(text: str, *, source: Path | None = None,
     config = _build(reader, data, source)
     if reader.problems or config is None:
         raise ConfigError(reader.problems)
-    return config
+    return replace(config, text=text)
 
 
 def _default_hostname() -> str:

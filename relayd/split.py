@@ -13,7 +13,12 @@ relayd now runs the queue manager in a child process with its own loop and GIL:
   pipe, one JSON array ``[method, args...]`` per line, which the accepting process applies to
   its ``Metrics`` (an allow-list of recording methods; nothing else is called);
 - the delivery process owns the alerts, the OAuth token sources and the delivery gate;
-- SIGHUP to the accepting process is passed on; the delivery process reads the same file;
+- the delivery process never reads the config file: the first line on the notify pipe, and
+  one after every reload the accepting process accepted, is ``config <base64 YAML>`` with
+  the exact text the accepting process validated. A file refused on SIGHUP therefore reaches
+  neither process, and a delivery process started again later runs the accepted settings,
+  not whatever the file holds by then (SPEC: "an invalid config on reload is refused and
+  the old one kept");
 - SIGTERM: the accepting process closes the listener, then stops the delivery process, which
   lets in-flight deliveries finish or return to the queue, as before;
 - the delivery process exits at once when the notify pipe closes (the accepting process was
@@ -28,6 +33,8 @@ for two even on one CPU).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -48,6 +55,7 @@ log = logging.getLogger("relayd")
 SINGLE_PROCESS_ENV = "RELAYD_SINGLE_PROCESS"
 PARENT_ENV = "RELAYD_DELIVERY_PARENT"
 RESTART_DELAY = 1.0
+CONFIG_LINE = b"config "  # notify-pipe line carrying the accepted config text (base64)
 # The Recorder methods the delivery process may call in the accepting process.
 FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_expiry",
                        "set_daily_cap_remaining"})
@@ -92,13 +100,42 @@ def split_enabled(environ: Mapping[str, str] | None = None) -> bool:
     return (os.cpu_count() or 1) >= 2
 
 
+def config_line(text: str) -> bytes:
+    """The notify-pipe line that hands the delivery process its config text."""
+    return CONFIG_LINE + base64.b64encode(text.encode("utf-8")) + b"\n"
+
+
+def parse_config_line(line: bytes) -> str | None:
+    """The text of a ``config_line``, else None (a queue ID line, or damage)."""
+    if not line.startswith(CONFIG_LINE):
+        return None
+    try:
+        return base64.b64decode(line[len(CONFIG_LINE):], validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def read_first_line(fd: int) -> tuple[bytes, bytes]:
+    """Blocking, before the event loop runs: the first line on ``fd`` (without its newline)
+    and whatever was read after it, for the line reader. (b"", b"") at end of file."""
+    buf = b""
+    while b"\n" not in buf:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"", b""
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    return line, rest
+
+
 class _Lines(asyncio.Protocol):
     """Reads newline-terminated lines from a pipe."""
 
-    def __init__(self, on_line: Callable[[bytes], None], on_eof: Callable[[], None]) -> None:
+    def __init__(self, on_line: Callable[[bytes], None], on_eof: Callable[[], None],
+                 initial: bytes = b"") -> None:
         self._on_line = on_line
         self._on_eof = on_eof
-        self._buf = b""
+        self._buf = initial
 
     def data_received(self, data: bytes) -> None:
         lines = (self._buf + data).split(b"\n")
@@ -138,17 +175,23 @@ async def _write_pipe(fd: int) -> asyncio.WriteTransport:
     return transport
 
 
-async def read_lines(fd: int, on_line: Callable[[bytes], None], on_eof: Callable[[], None]) -> None:
+async def read_lines(fd: int, on_line: Callable[[bytes], None], on_eof: Callable[[], None],
+                     initial: bytes = b"") -> None:
+    """Call ``on_line`` for each line on ``fd``; ``initial`` is data read from it already."""
     loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: _Lines(on_line, on_eof), os.fdopen(fd, "rb", buffering=0))
+    protocol = _Lines(on_line, on_eof, initial)
+    await loop.connect_read_pipe(lambda: protocol, os.fdopen(fd, "rb", buffering=0))
+    if initial:
+        protocol.data_received(b"")  # lines that arrived with the config line
 
 
 class DeliveryProcess:
     """The accepting process's handle on the delivery process: starts, feeds, reloads,
     restarts and stops it."""
 
-    def __init__(self, config_path: Path, spool: Spool, metrics: Recorder) -> None:
+    def __init__(self, config_path: Path, config_text: str, spool: Spool, metrics: Recorder) -> None:
         self._config_path = config_path
+        self._config_text = config_text
         self._spool = spool
         self._metrics = metrics
         self._proc: asyncio.subprocess.Process | None = None
@@ -174,6 +217,7 @@ class DeliveryProcess:
             os.close(notify_r)
             os.close(events_w)
         self._notify = _Batcher(await _write_pipe(notify_w))
+        self._notify.write(config_line(self._config_text))
         await read_lines(events_r, self._on_event, lambda: None)
         log.info("delivery process started (pid %d)", self._proc.pid)
         self.started.set()
@@ -194,9 +238,12 @@ class DeliveryProcess:
         if self._notify is not None:
             self._notify.write(f"{queue_id} {int(priority)}\n".encode())
 
-    def reload(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGHUP)
+    def reload(self, config_text: str) -> None:
+        """Hand the delivery process a config the accepting process accepted (and keep it
+        for a restart of the delivery process)."""
+        self._config_text = config_text
+        if self._notify is not None:
+            self._notify.write(config_line(config_text))
 
     async def _supervise(self) -> None:
         while True:

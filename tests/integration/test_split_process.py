@@ -16,7 +16,7 @@ from pathlib import Path
 import aiosmtplib
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.split import DeliverArgs, child_argv, from_argv, split_enabled
+from relayd.split import DeliverArgs, child_argv, config_line, from_argv, split_enabled
 from tests.support.relay import RelayProcess, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
@@ -149,17 +149,40 @@ def test_the_delivery_process_command_line_is_read_back_without_the_cli() -> Non
     assert from_argv(["-c", "x.yaml", "_deliver", "--events-fd", "7", "--notify-fd", "5"]) is None
 
 
-def test_a_delivery_process_started_on_an_invalid_file_reports_it_like_the_cli(tmp_path: Path) -> None:
-    """The file can change between relayd run's start and a restart of its child: the child
-    then says what is wrong and exits 78 (EX_CONFIG), as every other command does."""
-    bad = tmp_path / "relayd.yaml"
-    bad.write_text("listen: [unclosed\n")
+def _child(tmp_path: Path, notify: bytes) -> subprocess.CompletedProcess[str]:
+    """The delivery process started by hand, its notify pipe holding ``notify`` then EOF."""
+    cfg = tmp_path / "relayd.yaml"
+    cfg.write_text("listen: [unclosed\n")  # never read: the child takes the text from the pipe
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-m", "relayd", *child_argv(DeliverArgs(bad, 0, 1))],
-                         capture_output=True, text=True, cwd=root, timeout=60)
+    notify_r, notify_w = os.pipe()
+    os.write(notify_w, notify)
+    os.close(notify_w)
+    try:
+        return subprocess.run([sys.executable, "-m", "relayd", *child_argv(DeliverArgs(cfg, notify_r, 1))],
+                              capture_output=True, text=True, cwd=root, timeout=60,
+                              pass_fds=(notify_r,))
+    finally:
+        os.close(notify_r)
+
+
+def test_a_delivery_process_given_an_invalid_config_reports_it_like_the_cli(tmp_path: Path) -> None:
+    """The child runs the text relayd run accepted. If that text no longer loads (a file it
+    names changed in between), the child says what is wrong and exits 78 (EX_CONFIG), as every
+    other command does."""
+    out = _child(tmp_path, config_line("spool: {path: /nonexistent, retry: {initial: soon}}\n"))
     assert out.returncode == 78
-    assert f"invalid config {bad}" in out.stderr and "invalid YAML" in out.stderr
+    assert f"invalid config {tmp_path / 'relayd.yaml'}" in out.stderr
+    assert "spool.retry.initial" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_delivery_process_never_reads_the_config_file(tmp_path: Path) -> None:
+    """Started without a config line (not by relayd run), it refuses instead of reading the
+    file, which may hold settings relayd run refused."""
+    out = _child(tmp_path, b"")
+    assert out.returncode == 1
+    assert "started by 'relayd run' only" in out.stderr
+    assert "invalid YAML" not in out.stderr and "Traceback" not in out.stderr
 
 
 def test_the_environment_switch() -> None:
