@@ -116,7 +116,9 @@ def _show(spool: Spool, args: argparse.Namespace, io: IO) -> int:
     return 0
 
 
-def _each(spool: Spool, ids: list[str], action: str, io: IO) -> int:
+def _each(spool: Spool, ids: list[str], action: str, io: IO, *, listed: frozenset[str] = frozenset()) -> int:
+    """Apply ``action`` to each ID. ``listed`` IDs came from the queue itself (`--all`): one
+    that is gone by its turn was delivered or deleted meanwhile, which is no error."""
     fn = {"hold": spool.hold, "release": spool.release, "delete": spool.delete,
           "retry": spool.retry}[action]
     status = 0
@@ -124,6 +126,9 @@ def _each(spool: Spool, ids: list[str], action: str, io: IO) -> int:
         try:
             fn(qid)
         except UnknownMessage:
+            if qid in listed:
+                print(f"{qid}: no longer in the queue (delivered or deleted meanwhile)", file=io.out)
+                continue
             print(f"relayd: no message with queue id {qid}", file=io.err)
             status = 1
         except SpoolError as exc:
@@ -149,12 +154,14 @@ def run(cfg: Config, args: argparse.Namespace, io: IO) -> int:
         return _show(spool, args, io)
     if cmd == "retry":
         ids = list(args.ids)
+        listed: frozenset[str] = frozenset()
         if args.all:
-            ids += [e.id for e in spool.list(State.QUEUED) + spool.list(State.FAILED)]
+            listed = frozenset(e.id for e in spool.list(State.QUEUED) + spool.list(State.FAILED))
+            ids += sorted(listed - set(ids))
         if not ids:
             print("relayd: queue retry needs message IDs or --all", file=io.err)
             return 64
-        return _each(spool, ids, "retry", io)
+        return _each(spool, ids, "retry", io, listed=listed)
     return _each(spool, list(args.ids), cmd, io)
 
 

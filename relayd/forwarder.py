@@ -169,6 +169,12 @@ class SmarthostPool:
                          waiting=self._waiting, connections_opened=self._opened,
                          transactions=self._transactions)
 
+    def retry_now(self) -> None:
+        """The operator asked for delivery now (`relayd queue retry`): a failed token request
+        is not waited out either."""
+        if self._token_source is not None:
+            self._token_source.forget_failure()
+
     async def aclose(self) -> None:
         """Close idle connections politely (QUIT); busy ones close when their delivery ends."""
         self._closed = True

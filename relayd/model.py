@@ -122,9 +122,14 @@ class TokenSource(Protocol):
 
     ``get_token`` returns a token valid for at least the next few minutes (refreshing if
     needed, one refresh at a time); ``invalidate`` drops a token the server rejected so the
-    next ``get_token`` fetches a fresh one. Raises ``OAuthError`` when no token can be had.
+    next ``get_token`` fetches a fresh one; ``forget_failure`` ends the wait after a failed
+    request. Raises ``OAuthError`` when no token can be had.
     """
 
     async def get_token(self) -> str: ...
 
     def invalidate(self, token: str) -> None: ...
+
+    def forget_failure(self) -> None:
+        """Ask the token endpoint again at the next ``get_token`` instead of waiting out the
+        backoff after a failed request (the operator ran `relayd queue retry`)."""

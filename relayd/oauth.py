@@ -122,6 +122,11 @@ class OAuthTokenSource:
             self._token = None
             self._stats = replace(self._stats, expires_at=None)
 
+    def forget_failure(self) -> None:
+        """The next ``get_token`` asks the endpoint at once, even within the failure backoff."""
+        self._retry_at = 0.0
+        self._backoff = FAILURE_BACKOFF[0]
+
     # -- richer API (CLI, daemon) --------------------------------------------------------------
     async def token(self, *, force: bool = False) -> Token:
         """The current token record; ``force`` fetches a new one even if the cache is good."""

@@ -21,7 +21,7 @@ from relayd.model import Reply, Status
 _QUOTA_TEXT = re.compile(
     r"quota exceeded|sending quota|daily (?:user )?sending|daily smtp relay limit|relay limit"
     r"|rate limit|too many messages|maximum sending rate|throttl|concurrent connections limit"
-    r"|try again later|message submission rate|sending limit",
+    r"|message submission rate|sending limit",
     re.IGNORECASE,
 )
 _QUOTA_DSN = frozenset({"5.4.5", "5.2.251", "5.2.253", "5.2.254", "5.2.255", "4.3.2", "4.7.28"})
@@ -34,8 +34,10 @@ _NO_SUCH_USER_TEXT = re.compile(
     r"|does not exist|recipient address rejected|invalid recipient|no mailbox",
     re.IGNORECASE,
 )
-# Replies that concern the server or the account rather than one message.
-_FAULT_DSN = frozenset({"4.7.0", "5.7.8", "5.7.139", "5.7.3", "5.7.57", "4.7.12", "5.7.12"})
+# Replies that concern the account rather than one message: authentication refused, required
+# or disabled (RFC 4954 §6, Office 365's 5.7.57/5.7.139). Not the generic 4.7.0 "security or
+# policy" code, which greylisting and content filters also use for a single message.
+_FAULT_DSN = frozenset({"5.7.8", "5.7.139", "5.7.3", "5.7.57", "4.7.12", "5.7.12"})
 
 
 def is_quota(reply: Reply) -> bool:
@@ -76,7 +78,9 @@ def is_smarthost_fault(reply: Reply | None, exc: BaseException | None) -> bool:
 
     Connection refused, timeouts, lost connections, TLS and authentication failures, a
     missing token, ``421`` (service closing, RFC 5321 §3.8) and provider quota replies all
-    pause the smarthost instead of charging every queued message an attempt.
+    pause the smarthost at once: every queued message would meet the same failure. Any other
+    4xx in a transaction ("451 4.3.0 Try again later" after the final dot, greylisting at
+    RCPT) is about that message and defers only it, as Postfix does.
     """
     if exc is not None and _exception_is_fault(exc):
         return True

@@ -6,9 +6,14 @@ wakes on new mail or at the earliest due time instead of polling, and rescans th
 slowly (plus `relayd queue` pokes quickly) to pick up messages it does not know yet. For
 each due message it claims the file, tries the smarthosts in order (later ones are
 fallbacks for the recipients the earlier ones deferred), logs one Postfix-shaped line per
-recipient, and then completes, requeues with backoff, or fails the message. A smarthost
-that fails as a whole (refused, TLS, auth, 421, timeout) is paused with backoff and costs
-queued mail no attempts.
+recipient, and then completes, requeues with backoff, or fails the message.
+
+Every attempt counts, whatever failed (SPEC "attempts"). A smarthost that fails as a whole
+(refused, TLS, auth, 421, timeout, quota) is paused with backoff, so the messages behind it
+wait without being tried and keep their count. A temporary reply about one message (a 4xx
+after the final dot) defers only that message; the smarthost is paused for such replies
+only when ``BREAKER_MESSAGES`` different messages in a row met one (a circuit breaker).
+`relayd queue retry` lifts the pauses, as `postqueue -f` does.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from relayd import faults, logline
@@ -42,6 +47,9 @@ POKE_INTERVAL = 1.0
 # A disagreement this large between the wall clock and the monotonic clock over one loop tick
 # is a clock jump (NTP step, VM resume, operator), not elapsed time.
 CLOCK_JUMP = 60.0
+# This many different messages in a row deferred by one smarthost's replies, with no delivery
+# in between, show that the server rather than the messages is the problem: pause it.
+BREAKER_MESSAGES = 5
 
 
 class Pool(Protocol):
@@ -49,6 +57,9 @@ class Pool(Protocol):
 
     async def deliver(self, queue_id: str, content: bytes, mail_from: str, rcpts: Sequence[str],
                       *, smtputf8: bool = False) -> DeliveryResult: ...
+
+    def retry_now(self) -> None:
+        """The operator asked for delivery now: drop any wait of the pool's own."""
 
     async def aclose(self) -> None: ...
 
@@ -93,6 +104,8 @@ class SmarthostState:
     paused_until: float = 0.0
     last_error: str = ""
     up: bool = True
+    # Messages deferred by this smarthost's replies since its last delivery (the breaker).
+    deferred_messages: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -221,8 +234,9 @@ class QueueManager:
         return seen
 
     async def _apply_pokes(self) -> None:
-        ids = await self._io(self.spool.take_pokes)
-        for qid in ids:
+        retried = False
+        for poke in await self._io(self.spool.take_pokes):
+            qid = poke.queue_id
             if qid in self._inflight:
                 continue
             try:
@@ -232,8 +246,28 @@ class QueueManager:
                 continue
             if entry.state is State.QUEUED:
                 self.enqueue(qid, entry.next_attempt or self._now(), entry.envelope.priority)
+                retried = retried or poke.retry
             else:
                 self.forget(qid)
+        if retried:
+            self.lift_pauses()
+
+    def lift_pauses(self) -> None:
+        """`relayd queue retry`: try the paused smarthosts again now (``postqueue -f``)."""
+        now = self._now()
+        for sh in self._smarthosts:
+            health = self._health.get(sh.name)
+            if health is not None and health.paused_until > now:
+                log.info("smarthost %s: pause lifted by 'relayd queue retry'", sh.relay)
+                health.paused_until = 0.0
+                if self.metrics:
+                    self.metrics.set_smarthost(sh.name, up=health.up, paused=False)
+            if health is not None:
+                health.deferred_messages.clear()
+            pool = self._pools.get(sh.name)
+            if pool is not None:
+                pool.retry_now()
+        self._wake.set()
 
     async def run(self) -> None:
         """Deliver until cancelled or ``stop()``; in-flight deliveries finish first."""
@@ -442,6 +476,7 @@ class QueueManager:
         deferred: dict[str, RecipientOutcome] = {}
         remaining = tuple(pending)
         reached_any = False
+        tried = False  # a smarthost was asked: this is an attempt (SPEC "attempts")
         last_error = entry.last_error
         last_relay = "none"
         delays: dict[str, tuple[float, float, float, float]] = {}
@@ -452,6 +487,7 @@ class QueueManager:
             if health.paused_until > self._now():
                 continue
             call_start = self._now()
+            tried = True
             result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
                                                    remaining, smtputf8=entry.envelope.smtputf8)
             faults.crash_point("after-upstream-250")
@@ -459,16 +495,17 @@ class QueueManager:
                      result.setup_seconds, result.transfer_seconds)
             for o in result.outcomes:
                 delays[o.recipient] = split
-            self._note_health(sh, result)
+            self._note_health(sh, result, entry.id)
             last_relay = result.relay
             if result.smarthost_fault and not any(o.status is Status.SENT for o in result.outcomes):
                 for o in result.outcomes:
                     deferred[o.recipient] = o
-                    last_error = str(o.reply)
                     if self.metrics:
                         self.metrics.delivery(sh.name, Status.DEFERRED)
-                if not result.outcomes:
-                    last_error = result.error
+                # The sentence says what failed where ("cannot connect to host:25: Connection
+                # refused"); the reply alone may be a made-up 4.4.1.
+                last_error = result.error or (str(result.outcomes[0].reply) if result.outcomes
+                                              else last_error)
                 continue
             # A recipient the smarthost accepted is delivered, whatever happened afterwards
             # to the rest of the transaction: never send it twice.
@@ -497,13 +534,14 @@ class QueueManager:
                     self.metrics.delivery(sh.name, o.status,
                                           t - entry.created if o.status is Status.SENT else None)
             remaining = tuple(next_remaining)
-        await self._finish(entry, failed, deferred, remaining, reached_any, history, last_error,
-                           last_relay, delays)
+        await self._finish(entry, failed, deferred, remaining, reached_any, tried, history,
+                           last_error, last_relay, delays)
 
     async def _finish(self, entry: Entry, failed: list[tuple[str, Reply]],
                       deferred: dict[str, RecipientOutcome], remaining: tuple[str, ...],
-                      reached_any: bool, history: list[Attempt], last_error: str | None,
-                      last_relay: str, delays: dict[str, tuple[float, float, float, float]]) -> None:
+                      reached_any: bool, tried: bool, history: list[Attempt],
+                      last_error: str | None, last_relay: str,
+                      delays: dict[str, tuple[float, float, float, float]]) -> None:
         now = self._now()
         failed_rcpts = tuple(entry.meta.failed_rcpts) + tuple(r for r, _ in failed)
         if not remaining:
@@ -516,7 +554,8 @@ class QueueManager:
                 self.spool.complete_later(entry.id)
                 log.info("%s", logline.removed_line(entry.id))
             return
-        attempts = entry.attempts + (1 if reached_any else 0)
+        # Waiting behind paused smarthosts without being tried keeps the count.
+        attempts = entry.attempts + (1 if tried else 0)
         if is_expired(entry.age_base, now - self._clock_skew, self.cfg.max_age):
             reason = f"expired after {self.cfg.max_age / 86400:g} days in the queue"
             for rcpt in remaining:
@@ -535,8 +574,8 @@ class QueueManager:
             delay = backoff_delay(attempts, self.cfg.retry)
             due = now + delay
         else:
-            # Every smarthost was paused or failed as a whole: wait for the first to come back,
-            # without spending one of this message's attempts.
+            # Every smarthost was paused or failed as a whole: wait for the first to come back
+            # (the message's own backoff would only add tries that meet the same fault).
             due = max(now + 1.0, self._hosts_available_at(now))
         for rcpt in remaining:
             o = deferred.get(rcpt)
@@ -552,27 +591,51 @@ class QueueManager:
         self._push(entry.id, self._now() + (due - now), entry.envelope.priority)
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def _note_health(self, sh: Smarthost, result: DeliveryResult) -> None:
+    def _note_health(self, sh: Smarthost, result: DeliveryResult, queue_id: str) -> None:
         h = self._health_of(sh.name)
-        if result.smarthost_fault:
-            h.failures += 1
-            h.up = False
-            h.last_error = result.error or (str(result.outcomes[0].reply) if result.outcomes else "")
-            h.paused_until = self._now() + backoff_delay(h.failures, self.cfg.retry)
-            log.warning("smarthost %s paused for %.0fs after %d failure(s): %s", sh.relay,
-                        h.paused_until - self._now(), h.failures, h.last_error)
-            if self.alerts:
-                event = "auth_failed" if "auth" in h.last_error.lower() else "smarthost_down"
-                self.alerts.fire(event, sh.name, f"smarthost {sh.relay}: {h.last_error}")
-        else:
-            if h.failures and self.alerts:
-                self.alerts.clear("smarthost_down", sh.name, f"smarthost {sh.relay} is reachable again")
-                self.alerts.clear("auth_failed", sh.name, f"smarthost {sh.relay} accepts the login again")
-            h.failures = 0
-            h.up = True
-            h.paused_until = 0.0
+        error = result.error or (str(result.outcomes[0].reply) if result.outcomes else "")
+        if not result.smarthost_fault:
+            sent = bool(result.delivered)
+            if sent or not result.deferred:
+                self._note_up(sh, h, sent=sent)
+                return
+            # A temporary reply about this message. Only several different messages in a row
+            # make it the server's problem (one message deferred again and again never does).
+            h.deferred_messages.add(queue_id)
+            if len(h.deferred_messages) < BREAKER_MESSAGES:
+                self._note_up(sh, h, sent=False)
+                return
+            error = (f"{len(h.deferred_messages)} different messages in a row deferred, "
+                     f"the last with: {error}")
+        elif h.paused_until > self._now():
+            # An attempt that began before the pause met the same fault: one outage, one
+            # pause (otherwise each of the concurrent attempts doubled it again).
+            return
+        h.deferred_messages.clear()
+        h.failures += 1
+        h.up = False
+        h.last_error = error
+        h.paused_until = self._now() + backoff_delay(h.failures, self.cfg.retry)
+        log.warning("smarthost %s paused for %.0fs after %d failure(s): %s", sh.relay,
+                    h.paused_until - self._now(), h.failures, h.last_error)
+        if self.alerts:
+            event = "auth_failed" if "auth" in h.last_error.lower() else "smarthost_down"
+            self.alerts.fire(event, sh.name, f"smarthost {sh.relay}: {h.last_error}")
         if self.metrics:
-            self.metrics.set_smarthost(sh.name, up=h.up, paused=h.paused_until > self._now())
+            self.metrics.set_smarthost(sh.name, up=h.up, paused=True)
+
+    def _note_up(self, sh: Smarthost, h: SmarthostState, *, sent: bool) -> None:
+        """The smarthost answered the transaction: it delivered, or refused the message."""
+        if sent:
+            h.deferred_messages.clear()
+        if h.failures and self.alerts:
+            self.alerts.clear("smarthost_down", sh.name, f"smarthost {sh.relay} is reachable again")
+            self.alerts.clear("auth_failed", sh.name, f"smarthost {sh.relay} accepts the login again")
+        h.failures = 0
+        h.up = True
+        h.paused_until = 0.0
+        if self.metrics:
+            self.metrics.set_smarthost(sh.name, up=True, paused=False)
 
     def _message_failed(self, entry: Entry, reason: str) -> None:
         if self.alerts:

@@ -60,9 +60,11 @@ from relayd.spool_records import (
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER,
+    RETRY_POKE,
     Attempt,
     Entry,
     Meta,
+    Poke,
     check_size,
     envelope_from_json,
     meta_from_json,
@@ -74,7 +76,7 @@ from relayd.spool_records import (
 from relayd.spool_scan import QueuedScan, count_and_oldest, iter_ids
 from relayd.spool_write import Flush, Flusher, Writer
 
-__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "RECENT_CACHE_BYTES", "Attempt", "Entry", "Meta",
+__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "RECENT_CACHE_BYTES", "Attempt", "Entry", "Meta", "Poke",
            "QueuedScan", "Spool", "new_queue_id"]
 
 log = logging.getLogger("relayd.spool")
@@ -390,22 +392,26 @@ class Spool:
             self._free.sweep()
 
     # -- operator commands (any process) -------------------------------------------------------
-    def _poke(self, queue_id: str) -> None:
+    def _poke(self, queue_id: str, *, retry: bool = False) -> None:
+        # A retry's poke carries its kind in the name: the daemon lifts the pause of the
+        # smarthosts for it, as `postqueue -f` does (SPEC "queue retry").
+        name = queue_id + RETRY_POKE if retry else queue_id
         with contextlib.suppress(OSError):
-            fd = os.open(self.path / "poke" / queue_id, os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = os.open(self.path / "poke" / name, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
                 self._own(fd)
             finally:
                 os.close(fd)
 
-    def take_pokes(self) -> builtins.list[str]:
-        """IDs changed by `relayd queue` since the last call (the daemon re-reads them)."""
-        out = []
+    def take_pokes(self) -> builtins.list[Poke]:
+        """Messages changed by `relayd queue` since the last call (the daemon re-reads them)."""
+        out: dict[str, bool] = {}
         for name in os.listdir(self.path / "poke"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path / "poke" / name)
-                out.append(name)
-        return out
+                qid = name.removesuffix(RETRY_POKE)
+                out[qid] = out.get(qid, False) or qid != name
+        return [Poke(qid, retry) for qid, retry in out.items()]
 
     def hold(self, queue_id: str) -> None:
         state, _ = self._locate(queue_id)
@@ -454,7 +460,7 @@ class Spool:
                     os.unlink(self._meta_file(queue_id))
         elif state is State.HELD:
             raise SpoolError(f"{queue_id} is held; use 'relayd queue release' first")
-        self._poke(queue_id)
+        self._poke(queue_id, retry=True)
 
     def delete(self, queue_id: str) -> None:
         self.recent.pop(queue_id)

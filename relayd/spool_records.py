@@ -17,6 +17,15 @@ from relayd.model import Envelope, State
 FORMAT_VERSION = 1
 MAGIC = b"RELAYD-SPOOL 1 "
 MAX_HEADER = 16 * 1024 * 1024
+RETRY_POKE = ".retry"  # suffix of a poke file left by `relayd queue retry`
+
+
+@dataclass(frozen=True)
+class Poke:
+    """A message changed by `relayd queue`; ``retry`` when the operator asked for it now."""
+
+    queue_id: str
+    retry: bool = False
 
 
 @dataclass(frozen=True)

@@ -62,4 +62,6 @@ async def test_rejected_client_secret_makes_mail_wait_and_alerts(tmp_path: Path)
     finally:
         ts.stop()
     assert up.messages == []
-    assert entry.state in (State.QUEUED, State.ACTIVE) and entry.attempts == 0  # waits, never bounces
+    # It waits, never bounces; the attempt that found no token counts (SPEC "attempts"; this
+    # test asserted 0 before issue 14).
+    assert entry.state in (State.QUEUED, State.ACTIVE) and entry.attempts >= 1

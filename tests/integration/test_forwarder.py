@@ -46,6 +46,9 @@ class FakeTokens:
         if self.tokens and self.tokens[0] == token and len(self.tokens) > 1:
             self.tokens.pop(0)
 
+    def forget_failure(self) -> None:
+        pass
+
 
 async def deliver(sh: Smarthost, content: bytes = MSG, rcpts: tuple[str, ...] = ("b@example.net",),
                   mail_from: str = "a@example.com", **kw: object) -> object:

@@ -259,6 +259,9 @@ class GatedPool:
         await self.gate.wait()
         return await self.real.deliver(queue_id, content, mail_from, rcpts, smtputf8=smtputf8)
 
+    def retry_now(self) -> None:
+        self.real.retry_now()
+
     async def aclose(self) -> None:
         await self.real.aclose()
 

@@ -28,11 +28,14 @@ Constructor options (all also plain attributes, so a test may change them betwee
   afterwards), ``ehlo``, ``mail``, ``data`` (the reply to the DATA command), ``dot`` (the reply
   after the final dot), ``rset``. A value is a reply line (``"451 4.3.0 try later"``) or a list
   of lines used one per occurrence (then the default behaviour). ``rcpt``: ``{address: reply}``
-  (value a line or a list, as above).
+  (value a line or a list, as above); ``dot`` may also be such a mapping, keyed by the
+  message's first recipient.
 - ``drop_at`` / ``hang_at``: a stage name (above, plus ``rcpt`` and ``body``; ``body`` means
   "after 354, while the client sends the message") at which the server closes the connection
   / stops answering forever. ``drop_once``: only the first time, then behave normally.
-- ``size_limit``: the advertised SIZE (0: no SIZE). ``smtputf8``: offer SMTPUTF8.
+- ``size_limit``: the advertised SIZE (0: no SIZE). ``smtputf8``: offer SMTPUTF8. ``port``: the port
+  to listen on (0: any free one; a fixed one lets a test start the server after relayd tried it).
+  ``reissue(hostname)`` serves a certificate for another name from then on.
 - ``pipelining``: advertise PIPELINING (RFC 2920) in the EHLO reply, as real smarthosts do
   (default True; aiosmtpd reads pipelined commands either way). A scripted ``data`` reply starting with ``354`` is followed by a real
   read of the message up to the final dot (recorded in ``forced_data``), then the ``dot``
@@ -121,7 +124,7 @@ class FakeUpstream:
                  auth_failure: str = "535 5.7.8 Authentication credentials invalid", replies: Mapping[str, Any] | None = None,
                  drop_at: str | None = None, hang_at: str | None = None, drop_once: bool = False,
                  size_limit: int = 0, smtputf8: bool = True, pipelining: bool = True,
-                 hostname: str = "localhost") -> None:
+                 hostname: str = "localhost", port: int = 0) -> None:
         self.tls = tls
         self.require_starttls = require_starttls
         self.auth = tuple(m.upper() for m in auth)
@@ -141,7 +144,7 @@ class FakeUpstream:
         self.pipelining = pipelining
         self.hostname = hostname
         self.host = "127.0.0.1"
-        self.port = 0
+        self.port = port  # 0: any free port
         self.messages: list[Received] = []
         self.auth_attempts: list[AuthAttempt] = []
         self.commands: list[str] = []
@@ -163,7 +166,7 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ScriptedSMTP(self), host=self.host, port=0,
+            lambda: _ScriptedSMTP(self), host=self.host, port=self.port,
             ssl=self._server_ctx if self.tls == "implicit" else None)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -183,6 +186,10 @@ class FakeUpstream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def reissue(self, hostname: str) -> None:
+        """Serve a certificate for ``hostname`` (and 127.0.0.1) from the same CA from now on."""
+        self.ca.issue_cert(hostname, "127.0.0.1").configure_cert(self._server_ctx)
 
     def smarthost(self, *, name: str = "fake", auth: AuthConfig | None = None,
                   timeout: float = 2.0, max_connections: int = 4, **overrides: Any) -> Smarthost:
@@ -469,7 +476,8 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str | None:
         if await self.proto._act("dot"):
             return None
-        reply = self.fake.next_reply("dot")
+        per_rcpt = isinstance(self.fake.replies.get("dot"), dict)
+        reply = self.fake.next_reply("dot", envelope.rcpt_tos[0] if per_rcpt else None)
         if reply is not None and not reply.startswith("2"):
             return reply
         self.fake.messages.append(Received(

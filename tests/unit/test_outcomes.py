@@ -69,6 +69,12 @@ def _wrapped(cause: BaseException) -> SMTPConnectError:
     (Reply(550, "5.4.5 Daily user sending quota exceeded"), None, True),
     (Reply(550, "5.1.1 User unknown"), None, False),
     (Reply(451, "4.7.1 Greylisted"), None, False),
+    # a 4xx about one message (after the final dot, greylisting) never pauses the smarthost
+    (Reply(451, "4.3.0 Try again later"), None, False),
+    (Reply(451, "4.7.0 Temporary server error. Please try again later."), None, False),
+    (Reply(450, "4.7.0 Greylisted, see https://example.org/greylisting"), None, False),
+    (Reply(454, "Throttling failure: Maximum sending rate exceeded."), None, True),
+    (Reply(550, "5.7.57 Client not authenticated to send mail"), None, True),
     (Reply(554, "5.7.1 Message rejected"), None, False),
     (None, ConnectionRefusedError(111, "Connection refused"), True),
     (None, _wrapped(ssl.SSLCertVerificationError("certificate verify failed")), True),

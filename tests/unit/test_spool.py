@@ -9,7 +9,7 @@ import pytest
 
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Envelope, Message, State
-from relayd.spool import MAX_RECOVERIES, Meta, Spool
+from relayd.spool import MAX_RECOVERIES, Meta, Poke, Spool
 
 
 def msg(rcpts: tuple[str, ...] = ("bob@example.com",), body: bytes = b"hello\r\n") -> Message:
@@ -86,7 +86,17 @@ def test_hold_release_delete(spool: Spool) -> None:
     spool.delete(qid)
     with pytest.raises(UnknownMessage):
         spool.get(qid)
-    assert set(spool.take_pokes()) == {qid}
+    assert spool.take_pokes() == [Poke(qid)]
+
+
+def test_a_retry_leaves_a_retry_poke(spool: Spool) -> None:
+    """`queue retry` tells the daemon it was a retry (it then lifts smarthost pauses)."""
+    qid, other = spool.put(msg()), spool.put(msg())
+    spool.retry(qid, now=5.0)
+    spool.hold(other)
+    assert sorted(spool.take_pokes(), key=lambda p: p.queue_id) == sorted(
+        [Poke(qid, retry=True), Poke(other)], key=lambda p: p.queue_id)
+    assert spool.take_pokes() == []
 
 
 def test_active_message_cannot_be_deleted_or_held(spool: Spool) -> None:

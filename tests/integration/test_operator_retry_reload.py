@@ -1,0 +1,174 @@
+"""After an outage, as the operator meets it: a message refused again and again never pauses
+the smarthost for everybody (the breaker needs several different messages), `queue retry
+--all` delivers a large backlog at once even from a long pause, and a refused reload changes
+nothing, also across a restart of the delivery process (SPEC "queue retry", "SIGHUP").
+
+Black box: `relayd run` as a process, a real config file, a scripted smarthost, and only the
+`relayd` commands and the log to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiosmtplib
+import yaml
+
+from tests.support.operator import Operator, poll
+from tests.support.relay import free_port, upstream_smarthost, wait_until
+from tests.support.upstream import FakeUpstream
+
+HOUR = {"retry": {"initial": "1h", "max_interval": "2h"}}
+LATER = "451 4.3.0 Try again later"
+
+
+def paused_lines(op: Operator) -> list[str]:
+    return [line for line in op.log().splitlines() if "paused for" in line]
+
+
+async def test_one_message_deferred_again_and_again_never_pauses_the_smarthost(tmp_path: Path) -> None:
+    async with FakeUpstream(replies={"dot": {"stuck@example.net": LATER}}) as up:
+        op = Operator(tmp_path, [upstream_smarthost(up)], spool=HOUR)
+        await op.start()
+        try:
+            stuck = await op.send(rcpts=("stuck@example.net",))
+            for n in range(1, 8):
+                await op.wait_entry(stuck, f"attempt {n}", lambda r, n=n: r["attempts"] == n)
+                # Mail for others still goes at once: the smarthost is not paused.
+                await op.send(rcpts=(f"ok{n}@example.net",))
+                await wait_until(lambda n=n: len(up.messages) == n, what=f"message {n} delivered")
+                assert (await op.cli("queue", "retry", stuck)).code == 0
+            row = await op.wait_entry(stuck, "attempt 8", lambda r: r["attempts"] == 8)
+            assert row["last_error"] == LATER and row["state"] == "queued"
+            assert paused_lines(op) == []
+            lines = op.delivery_lines(stuck)
+            assert [line.split("attempts=")[1].split(",")[0] for line in lines] == [str(n) for n in range(1, 9)]
+            assert all("status=deferred" in line and LATER in line for line in lines)
+        finally:
+            await op.stop()
+
+
+async def test_several_different_messages_deferred_in_a_row_pause_it_until_queue_retry(tmp_path: Path) -> None:
+    stuck = [f"stuck{n}@example.net" for n in range(5)]
+    async with FakeUpstream(replies={"dot": {rcpt: LATER for rcpt in stuck}}) as up:
+        op = Operator(tmp_path, [upstream_smarthost(up)], spool=HOUR)
+        await op.start()
+        try:
+            for rcpt in stuck:
+                qid = await op.send(rcpts=(rcpt,))
+                await op.wait_entry(qid, f"the attempt for {rcpt}", lambda r: r["attempts"] == 1)
+            await wait_until(lambda: bool(paused_lines(op)), what="the breaker to pause the smarthost")
+            assert "5 different messages in a row deferred" in paused_lines(op)[0]
+            # Mail behind the paused smarthost waits without being tried: its count stays 0.
+            waiting = await op.send(rcpts=("ok@example.net",))
+            row = await op.wait_entry(waiting, "the waiting message", lambda r: r["state"] == "queued")
+            assert row["attempts"] == 0 and up.messages == []
+            assert (await op.cli("queue", "retry", waiting)).code == 0
+            await wait_until(lambda: len(up.messages) == 1, what="delivery after queue retry")
+            assert up.messages[0].rcpt_tos == ["ok@example.net"]
+            assert "pause lifted by 'relayd queue retry'" in op.log()
+        finally:
+            await op.stop()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(tmp_path: Path) -> None:
+    """1,000 messages queued while the smarthost is down, `retry: {initial: 1h}`: once it is
+    back, `queue retry --all` delivers them all within a minute, in bounded memory."""
+    up = FakeUpstream(port=free_port())  # not listening yet: connection refused
+    op = Operator(tmp_path, [upstream_smarthost(up, max_connections=4)], spool=HOUR)
+    await op.start()
+    try:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=op.port, start_tls=False, timeout=30)
+        await client.connect()
+        for n in range(1000):
+            await client.sendmail("app@example.com", [f"user{n}@example.net"],
+                                  b"Subject: backlog %d\r\n\r\nbody\r\n" % n)
+        await client.quit()
+
+        async def all_queued() -> bool:
+            rows = await op.queue()
+            return len(rows) == 1000 and any(r["attempts"] >= 1 for r in rows)
+        await poll(all_queued, 30, "1,000 queued messages and a first attempt")
+        assert len(paused_lines(op)) == 1, paused_lines(op)  # one outage, one pause
+        await up.start()
+        retry = await op.cli("queue", "retry", "--all")
+        # Delivery starts while the command still works through the list: a message already
+        # delivered by its turn is said so, and is no error.
+        assert retry.code == 0, retry.err
+        assert retry.out.count("scheduled for delivery now") + retry.out.count(
+            "no longer in the queue (delivered or deleted meanwhile)") == 1000, retry.out
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        peak = 0
+        pids = [op.relay.proc.pid, op.delivery_process()]  # type: ignore[union-attr]
+
+        def delivered() -> bool:
+            nonlocal peak
+            peak = max(peak, sum(rss_kib(pid) for pid in pids))
+            return len(up.messages) == 1000
+        await wait_until(delivered, timeout=60, what="1,000 deliveries after queue retry --all")
+        took = loop.time() - started
+        assert took < 60
+        assert {m.rcpt_tos[0] for m in up.messages} == {f"user{n}@example.net" for n in range(1000)}
+        # Both processes together; about 60 MB in the benchmark (docs/performance.md).
+        assert peak < 200 * 1024, f"{peak} KiB"
+
+        async def empty() -> bool:
+            return await op.queue() == []
+        await poll(empty, 30, "an empty queue")
+    finally:
+        await op.stop()
+        await up.stop()
+
+
+async def test_a_refused_reload_changes_nothing_across_retries_and_a_restart(tmp_path: Path) -> None:
+    async with FakeUpstream(replies={"rcpt": {"slow@example.net": ["450 4.2.1 busy"] * 2}}) as up, \
+            FakeUpstream() as other:
+        op = Operator(tmp_path, [upstream_smarthost(up)],
+                      spool={"retry": {"initial": "300ms", "max_interval": "600ms"}})
+        await op.start()
+        try:
+            good = op.config.read_text()
+            data = yaml.safe_load(good)
+            data["smarthosts"][0]["port"] = 70000
+            op.write(yaml.safe_dump(data))
+            op.relay.signal(signal.SIGHUP)
+            await wait_until(lambda: "smarthosts[0].port: must be between 1 and 65535 (got 70000)" in op.log(),
+                             what="the refusal with its path: message line")
+            assert "reload refused, keeping the running configuration" in op.log()
+
+            # Deferred twice, then delivered: two retry cycles on the old settings.
+            slow = await op.send(rcpts=("slow@example.net",))
+            await wait_until(lambda: any(m.rcpt_tos == ["slow@example.net"] for m in up.messages),
+                             timeout=20, what="delivery after two retry cycles")
+            assert [line.split("attempts=")[1].split(",")[0] for line in op.delivery_lines(slow)] == ["1", "2", "3"]
+
+            # The delivery process dies while the file on disk is invalid: its successor runs
+            # the settings relayd accepted, and does not exit over the file again and again.
+            first = op.delivery_process()
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: op.delivery_process() != first, what="a new delivery process")
+            await op.send(rcpts=("after-restart@example.net",))
+            await wait_until(lambda: any(m.rcpt_tos == ["after-restart@example.net"] for m in up.messages),
+                             timeout=20, what="delivery by the restarted delivery process")
+            assert op.log().count("delivery process started") == 2
+            assert op.log().count("exited unexpectedly") == 1
+
+            # A valid file is applied by both processes: mail goes to the new smarthost.
+            data["smarthosts"][0]["port"] = other.port
+            op.write(yaml.safe_dump(data))
+            op.relay.signal(signal.SIGHUP)
+            await wait_until(lambda: "configuration reloaded" in op.log(), what="the reload")
+            await op.send(rcpts=("new@example.net",))
+            await wait_until(lambda: len(other.messages) == 1, timeout=20, what="delivery with the new settings")
+            assert op.relay.proc is not None and op.relay.proc.poll() is None
+        finally:
+            assert await op.stop() == 0

@@ -1,0 +1,159 @@
+"""What the operator sees after each kind of delivery failure, and what `queue retry` does once
+the fault is cleared (SPEC "attempts", "queue retry").
+
+Black box: `relayd run` as a process with a real config file, a scripted smarthost, and only
+the `relayd` commands and the log to look at. The retry interval is an hour, so anything
+delivered within the test was delivered because the operator asked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.oauth_server import FakeTokenServer
+from tests.support.operator import Operator, poll
+from tests.support.relay import free_port, upstream_smarthost, wait_until
+from tests.support.upstream import FakeUpstream
+
+RCPT = "user@example.net"
+HOUR = {"retry": {"initial": "1h", "max_interval": "2h"}}
+SECRET = "s3cret-client"
+
+
+class IssuedTokens(set[str]):
+    """The upstream accepts exactly the tokens the fake token endpoint issued."""
+
+    def __init__(self, server: FakeTokenServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def __contains__(self, token: object) -> bool:
+        return token in self.server.issued
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    error: str                                   # what last_error names (regex, any case)
+    clear: Callable[[FakeUpstream, FakeTokenServer], None]
+    upstream: dict[str, Any] = field(default_factory=dict)
+    smarthost: dict[str, Any] = field(default_factory=dict)
+    failed: bool = False                         # a 5xx: the message is failed, not waiting
+    listening: bool = True                       # False: nothing listens until cleared
+    oauth: bool = False
+
+
+def _pop(stage: str) -> Callable[[FakeUpstream, FakeTokenServer], None]:
+    return lambda up, _: up.replies.pop(stage, None)
+
+
+def _set(**attrs: Any) -> Callable[[FakeUpstream, FakeTokenServer], None]:
+    def clear(up: FakeUpstream, _: FakeTokenServer) -> None:
+        for key, value in attrs.items():
+            setattr(up, key, value)
+    return clear
+
+
+def _allow_client(_: FakeUpstream, server: FakeTokenServer) -> None:
+    server.clients["app1"] = SECRET
+
+
+CASES = [
+    Case("connection-refused", r"cannot connect to .*connection refused", lambda up, _: None,
+         listening=False),
+    Case("timeout-no-answer", r"timed out", _set(hang_at=None), upstream={"hang_at": "greeting"},
+         smarthost={"timeout": "1s"}),
+    Case("tls-name-mismatch", r"certificate verify failed.*hostname mismatch|certificate",
+         lambda up, _: up.reissue("localhost"),
+         upstream={"tls": "starttls", "hostname": "wrong.example"},
+         smarthost={"host": "localhost", "tls": "starttls"}),
+    Case("starttls-not-offered", r"STARTTLS", _set(tls="starttls"), smarthost={"tls": "starttls"}),
+    Case("auth-535", r"535", lambda up, _: up.credentials.update(relay="typo"),
+         upstream={"auth": ("PLAIN", "LOGIN"), "credentials": {"relay": "right"}, "require_auth": True},
+         smarthost={"auth": {"method": "auto", "username": "relay", "password": "typo"}}),
+    Case("token-endpoint-refuses", r"token", _allow_client, oauth=True),
+    Case("421-at-greeting", r"421", _pop("greeting"),
+         upstream={"replies": {"greeting": "421 4.3.2 Service not available"}}),
+    Case("451-at-mail", r"451 4\.3\.0", _pop("mail"),
+         upstream={"replies": {"mail": "451 4.3.0 Mail server temporarily rejected message"}}),
+    Case("550-at-mail", r"550 5\.7\.1", _pop("mail"), failed=True,
+         upstream={"replies": {"mail": "550 5.7.1 Sender address rejected"}}),
+    Case("450-at-rcpt", r"450 4\.2\.1", _pop("rcpt"),
+         upstream={"replies": {"rcpt": {RCPT: "450 4.2.1 Mailbox busy"}}}),
+    Case("550-at-rcpt", r"550 5\.1\.1", _pop("rcpt"), failed=True,
+         upstream={"replies": {"rcpt": {RCPT: "550 5.1.1 User unknown"}}}),
+    Case("451-at-data", r"451 4\.3\.0", _pop("data"),
+         upstream={"replies": {"data": "451 4.3.0 Not now"}}),
+    Case("554-at-data", r"554 5\.7\.1", _pop("data"), failed=True,
+         upstream={"replies": {"data": "554 5.7.1 Not from you"}}),
+    Case("451-after-dot", r"451 4\.3\.0 Try again later", _pop("dot"),
+         upstream={"replies": {"dot": "451 4.3.0 Try again later"}}),
+    Case("554-after-dot", r"554 5\.6\.0", _pop("dot"), failed=True,
+         upstream={"replies": {"dot": "554 5.6.0 Message content rejected"}}),
+    Case("connection-cut", r"closed the connection|connection lost", _set(drop_at=None),
+         upstream={"drop_at": "body"}),
+]
+
+
+def _smarthost(up: FakeUpstream, case: Case, tokens: FakeTokenServer) -> dict[str, Any]:
+    entry = upstream_smarthost(up, **case.smarthost)
+    if case.oauth:
+        entry["auth"] = {"method": "xoauth2", "username": "relay@example.com", "oauth": {
+            "provider": "generic", "token_url": tokens.token_url, "client_id": "app1",
+            "client_secret": SECRET, "scope": "smtp.send", "grant": "client_credentials"}}
+    return entry
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cleared(
+        tmp_path: Path, case: Case) -> None:
+    tokens = FakeTokenServer(clients={"app1": "not-the-configured-secret"}).start()
+    up = FakeUpstream(port=free_port(), **case.upstream)
+    if case.oauth:
+        up.auth, up.require_auth, up.tokens = ("XOAUTH2",), True, IssuedTokens(tokens)
+    if case.listening:
+        await up.start()
+    op = Operator(tmp_path, [_smarthost(up, case, tokens)], spool=HOUR)
+    await op.start()
+    try:
+        qid = await op.send()
+        row = await op.wait_entry(qid, "the attempt in queue list", lambda r: r["attempts"] >= 1)
+        # One attempt was made, it says what failed, and nothing retries on its own for an hour.
+        assert row["attempts"] == 1, row
+        assert re.search(case.error, row["last_error"] or "", re.IGNORECASE), row
+        assert row["state"] == ("failed" if case.failed else "queued"), row
+        status = "failed" if case.failed else "deferred"
+
+        show = await op.cli("queue", "show", qid)
+        assert show.code == 0
+        history = show.out.split("history:")[1].split("headers:")[0]
+        assert re.search(rf"{status}\s+{RCPT} relay=primary\[", history), show.out
+        assert "attempts:     1" in show.out
+
+        lines = op.delivery_lines(qid)
+        assert len(lines) == 1, op.log()
+        assert "attempts=1," in lines[0] and f"status={status}" in lines[0], lines[0]
+
+        case.clear(up, tokens)
+        if not case.listening:
+            await up.start()
+        retry = await op.cli("queue", "retry", qid)
+        assert retry.code == 0 and f"{qid}: scheduled for delivery now" in retry.out
+        await wait_until(lambda: len(up.messages) == 1, timeout=15, what="delivery after queue retry")
+
+        async def gone() -> bool:
+            return await op.entry(qid) is None
+        await poll(gone, 10, "the delivered message to leave the queue")
+        final = op.delivery_lines(qid)[-1]
+        assert "status=sent" in final and "attempts=2," in final, final
+        assert up.messages[0].rcpt_tos == [RCPT]
+    finally:
+        await op.stop()
+        await up.stop()
+        tokens.stop()

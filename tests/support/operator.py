@@ -1,0 +1,116 @@
+"""What a sysadmin has in hand: a config file, `relayd run` as a process, the `relayd`
+commands and the log. Tests built on this check only what a person sees (exit codes,
+`queue list --json`, `queue show`, log lines), never relayd's objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from tests.support.relay import ROOT, RelayProcess, free_port, wait_until, write_config
+
+SPLIT = {"RELAYD_SINGLE_PROCESS": "0"}  # two processes, as on any machine with two CPUs
+MESSAGE = b"From: app@example.com\r\nTo: user@example.net\r\nSubject: report\r\n\r\nbody\r\n"
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(config: Path, *args: str, stdin: str = "") -> Result:
+    """`relayd -c CONFIG ARGS…` as a separate process (blocking)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RELAYD_CONFIG", None)
+    p = subprocess.run([sys.executable, "-m", "relayd", "-c", str(config), *args], input=stdin,
+                       capture_output=True, text=True, env=env, timeout=120)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+class Operator:
+    """One relayd installation: its config file, its daemon and its commands."""
+
+    def __init__(self, tmp_path: Path, smarthosts: list[dict[str, Any]], **extra: Any) -> None:
+        self.port = free_port()
+        self.config = write_config(tmp_path, smarthosts, port=self.port, **extra)
+        self.relay = RelayProcess(self.config, self.port, tmp_path / "relayd.log", env=SPLIT)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.relay.start)
+
+    async def stop(self) -> int:
+        return await asyncio.to_thread(self.relay.stop)
+
+    async def cli(self, *args: str, stdin: str = "") -> Result:
+        return await asyncio.to_thread(run_cli, self.config, *args, stdin=stdin)
+
+    async def queue(self) -> list[dict[str, Any]]:
+        result = await self.cli("queue", "list", "--json")
+        assert result.code == 0, result.err
+        rows: list[dict[str, Any]] = json.loads(result.out)
+        return rows
+
+    async def entry(self, qid: str) -> dict[str, Any] | None:
+        return next((row for row in await self.queue() if row["id"] == qid), None)
+
+    async def wait_entry(self, qid: str, what: str, cond: Any, timeout: float = 20.0) -> dict[str, Any]:
+        """Poll `queue list --json` until the row of ``qid`` satisfies ``cond``."""
+        found: dict[str, Any] = {}
+
+        async def check() -> bool:
+            row = await self.entry(qid)
+            if row is not None and cond(row):
+                found.update(row)
+                return True
+            return False
+        await poll(check, timeout, what)
+        return found
+
+    async def send(self, data: bytes = MESSAGE, sender: str = "app@example.com",
+                   rcpts: tuple[str, ...] = ("user@example.net",)) -> str:
+        """Submit one message over SMTP; the queue ID from the 250 reply."""
+        _errors, reply = await aiosmtplib.send(data, sender=sender, recipients=list(rcpts),
+                                              hostname="127.0.0.1", port=self.port,
+                                              start_tls=False, use_tls=False, timeout=10)
+        return reply.rsplit(" ", 1)[-1]
+
+    def log(self) -> str:
+        return self.relay.log()
+
+    def delivery_lines(self, qid: str) -> list[str]:
+        """The Postfix-shaped `ID: to=<…>, …, attempts=N, …, status=…` lines of ``qid``."""
+        return [line for line in self.log().splitlines() if f"{qid}: to=<" in line]
+
+    def delivery_process(self) -> int:
+        """The pid of the current delivery process, as `relayd run` logged it."""
+        pids = re.findall(r"delivery process started \(pid (\d+)\)", self.log())
+        assert pids, "no delivery process was started"
+        return int(pids[-1])
+
+    def write(self, text: str) -> None:
+        self.config.write_text(text)
+
+
+async def poll(check: Any, timeout: float, what: str) -> None:
+    """Await ``check()`` (a coroutine function) until true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+__all__ = ["MESSAGE", "SPLIT", "Operator", "Result", "poll", "run_cli", "wait_until"]
