@@ -11,9 +11,8 @@ recipient, and then completes, requeues with backoff, or fails the message.
 Every attempt counts, whatever failed (SPEC "attempts"). A smarthost that fails as a whole
 (refused, TLS, auth, 421, timeout, quota) is paused with backoff, so the messages behind it
 wait without being tried and keep their count. A temporary reply about one message (a 4xx
-after the final dot) defers only that message; the smarthost is paused for such replies
-only when ``BREAKER_MESSAGES`` different messages in a row met one (a circuit breaker).
-`relayd queue retry` lifts the pauses, as `postqueue -f` does.
+after the final dot) defers only that message (relayd/health.py keeps the pauses and the
+circuit breaker). `relayd queue retry` lifts the pauses, as `postqueue -f` does.
 """
 
 from __future__ import annotations
@@ -25,13 +24,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from relayd import faults, logline
 from relayd.backoff import backoff_delay, is_expired
 from relayd.config import Smarthost, SpoolConfig
 from relayd.errors import SpoolError
+from relayd.health import Alerter, Health
 from relayd.hops import Hops
 from relayd.metrics import Recorder
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
@@ -47,9 +47,6 @@ POKE_INTERVAL = 1.0
 # A disagreement this large between the wall clock and the monotonic clock over one loop tick
 # is a clock jump (NTP step, VM resume, operator), not elapsed time.
 CLOCK_JUMP = 60.0
-# This many different messages in a row deferred by one smarthost's replies, with no delivery
-# in between, show that the server rather than the messages is the problem: pause it.
-BREAKER_MESSAGES = 5
 
 
 class Pool(Protocol):
@@ -90,24 +87,6 @@ class Gate(Protocol):
 _Verdict = tuple[tuple[str, ...], tuple[str, ...], float]
 
 
-class Alerter(Protocol):
-    def fire(self, event: str, key: str, message: str) -> None: ...
-
-    def clear(self, event: str, key: str, message: str) -> None: ...
-
-
-@dataclass
-class SmarthostState:
-    """Health of one smarthost: paused until a time after consecutive whole-host failures."""
-
-    failures: int = 0
-    paused_until: float = 0.0
-    last_error: str = ""
-    up: bool = True
-    # Messages deferred by this smarthost's replies since its last delivery (the breaker).
-    deferred_messages: set[str] = field(default_factory=set)
-
-
 @dataclass(frozen=True)
 class QmgrStats:
     scheduled: int
@@ -133,7 +112,7 @@ class QueueManager:
         self._pool_factory = pool_factory
         self._smarthosts: tuple[Smarthost, ...] = tuple(smarthosts)
         self._pools: dict[str, Pool] = {}
-        self._health: dict[str, SmarthostState] = {}
+        self._health = Health(spool_cfg.retry, self._now, metrics=metrics, alerts=alerts)
         self._schedule = Schedule()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -165,16 +144,12 @@ class QueueManager:
 
     def _hosts_available_at(self, now: float) -> float:
         """When at least one smarthost is not paused (now, if one is available)."""
-        soonest = min((self._health_of(s.name).paused_until for s in self._smarthosts), default=now)
-        return max(now, soonest)
-
-    def _health_of(self, name: str) -> SmarthostState:
-        return self._health.setdefault(name, SmarthostState())
+        return self._health.available_at((s.name for s in self._smarthosts), now)
 
     def statistics(self) -> QmgrStats:
         now = self._now()
         return QmgrStats(scheduled=len(self._schedule), in_flight=len(self._inflight),
-                         paused=tuple(n for n, h in self._health.items() if h.paused_until > now))
+                         paused=self._health.paused(now))
 
     # -- configuration reload ----------------------------------------------------------------
     def update_smarthosts(self, smarthosts: Sequence[Smarthost], spool_cfg: SpoolConfig) -> None:
@@ -182,18 +157,19 @@ class QueueManager:
         old = {s.name: s for s in self._smarthosts}
         self._smarthosts = tuple(smarthosts)
         self.cfg = spool_cfg
+        self._health.retry = spool_cfg.retry
         for s in self._smarthosts:
             if old.get(s.name) != s:
                 pool = self._pools.pop(s.name, None)
                 if pool is not None:
                     self._retired.append(pool)
                 # New settings (e.g. corrected credentials): try the smarthost again now.
-                self._health.pop(s.name, None)
+                self._health.forget(s.name)
         for name in set(old) - {s.name for s in self._smarthosts}:
             pool = self._pools.pop(name, None)
             if pool is not None:
                 self._retired.append(pool)
-            self._health.pop(name, None)
+            self._health.forget(name)
         self._wake.set()
 
     def pool_for(self, sh: Smarthost) -> Pool:
@@ -254,16 +230,8 @@ class QueueManager:
 
     def lift_pauses(self) -> None:
         """`relayd queue retry`: try the paused smarthosts again now (``postqueue -f``)."""
-        now = self._now()
+        self._health.lift(self._smarthosts)
         for sh in self._smarthosts:
-            health = self._health.get(sh.name)
-            if health is not None and health.paused_until > now:
-                log.info("smarthost %s: pause lifted by 'relayd queue retry'", sh.relay)
-                health.paused_until = 0.0
-                if self.metrics:
-                    self.metrics.set_smarthost(sh.name, up=health.up, paused=False)
-            if health is not None:
-                health.deferred_messages.clear()
             pool = self._pools.get(sh.name)
             if pool is not None:
                 pool.retry_now()
@@ -315,9 +283,7 @@ class QueueManager:
         self._clock_skew += jump
         log.warning("the wall clock jumped %+.0fs; retry times follow it, expiry ignores it", jump)
         self._schedule.shift(jump)
-        for health in self._health.values():
-            if health.paused_until:
-                health.paused_until += jump
+        self._health.shift(jump)
         return now
 
     def _done(self, qid: str, task: asyncio.Task[None]) -> None:
@@ -483,8 +449,7 @@ class QueueManager:
         for sh in self._smarthosts:
             if not remaining:
                 break
-            health = self._health_of(sh.name)
-            if health.paused_until > self._now():
+            if self._health.of(sh.name).paused_until > self._now():
                 continue
             call_start = self._now()
             tried = True
@@ -495,7 +460,7 @@ class QueueManager:
                      result.setup_seconds, result.transfer_seconds)
             for o in result.outcomes:
                 delays[o.recipient] = split
-            self._note_health(sh, result, entry.id)
+            self._health.note(sh, result, entry.id)
             last_relay = result.relay
             if result.smarthost_fault and not any(o.status is Status.SENT for o in result.outcomes):
                 for o in result.outcomes:
@@ -591,52 +556,6 @@ class QueueManager:
         self._push(entry.id, self._now() + (due - now), entry.envelope.priority)
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def _note_health(self, sh: Smarthost, result: DeliveryResult, queue_id: str) -> None:
-        h = self._health_of(sh.name)
-        error = result.error or (str(result.outcomes[0].reply) if result.outcomes else "")
-        if not result.smarthost_fault:
-            sent = bool(result.delivered)
-            if sent or not result.deferred:
-                self._note_up(sh, h, sent=sent)
-                return
-            # A temporary reply about this message. Only several different messages in a row
-            # make it the server's problem (one message deferred again and again never does).
-            h.deferred_messages.add(queue_id)
-            if len(h.deferred_messages) < BREAKER_MESSAGES:
-                self._note_up(sh, h, sent=False)
-                return
-            error = (f"{len(h.deferred_messages)} different messages in a row deferred, "
-                     f"the last with: {error}")
-        elif h.paused_until > self._now():
-            # An attempt that began before the pause met the same fault: one outage, one
-            # pause (otherwise each of the concurrent attempts doubled it again).
-            return
-        h.deferred_messages.clear()
-        h.failures += 1
-        h.up = False
-        h.last_error = error
-        h.paused_until = self._now() + backoff_delay(h.failures, self.cfg.retry)
-        log.warning("smarthost %s paused for %.0fs after %d failure(s): %s", sh.relay,
-                    h.paused_until - self._now(), h.failures, h.last_error)
-        if self.alerts:
-            event = "auth_failed" if "auth" in h.last_error.lower() else "smarthost_down"
-            self.alerts.fire(event, sh.name, f"smarthost {sh.relay}: {h.last_error}")
-        if self.metrics:
-            self.metrics.set_smarthost(sh.name, up=h.up, paused=True)
-
-    def _note_up(self, sh: Smarthost, h: SmarthostState, *, sent: bool) -> None:
-        """The smarthost answered the transaction: it delivered, or refused the message."""
-        if sent:
-            h.deferred_messages.clear()
-        if h.failures and self.alerts:
-            self.alerts.clear("smarthost_down", sh.name, f"smarthost {sh.relay} is reachable again")
-            self.alerts.clear("auth_failed", sh.name, f"smarthost {sh.relay} accepts the login again")
-        h.failures = 0
-        h.up = True
-        h.paused_until = 0.0
-        if self.metrics:
-            self.metrics.set_smarthost(sh.name, up=True, paused=False)
-
     def _message_failed(self, entry: Entry, reason: str) -> None:
         if self.alerts:
             self.alerts.fire("message_failed", entry.id, f"message {entry.id} failed: {reason}")
