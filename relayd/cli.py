@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="secret_command", metavar="ACTION")
     sec.required = True
     sec.add_parser("encrypt", help="read a secret on stdin, print enc:...")
-    sec.add_parser("keygen", help="create secrets.key_file (mode 0600) if absent")
+    sec.add_parser("keygen", help="create secrets.key_file (mode 0600) if absent; an "
+                   "existing key file is left as it is")
 
     o = sub.add_parser("oauth", help="OAuth2 tokens for XOAUTH2").add_subparsers(
         dest="oauth_command", metavar="ACTION")

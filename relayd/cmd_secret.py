@@ -8,6 +8,8 @@ written (or names a secret that cannot be decrypted yet).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import getpass
 import os
 from pathlib import Path
@@ -52,29 +54,61 @@ def key_file_from_config(path: Path) -> Path:
 
 
 def keygen(key_file: Path, io: IO) -> int:
-    if key_file.exists():
-        print(f"relayd: {key_file} already exists; not overwriting it (secrets encrypted with "
-              "it would become unreadable). To replace a key see 'Key rotation' in "
-              "docs/secrets.md.", file=io.err)
+    """Create ``key_file`` if absent; an existing one is never touched (SPEC), so
+    configuration management can run this on every deploy. Exit 0 when the key file is (now)
+    a valid key, 1 when it exists but is not one, or cannot be created."""
+    if os.path.lexists(key_file):
+        return _existing_key(key_file, io)
+    try:
+        key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"relayd: cannot create the directory {key_file.parent}: {exc.strerror or exc}",
+              file=io.err)
         return 1
-    key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         # O_EXCL: never clobber a key created concurrently; 0600 from the start, no chmod race.
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        print(f"relayd: {key_file} already exists; not overwriting it", file=io.err)
-        return 1
+        return _existing_key(key_file, io)   # another keygen won the race
     except OSError as exc:
         print(f"relayd: cannot create {key_file}: {exc.strerror or exc}", file=io.err)
         return 1
+    key = sec.generate_key() + b"\n"
     try:
         os.fchmod(fd, 0o600)   # in case the umask left fewer bits (never more)
-        os.write(fd, sec.generate_key() + b"\n")
+        if os.write(fd, key) != len(key):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.fsync(fd)
+    except OSError as exc:
+        # A half-written key file would be refused by every later run (and by the daemon):
+        # remove what this run created so that the next run simply starts again.
+        with contextlib.suppress(OSError):
+            os.unlink(key_file)
+        print(f"relayd: cannot write {key_file}: {exc.strerror or exc}", file=io.err)
+        return 1
     finally:
         os.close(fd)
     print(f"created {key_file} (mode 0600); keep a copy in a safe place: without it the "
           "enc: values in the config cannot be decrypted", file=io.out)
+    return 0
+
+
+def _existing_key(key_file: Path, io: IO) -> int:
+    """Report on a key file that is already there, without writing to it: 0 when it holds a
+    valid key, 1 (naming the file, never its content) when it does not, because a deploy
+    script must notice a key that cannot decrypt anything."""
+    try:
+        sec.load_key(key_file)
+    except OSError as exc:
+        print(f"relayd: {key_file} exists but cannot be read ({exc.strerror or exc}); "
+              "left as it is", file=io.err)
+        return 1
+    except ValueError:
+        print(f"relayd: {key_file} exists but is not a valid relayd key; left as it is. "
+              "Restore the right key file, or, if no enc: value needs it, move it aside and "
+              "run 'relayd secret keygen' again (docs/secrets.md).", file=io.err)
+        return 1
+    print(f"{key_file} already exists and holds a valid key; left as it is", file=io.out)
     return 0
 
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from relayd import secrets as sec
 from relayd.config import load_config
 from tests.support.oauth_helpers import run_cli
 
 SECRET = "smtp-password-s3cr3t"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def relayd(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``relayd ARGV`` as a sysadmin or a deploy script runs it: a separate process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "relayd", *argv], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=60)
 
 
 def minimal_config(tmp_path: Path, password_line: str = "", key: str = "keys/secret.key") -> Path:
@@ -39,9 +53,11 @@ def test_keygen_creates_0600_key_relative_to_config_and_refuses_overwrite(tmp_pa
     content = key.read_bytes()
     assert str(key) in first.out and content.strip().decode() not in first.out
     again = run_cli(["-c", str(cfg), "secret", "keygen"])
-    assert again.code == 1
-    assert "already exists" in again.err and "not overwriting" in again.err
-    assert key.read_bytes() == content
+    # SPEC: an existing key file is left untouched and keygen exits 0 (it was exit 1 before).
+    assert again.code == 0, again.err
+    assert "already exists" in again.out and "left as it is" in again.out
+    assert key.read_bytes() == content and key.stat().st_mode & 0o777 == 0o600
+    assert content.strip().decode() not in again.out + again.err
 
 
 def test_encrypt_round_trip_into_a_loadable_config(tmp_path: Path) -> None:
@@ -123,3 +139,72 @@ def test_keygen_needs_the_config_file(tmp_path: Path) -> None:
     assert result.code == 1
     assert "cannot read" in result.err and "missing.yaml" in result.err
     assert list(tmp_path.iterdir()) == []
+
+
+def _fingerprint(path: Path) -> tuple[bytes, int, int, int]:
+    st = path.stat()
+    return path.read_bytes(), st.st_mode, st.st_mtime_ns, st.st_ino
+
+
+def test_keygen_on_every_deploy_leaves_the_key_untouched(tmp_path: Path) -> None:
+    """Configuration management runs keygen on each deploy: the first run creates the key,
+    every later one exits 0 and changes nothing, even the mode the admin chose."""
+    cfg = minimal_config(tmp_path)
+    first = relayd("-c", str(cfg), "secret", "keygen")
+    assert first.returncode == 0, first.stderr
+    key = tmp_path / "keys" / "secret.key"
+    key.chmod(0o640)          # docs/secrets.md: chgrp relayd + 0640 for the daemon's user
+    before = _fingerprint(key)
+    for _ in range(2):
+        again = relayd("-c", str(cfg), "secret", "keygen")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == f"{key} already exists and holds a valid key; left as it is"
+        assert again.stderr == ""
+        assert _fingerprint(key) == before
+    secret_key = before[0].strip().decode()
+    assert secret_key not in first.stdout + first.stderr + again.stdout + again.stderr
+
+
+def test_keygen_accepts_a_rotated_key_file(tmp_path: Path) -> None:
+    """A key file with a comment and two keys (rotation, docs/secrets.md) is a valid key."""
+    cfg = minimal_config(tmp_path)
+    key = tmp_path / "keys" / "secret.key"
+    key.parent.mkdir()
+    key.write_bytes(b"# new key first\n" + sec.generate_key() + b"\n" + sec.generate_key() + b"\n")
+    before = _fingerprint(key)
+    result = relayd("-c", str(cfg), "secret", "keygen")
+    assert result.returncode == 0, result.stderr
+    assert "left as it is" in result.stdout
+    assert _fingerprint(key) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"not a key\n", b"# only a comment\n",
+                                     b"c2hvcnQ=\n", "n\u00e4h\n".encode()])
+def test_keygen_with_an_invalid_key_file_exits_1_and_leaves_it(tmp_path: Path, content: bytes) -> None:
+    """A file that is not a relayd key stays as it is, but the deploy must notice: exit 1
+    and a message naming the file (never its content)."""
+    cfg = minimal_config(tmp_path)
+    key = tmp_path / "keys" / "secret.key"
+    key.parent.mkdir()
+    key.write_bytes(content)
+    key.chmod(0o644)
+    before = _fingerprint(key)
+    result = relayd("-c", str(cfg), "secret", "keygen")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert f"{key} exists but is not a valid relayd key; left as it is" in result.stderr
+    assert "Traceback" not in result.stderr
+    if content.strip():
+        assert content.strip().decode() not in result.stderr
+    assert _fingerprint(key) == before
+    assert sorted(p.name for p in key.parent.iterdir()) == ["secret.key"]
+
+
+def test_keygen_with_a_directory_in_the_keys_place_exits_1(tmp_path: Path) -> None:
+    cfg = minimal_config(tmp_path)
+    key = tmp_path / "keys" / "secret.key"
+    key.mkdir(parents=True)
+    result = relayd("-c", str(cfg), "secret", "keygen")
+    assert result.returncode == 1
+    assert f"{key} exists but cannot be read" in result.stderr and "left as it is" in result.stderr
+    assert key.is_dir() and list(key.iterdir()) == []
