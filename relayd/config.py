@@ -268,8 +268,17 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Conf
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([Problem("", f"cannot read {p}: {exc.strerror or exc}")]) from exc
+        raise ConfigError([Problem(file_label(p), f"cannot read the file: "
+                                                  f"{exc.strerror or exc}")]) from exc
     return parse_config(text, source=p, environ=environ)
+
+
+def file_label(source: Path | None) -> str:
+    """What problems with the file as a whole (unreadable, not YAML, not a mapping) start
+    with, where other problems name a key: the file's absolute path. It begins with "/",
+    which no key path does, so a script reading ``path: message`` lines can tell them apart.
+    Text without a file (``parse_config`` in tests) has no label."""
+    return str(source.absolute()) if source is not None else ""
 
 
 def parse_config(text: str, *, source: Path | None = None,
@@ -281,11 +290,12 @@ def parse_config(text: str, *, source: Path | None = None,
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([Problem("", f"invalid YAML{where}: {problem}")]) from exc
+        raise ConfigError([Problem(file_label(source), f"invalid YAML{where}: {problem}")]) \
+            from exc
     if data is None:
         data = {}
     base = source.parent if source is not None else Path.cwd()
-    reader = Reader(base_dir=base, environ=environ)
+    reader = Reader(base_dir=base, environ=environ, file_label=file_label(source))
     config = _build(reader, data, source)
     if reader.problems or config is None:
         raise ConfigError(reader.problems)

@@ -33,8 +33,11 @@ MAX_CREDENTIAL = 255
 class Reader:
     """Collects problems and warnings while reading config values."""
 
-    def __init__(self, base_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, base_dir: Path, environ: Mapping[str, str] | None = None, *,
+                 file_label: str = "") -> None:
         self.base_dir = base_dir
+        # What a problem with the document itself (not a mapping) is reported under.
+        self.file_label = file_label
         self.environ = environ
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
@@ -61,7 +64,7 @@ class Reader:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.fail(path or "(top level)", f"must be a mapping of keys (got {_kind(value)})")
+            self.fail(path or self.file_label, f"must be a mapping of keys (got {_kind(value)})")
             return None
         bad = [k for k in value if not isinstance(k, str)]
         for k in bad:

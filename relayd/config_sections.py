@@ -106,10 +106,12 @@ def _smarthost(r: Reader, p: str, value: Any, index: int) -> Smarthost | None:
         r.fail(f"{p}.name", f"may only use letters, digits, '_', '.', '-' (got {name!r})")
     host = r.string(f"{p}.host", m.get("host"))
     outbox = r.optional_path(f"{p}.outbox", m.get("outbox"))
+    # Scripts parse "path.to.key: message", so these name the key to set, not the item.
     if host is None and outbox is None:
-        r.fail(p, "needs either host (an SMTP server) or outbox (a directory for .eml files)")
+        r.fail(f"{p}.host", "is required (or set outbox: DIR to write .eml files instead)")
     if host is not None and outbox is not None:
-        r.fail(p, "give either host or outbox, not both")
+        r.fail(f"{p}.outbox", "cannot be used together with host: give either host (an SMTP "
+               "server) or outbox (a directory for .eml files)")
     tls = r.choice(f"{p}.tls", m.get("tls"), TlsMode, TlsMode.STARTTLS)
     port = r.port(f"{p}.port", m["port"]) if m.get("port") is not None else _DEFAULT_PORTS[tls]
     helo = r.hostname(f"{p}.helo", m.get("helo"))
@@ -270,7 +272,7 @@ def priority_section(r: Reader, value: Any) -> tuple[PriorityRule, ...]:
         if m.get("header") is not None and m.get("pattern") is None:
             r.fail(f"{p}.pattern", "is required with header")
         if not any(m.get(k) is not None for k in ("header", "subject", "sender")):
-            r.fail(p, "needs header + pattern, subject or sender")
+            r.fail(f"{p}.header", "is required (with pattern) unless subject or sender is given")
         rules.append(PriorityRule(
             header=r.string(f"{p}.header", m.get("header"), header=True),
             pattern=r.string(f"{p}.pattern", m.get("pattern")),

@@ -52,7 +52,7 @@ def test_default_port_follows_tls_mode(tls: str, port: int) -> None:
          "smarthosts[0].auth.method: must be one of auto | none | plain | login | cram-md5 | "
          "xoauth2 (got 'digest')"),
         ("smarthosts:\n  - {name: x}\n",
-         "smarthosts[0]: needs either host (an SMTP server) or outbox (a directory for .eml files)"),
+         "smarthosts[0].host: is required (or set outbox: DIR to write .eml files instead)"),
         (MINIMAL + "lisen: ['127.0.0.1:25']\n", "lisen: unknown key (did you mean 'listen'?)"),
         ("smarthosts:\n  - {host: h, prot: 25}\n", "smarthosts[0].prot: unknown key (did you mean 'port'?)"),
         ("smarthosts:\n  - {host: h, pipelining: sometimes}\n",
