@@ -400,5 +400,5 @@ def _unsubscribe_server(cfg: Config, sending: SendingPolicy) -> UnsubscribeServe
         return None
     from relayd.unsub_http import UnsubscribeServer
 
-    return UnsubscribeServer(unsub, sending.store,
-                             auto_add="unsubscribe" in cfg.do_not_email.auto_add)
+    # Always records what it acknowledges, whatever do_not_email.auto_add says (SPEC).
+    return UnsubscribeServer(unsub, sending.store)

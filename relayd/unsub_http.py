@@ -2,9 +2,11 @@
 
 A deliberately tiny HTTP/1.1 server on asyncio: it serves only the path of ``unsubscribe.url``.
 ``POST`` with the body ``List-Unsubscribe=One-Click`` and a genuine token adds the address to
-the do-not-email list (200); a forged token gets 403. ``GET`` only shows a confirmation page
-whose button POSTs, because mail security scanners follow links and must not unsubscribe
-anyone (RFC 8058 §3.1). One request per connection; bodies over 8 KiB are refused.
+the do-not-email list and only then answers 200; if the list cannot be written it answers
+503, never 2xx (SPEC: every acknowledged unsubscribe is recorded; CAN-SPAM, RFC 8058). A
+forged token gets 403. ``GET`` only shows a confirmation page whose button POSTs, because
+mail security scanners follow links and must not unsubscribe anyone (RFC 8058 §3.1). One
+request per connection; bodies over 8 KiB are refused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import html
 import logging
 import re
-from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from relayd.config import UnsubscribeConfig
@@ -74,18 +75,16 @@ def _page(title: str, body: str) -> bytes:
 class UnsubscribeServer:
     """``start()`` binds ``cfg.http_listen`` (port 0 allowed; see ``port``), ``aclose()`` stops.
 
-    ``auto_add`` False (``do_not_email.auto_add`` without ``unsubscribe``) still verifies
-    and answers, but leaves the list alone and only calls ``on_unsubscribe``.
+    There is deliberately no way to answer a valid one-click POST without recording it:
+    ``do_not_email.auto_add`` does not apply here (an acknowledged unsubscribe that is not
+    recorded breaks CAN-SPAM and RFC 8058).
     """
 
-    def __init__(self, cfg: UnsubscribeConfig, store: SuppressionStore, *, auto_add: bool = True,
-                 on_unsubscribe: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: UnsubscribeConfig, store: SuppressionStore) -> None:
         if cfg.url is None or cfg.http_listen is None:
             raise ValueError("unsubscribe.url and unsubscribe.http_listen are required")
         self.cfg = cfg
         self.store = store
-        self.auto_add = auto_add
-        self.on_unsubscribe = on_unsubscribe
         self.template = UrlTemplate(cfg.url)
         self._secret = cfg.secret.reveal().encode("utf-8") if cfg.secret else None
         self._server: asyncio.Server | None = None
@@ -124,7 +123,7 @@ class UnsubscribeServer:
             status, body = 400, _page("Bad request", "<p>The request could not be read.</p>")
         reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
                   405: "Method Not Allowed", 413: "Payload Too Large",
-                  500: "Internal Server Error"}.get(status, "Error")
+                  500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
                 "Connection: close\r\n")
@@ -171,11 +170,16 @@ class UnsubscribeServer:
         if address is None:
             log.warning("unsubscribe: refused a forged or damaged token")
             return 403, _page("Invalid link", "<p>This unsubscribe link is not valid.</p>")
-        if self.auto_add:
+        try:
             await asyncio.to_thread(self.store.add, [address], "unsubscribe")
-        if self.on_unsubscribe is not None:
-            self.on_unsubscribe(address)
-        log.info("unsubscribe: one-click request for a recipient accepted")
+        except Exception as exc:  # whatever the failure, it must not be acknowledged with 2xx
+            # The address stays out of the log (it is the recipient's, and logs travel).
+            log.error("unsubscribe: cannot record a one-click request in the do-not-email "
+                      "list %s (%s); answered 503, so nothing was acknowledged",
+                      self.store.path, exc)
+            return 503, _page("Try again later", "<p>Your request could not be recorded. "
+                              "Please try again later.</p>")
+        log.info("unsubscribe: one-click request for a recipient accepted and recorded")
         return 200, _page("Unsubscribed", f"<p>{html.escape(address)} will receive no more "
                           "mail from us.</p>")
 
@@ -202,10 +206,9 @@ class UnsubscribeServer:
 
 
 async def serve_unsubscribe(cfg: UnsubscribeConfig, store: SuppressionStore, *,
-                            ready: asyncio.Event | None = None,
-                            auto_add: bool = True) -> None:
+                            ready: asyncio.Event | None = None) -> None:
     """Run the endpoint until cancelled; ``ready`` is set once it listens."""
-    server = UnsubscribeServer(cfg, store, auto_add=auto_add)
+    server = UnsubscribeServer(cfg, store)
     await server.start()
     if ready is not None:
         ready.set()

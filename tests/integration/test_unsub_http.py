@@ -1,20 +1,31 @@
-"""The one-click unsubscribe endpoint over a real socket on 127.0.0.1 (port 0)."""
+"""The one-click unsubscribe endpoint over a real socket on 127.0.0.1 (port 0), and through
+``relayd run`` as a separate process with ``relayd suppress list`` reading what it recorded."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import yaml
 
-from relayd.config import UnsubscribeConfig
+from relayd.config import UnsubscribeConfig, load_config
 from relayd.policy.unsubscribe import make_token, recipient_url
 from relayd.secrets import Secret
-from relayd.suppressions import SuppressionStore
+from relayd.suppressions import DB_NAME, SuppressionStore
 from relayd.units import HostPort
 from relayd.unsub_http import UnsubscribeServer, serve_unsubscribe
+from tests.support.relay import ROOT, RelayProcess, free_port, wait_until, write_config
 
 SECRET = "endpoint-secret"
 
@@ -111,3 +122,132 @@ async def test_token_in_path_and_email_must_agree(tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     store.close()
+
+
+async def test_recording_failure_answers_503_never_2xx(tmp_path: Path) -> None:
+    """A 2xx promises the address is listed: when the list cannot be written (here SQLite
+    cannot create its -wal file, as on a read-only or broken state_dir), the answer is 5xx."""
+    store = SuppressionStore(tmp_path)
+    wal = tmp_path / f"{DB_NAME}-wal"
+    wal.mkdir()
+    srv = UnsubscribeServer(_cfg(), store)
+    await srv.start()
+    try:
+        status, body = await http(srv.port, "POST", _target("frank@example.net"),
+                                  b"List-Unsubscribe=One-Click")
+        assert status == 503 and "frank@example.net" not in body
+        wal.rmdir()                              # repaired: the sender's retry is recorded
+        status, _ = await http(srv.port, "POST", _target("frank@example.net"),
+                               b"List-Unsubscribe=One-Click")
+        assert status == 200
+        assert store.list() == ["frank@example.net"]
+    finally:
+        await srv.aclose()
+        store.close()
+
+
+# -- relayd run as a process, as deployed -------------------------------------------------------
+
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+
+
+def _smallest_endpoint_config(tmp_path: Path) -> tuple[Path, int, int]:
+    """``unsubscribe: {url, secret, http_listen}`` and nothing about do_not_email."""
+    smtp_port, http_port = free_port(), free_port()
+    cfg = write_config(tmp_path, [{"name": "preview", "outbox": str(tmp_path / "outbox")}],
+                       port=smtp_port,
+                       unsubscribe={"url": f"http://127.0.0.1:{http_port}/unsubscribe?token={{token}}",
+                                    "secret": SECRET, "http_listen": f"127.0.0.1:{http_port}"})
+    assert "do_not_email" not in yaml.safe_load(cfg.read_text())
+    return cfg, smtp_port, http_port
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _post(url: str, body: bytes = ONE_CLICK) -> int:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _suppress_list(cfg: Path) -> list[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "relayd", "-c", str(cfg), "suppress", "list",
+                          "--json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    listed: list[str] = json.loads(run.stdout)
+    return listed
+
+
+async def _listed_within_a_second(cfg: Path, address: str) -> list[str]:
+    """Poll ``relayd suppress list --json`` until ``address`` shows; every call that starts
+    within a second of the acknowledgement counts."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        started = time.monotonic()
+        listed = await asyncio.to_thread(_suppress_list, cfg)
+        if address in listed:
+            return listed
+        assert started < deadline, f"{address} not listed a second after the 2xx: {listed}"
+
+
+async def _start(tmp_path: Path, cfg: Path, smtp_port: int, http_port: int) -> RelayProcess:
+    proc = RelayProcess(cfg, smtp_port, tmp_path / "relayd.log")
+    await asyncio.to_thread(proc.start)
+    # The endpoint binds right after the SMTP listener: wait for it too, with a deadline.
+    await wait_until(lambda: _listening(http_port), what="the one-click endpoint")
+    return proc
+
+
+async def test_acknowledged_one_click_is_on_the_list_without_auto_add(tmp_path: Path) -> None:
+    cfg, smtp_port, http_port = _smallest_endpoint_config(tmp_path)
+    unsub = load_config(cfg).unsubscribe
+    assert unsub is not None
+    url = recipient_url(unsub, SECRET.encode(), "Alice@Example.net")   # as relayd writes it
+    assert url is not None
+    forged = (f"http://127.0.0.1:{http_port}/unsubscribe?token="
+              + quote(make_token(b"guessed-secret", "mallory@example.net"), safe=""))
+    proc = await _start(tmp_path, cfg, smtp_port, http_port)
+    try:
+        status = await asyncio.to_thread(_post, url)
+        assert 200 <= status < 300
+        assert await _listed_within_a_second(cfg, "alice@example.net") == ["alice@example.net"]
+        assert 400 <= await asyncio.to_thread(_post, forged) < 500
+        assert await asyncio.to_thread(_suppress_list, cfg) == ["alice@example.net"]
+    finally:
+        assert proc.stop() == 0
+    log = proc.log()
+    assert SECRET not in log and "mallory" not in log
+
+
+async def test_endpoint_answers_5xx_when_the_list_cannot_be_written(tmp_path: Path) -> None:
+    cfg, smtp_port, http_port = _smallest_endpoint_config(tmp_path)
+    unsub = load_config(cfg).unsubscribe
+    assert unsub is not None
+    url = recipient_url(unsub, SECRET.encode(), "grace@example.net")
+    assert url is not None
+    proc = await _start(tmp_path, cfg, smtp_port, http_port)
+    wal = tmp_path / "state" / f"{DB_NAME}-wal"
+    try:
+        wal.mkdir()                 # SQLite cannot write its log: the list is unwritable
+        status = await asyncio.to_thread(_post, url)
+        assert 500 <= status < 600, status
+        wal.rmdir()
+        assert await asyncio.to_thread(_suppress_list, cfg) == []
+        status = await asyncio.to_thread(_post, url)        # the sender tries again
+        assert 200 <= status < 300
+        assert await _listed_within_a_second(cfg, "grace@example.net") == ["grace@example.net"]
+    finally:
+        assert proc.stop() == 0
+    assert "cannot record a one-click request" in proc.log()
+    assert "grace@example.net" not in proc.log()
