@@ -361,6 +361,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
         source=source,
         warnings=tuple(r.warnings),
     )
+    s.check_unsubscribes_take_effect(r, cfg.do_not_email, cfg.unsubscribe)
     return cfg
 
 

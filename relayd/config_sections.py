@@ -314,6 +314,16 @@ def unsubscribe_section(r: Reader, value: Any) -> UnsubscribeConfig | None:
     secret_given = any(m.get(k) is not None for k in ("secret", "secret_file", "secret_env"))
     if uses_token and not secret_given:
         r.fail(f"{p}.secret", "is required when {token} is used")
+    if m.get("http_listen") is not None:
+        # The endpoint only unsubscribes an address that a signed token proves. Mail clients
+        # such as Gmail tell the recipient "unsubscribed" whatever it answers, so an endpoint
+        # that must refuse every click would lose unsubscribes the recipient believes made.
+        if m.get("url") is None:
+            r.fail(f"{p}.url", "is required with http_listen (the one-click endpoint serves "
+                   "the path of url)")
+        elif url is not None and "{token}" not in url:
+            r.fail(f"{p}.url", "must contain {token} with http_listen (the one-click endpoint "
+                   "only unsubscribes an address its signed token proves)")
     return UnsubscribeConfig(
         url=url,
         mailto=r.address(f"{p}.mailto", m.get("mailto")),
@@ -324,6 +334,17 @@ def unsubscribe_section(r: Reader, value: Any) -> UnsubscribeConfig | None:
         http_listen=(r.hostport(f"{p}.http_listen", m.get("http_listen"))
                      if m.get("http_listen") is not None else None),
     )
+
+
+def check_unsubscribes_take_effect(r: Reader, dne: DoNotEmailConfig,
+                                   unsub: UnsubscribeConfig | None) -> None:
+    """Refuse settings under which an unsubscribe that the one-click endpoint acknowledges
+    (and records, always) would still not stop the mail."""
+    if unsub is None or unsub.http_listen is None:
+        return
+    if dne.bypass_all:
+        r.fail("do_not_email.bypass_all", "cannot be true while unsubscribe.http_listen "
+               "acknowledges unsubscribes: listed addresses would still get every message")
 
 
 def limits_section(r: Reader, value: Any) -> LimitsConfig:

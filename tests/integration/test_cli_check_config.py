@@ -13,6 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SMARTHOST = "smarthosts:\n  - {name: a, host: smtp.example.com}\n"
+# The smallest one-click endpoint (secret_env keeps check-config's output free of warnings).
+ENDPOINT = ("unsubscribe: {url: 'https://example.com/u?t={token}', secret_env: UNSUB_SECRET,"
+            " http_listen: '127.0.0.1:8025'}\n")
 
 # A key path: lower-case keys, list items by index; the keys under headers.add are header
 # names (X-SES-CONFIGURATION-SET), so a component may also hold capitals, digits and dashes.
@@ -56,6 +59,11 @@ BROKEN = [
     (SMARTHOST + "headers: {remove: ['Bad Name']}\n", "headers.remove[0]"),
     (SMARTHOST + "do_not_email: {auto_add: [complaint]}\n", "do_not_email.auto_add[0]"),
     (SMARTHOST + "unsubscribe: {url: 'https://example.com/u?t={token}'}\n", "unsubscribe.secret"),
+    (SMARTHOST + "unsubscribe: {mailto: u@example.com, http_listen: '127.0.0.1:8025'}\n",
+     "unsubscribe.url"),
+    (SMARTHOST + "unsubscribe: {url: 'https://example.com/u?e={email}',"
+     " http_listen: '127.0.0.1:8025'}\n", "unsubscribe.url"),
+    (SMARTHOST + "do_not_email: {bypass_all: true}\n" + ENDPOINT, "do_not_email.bypass_all"),
     (SMARTHOST + "dkim:\n  - {domain: example.com}\n", "dkim[0].selector"),
     (SMARTHOST + "alerts: {events: [everything]}\n", "alerts.events[0]"),
     (SMARTHOST + "logging: {level: loud}\n", "logging.level"),
@@ -64,7 +72,7 @@ BROKEN = [
 
 
 def check_config(cfg: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), UNSUB_SECRET="s3cret-for-tests")
     env.pop("RELAYD_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "relayd", "-c", str(cfg), "check-config"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
@@ -99,7 +107,7 @@ def test_many_problems_at_once_each_on_its_own_keyed_line(tmp_path: Path) -> Non
     run = check_config(_write(tmp_path, text.replace("spool: 5\n", "")))
     assert run.returncode == 1
     lines = run.stdout.splitlines()
-    assert len(lines) >= 15
+    assert len(lines) >= 12   # repeated top-level keys: YAML keeps the last one
     assert_keyed(lines)
 
 
@@ -125,3 +133,24 @@ def test_unreadable_file_starts_with_its_absolute_path(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
     assert run.returncode == 1
     assert run.stdout == f"{tmp_path / 'missing.yaml'}: cannot read the file: No such file or directory\n"
+
+
+@pytest.mark.parametrize("do_not_email", [
+    "",                                                   # the endpoint implies recording
+    "do_not_email: {auto_add: [hard_bounce]}\n",          # no "unsubscribe": still recorded
+    "do_not_email: {auto_add: [hard_bounce, unsubscribe]}\n",   # accepted for compatibility
+    "do_not_email: {action: reject, bypass_all: false}\n",
+])
+def test_one_click_endpoint_configs_that_record_are_accepted(tmp_path: Path, do_not_email: str) -> None:
+    run = check_config(_write(tmp_path, SMARTHOST + do_not_email + ENDPOINT))
+    assert (run.returncode, run.stdout) == (0, "config OK\n"), run.stdout + run.stderr
+
+
+def test_bypass_all_is_refused_only_with_the_endpoint(tmp_path: Path) -> None:
+    run = check_config(_write(tmp_path, SMARTHOST + "do_not_email: {bypass_all: true}\n" + ENDPOINT))
+    assert run.returncode == 1
+    assert run.stdout == ("do_not_email.bypass_all: cannot be true while unsubscribe.http_listen "
+                          "acknowledges unsubscribes: listed addresses would still get every "
+                          "message\n")
+    run = check_config(_write(tmp_path, SMARTHOST + "do_not_email: {bypass_all: true}\n"))
+    assert (run.returncode, run.stdout) == (0, "config OK\n")
