@@ -208,6 +208,15 @@ class RelaySMTP(SMTP):
             return
         await super()._handle_client()
 
+    def _strip_command_keyword(self, keyword: str, arg: str) -> str | None:
+        # aiosmtpd's address parser (the email package's) reads "<a@example.org" as if the ">"
+        # were there. RFC 5321 §4.1.2: Path = "<" [ A-d-l ":" ] Mailbox ">", so an unclosed
+        # path is a syntax error; None makes smtp_MAIL / smtp_RCPT answer their 501.
+        path = super()._strip_command_keyword(keyword, arg)
+        if path is not None and path[:1] == "<" and not _path_closed(path):
+            return None
+        return path
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _SIMPLE_PATH.match(arg) if arg else None
         rest = arg[m.end():] if m is not None else ""
@@ -389,6 +398,29 @@ def _storable(text: str) -> str:
     name in Latin-1, say) would make the spool's UTF-8 envelope unwritable, and every message
     of the session would get 451 forever. Keep them visible as U+FFFD instead."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _path_closed(path: str) -> bool:
+    """True when the "<" that opens ``path`` has its ">": the first one outside a quoted local
+    part (RFC 5321 §4.1.2 allows ">" inside a Quoted-string, as in <"a>b"@example.org>)."""
+    end = path.find(">")
+    if end < 0:
+        return False
+    if path.find('"', 0, end) < 0:
+        return True  # the usual case: no quoting before the first ">"
+    quoted = False
+    i = 1
+    while i < len(path):
+        c = path[i]
+        if quoted and c == "\\":
+            i += 2  # quoted-pairSMTP: the next character is literal
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return True
+        i += 1
+    return False
 
 
 def _address_ok(address: str) -> bool:
