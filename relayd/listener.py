@@ -1,7 +1,8 @@
 """The SMTP listener: aiosmtpd sessions from local apps, checked and handed to an Acceptor.
 
 Responsibilities at the boundary: client allow-list (554 at connect), a cap on concurrent
-sessions (421), size (552) and recipient (452) limits, address syntax, strict end-of-data
+sessions (421), size (552) and recipient (452) limits, command lines that end with CRLF only
+(RFC 5321 §2.3.8, framed by relayd.smtp_lines), address syntax (501, 553), strict end-of-data
 detection (only CRLF "." CRLF ends DATA: RFC 5321 §4.1.1.4, the SMTP smuggling fix), Received
 (RFC 5321 §4.4), and Date / Message-ID when the app left them out (RFC 5322 §3.6). The
 Acceptor (the daemon) runs the policy and the spool; this module never touches either.
@@ -29,6 +30,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from relayd import faults
 from relayd.config import Config
 from relayd.model import Envelope, Reply
+from relayd.smtp_lines import BARE_LINE_ENDING_REPLY, BareLineEnding, CommandLineProtocol
 from relayd.spool import new_queue_id
 from relayd.units import HostPort, is_address
 
@@ -141,8 +143,9 @@ def stamp(content: bytes, *, queue_id: str, envelope: Envelope, hostname: str, e
     return head + content
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with relayd's connect checks and a chunked, strict DATA reader."""
+class RelaySMTP(SMTP, CommandLineProtocol):
+    """aiosmtpd's SMTP with relayd's connect checks, command lines that end at CRLF only
+    (CommandLineProtocol), and a chunked, strict DATA reader."""
 
     # The StreamReader limit: large enough that DATA arrives in big chunks. Command lines are
     # still limited by aiosmtpd's per-command size limits (RFC 5321 §4.5.3.1.4).
@@ -154,6 +157,7 @@ class RelaySMTP(SMTP):
         self._refusal: str | None = None
         self._session_timer: asyncio.TimerHandle | None = None
         self._idle_deadline = 0.0
+        self._bare_line_logged = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -207,6 +211,19 @@ class RelaySMTP(SMTP):
                 self.transport.close()
             return
         await super()._handle_client()
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BareLineEnding):
+            # Refused whole, before aiosmtpd parsed any of it (RFC 5321 §2.3.8); the session
+            # stays usable, so the client's next, well-formed command is answered as usual.
+            # Logged once per session: such lines cost a client three bytes each.
+            if not self._bare_line_logged:
+                self._bare_line_logged = True
+                peer = self.session.peer if self.session is not None else None
+                log.warning("reject: command from %s: bare CR or LF in the line (RFC 5321 "
+                            "§2.3.8; not logged again for this session)", _peer_text(peer))
+            return BARE_LINE_ENDING_REPLY
+        return await super().handle_exception(error)
 
     def _strip_command_keyword(self, keyword: str, arg: str) -> str | None:
         # aiosmtpd's address parser (the email package's) reads "<a@example.org" as if the ">"

@@ -1,6 +1,9 @@
 """Strict command syntax over real sockets, as a client sees it: an unclosed "<" in MAIL FROM
-or RCPT TO gets 501 (RFC 5321 §4.1.2), and nothing of a refused command takes effect; the
-session goes on and the next correct transaction is stored exactly as its valid lines said.
+or RCPT TO gets 501 (RFC 5321 §4.1.2); a command line holding a bare CR or a bare LF is
+refused whole with 500 5.5.2 (RFC 5321 §2.3.8: lines end with CRLF only), whichever command
+it is and whether or not aiosmtpd alone would have split it. Nothing of a refused line takes
+effect; the session goes on and the next correct transaction is stored exactly as its valid
+lines said.
 
 Complements tests/integration/test_hostile_input.py (overlong lines, commands out of order).
 """
@@ -8,6 +11,7 @@ Complements tests/integration/test_hostile_input.py (overlong lines, commands ou
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -111,3 +115,134 @@ async def test_closed_paths_are_not_501(relay: tuple[Store, int]) -> None:
     # quoted form is then refused as an address, with 553, as before.)
     assert (await c.cmd('MAIL FROM:<"a>b"@example.org>'))[0] == 553
     await c.close()
+
+
+BARE = "5.5.2"
+
+
+async def refused_bare(c: RawClient, line: bytes) -> None:
+    await c.send(line)
+    code, text = await c.reply()
+    assert (code, text[:5]) == (500, BARE), (line, code, text)
+
+
+@pytest.mark.parametrize("line", [
+    b"MAIL FROM:<a@example.org>\nRCPT TO:<x@example.org>\r\n",  # aiosmtpd alone ran both
+    b"MAIL FROM:<a@example.org>\rRCPT TO:<x@example.org>\r\n",
+    b"MAIL FROM:<a@example.org>\n\r\n",
+    b"MAIL FROM:<a@example.org>\r\r\n",
+    b"MAIL FROM:<a\r@example.org>\r\n",
+    b"MAIL\nFROM:<a@example.org>\r\n",
+])
+async def test_bare_cr_or_lf_in_mail_from_sets_no_sender(relay: tuple[Store, int], line: bytes) -> None:
+    store, port = relay
+    c = await session(port)
+    await refused_bare(c, line)
+    assert (await c.cmd("RCPT TO:<y@example.org>"))[0] == 503  # no sender was set
+    await deliver(c, "ok@example.org", "r@example.org")
+    await c.close()
+    assert store.envelopes() == [("ok@example.org", ("r@example.org",))]
+
+
+@pytest.mark.parametrize("line", [
+    b"RCPT TO:<x@example.org>\rDATA\r\n",
+    b"RCPT TO:<x@example.org>\nDATA\r\n",
+    b"RCPT TO:<x@example.org>\n\r\n",
+    b"RCPT TO:<x@example.org>\nRCPT TO:<z@example.org>\r\n",
+    b"RCPT TO:<x@exa\rmple.org>\r\n",
+])
+async def test_bare_cr_or_lf_in_rcpt_to_adds_no_recipient(relay: tuple[Store, int], line: bytes) -> None:
+    store, port = relay
+    c = await session(port)
+    assert (await c.cmd("MAIL FROM:<ok@example.org>"))[0] == 250
+    await refused_bare(c, line)
+    assert (await c.cmd("DATA"))[0] == 503  # no recipient was added, and no DATA began
+    assert (await c.cmd("RCPT TO:<r@example.org>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.close()
+    assert store.envelopes() == [("ok@example.org", ("r@example.org",))]
+
+
+@pytest.mark.parametrize("verb", [b"EHLO app", b"HELO app", b"NOOP", b"RSET", b"VRFY a@example.org",
+                                  b"HELP", b"DATA", b"QUIT", b"AUTH PLAIN", b"STARTTLS"])
+async def test_every_command_is_refused_whole_with_a_bare_cr_or_lf(relay: tuple[Store, int],
+                                                                   verb: bytes) -> None:
+    store, port = relay
+    c = await session(port)
+    assert (await c.cmd("MAIL FROM:<ok@example.org>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<r@example.org>"))[0] == 250
+    for line in (verb + b"\n\r\n", verb + b"\rNOOP\r\n", b"NOOP\n" + verb + b"\r\n"):
+        await refused_bare(c, line)
+    # The transaction is as it was: not reset, not quit, not in DATA.
+    assert (await c.cmd("MAIL FROM:<other@example.org>"))[0] == 503  # nested MAIL
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.close()
+    assert store.envelopes() == [("ok@example.org", ("r@example.org",))]
+
+
+async def test_a_client_ending_lines_with_lf_alone_is_told_at_once(relay: tuple[Store, int]) -> None:
+    store, port = relay
+    c = await session(port)
+    await refused_bare(c, b"MAIL FROM:<a@example.org>\n")  # no CRLF follows yet
+    await c.send(b"RCPT TO:<x@example.org>\r\n")  # the end of that line: no reply of its own
+    assert (await c.cmd("RCPT TO:<y@example.org>"))[0] == 503  # no sender was set
+    await deliver(c, "ok@example.org", "r@example.org")
+    await c.close()
+    assert store.envelopes() == [("ok@example.org", ("r@example.org",))]
+
+
+async def test_the_refusal_is_logged_once_per_session(relay: tuple[Store, int],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    _, port = relay
+    caplog.set_level(logging.WARNING, logger="relayd.listener")
+    c = await session(port)
+    for _ in range(3):
+        await refused_bare(c, b"NOOP\rx\r\n")
+    assert (await c.cmd("NOOP"))[0] == 250
+    await c.close()
+    lines = [r.getMessage() for r in caplog.records if "bare CR or LF" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("reject: command from [127.0.0.1]:")
+
+
+async def test_pipelined_lines_around_a_refused_one_run_in_order(relay: tuple[Store, int]) -> None:
+    store, port = relay
+    c = await session(port)
+    await c.send(b"MAIL FROM:<ok@example.org>\r\n"
+                 b"RCPT TO:<x@example.org>\nRCPT TO:<y@example.org>\r\n"
+                 b"RCPT TO:<r@example.org>\r\n"
+                 b"DATA\r\n")
+    codes = [(await c.reply())[0] for _ in range(4)]
+    assert codes == [250, 500, 250, 354]
+    await c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.close()
+    assert store.envelopes() == [("ok@example.org", ("r@example.org",))]
+
+
+async def test_an_overlong_line_with_a_bare_lf_is_refused_whole(relay: tuple[Store, int]) -> None:
+    store, port = relay
+    c = await session(port)
+    # Past the 64 KiB read buffer, then a bare LF and what would be a second command.
+    await c.send(b"NOOP " + b"x" * 300_000 + b"\nMAIL FROM:<evil@example.org>\r\n")
+    assert (await c.reply())[0] == 500  # one reply for the one line
+    assert (await c.cmd("RCPT TO:<r@example.org>"))[0] == 503  # no sender was set
+    await deliver(c, "ok@example.org", "r@example.org")
+    await c.close()
+    assert store.envelopes() == [("ok@example.org", ("r@example.org",))]
+
+
+async def test_bare_line_ends_inside_message_content_are_still_content(relay: tuple[Store, int]) -> None:
+    store, port = relay
+    c = await session(port)
+    assert (await c.cmd("MAIL FROM:<ok@example.org>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<r@example.org>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"Subject: x\r\n\r\nbare\nLF\rand CR\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.close()
+    content = store.spool.read_content(store.accepted[0])
+    assert content.endswith(b"\r\n\r\nbare\r\nLF\r\nand CR\r\n")
