@@ -3,13 +3,15 @@ or RCPT TO gets 501 (RFC 5321 §4.1.2); a command line holding a bare CR or a ba
 refused whole with 500 5.5.2 (RFC 5321 §2.3.8: lines end with CRLF only), whichever command
 it is and whether or not aiosmtpd alone would have split it. Nothing of a refused line takes
 effect; the session goes on and the next correct transaction is stored exactly as its valid
-lines said.
+lines said: in-process against the Listener, and once against `relayd run` as a process,
+checked by what the fake smarthost receives.
 
 Complements tests/integration/test_hostile_input.py (overlong lines, commands out of order).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
@@ -21,7 +23,9 @@ from relayd.listener import Listener, ListenerSettings
 from relayd.model import Envelope, Message, Reply
 from relayd.spool import Spool
 from relayd.units import HostPort
+from tests.support.relay import RelayProcess, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.smtpclient import RawClient
+from tests.support.upstream import FakeUpstream
 
 
 class Store:
@@ -246,3 +250,42 @@ async def test_bare_line_ends_inside_message_content_are_still_content(relay: tu
     await c.close()
     content = store.spool.read_content(store.accepted[0])
     assert content.endswith(b"\r\n\r\nbare\r\nLF\r\nand CR\r\n")
+
+
+# -- `relayd run` as a real process, delivering to a fake smarthost ---------------------------
+
+async def test_relayd_run_refuses_bad_lines_and_delivers_only_what_valid_lines_said(tmp_path: Path) -> None:
+    async with FakeUpstream() as up:
+        port = free_port()
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port)
+        proc = RelayProcess(cfg, port, tmp_path / "relayd.log")
+        await asyncio.to_thread(proc.start)
+        try:
+            c = await RawClient.connect("127.0.0.1", port)
+            assert (await c.reply())[0] == 220
+            assert (await c.cmd("EHLO app.example"))[0] == 250
+            assert (await c.cmd("MAIL FROM:<evil@example.org"))[0] == 501
+            await refused_bare(c, b"MAIL FROM:<evil@example.org>\nRCPT TO:<x@example.net>\r\n")
+            await refused_bare(c, b"MAIL FROM:<evil@example.org>\rRCPT TO:<x@example.net>\r\n")
+            assert (await c.cmd("RCPT TO:<x@example.net>"))[0] == 503  # no sender so far
+            assert (await c.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+            assert (await c.cmd("RCPT TO:<x@example.net"))[0] == 501
+            await refused_bare(c, b"RCPT TO:<x@example.net>\rDATA\r\n")
+            await refused_bare(c, b"RCPT TO:<x@example.net>\nRCPT TO:<y@example.net>\r\n")
+            assert (await c.cmd("DATA"))[0] == 503  # no recipient so far
+            assert (await c.cmd("RCPT TO:<user@example.net>"))[0] == 250
+            assert (await c.cmd("DATA"))[0] == 354
+            await c.send(b"From: app@example.com\r\nTo: user@example.net\r\nSubject: strict\r\n\r\n"
+                         b"body\r\n.\r\n")
+            code, text = await c.reply()
+            assert code == 250 and "queued as" in text
+            assert (await c.cmd("QUIT"))[0] == 221
+            await c.close()
+            await wait_until(lambda: len(up.messages) == 1, timeout=20,
+                             what=f"the delivery; log: {proc.log()[-2000:]}")
+        finally:
+            assert proc.stop() == 0
+    (msg,) = up.messages  # the only message the session got a 250 for
+    assert (msg.mail_from, msg.rcpt_tos) == ("app@example.com", ["user@example.net"])
+    assert b"Subject: strict" in msg.data
+    assert "reject: command from [127.0.0.1]:" in proc.log()
