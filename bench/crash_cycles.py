@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from relayd.model import State
-from relayd.spool import Spool
+from relayd.spool.store import Spool
 from tests.support.crashload import KillableRelay, Load, spool_files, wait_for_delivery
 from tests.support.relay import free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream

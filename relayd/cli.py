@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TextIO
 
 from relayd import __version__
-from relayd.config import DEFAULT_CONFIG_PATH, Config, load_config
+from relayd.config.load import load_config
+from relayd.config.schema import DEFAULT_CONFIG_PATH, Config
 from relayd.errors import ConfigError, RelaydError
 
 EX_OK = 0
@@ -54,16 +55,16 @@ def config_path(args: argparse.Namespace) -> Path:
 # command name -> "module:function"; the module is imported only when the command runs,
 # so `relayd queue list` does not pay for importing the daemon.
 HANDLERS = {
-    "run": "relayd.cmd_run:main",
+    "run": "relayd.commands.run:main",
     "check-config": "relayd.cli:check_config",
-    "send-test": "relayd.sendtest:main",
-    "queue": "relayd.cmd_queue:main",
-    "suppress": "relayd.cmd_suppress:main",
-    "secret": "relayd.cmd_secret:main",
-    "oauth": "relayd.cmd_oauth:main",
-    "explain": "relayd.explain:main",
-    "sendmail": "relayd.sendmail:main",
-    "_deliver": "relayd.cmd_deliver:main",
+    "send-test": "relayd.commands.send_test:main",
+    "queue": "relayd.commands.queue:main",
+    "suppress": "relayd.commands.suppress:main",
+    "secret": "relayd.commands.secret:main",
+    "oauth": "relayd.commands.oauth:main",
+    "explain": "relayd.commands.explain:main",
+    "sendmail": "relayd.commands.sendmail:main",
+    "_deliver": "relayd.commands.deliver:main",
 }
 
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     sub.add_parser("run", help="run the daemon in the foreground")
-    # Internal: the delivery process of `relayd run` (relayd/split.py); not in --help.
+    # Internal: the delivery process of `relayd run` (relayd/daemon/split.py); not in --help.
     p = sub.add_parser("_deliver")
     p.add_argument("--notify-fd", type=int, required=True)
     p.add_argument("--events-fd", type=int, required=True)

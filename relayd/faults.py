@@ -23,7 +23,7 @@ The points (where they are called, and what a crash there means):
 - ``after-upstream-250``: queue manager, after a smarthost answered a delivery and before
   the spool records the outcome (the at-least-once duplicate window).
 - ``spool-recycle``: Spool.complete, right after a delivered message's file moved into free/
-  for reuse, content and all (relayd/spool_free.py).
+  for reuse, content and all (relayd/spool/free.py).
 - ``queue-command``: Spool.retry/release, between the renames of an operator command run by
   ``relayd queue`` in another process.
 - ``spool-write`` (fail only): storing a message, after its bytes were written and before the
@@ -51,7 +51,7 @@ POINTS = ("data", "spool-fsync", "before-250", "after-upstream-250", "spool-recy
 
 
 def _kill_self() -> None:
-    # In relayd run's delivery process (relayd/split.py) the point stands for a kill of the
+    # In relayd run's delivery process (relayd/daemon/split.py) the point stands for a kill of the
     # whole service, as systemd's KillMode=control-group does: the parent goes first.
     parent = os.environ.get("RELAYD_DELIVERY_PARENT", "")
     if parent.isdigit():

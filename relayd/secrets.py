@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-# cryptography is imported where a key is used, not here: config.py imports this module in
+# cryptography is imported where a key is used, not here: config/schema.py imports this module in
 # every process, and cryptography costs about 7 MB of memory per process that never
 # decrypts (no ``enc:`` value and no OAuth token store).
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import functools
 import re
 from collections.abc import Mapping
 
-from relayd.config import Config, SuppressAction
+from relayd.config.schema import Config, SuppressAction
 from relayd.model import Envelope, Message, Reply
 from relayd.policy.records import (
     CompiledRule,

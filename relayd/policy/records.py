@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
-from relayd.config import (
+from relayd.config.schema import (
     DoNotEmailConfig,
     HeadersConfig,
     PriorityRule,

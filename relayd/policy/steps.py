@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from relayd.config import AddressRewrite, RewriteMode, SuppressAction
+from relayd.config.schema import AddressRewrite, RewriteMode, SuppressAction
 from relayd.policy import _mime
 from relayd.policy.records import Draft, Policy, PolicyContext
 

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 from urllib.parse import quote
 
-from relayd.config import UnsubscribeConfig
+from relayd.config.schema import UnsubscribeConfig
 from relayd.policy import _mime
 from relayd.policy.records import Copy, Draft, Policy, PolicyContext
 

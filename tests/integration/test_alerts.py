@@ -10,8 +10,8 @@ import ssl
 import pytest
 import trustme
 
-from relayd.alerts import Alerts
-from relayd.config import AlertsConfig
+from relayd.config.schema import AlertsConfig
+from relayd.control.alerts import Alerts
 
 
 class Receiver:

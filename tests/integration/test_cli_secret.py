@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relayd import secrets as sec
-from relayd.config import load_config
+from relayd.config.load import load_config
 from tests.support.oauth_helpers import run_cli
 
 SECRET = "smtp-password-s3cr3t"

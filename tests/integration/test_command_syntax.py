@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from relayd.listener import Listener, ListenerSettings
 from relayd.model import Envelope, Message, Reply
-from relayd.spool import Spool
+from relayd.smtpd.listener import Listener, ListenerSettings
+from relayd.spool.store import Spool
 from relayd.units import HostPort
 from tests.support.relay import RelayProcess, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.smtpclient import RawClient

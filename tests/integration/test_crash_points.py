@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from relayd.model import State
-from relayd.spool import Spool
+from relayd.spool.store import Spool
 from tests.support.crashload import KillableRelay, Load, crash_cycles, spool_files, wait_for_delivery
 from tests.support.relay import ROOT, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream

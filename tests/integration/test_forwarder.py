@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import pytest
 
-from relayd.config import AuthConfig, AuthMethod, Smarthost, TlsMode
+from relayd.config.schema import AuthConfig, AuthMethod, Smarthost, TlsMode
+from relayd.delivery.smtp.pool import SmarthostPool
 from relayd.errors import OAuthError
-from relayd.forwarder import SmarthostPool
 from relayd.model import Status
 from relayd.secrets import Secret
 from tests.support.upstream import FakeUpstream
@@ -484,7 +484,7 @@ async def test_auth_configured_but_not_offered_is_a_fault_and_sends_nothing() ->
 
 
 async def test_old_connections_are_retired_and_idle_ones_reaped(monkeypatch: pytest.MonkeyPatch) -> None:
-    import relayd.forwarder as fw
+    import relayd.delivery.smtp.pool as fw
     async with FakeUpstream() as up:
         monkeypatch.setattr(fw, "MAX_CONNECTION_AGE", 0.0)
         pool = SmarthostPool(up.smarthost(), hostname="relay.test")

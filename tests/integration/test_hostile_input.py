@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from relayd.listener import Listener, ListenerSettings
-from relayd.logsetup import TextFormatter
+from relayd.daemon.logsetup import TextFormatter
 from relayd.model import Envelope, Message, Reply
-from relayd.spool import Spool
+from relayd.smtpd.listener import Listener, ListenerSettings
+from relayd.spool.store import Spool
 from relayd.units import HostPort
 from tests.support.relay import wait_until
 from tests.support.smtpclient import RawClient

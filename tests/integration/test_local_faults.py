@@ -18,12 +18,13 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relayd.app import Daemon
-from relayd.config import Smarthost, load_config
+from relayd.config.load import load_config
+from relayd.config.schema import Smarthost
+from relayd.daemon.app import Daemon
+from relayd.delivery.qmgr import Pool
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, Envelope, Message, State
-from relayd.qmgr import Pool
-from relayd.spool import Spool
+from relayd.spool.store import Spool
 from tests.support.crashload import KillableRelay, message
 from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.smtpclient import RawClient
@@ -154,7 +155,7 @@ def test_requeue_puts_the_message_back_even_when_its_metadata_cannot_be_written(
 
 async def test_corrupt_spool_files_are_set_aside_while_running_and_the_rest_delivered(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("relayd.qmgr.RESCAN_INTERVAL", 0.5)  # files that appear from outside
+    monkeypatch.setattr("relayd.delivery.qmgr.RESCAN_INTERVAL", 0.5)  # files that appear from outside
     async with FakeUpstream(replies=DOWN) as up:
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
         async with running_relay(cfg) as relay:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.metrics import Metrics
-from relayd.metrics_http import MetricsServer
+from relayd.control.metrics import Metrics
+from relayd.control.metrics_http import MetricsServer
 from relayd.model import State, Status
 from relayd.units import HostPort
 from tests.support.relay import write_config
@@ -102,8 +102,8 @@ async def test_other_paths_and_methods() -> None:
 _LOADED = """
 import sys
 from pathlib import Path
-from relayd.app import Daemon, Role
-from relayd.config import load_config
+from relayd.daemon.app import Daemon, Role
+from relayd.config.load import load_config
 for role in (Role.ACCEPT, Role.ALL):
     Daemon(load_config(Path(sys.argv[1])), role=role)
 print("prometheus_client" in sys.modules)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relayd.errors import OAuthError
-from relayd.oauth import OAuthTokenSource, TokenStatistics, build_token_source
+from relayd.oauth.source import OAuthTokenSource, TokenStatistics, build_token_source
 from tests.support.oauth_helpers import FakeClock, encrypt_with, smarthost, write_config, write_key
 from tests.support.oauth_server import FakeTokenServer
 
@@ -283,7 +283,7 @@ def test_oauth_token_command_prints_account_and_expiry_never_the_token(tmp_path:
 
 
 async def test_unusable_settings_fail_at_first_use_not_at_build(tmp_path: Path, key_file: Path) -> None:
-    from relayd.config import AuthConfig, AuthMethod, OAuthConfig, OAuthProvider, Smarthost
+    from relayd.config.schema import AuthConfig, AuthMethod, OAuthConfig, OAuthProvider, Smarthost
     from relayd.secrets import Secret
 
     sh = Smarthost(name="m365", host="smtp.office365.com", auth=AuthConfig(

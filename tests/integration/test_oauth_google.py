@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from relayd.errors import OAuthError
-from relayd.oauth import build_token_source
+from relayd.oauth.source import build_token_source
 from tests.support.oauth_helpers import FakeClock, encrypt_with, run_cli, smarthost, write_config, write_key
 from tests.support.oauth_server import FakeTokenServer
 

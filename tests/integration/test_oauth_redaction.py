@@ -19,7 +19,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from relayd.errors import OAuthError
-from relayd.oauth import build_token_source
+from relayd.oauth.source import build_token_source
 from tests.integration.test_oauth_xoauth2 import send_with_xoauth2
 from tests.support.oauth_helpers import FakeClock, run_cli, smarthost, write_config
 from tests.support.oauth_server import FakeTokenServer

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from relayd.config import AuthConfig, AuthMethod, Smarthost
-from relayd.forwarder import SmarthostPool
+from relayd.config.schema import AuthConfig, AuthMethod, Smarthost
+from relayd.delivery.smtp.pool import SmarthostPool
 from relayd.model import DeliveryResult, Status
 from relayd.secrets import Secret
 from tests.support.upstream import FakeUpstream

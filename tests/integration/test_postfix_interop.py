@@ -206,8 +206,8 @@ async def test_pipelined_transactions_with_postfix(postfix_limits: PostfixSmarth
     """Postfix offers PIPELINING: MAIL, every RCPT and DATA go in one write after STARTTLS and
     AUTH; a refused recipient, and the 452 past smtpd_recipient_limit whose recipient goes in
     a second transaction on the same connection, are read from the group in order."""
-    from relayd.config import AuthConfig, AuthMethod, Smarthost, TlsMode
-    from relayd.forwarder import SmarthostPool
+    from relayd.config.schema import AuthConfig, AuthMethod, Smarthost, TlsMode
+    from relayd.delivery.smtp.pool import SmarthostPool
     from relayd.model import Status
     from relayd.secrets import Secret
 

@@ -12,7 +12,7 @@ import pytest
 
 from relayd.cli import main as cli_main
 from relayd.model import Envelope, State
-from relayd.spool import new_queue_id
+from relayd.spool.records import new_queue_id
 from tests.support.relay import running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
@@ -167,7 +167,7 @@ async def test_queue_commands_work_while_the_daemon_runs(tmp_path: Path, capsys:
 
 async def test_messages_stored_together_are_refused_or_accepted_each_on_its_own(tmp_path: Path) -> None:
     """Messages whose DATA ends at the same moment share one spool batch and one flush
-    (relayd/spool_write.py); a message the spool cannot store gets its 451 alone, its
+    (relayd/spool/write.py); a message the spool cannot store gets its 451 alone, its
     neighbours get their 250 and are delivered."""
     async with FakeUpstream() as up:
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd import sendmail
 from relayd.cli import IO
+from relayd.commands import sendmail
 from tests.support.ops_smtp import RecordingServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,12 +19,13 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from relayd.config import UnsubscribeConfig, load_config
+from relayd.config.load import load_config
+from relayd.config.schema import UnsubscribeConfig
+from relayd.control.unsubscribe_http import UnsubscribeServer, serve_unsubscribe
+from relayd.policy.suppressions import DB_NAME, SuppressionStore
 from relayd.policy.unsubscribe import make_token, recipient_url
 from relayd.secrets import Secret
-from relayd.suppressions import DB_NAME, SuppressionStore
 from relayd.units import HostPort
-from relayd.unsub_http import UnsubscribeServer, serve_unsubscribe
 from tests.support.relay import ROOT, RelayProcess, free_port, wait_until, write_config
 
 SECRET = "endpoint-secret"

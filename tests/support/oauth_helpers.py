@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relayd import cli, secrets
-from relayd.config import Config, Smarthost, load_config
+from relayd.config.load import load_config
+from relayd.config.schema import Config, Smarthost
 
 
 @dataclass

@@ -11,9 +11,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relayd.config import Config, parse_config
+from relayd.config.load import parse_config
+from relayd.config.schema import Config
 from relayd.model import Envelope, Message
-from relayd.policy.pipeline import PipelineResult, PolicyContext, build_policy, run_pipeline
+from relayd.policy.pipeline import build_policy, run_pipeline
+from relayd.policy.records import PipelineResult, PolicyContext
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 BASE = "smarthosts: [{name: preview, outbox: ./outbox}]\n"

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from relayd.app import Daemon
-from relayd.config import Config, load_config
+from relayd.config.load import load_config
+from relayd.config.schema import Config
+from relayd.daemon.app import Daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -69,7 +69,7 @@ from typing import Any
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from relayd.config import AuthConfig, Smarthost, TlsMode
+from relayd.config.schema import AuthConfig, Smarthost, TlsMode
 
 Script = str | list[str]
 STAGES = ("greeting", "ehlo", "mail", "rcpt", "data", "body", "dot", "rset")

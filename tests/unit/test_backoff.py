@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from relayd.backoff import backoff_delay, is_expired
-from relayd.config import RetryConfig
+from relayd.config.schema import RetryConfig
+from relayd.delivery.backoff import backoff_delay, is_expired
 
 RETRY = RetryConfig(initial=60, max_interval=3600)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from relayd.cli import main
-from relayd.config import AuthMethod, TlsMode, parse_config
+from relayd.config.load import parse_config
+from relayd.config.schema import AuthMethod, TlsMode
 from relayd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

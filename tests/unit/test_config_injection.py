@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relayd.config import parse_config
+from relayd.config.load import parse_config
 from relayd.errors import ConfigError
 
 FULL = """

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from relayd import secrets
-from relayd.config import AuthMethod, parse_config
+from relayd.config.load import parse_config
+from relayd.config.schema import AuthMethod
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BLOCKS = [(doc, textwrap.dedent(b)) for doc in ("oauth.md", "secrets.md")

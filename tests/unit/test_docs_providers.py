@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import AuthMethod, TlsMode, parse_config
+from relayd.config.load import parse_config
+from relayd.config.schema import AuthMethod, TlsMode
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "providers.md"
 BLOCKS = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.S)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from relayd.config import AuthMethod, OAuthProvider, SuppressAction, TlsMode, parse_config
+from relayd.config.load import parse_config
+from relayd.config.schema import AuthMethod, OAuthProvider, SuppressAction, TlsMode
 from relayd.errors import ConfigError
 from tools import config_doc
 

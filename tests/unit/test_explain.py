@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from relayd.cli import IO, main
-from relayd.limits import DailyCap
-from relayd.suppressions import SuppressionStore
+from relayd.delivery.limits import DailyCap
+from relayd.policy.suppressions import SuppressionStore
 from tests.support.policy_helpers import DATA, dkim_keypair
 
 CONFIG = """

@@ -18,12 +18,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.config import parse_config
+from relayd.commands.sendmail_args import Mode, UsageError, parse_args, read_message
+from relayd.config.load import parse_config
 from relayd.errors import ConfigError
-from relayd.listener import RelaySMTP
 from relayd.model import Envelope, Message
-from relayd.policy.pipeline import PolicyContext, build_policy, run_pipeline
-from relayd.sendmail_args import Mode, UsageError, parse_args, read_message
+from relayd.policy.pipeline import build_policy, run_pipeline
+from relayd.policy.records import PolicyContext
+from relayd.smtpd.listener import RelaySMTP
 from tests.support.policy_helpers import config, corpus, eml
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -45,7 +46,7 @@ def stuff(content: bytes) -> bytes:
 
 
 def unstuff(raw: bytes) -> bytes:
-    """The listener's unstuffing (relayd.listener.RelaySMTP.smtp_DATA)."""
+    """The listener's unstuffing (relayd.smtpd.listener.RelaySMTP.smtp_DATA)."""
     return (b"\r\n" + raw).replace(b"\r\n.", b"\r\n")[2:]
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import LimitsConfig
-from relayd.limits import WINDOW, DailyCap, RateLimiter, limited
+from relayd.config.schema import LimitsConfig
+from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter, limited
 from relayd.units import Rate
 
 T0 = 1_800_000_000.0

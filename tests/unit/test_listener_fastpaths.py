@@ -11,7 +11,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.listener import RelaySMTP, unstuff
+from relayd.smtpd.listener import RelaySMTP, unstuff
 
 TOKENS = [b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\n.\r\n", b"..\r\n", b"text.\r\n"]
 

@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from relayd.config import LogFormat, LoggingConfig
-from relayd.logline import delivery_line
-from relayd.logsetup import TRANSCRIPT_LOGGER, redact, setup_logging
+from relayd.config.schema import LogFormat, LoggingConfig
+from relayd.daemon.logsetup import TRANSCRIPT_LOGGER, redact, setup_logging
+from relayd.delivery.logline import delivery_line
 from relayd.model import Status
 
 

@@ -8,10 +8,10 @@ import pytest
 
 from relayd import secrets
 from relayd.errors import OAuthError
-from relayd.oauth import Token
-from relayd.oauth_generic import classify_error
-from relayd.oauth_google import _code_from
-from relayd.oauth_store import _slug
+from relayd.oauth.generic import classify_error
+from relayd.oauth.google import _code_from
+from relayd.oauth.source import Token
+from relayd.oauth.store import _slug
 from relayd.secrets import Secret
 
 

@@ -7,10 +7,10 @@ import ssl
 import pytest
 from aiosmtplib.errors import SMTPConnectError, SMTPServerDisconnected
 
-from relayd.diagnose import diagnose
+from relayd.delivery.diagnose import diagnose
+from relayd.delivery.outcomes import classify_reply, is_hard_bounce, is_quota, is_smarthost_fault, local_reply
 from relayd.errors import OAuthError
 from relayd.model import Reply, Status
-from relayd.outcomes import classify_reply, is_hard_bounce, is_quota, is_smarthost_fault, local_reply
 
 
 @pytest.mark.parametrize(("code", "text", "status"), [
@@ -137,7 +137,7 @@ def test_unknown_failure_has_no_diagnosis() -> None:
 
 
 def test_diagnosis_table_renders_for_the_docs() -> None:
-    from relayd.diagnose import RULES, as_markdown
+    from relayd.delivery.diagnose import RULES, as_markdown
     text = as_markdown()
     assert text.count("\n") == len(RULES) + 2
     assert "App Password" in text

@@ -12,16 +12,11 @@ from email.message import EmailMessage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.config import (
-    AddressRewrite,
-    HeadersConfig,
-    RewriteMode,
-    SenderConfig,
-    UnsubscribeConfig,
-)
+from relayd.config.schema import AddressRewrite, HeadersConfig, RewriteMode, SenderConfig, UnsubscribeConfig
 from relayd.model import Envelope, Message
 from relayd.policy import _mime
-from relayd.policy.pipeline import Policy, PolicyContext, build_policy, run_pipeline
+from relayd.policy.pipeline import build_policy, run_pipeline
+from relayd.policy.records import Policy, PolicyContext
 from relayd.secrets import Secret
 from tests.support.policy_helpers import config, corpus, eml
 

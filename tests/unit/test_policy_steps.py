@@ -7,13 +7,8 @@ import pytest
 
 from relayd.model import Envelope
 from relayd.policy import _mime
-from relayd.policy.pipeline import (
-    PolicyContext,
-    build_policy,
-    rcpt_decision,
-    recheck_at_delivery,
-    steps_in_order,
-)
+from relayd.policy.pipeline import build_policy, rcpt_decision, recheck_at_delivery, steps_in_order
+from relayd.policy.records import PolicyContext
 from relayd.policy.unsubscribe import make_token, verify_token
 from tests.support.policy_helpers import config, dkim_keypair, eml, message, parse, run
 

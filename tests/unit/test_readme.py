@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from relayd.config import AuthMethod, TlsMode, parse_config
+from relayd.config.load import parse_config
+from relayd.config.schema import AuthMethod, TlsMode
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

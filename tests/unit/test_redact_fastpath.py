@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd import logsetup
+from relayd.daemon import logsetup
 
 PIECES = ["AUTH", "auth", "PLAIN", "LOGIN", "XOAUTH2", " ", "\t", "\n", "C:", ">>", ">>>", "->",
           "client:", "dXNlcjE2", "abc", "=", "password", "passwd", "Secret", "token",

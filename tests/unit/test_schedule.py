@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.schedule import Schedule
-from relayd.spool_records import new_queue_id
+from relayd.delivery.schedule import Schedule
+from relayd.spool.records import new_queue_id
 
 
 @dataclass(order=True)
@@ -29,7 +29,7 @@ class _Item:
 
 
 class Reference:
-    """The previous implementation (relayd.qmgr before relayd.schedule), as the model.
+    """The previous implementation (relayd.delivery.qmgr before relayd.delivery.schedule), as the model.
 
     One correction: the old code knew a heap entry was stale only by its time, so a message
     pushed at t, then at u, then at t again was popped by its *first* entry, ahead of
@@ -175,7 +175,7 @@ def test_clock_jump_shifts_every_time_and_keeps_the_order() -> None:
 
 def test_matches_the_previous_implementation_on_many_random_operations(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("relayd.schedule._COMPACT_MIN", 64)  # compact (and rehash) often
+    monkeypatch.setattr("relayd.delivery.schedule._COMPACT_MIN", 64)  # compact (and rehash) often
     rng = random.Random(1)
     s, ref = Schedule(), Reference()
     ids = _ids(3000, rng)

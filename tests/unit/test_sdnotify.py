@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.sdnotify import Notifier, listen_fd_names, listen_fds, run_watchdog
+from relayd.daemon.sdnotify import Notifier, listen_fd_names, listen_fds, run_watchdog
 from tests.support.ops_activation import spawn_socket_activated
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_socket_activated_process_serves_on_the_passed_socket() -> None:
     child = textwrap.dedent("""
         import os, sys
         sys.path.insert(0, sys.argv[1])
-        from relayd.sdnotify import listen_fds, listen_fd_names
+        from relayd.daemon.sdnotify import listen_fds, listen_fd_names
         names = listen_fd_names()
         socks = listen_fds()
         left = [k for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES") if k in os.environ]

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.sendmail import format_mailq
-from relayd.sendmail_args import Mode, Options, UsageError, parse_args, prepare, read_message
+from relayd.commands.sendmail import format_mailq
+from relayd.commands.sendmail_args import Mode, Options, UsageError, parse_args, prepare, read_message
 
 # (caller, argv, expected options)
 CALLERS = [

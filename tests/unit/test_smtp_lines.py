@@ -10,7 +10,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.smtp_lines import BareLineEnding, CommandLineReader
+from relayd.smtpd.lines import BareLineEnding, CommandLineReader
 
 TOKENS = [b"a", b" ", b"\r", b"\n", b"\r\n", b"\n\r", b"MAIL FROM:<a@example.org>", b"."]
 

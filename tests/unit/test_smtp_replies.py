@@ -1,4 +1,4 @@
-"""relayd's reply reader (relayd/smtp_replies.py) on a stand-in transport: parsing of single-
+"""relayd's reply reader (relayd/delivery/smtp/replies.py) on a stand-in transport: parsing of single-
 and multi-line replies in any chunking, the bounds, unsolicited data, disconnects and EOF
 (passed on to aiosmtplib's protocol), timeouts."""
 
@@ -14,8 +14,8 @@ from aiosmtplib.protocol import SMTPProtocol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relayd.delivery.smtp.replies import MAX_REPLY_LENGTH, ReplyReader, check_command
 from relayd.model import Reply
-from relayd.smtp_replies import MAX_REPLY_LENGTH, ReplyReader, check_command
 
 
 class StandInTransport(asyncio.Transport):

@@ -9,7 +9,8 @@ import pytest
 
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Envelope, Message, State
-from relayd.spool import MAX_RECOVERIES, Meta, Poke, Spool
+from relayd.spool.records import Meta, Poke
+from relayd.spool.store import MAX_RECOVERIES, Spool
 
 
 def msg(rcpts: tuple[str, ...] = ("bob@example.com",), body: bytes = b"hello\r\n") -> Message:

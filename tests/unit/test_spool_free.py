@@ -1,4 +1,4 @@
-"""Reuse of delivered messages' files (relayd/spool_free.py): the next message is written over
+"""Reuse of delivered messages' files (relayd/spool/free.py): the next message is written over
 a delivered one's file instead of into a new one, without ever mixing two messages, keeping
 delivered content on disk for longer than two scrubs or past a stop, or losing a message to
 a crash at any step."""
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from relayd import spool_free
 from relayd.errors import SpoolError
 from relayd.model import Envelope, Message, State
-from relayd.spool import Spool
-from relayd.spool_free import FreeFiles
-from relayd.spool_records import parse_file
+from relayd.spool import free as spool_free
+from relayd.spool.free import FreeFiles
+from relayd.spool.records import parse_file
+from relayd.spool.store import Spool
 
 
 def _msg(body: bytes, rcpt: str = "bob@example.com") -> Message:

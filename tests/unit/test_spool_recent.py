@@ -7,7 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from relayd.model import Envelope, Message, State
-from relayd.spool import RECENT_CACHE_BYTES, Spool
+from relayd.spool.cache import RECENT_CACHE_BYTES
+from relayd.spool.store import Spool
 
 
 def _msg(i: int, size: int = 100) -> Message:

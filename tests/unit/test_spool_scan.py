@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import SpoolConfig
+from relayd.config.schema import SpoolConfig
+from relayd.delivery.qmgr import QueueManager
 from relayd.model import Envelope, Message, State
-from relayd.qmgr import QueueManager
-from relayd.spool import Meta, Spool
+from relayd.spool.records import Meta
+from relayd.spool.store import Spool
 
 
 def _msg(i: int, priority: bool = False) -> Message:
@@ -79,7 +80,7 @@ class _Pools:
 
 async def test_rescan_reads_only_messages_it_does_not_know(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("relayd.qmgr.RESCAN_BATCH", 7)
+    monkeypatch.setattr("relayd.delivery.qmgr.RESCAN_BATCH", 7)
     now = 1_700_000_100.0
     qm = QueueManager(spool, SpoolConfig(path=spool.path), [], _Pools(),  # type: ignore[arg-type]
                       clock=lambda: now)
@@ -108,7 +109,7 @@ async def test_rescan_reads_only_messages_it_does_not_know(
 
 
 async def test_rescan_is_cancellable_and_closes_its_listing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("relayd.qmgr.RESCAN_BATCH", 1)
+    monkeypatch.setattr("relayd.delivery.qmgr.RESCAN_BATCH", 1)
     for i in range(50):
         spool.put(_msg(i))
     qm = QueueManager(spool, SpoolConfig(path=spool.path), [], _Pools())  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Storing messages in batches (relayd/spool_write.py): every message of a batch is durable in
+"""Storing messages in batches (relayd/spool/write.py): every message of a batch is durable in
 queued/ or refused on its own, and the one-syncfs-per-batch shortcut steps aside when the
 file system is busy with other writers or the kernel cannot report its errors."""
 
@@ -12,9 +12,9 @@ import pytest
 
 from relayd.errors import SpoolError
 from relayd.model import Envelope, Message, State
-from relayd.spool import Spool
-from relayd.spool_records import parse_file
-from relayd.spool_write import (
+from relayd.spool.records import parse_file
+from relayd.spool.store import Spool
+from relayd.spool.write import (
     DIRTY_LIMIT_KB,
     SLOW_PAUSE,
     SLOW_SYNC,

@@ -12,7 +12,7 @@ import pytest
 
 from relayd.cli import IO, main
 from relayd.model import RecipientOutcome, Reply, Status
-from relayd.suppressions import SuppressionStore, is_hard_bounce, read_snapshot
+from relayd.policy.suppressions import SuppressionStore, is_hard_bounce, read_snapshot
 
 
 def test_add_remove_contains_case_insensitive(tmp_path: Path) -> None:

@@ -1,0 +1,120 @@
+"""``relayd run``: the daemon in the foreground, with signals, reload and readiness.
+
+SIGTERM/SIGINT stop cleanly (exit 0); SIGHUP reloads the file and keeps the old settings when
+the new file is invalid, logging the same ``path: message`` lines as check-config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from relayd.config.load import load_config
+from relayd.config.schema import Config
+from relayd.daemon.app import Daemon, Role
+from relayd.daemon.logsetup import setup_logging
+from relayd.daemon.sdnotify import Notifier, listen_fds, run_watchdog
+from relayd.daemon.split import split_enabled
+from relayd.errors import ConfigError, SpoolError
+from relayd.policy.runtime import read_dkim_keys
+
+if TYPE_CHECKING:
+    import argparse
+
+    from relayd.cli import IO
+
+log = logging.getLogger("relayd")
+
+
+def _setup_logging(cfg: Config) -> None:
+    setup_logging(cfg.logging)
+    # aiosmtpd logs every command line at INFO (addresses, and data at DEBUG): keep it quiet.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+class Background:
+    """Tasks started from signal handlers, kept referenced until they finish."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def reload_from_file(daemon: Daemon, path: Path, *, report: bool) -> None:
+    """SIGHUP: load ``path`` and apply it; an invalid file keeps the running settings (and,
+    with ``report``, logs the same ``path: message`` lines as check-config)."""
+    try:
+        new = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        if report:
+            log.error("reload refused, keeping the running configuration: %s is invalid", path)
+            for problem in exc.problems:
+                log.error("%s", problem)
+        return
+    if report:
+        for warning in new.warnings:
+            log.warning("config: %s", warning)
+    keys = await asyncio.to_thread(read_dkim_keys, new)
+    daemon.reload(new, keys)
+
+
+async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
+    from relayd.cli import config_path
+
+    notifier = Notifier.from_env()
+    # Two processes (accepting and delivering) when there is a second CPU: relayd/daemon/split.py.
+    role = Role.ACCEPT if split_enabled() else Role.ALL
+    daemon = Daemon(cfg, sockets=listen_fds(), role=role, config_path=config_path(args))
+    daemon.hooks.on_ready = lambda addrs: notifier.ready(f"listening on {len(addrs)} socket(s)")
+    daemon.hooks.on_reloading = notifier.reloading
+    daemon.hooks.on_reloaded = notifier.ready
+    daemon.hooks.on_status = notifier.status
+    loop = asyncio.get_running_loop()
+    reloading = asyncio.Lock()
+    background = Background(loop)
+
+    async def reload() -> None:
+        async with reloading:
+            await reload_from_file(daemon, config_path(args), report=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: background.spawn(reload()))
+    background.spawn(run_watchdog(notifier))
+    try:
+        await daemon.serve()
+    except SpoolError as exc:
+        print(f"relayd: {exc}", file=io.err)
+        return 1
+    except OSError as exc:
+        print(f"relayd: cannot start: {exc.strerror or exc}", file=io.err)
+        return 1
+    finally:
+        notifier.stopping()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        background.cancel()
+    return 0
+
+
+def main(args: argparse.Namespace, io: IO) -> int:
+    cfg = io.config(args)
+    _setup_logging(cfg)
+    for warning in cfg.warnings:
+        log.warning("config: %s", warning)
+    import uvloop
+
+    return int(uvloop.run(run_daemon(args, io, cfg)))

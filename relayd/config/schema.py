@@ -1,0 +1,252 @@
+"""The configuration's schema: the frozen records one YAML file becomes.
+
+``relayd.config.load`` builds them (or reports every problem at once). Components receive
+only their own slice (``SpoolConfig``, ``Smarthost`` ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relayd.secrets import Secret
+from relayd.units import HostPort, Rate
+
+DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.yaml")
+
+
+class TlsMode(enum.StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+class AuthMethod(enum.StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    PLAIN = "plain"
+    LOGIN = "login"
+    CRAM_MD5 = "cram-md5"
+    XOAUTH2 = "xoauth2"
+
+
+class OAuthProvider(enum.StrEnum):
+    AZURE = "azure"
+    GOOGLE = "google"
+    GENERIC = "generic"
+
+
+class OAuthGrant(enum.StrEnum):
+    CLIENT_CREDENTIALS = "client_credentials"
+    REFRESH_TOKEN = "refresh_token"
+
+
+class RewriteMode(enum.StrEnum):
+    MISSING = "missing"
+    ALWAYS = "always"
+
+
+class SuppressAction(enum.StrEnum):
+    DROP = "drop"
+    REJECT = "reject"
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+ALERT_EVENTS = ("smarthost_down", "auth_failed", "token_refresh_failed",
+                "daily_cap_reached", "message_failed", "queue_age")
+AUTO_ADD_KINDS = ("hard_bounce", "unsubscribe")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    initial: float = 60.0
+    max_interval: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path = Path("/var/spool/relayd")
+    max_age: float = 4 * 86400.0
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True)
+class OAuthConfig:
+    provider: OAuthProvider
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    token_url: str | None = None
+    scope: str | None = None
+    grant: OAuthGrant | None = None
+    refresh_token_file: Path | None = None
+    service_account_file: Path | None = None
+    subject: str | None = None
+    authority: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    method: AuthMethod = AuthMethod.NONE
+    username: str | None = None
+    password: Secret | None = None
+    oauth: OAuthConfig | None = None
+
+
+@dataclass(frozen=True)
+class Smarthost:
+    name: str
+    host: str | None = None
+    port: int = 587
+    tls: TlsMode = TlsMode.STARTTLS
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+    helo: str | None = None
+    timeout: float = 30.0
+    max_connections: int = 4
+    pipelining: bool = True
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    outbox: Path | None = None
+
+    @property
+    def relay(self) -> str:
+        """``name[host]:port`` as in the log line's ``relay=`` field."""
+        if self.outbox is not None:
+            return f"{self.name}[outbox]"
+        return f"{self.name}[{self.host}]:{self.port}"
+
+
+@dataclass(frozen=True)
+class AddressRewrite:
+    address: str
+    name: str | None = None
+    mode: RewriteMode = RewriteMode.MISSING
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    from_: AddressRewrite | None = None
+    reply_to: AddressRewrite | None = None
+    envelope_from: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PriorityRule:
+    """Matches when ``header`` matches ``pattern``, the Subject matches ``subject``,
+    or the envelope sender matches ``sender`` (all regexes, Python syntax)."""
+
+    header: str | None = None
+    pattern: str | None = None
+    subject: str | None = None
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class DoNotEmailConfig:
+    action: SuppressAction = SuppressAction.DROP
+    priority_bypass: bool = True
+    bypass_all: bool = False
+    auto_add: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    url: str | None = None
+    mailto: str | None = None
+    secret: Secret | None = None
+    footer_text: str | None = None
+    footer_html: str | None = None
+    skip_priority: bool = True
+    http_listen: HostPort | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    daily_cap: int | None = None
+    rate: Rate | None = None
+    priority_exempt: bool = True
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    webhook: str | None = None
+    email: str | None = None
+    queue_age: float = 7200.0
+    events: tuple[str, ...] = ALERT_EVENTS
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    private_key_file: Path
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    key_file: Path = Path("/etc/relayd/secret.key")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: LogFormat = LogFormat.TEXT
+    smtp_transcripts: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration. ``warnings`` are non-fatal notes for check-config."""
+
+    hostname: str
+    local_domain: str
+    listen: tuple[HostPort, ...]
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_message_size: int
+    max_recipients: int
+    spool: SpoolConfig
+    smarthosts: tuple[Smarthost, ...]
+    sender: SenderConfig = field(default_factory=SenderConfig)
+    headers: HeadersConfig = field(default_factory=HeadersConfig)
+    priority: tuple[PriorityRule, ...] = ()
+    do_not_email: DoNotEmailConfig = field(default_factory=DoNotEmailConfig)
+    unsubscribe: UnsubscribeConfig | None = None
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    dkim: tuple[DkimKey, ...] = ()
+    state_dir: Path = Path("/var/lib/relayd")
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    max_sessions: int = 100
+    source: Path | None = None
+    warnings: tuple[str, ...] = ()
+    # The YAML text this was read from: the delivery process is given exactly this text, so
+    # that it runs the settings the accepting process accepted, never a file refused since.
+    # Not in repr (it may hold plain-text secrets).
+    text: str = field(default="", repr=False, compare=False)
+
+    def smarthost(self, name: str) -> Smarthost:
+        """The smarthost called ``name``; KeyError lists the known names."""
+        for s in self.smarthosts:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.smarthosts)
+        raise KeyError(f"no smarthost named {name!r} (known: {known})")

@@ -1,0 +1,315 @@
+"""The delivery process: ``relayd run`` on a machine with two or more CPUs is two processes.
+
+One Python process has one event loop and one GIL, so acceptance (the listener, the policy,
+the spool write) and delivery (the queue manager and the smarthost connections) took turns
+on one core. Postfix spreads the same work over smtpd, cleanup, qmgr and smtp processes.
+relayd now runs the queue manager in a child process with its own loop and GIL:
+
+- the accepting process (the one systemd starts, holding the spool lock) writes the queue ID
+  of every message it stored to the *notify* pipe, one line ``ID P`` each (``P`` is 1 for
+  priority mail); the delivery process schedules it at once. The pipe is only a shortcut:
+  the delivery process also finds queued mail by its periodic rescan of ``queued/``;
+- the delivery process sends what ``/metrics`` shows about deliveries back on the *events*
+  pipe, one JSON array ``[method, args...]`` per line, which the accepting process applies to
+  its ``Metrics`` (an allow-list of recording methods; nothing else is called);
+- the delivery process owns the alerts, the OAuth token sources and the delivery gate;
+- the delivery process never reads the config file: the first line on the notify pipe, and
+  one after every reload the accepting process accepted, is ``config <base64 YAML>`` with
+  the exact text the accepting process validated. A file refused on SIGHUP therefore reaches
+  neither process, and a delivery process started again later runs the accepted settings,
+  not whatever the file holds by then (SPEC: "an invalid config on reload is refused and
+  the old one kept");
+- SIGTERM: the accepting process closes the listener, then stops the delivery process, which
+  lets in-flight deliveries finish or return to the queue, as before;
+- the delivery process exits at once when the notify pipe closes (the accepting process was
+  killed): a new ``relayd run`` must not find an old delivery process still at work;
+- a delivery process that dies is started again (after one second), once its claimed
+  messages are back in ``queued/``.
+
+``RELAYD_SINGLE_PROCESS=1`` in the environment keeps everything in one process (``=0`` asks
+for two even on one CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relayd.control.metrics import Recorder
+from relayd.model import Status
+from relayd.spool.store import Spool
+
+log = logging.getLogger("relayd")
+
+SINGLE_PROCESS_ENV = "RELAYD_SINGLE_PROCESS"
+PARENT_ENV = "RELAYD_DELIVERY_PARENT"
+RESTART_DELAY = 1.0
+CONFIG_LINE = b"config "  # notify-pipe line carrying the accepted config text (base64)
+# The Recorder methods the delivery process may call in the accepting process.
+FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_expiry",
+                       "set_daily_cap_remaining"})
+
+
+@dataclass(frozen=True)
+class DeliverArgs:
+    """What the accepting process passes its child: the config file and the two pipes."""
+
+    config: Path
+    notify_fd: int
+    events_fd: int
+
+
+def child_argv(args: DeliverArgs) -> list[str]:
+    """The delivery process's arguments after ``python -m relayd`` (``ps`` shows them)."""
+    return ["-c", str(args.config), "_deliver", "--notify-fd", str(args.notify_fd),
+            "--events-fd", str(args.events_fd)]
+
+
+def from_argv(argv: Sequence[str]) -> DeliverArgs | None:
+    """``child_argv``'s output read back, else None (the CLI parses any other spelling).
+    relayd/__main__.py uses it so the child never loads argparse and the CLI's parser."""
+    if len(argv) != 7 or [argv[0], argv[2], argv[3], argv[5]] != [
+            "-c", "_deliver", "--notify-fd", "--events-fd"]:
+        return None
+    try:
+        return DeliverArgs(Path(argv[1]), int(argv[4]), int(argv[6]))
+    except ValueError:
+        return None
+
+
+def split_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Two processes when the machine has a second CPU; ``RELAYD_SINGLE_PROCESS=1`` forces
+    one, ``=0`` forces two (on one CPU they only take turns, but it works the same)."""
+    env = os.environ if environ is None else environ
+    value = env.get(SINGLE_PROCESS_ENV, "").strip().lower()
+    if value in ("1", "yes", "true"):
+        return False
+    if value in ("0", "no", "false"):
+        return True
+    return (os.cpu_count() or 1) >= 2
+
+
+def config_line(text: str) -> bytes:
+    """The notify-pipe line that hands the delivery process its config text."""
+    return CONFIG_LINE + base64.b64encode(text.encode("utf-8")) + b"\n"
+
+
+def parse_config_line(line: bytes) -> str | None:
+    """The text of a ``config_line``, else None (a queue ID line, or damage)."""
+    if not line.startswith(CONFIG_LINE):
+        return None
+    try:
+        return base64.b64decode(line[len(CONFIG_LINE):], validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def read_first_line(fd: int) -> tuple[bytes, bytes]:
+    """Blocking, before the event loop runs: the first line on ``fd`` (without its newline)
+    and whatever was read after it, for the line reader. (b"", b"") at end of file."""
+    buf = b""
+    while b"\n" not in buf:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"", b""
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    return line, rest
+
+
+class _Lines(asyncio.Protocol):
+    """Reads newline-terminated lines from a pipe."""
+
+    def __init__(self, on_line: Callable[[bytes], None], on_eof: Callable[[], None],
+                 initial: bytes = b"") -> None:
+        self._on_line = on_line
+        self._on_eof = on_eof
+        self._buf = initial
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self._buf + data).split(b"\n")
+        self._buf = lines.pop()
+        for line in lines:
+            self._on_line(line)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_eof()
+
+
+class _Batcher:
+    """Lines written to a pipe once per event-loop iteration, not once per line."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, line: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(line)
+
+    def _flush(self) -> None:
+        data, self._pending = b"".join(self._pending), []
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+
+async def _write_pipe(fd: int) -> asyncio.WriteTransport:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(fd, "wb", buffering=0))
+    return transport
+
+
+async def read_lines(fd: int, on_line: Callable[[bytes], None], on_eof: Callable[[], None],
+                     initial: bytes = b"") -> None:
+    """Call ``on_line`` for each line on ``fd``; ``initial`` is data read from it already."""
+    loop = asyncio.get_running_loop()
+    protocol = _Lines(on_line, on_eof, initial)
+    await loop.connect_read_pipe(lambda: protocol, os.fdopen(fd, "rb", buffering=0))
+    if initial:
+        protocol.data_received(b"")  # lines that arrived with the config line
+
+
+class DeliveryProcess:
+    """The accepting process's handle on the delivery process: starts, feeds, reloads,
+    restarts and stops it."""
+
+    def __init__(self, config_path: Path, config_text: str, spool: Spool, metrics: Recorder) -> None:
+        self._config_path = config_path
+        self._config_text = config_text
+        self._spool = spool
+        self._metrics = metrics
+        self._proc: asyncio.subprocess.Process | None = None
+        self._notify: _Batcher | None = None
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="delivery-process")
+
+    async def _spawn(self) -> None:
+        notify_r, notify_w = os.pipe()
+        events_r, events_w = os.pipe()
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relayd",
+                *child_argv(DeliverArgs(self._config_path, notify_r, events_w)),
+                pass_fds=(notify_r, events_w), env=env, stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            os.close(notify_r)
+            os.close(events_w)
+        self._notify = _Batcher(await _write_pipe(notify_w))
+        self._notify.write(config_line(self._config_text))
+        await read_lines(events_r, self._on_event, lambda: None)
+        log.info("delivery process started (pid %d)", self._proc.pid)
+        self.started.set()
+
+    def _on_event(self, line: bytes) -> None:
+        try:
+            name, args, kwargs = json.loads(line)
+            if name not in FORWARDED:
+                return
+            if name == "delivery":
+                args[1] = Status(args[1])
+            getattr(self._metrics, name)(*args, **kwargs)
+        except (ValueError, TypeError, KeyError, IndexError):
+            log.warning("ignored a malformed event from the delivery process")
+
+    def notify(self, queue_id: str, priority: bool) -> None:
+        """A new message is in ``queued/``: deliver it now (best effort; see the module doc)."""
+        if self._notify is not None:
+            self._notify.write(f"{queue_id} {int(priority)}\n".encode())
+
+    def reload(self, config_text: str) -> None:
+        """Hand the delivery process a config the accepting process accepted (and keep it
+        for a restart of the delivery process)."""
+        self._config_text = config_text
+        if self._notify is not None:
+            self._notify.write(config_line(config_text))
+
+    async def _supervise(self) -> None:
+        while True:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            log.error("the delivery process exited unexpectedly (status %s); starting it again "
+                      "in %.0fs", code, RESTART_DELAY)
+            if self._notify is not None:
+                self._notify.close()
+                self._notify = None
+            await asyncio.sleep(RESTART_DELAY)
+            if self._stopping:
+                return
+            # Messages it had claimed go back to queued/ (only it claims, and it is gone).
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(None, self._spool.recover_active)
+            await self._spawn()
+
+    async def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM, then wait: in-flight deliveries finish or go back to the queue."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                log.error("the delivery process did not stop within %.0fs; killing it", grace)
+                proc.kill()
+                await proc.wait()
+        if self._notify is not None:
+            self._notify.close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+
+
+class EventMetrics(Recorder):
+    """The delivery process's recorder: the forwarded recordings go to the accepting process;
+    the rest are dropped (nothing in the delivery process serves /metrics)."""
+
+    def __init__(self, events: _Batcher) -> None:
+        self._events = events
+
+    def _send(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self._events.write(json.dumps([name, args, kwargs]).encode() + b"\n")
+
+    def delivery(self, smarthost: str, status: Status, seconds: float | None = None) -> None:
+        self._send("delivery", smarthost, status.value, seconds)
+
+    def suppressed(self, count: int = 1) -> None:
+        self._send("suppressed", count)
+
+    def set_smarthost(self, name: str, *, up: bool, paused: bool) -> None:
+        self._send("set_smarthost", name, up=up, paused=paused)
+
+    def set_token_expiry(self, smarthost: str, seconds: float) -> None:
+        self._send("set_token_expiry", smarthost, seconds)
+
+    def set_daily_cap_remaining(self, remaining: int | None) -> None:
+        self._send("set_daily_cap_remaining", remaining)
+
+
+async def open_events(fd: int) -> _Batcher:
+    return _Batcher(await _write_pipe(fd))

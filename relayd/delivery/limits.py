@@ -1,0 +1,185 @@
+"""Delivery limits: the rolling 24 h ``daily_cap`` and the ``rate`` token bucket.
+
+Both take the time as an argument or an injected clock, so tests drive them without sleeping.
+``DailyCap`` counts delivered recipients (one message to 3 recipients counts 3, as provider
+quotas do) and persists each delivery in ``state_dir/daily_cap.sqlite3`` so a restart does not
+reset the window. ``priority_exempt`` (see ``limited``) means priority mail never waits for the
+cap or the rate, but its deliveries still count against the cap: the provider counts them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from relayd.config.schema import LimitsConfig
+from relayd.units import Rate
+
+if TYPE_CHECKING:
+    import sqlite3
+
+WINDOW = 86400.0
+DB_NAME = "daily_cap.sqlite3"
+
+
+def limited(limits: LimitsConfig, priority: bool) -> bool:
+    """True when cap and rate apply to this message (not priority mail with priority_exempt)."""
+    return not (priority and limits.priority_exempt)
+
+
+@dataclass(frozen=True)
+class CapStatistics:
+    """A snapshot for metrics and ``explain``."""
+
+    cap: int
+    used: int
+    in_flight: int
+    remaining: int
+    next_free_at: float | None
+
+
+class DailyCap:
+    """At most ``cap`` delivered recipients in any rolling ``window`` seconds.
+
+    For concurrent deliveries use ``acquire(n, now)`` before sending (it grants up to ``n``
+    recipients and holds them as in flight, so parallel connections cannot overshoot) and
+    ``settle(granted, delivered, now)`` afterwards. ``record(n, now)`` is the simple form.
+    Methods that write (``record``, ``settle``) touch SQLite: call them via
+    ``asyncio.to_thread`` from the event loop. ``remaining``/``next_free_at`` are in memory.
+    """
+
+    def __init__(self, cap: int, state_dir: Path | None, *, window: float = WINDOW,
+                 readonly: bool = False) -> None:
+        self.cap = cap
+        self.window = window
+        self._events: deque[tuple[float, int]] = deque()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if state_dir is None:
+            return
+        import sqlite3  # here: only with limits.daily_cap (about 1.5 MB per process)
+
+        path = state_dir / DB_NAME
+        if readonly:
+            if path.exists():
+                db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+                try:
+                    self._events.extend(db.execute(
+                        "SELECT at, n FROM deliveries ORDER BY at").fetchall())
+                except sqlite3.OperationalError:
+                    pass
+                finally:
+                    db.close()
+            return
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=5.0, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA busy_timeout = 5000")
+        self._db.execute("CREATE TABLE IF NOT EXISTS deliveries (at REAL NOT NULL, n INTEGER NOT NULL)")
+        self._events.extend(self._db.execute("SELECT at, n FROM deliveries ORDER BY at").fetchall())
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.window:
+            self._events.popleft()
+
+    def used(self, now: float) -> int:
+        """Recipients delivered in the window ending at ``now``."""
+        with self._lock:
+            self._expire(now)
+            return sum(n for _, n in self._events)
+
+    def remaining(self, now: float) -> int:
+        """How many more recipients may be delivered now (never negative)."""
+        with self._lock:
+            self._expire(now)
+            return max(0, self.cap - sum(n for _, n in self._events) - self._in_flight)
+
+    def next_free_at(self, now: float, n: int = 1) -> float | None:
+        """When ``n`` recipients (at most the cap) may go: ``now`` if already, else the time
+        the oldest deliveries leave the window; None if only in-flight ones block it."""
+        need = min(n, self.cap)
+        with self._lock:
+            self._expire(now)
+            free = self.cap - sum(c for _, c in self._events) - self._in_flight
+            if free >= need:
+                return now
+            for at, count in self._events:
+                free += count
+                if free >= need:
+                    return at + self.window
+            return None
+
+    def acquire(self, n: int, now: float) -> int:
+        """Grant up to ``n`` recipients now (0 when the cap is reached); held until settle."""
+        with self._lock:
+            self._expire(now)
+            free = max(0, self.cap - sum(c for _, c in self._events) - self._in_flight)
+            granted = min(n, free)
+            self._in_flight += granted
+            return granted
+
+    def settle(self, granted: int, delivered: int, now: float) -> None:
+        """Release an ``acquire`` and count the ``delivered`` recipients (may exceed granted
+        for exempt priority mail)."""
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - granted)
+        self.record(delivered, now)
+
+    def record(self, n: int, now: float) -> None:
+        """Count ``n`` delivered recipients at ``now`` (persisted)."""
+        if n <= 0:
+            return
+        with self._lock:
+            self._events.append((now, n))
+            if self._db is not None:
+                self._db.execute("INSERT INTO deliveries (at, n) VALUES (?, ?)", (now, n))
+                self._db.execute("DELETE FROM deliveries WHERE at <= ?", (now - self.window,))
+
+    def statistics(self, now: float) -> CapStatistics:
+        return CapStatistics(cap=self.cap, used=self.used(now), in_flight=self._in_flight,
+                             remaining=self.remaining(now), next_free_at=self.next_free_at(now))
+
+
+class RateLimiter:
+    """Token bucket: ``rate.per_second`` tokens a second, burst of one second's worth (SPEC).
+
+    ``reserve(n)`` takes ``n`` tokens at once (going into debt) and returns how long the
+    caller must wait before sending; concurrent callers queue up in call order.
+    """
+
+    def __init__(self, rate: Rate, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.per_second = rate.per_second
+        self.burst = max(1.0, rate.per_second)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._last: float | None = None
+
+    def reserve(self, n: int = 1, now: float | None = None) -> float:
+        """Take ``n`` tokens; returns the delay in seconds before they are really available."""
+        t = self._clock() if now is None else now
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + (t - self._last) * self.per_second)
+        self._last = t
+        self._tokens -= n
+        return max(0.0, -self._tokens / self.per_second)
+
+    async def wait(self, n: int = 1) -> None:
+        """Wait until ``n`` deliveries may start."""
+        delay = self.reserve(n)
+        if delay > 0:
+            await self._sleep(delay)

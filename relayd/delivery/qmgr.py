@@ -1,0 +1,576 @@
+"""The queue manager: decides what to deliver when, and turns delivery results into spool
+transitions.
+
+It keeps a compact in-memory schedule of queued IDs (relayd/delivery/schedule.py: priority first),
+wakes on new mail or at the earliest due time instead of polling, and rescans the spool
+slowly (plus `relayd queue` pokes quickly) to pick up messages it does not know yet. For
+each due message it claims the file, tries the smarthosts in order (later ones are
+fallbacks for the recipients the earlier ones deferred), logs one Postfix-shaped line per
+recipient, and then completes, requeues with backoff, or fails the message.
+
+Every attempt counts, whatever failed (SPEC "attempts"). A smarthost that fails as a whole
+(refused, TLS, auth, 421, timeout, quota) is paused with backoff, so the messages behind it
+wait without being tried and keep their count. A temporary reply about one message (a 4xx
+after the final dot) defers only that message (relayd/delivery/health.py keeps the pauses and the
+circuit breaker). `relayd queue retry` lifts the pauses, as `postqueue -f` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
+
+from relayd import faults
+from relayd.config.schema import Smarthost, SpoolConfig
+from relayd.control.metrics import Recorder
+from relayd.delivery import logline
+from relayd.delivery.backoff import backoff_delay, is_expired
+from relayd.delivery.health import Alerter, Health
+from relayd.delivery.schedule import Schedule
+from relayd.errors import SpoolError
+from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
+from relayd.spool.hops import Hops
+from relayd.spool.records import Attempt, Entry
+from relayd.spool.store import Spool
+
+log = logging.getLogger("relayd.qmgr")
+_T = TypeVar("_T")
+
+RESCAN_INTERVAL = 30.0
+RESCAN_BATCH = 1000  # IDs per thread hop of a rescan (and per stretch on the event loop)
+POKE_INTERVAL = 1.0
+# A disagreement this large between the wall clock and the monotonic clock over one loop tick
+# is a clock jump (NTP step, VM resume, operator), not elapsed time.
+CLOCK_JUMP = 60.0
+
+
+class Pool(Protocol):
+    """One smarthost's connection pool (relayd.delivery.smtp.pool.SmarthostPool)."""
+
+    async def deliver(self, queue_id: str, content: bytes, mail_from: str, rcpts: Sequence[str],
+                      *, smtputf8: bool = False) -> DeliveryResult: ...
+
+    def retry_now(self) -> None:
+        """The operator asked for delivery now: drop any wait of the pool's own."""
+
+    async def aclose(self) -> None: ...
+
+
+class Gate(Protocol):
+    """Delivery-time policy: suppression recheck, daily cap and rate (relayd.policy glue)."""
+
+    def recheck(self, entry: Entry, rcpts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(still allowed, now suppressed) among ``rcpts``."""
+
+    def hold_for(self, entry: Entry, count: int, now: float) -> float:
+        """Seconds this message must wait for the daily cap (0: may go now)."""
+
+    async def wait_rate(self, entry: Entry, count: int) -> None:
+        """Pace deliveries to ``limits.rate``."""
+
+    def delivered(self, entry: Entry, count: int, now: float) -> None:
+        """Count delivered recipients against the cap (called after every gated attempt)."""
+
+    def counts_deliveries(self) -> bool:
+        """False when delivered() has nothing to record (no daily cap): no thread hop then."""
+
+    def hard_bounce(self, rcpt: str, reply: Reply) -> None:
+        """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
+
+
+# The gate's answer for one message: (still allowed, now suppressed, seconds to wait for the cap).
+_Verdict = tuple[tuple[str, ...], tuple[str, ...], float]
+
+
+@dataclass(frozen=True)
+class QmgrStats:
+    scheduled: int
+    in_flight: int
+    paused: tuple[str, ...]
+
+
+class QueueManager:
+    """Schedules and performs deliveries for one spool."""
+
+    def __init__(self, spool: Spool, spool_cfg: SpoolConfig, smarthosts: Sequence[Smarthost],
+                 pool_factory: Callable[[Smarthost], Pool], *, executor: Executor | None = None,
+                 clock: Callable[[], float] = time.time, gate: Gate | None = None,
+                 metrics: Recorder | None = None, alerts: Alerter | None = None) -> None:
+        self.spool = spool
+        self.cfg = spool_cfg
+        self.clock = clock
+        self.gate = gate
+        self.metrics = metrics
+        self.alerts = alerts
+        self._executor = executor
+        self._hops = Hops(executor)
+        self._pool_factory = pool_factory
+        self._smarthosts: tuple[Smarthost, ...] = tuple(smarthosts)
+        self._pools: dict[str, Pool] = {}
+        self._health = Health(spool_cfg.retry, self._now, metrics=metrics, alerts=alerts)
+        self._schedule = Schedule()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._max_inflight = max(4, 2 * sum(s.max_connections for s in self._smarthosts))
+        self._slots = asyncio.Semaphore(self._max_inflight)
+        self._retired: list[Pool] = []
+        self._clock_seen = (clock(), time.monotonic())
+        self._clock_skew = 0.0  # sum of observed wall-clock jumps (positive: forward)
+
+    # -- blocking work off the loop --------------------------------------------------------
+    async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- schedule --------------------------------------------------------------------------
+    def enqueue(self, qid: str, due: float | None = None, priority: bool = False) -> None:
+        """Make ``qid`` known to the scheduler (new mail, or found by a rescan)."""
+        if qid in self._inflight:
+            return  # a rescan found a message that is being delivered right now
+        self._push(qid, self._now() if due is None else due, priority)
+
+    def _push(self, qid: str, when: float, priority: bool) -> None:
+        if self._schedule.push(qid, when, priority):
+            self._wake.set()
+
+    def forget(self, qid: str) -> None:
+        self._schedule.forget(qid)
+
+    def _hosts_available_at(self, now: float) -> float:
+        """When at least one smarthost is not paused (now, if one is available)."""
+        return self._health.available_at((s.name for s in self._smarthosts), now)
+
+    def statistics(self) -> QmgrStats:
+        now = self._now()
+        return QmgrStats(scheduled=len(self._schedule), in_flight=len(self._inflight),
+                         paused=self._health.paused(now))
+
+    # -- configuration reload ----------------------------------------------------------------
+    def update_smarthosts(self, smarthosts: Sequence[Smarthost], spool_cfg: SpoolConfig) -> None:
+        """Apply reloaded settings to every later attempt, including queued retries."""
+        old = {s.name: s for s in self._smarthosts}
+        self._smarthosts = tuple(smarthosts)
+        self.cfg = spool_cfg
+        self._health.retry = spool_cfg.retry
+        for s in self._smarthosts:
+            if old.get(s.name) != s:
+                pool = self._pools.pop(s.name, None)
+                if pool is not None:
+                    self._retired.append(pool)
+                # New settings (e.g. corrected credentials): try the smarthost again now.
+                self._health.forget(s.name)
+        for name in set(old) - {s.name for s in self._smarthosts}:
+            pool = self._pools.pop(name, None)
+            if pool is not None:
+                self._retired.append(pool)
+            self._health.forget(name)
+        self._wake.set()
+
+    def pool_for(self, sh: Smarthost) -> Pool:
+        """The (shared) connection pool of ``sh``."""
+        return self._pool(sh)
+
+    def _pool(self, sh: Smarthost) -> Pool:
+        pool = self._pools.get(sh.name)
+        if pool is None:
+            pool = self._pools[sh.name] = self._pool_factory(sh)
+        return pool
+
+    # -- main loop -----------------------------------------------------------------------------
+    async def load(self) -> int:
+        """Fill the schedule from the spool (start-up and slow rescans); returns the number
+        of queued messages seen. Only the files of messages not scheduled yet are read, a
+        batch at a time: a backlog costs neither a list of every ID nor a read of every
+        file on each rescan."""
+        seen = 0
+        scan = self.spool.scan_queued()
+        try:
+            while batch := await self._io(scan.next_batch, RESCAN_BATCH):
+                seen += len(batch)
+                unknown = [q for q in batch if q not in self._schedule and q not in self._inflight]
+                if not unknown:
+                    continue
+                rows = await self._io(self.spool.schedule_rows, unknown)
+                now = self._now()
+                # No stored retry time lies further out than the longest backoff, even when
+                # the clock was set back while relayd was not running.
+                latest = now + self.cfg.retry.max_interval
+                for qid, next_attempt, priority in rows:
+                    if qid not in self._schedule and qid not in self._inflight:
+                        self.enqueue(qid, now if next_attempt is None else min(next_attempt, latest),
+                                     priority)
+        finally:
+            await self._io(scan.close)
+        return seen
+
+    async def _apply_pokes(self) -> None:
+        retried = False
+        for poke in await self._io(self.spool.take_pokes):
+            qid = poke.queue_id
+            if qid in self._inflight:
+                continue
+            try:
+                entry = await self._io(self.spool.get, qid)
+            except (SpoolError, OSError, ValueError, KeyError):
+                self.forget(qid)
+                continue
+            if entry.state is State.QUEUED:
+                self.enqueue(qid, entry.next_attempt or self._now(), entry.envelope.priority)
+                retried = retried or poke.retry
+            else:
+                self.forget(qid)
+        if retried:
+            self.lift_pauses()
+
+    def lift_pauses(self) -> None:
+        """`relayd queue retry`: try the paused smarthosts again now (``postqueue -f``)."""
+        self._health.lift(self._smarthosts)
+        for sh in self._smarthosts:
+            pool = self._pools.get(sh.name)
+            if pool is not None:
+                pool.retry_now()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled or ``stop()``; in-flight deliveries finish first."""
+        await self.load()
+        last_scan = last_poke = time.monotonic()
+        try:
+            while not self._stopping:
+                now = self._now()
+                tick = time.monotonic()
+                if tick - last_poke >= POKE_INTERVAL:
+                    await self._apply_pokes()
+                    last_poke = tick
+                if tick - last_scan >= RESCAN_INTERVAL:
+                    await self.load()
+                    last_scan = tick
+                await self._retire_pools()
+                available = self._hosts_available_at(now)
+                qid = self._schedule.pop_due(now) if available <= now else None
+                if qid is None:
+                    due = self._schedule.next_due()
+                    wake_at = min(x for x in (due if due is not None else now + POKE_INTERVAL,
+                                              now + POKE_INTERVAL) if x is not None)
+                    if available > now:
+                        wake_at = min(max(available, due or available), now + POKE_INTERVAL)
+                    await self._sleep_until(wake_at)
+                    continue
+                await self._slots.acquire()
+                task = asyncio.create_task(self._deliver_one(qid), name=f"deliver-{qid}")
+                self._inflight[qid] = task
+                task.add_done_callback(functools.partial(self._done, qid))
+        finally:
+            await self._drain()
+
+    def _now(self) -> float:
+        """The wall clock now; every reading goes through here. A jump (T17/T18 in the
+        reliability catalogue) shifts every scheduled time and smarthost pause by the same
+        amount, so retry intervals keep their real length, and is remembered so that expiry
+        counts real time, not the jump."""
+        now, mono = self.clock(), time.monotonic()
+        last_wall, last_mono = self._clock_seen
+        self._clock_seen = (now, mono)
+        jump = (now - last_wall) - (mono - last_mono)
+        if abs(jump) < CLOCK_JUMP:
+            return now
+        self._clock_skew += jump
+        log.warning("the wall clock jumped %+.0fs; retry times follow it, expiry ignores it", jump)
+        self._schedule.shift(jump)
+        self._health.shift(jump)
+        return now
+
+    def _done(self, qid: str, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(qid, None)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: delivery task crashed: %r", qid, task.exception())
+
+    async def _sleep_until(self, when: float) -> None:
+        self._wake.clear()
+        delay = max(0.0, when - self._now())
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def _drain(self, grace: float = 30.0) -> None:
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for pool in list(self._pools.values()) + self._retired:
+            with contextlib.suppress(Exception):
+                await pool.aclose()
+        self._pools.clear()
+        self._retired.clear()
+        await self._io(self.spool.flush_completions)
+
+    async def _retire_pools(self) -> None:
+        # Pools replaced by a reload close once their in-flight deliveries are done.
+        while self._retired:
+            pool = self._retired.pop()
+            with contextlib.suppress(Exception):
+                await pool.aclose()
+
+    # -- one message ------------------------------------------------------------------------------
+    def _claim(self, qid: str, now: float) -> tuple[Entry | None, _Verdict | None]:
+        """Worker thread: claim the message and, in the same hop, ask the gate about it."""
+        entry = self.spool.claim(qid)
+        if entry is None or self.gate is None:
+            return entry, None
+        try:
+            return entry, self._gate_check(entry, entry.pending, now)
+        except Exception:  # asked again in _attempt, where an error defers the message
+            return entry, None
+
+    async def _deliver_one(self, qid: str) -> None:
+        try:
+            entry, verdict = await self._hops.call(self._claim, qid, self._now())
+        except OSError as exc:
+            # The spool cannot change right now (read-only, I/O error): nothing was claimed.
+            # Keep the message scheduled; dropped here it would wait for the next slow rescan.
+            delay = backoff_delay(1, self.cfg.retry)
+            log.error("%s: cannot claim for delivery (%s); trying again in %.0fs", qid,
+                      exc.strerror or exc, delay)
+            self._push(qid, self._now() + delay, False)
+            return
+        if entry is None:
+            return  # held, deleted or retried by an operator meanwhile
+        try:
+            await self._attempt(entry, verdict)
+        except asyncio.CancelledError:
+            # Shutdown: give the message back untouched so the next start delivers it.
+            with contextlib.suppress(OSError):
+                self.spool.requeue(entry.id, entry.meta)
+            raise
+        except Exception as exc:
+            # Mailman's shunt principle: an unexpected error defers the message, never drops it.
+            log.exception("%s: unexpected error during delivery; deferring", qid)
+            now = self._now()
+            meta = replace(entry.meta, attempts=entry.attempts + 1, last_error=f"local error: {exc!r}",
+                           next_attempt=now + backoff_delay(entry.attempts + 1, self.cfg.retry))
+            try:
+                await self._io(self.spool.requeue, entry.id, meta)
+            finally:  # requeue moves the file back even when the metadata write failed
+                delay = (meta.next_attempt or now) - now
+                self._push(entry.id, self._now() + delay, entry.envelope.priority)
+
+    async def _attempt(self, entry: Entry, verdict: _Verdict | None) -> None:
+        now = self._now()
+        pending = entry.pending
+        history = list(entry.history)
+        suppressed: tuple[str, ...] = ()
+        if self.gate is not None:
+            # The do-not-email list and the daily cap live in SQLite: _claim read them off the
+            # loop, in the claim's own thread hop.
+            if verdict is None:
+                verdict = await self._io(self._gate_check, entry, pending, now)
+            pending, suppressed, wait = verdict
+            if wait > 0:
+                # Over the daily cap: the message waits in the spool, no attempt is spent.
+                meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
+                               last_error="waiting for limits.daily_cap to free up")
+                await self._io(self.spool.requeue, entry.id, meta)
+                self._push(entry.id, self._now() + wait, entry.envelope.priority)
+                if self.alerts:
+                    self.alerts.fire("daily_cap_reached", "daily_cap",
+                                     "limits.daily_cap reached: mail waits in the queue")
+                return
+            if pending:
+                try:
+                    await self.gate.wait_rate(entry, len(pending))
+                except BaseException:
+                    await asyncio.shield(self._gate_settle(entry, 0))
+                    raise
+        sent: list[str] = []
+        try:
+            await self._deliver_pending(entry, pending, suppressed, history, sent)
+        finally:
+            if self.gate is not None:
+                # Shielded: a shutdown must not lose the count of what was already delivered.
+                await asyncio.shield(self._gate_settle(entry, len(sent)))
+
+    def _gate_check(self, entry: Entry, pending: tuple[str, ...], now: float) -> _Verdict:
+        """Worker thread: (still allowed, now suppressed, seconds to wait for the cap)."""
+        assert self.gate is not None
+        allowed, suppressed = self.gate.recheck(entry, pending)
+        return allowed, suppressed, self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+
+    def _gate_settle(self, entry: Entry, count: int) -> asyncio.Future[None]:
+        """Count ``count`` delivered recipients against the cap, in a worker thread (SQLite)."""
+        assert self.gate is not None
+        loop = asyncio.get_running_loop()
+        if not self.gate.counts_deliveries():
+            self.gate.delivered(entry, count, self._now())  # in memory only
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        return loop.run_in_executor(
+            self._executor, self.gate.delivered, entry, count, self._now())
+
+    async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],
+                               history: list[Attempt], sent: list[str]) -> None:
+        now = self._now()
+        for rcpt in suppressed:
+            listed = Reply(250, "2.0.0 on the do-not-email list")
+            self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
+                      entry.attempts + 1)
+            history.append(Attempt(now, rcpt, Status.SUPPRESSED.value, "none", "on the do-not-email list"))
+            if self.metrics:
+                self.metrics.suppressed()
+
+        content = b""
+        if pending:
+            # Just accepted: still in memory, no thread hop. Otherwise read from disk.
+            cached = self.spool.cached_content(entry.id)
+            content = (cached if cached is not None
+                       else await self._io(self.spool.read_content, entry.id, State.ACTIVE))
+        failed: list[tuple[str, Reply]] = []
+        deferred: dict[str, RecipientOutcome] = {}
+        remaining = tuple(pending)
+        reached_any = False
+        tried = False  # a smarthost was asked: this is an attempt (SPEC "attempts")
+        last_error = entry.last_error
+        last_relay = "none"
+        delays: dict[str, tuple[float, float, float, float]] = {}
+        for sh in self._smarthosts:
+            if not remaining:
+                break
+            if self._health.of(sh.name).paused_until > self._now():
+                continue
+            call_start = self._now()
+            tried = True
+            result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
+                                                   remaining, smtputf8=entry.envelope.smtputf8)
+            faults.crash_point("after-upstream-250")
+            split = (max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
+                     result.setup_seconds, result.transfer_seconds)
+            for o in result.outcomes:
+                delays[o.recipient] = split
+            self._health.note(sh, result, entry.id)
+            last_relay = result.relay
+            if result.smarthost_fault and not any(o.status is Status.SENT for o in result.outcomes):
+                for o in result.outcomes:
+                    deferred[o.recipient] = o
+                    if self.metrics:
+                        self.metrics.delivery(sh.name, Status.DEFERRED)
+                # The sentence says what failed where ("cannot connect to host:25: Connection
+                # refused"); the reply alone may be a made-up 4.4.1.
+                last_error = result.error or (str(result.outcomes[0].reply) if result.outcomes
+                                              else last_error)
+                continue
+            # A recipient the smarthost accepted is delivered, whatever happened afterwards
+            # to the rest of the transaction: never send it twice.
+            reached_any = True
+            next_remaining = []
+            for o in result.outcomes:
+                t = self._now()
+                if o.status is Status.SENT:
+                    sent.append(o.recipient)
+                    deferred.pop(o.recipient, None)
+                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
+                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
+                elif o.status is Status.FAILED:
+                    failed.append((o.recipient, o.reply))
+                    deferred.pop(o.recipient, None)
+                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
+                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
+                    last_error = str(o.reply)
+                    if self.gate is not None:
+                        await self._io(self.gate.hard_bounce, o.recipient, o.reply)
+                else:
+                    deferred[o.recipient] = o
+                    next_remaining.append(o.recipient)
+                    last_error = str(o.reply)
+                if self.metrics:
+                    self.metrics.delivery(sh.name, o.status,
+                                          t - entry.created if o.status is Status.SENT else None)
+            remaining = tuple(next_remaining)
+        await self._finish(entry, failed, deferred, remaining, reached_any, tried, history,
+                           last_error, last_relay, delays)
+
+    async def _finish(self, entry: Entry, failed: list[tuple[str, Reply]],
+                      deferred: dict[str, RecipientOutcome], remaining: tuple[str, ...],
+                      reached_any: bool, tried: bool, history: list[Attempt],
+                      last_error: str | None, last_relay: str,
+                      delays: dict[str, tuple[float, float, float, float]]) -> None:
+        now = self._now()
+        failed_rcpts = tuple(entry.meta.failed_rcpts) + tuple(r for r, _ in failed)
+        if not remaining:
+            if failed_rcpts:
+                meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts, history=tuple(history),
+                               attempts=entry.attempts + 1, last_error=last_error, next_attempt=None)
+                await self._io(self.spool.fail, entry.id, meta)
+                self._message_failed(entry, last_error or "permanent failure")
+            else:
+                self.spool.complete_later(entry.id)
+                log.info("%s", logline.removed_line(entry.id))
+            return
+        # Waiting behind paused smarthosts without being tried keeps the count.
+        attempts = entry.attempts + (1 if tried else 0)
+        if is_expired(entry.age_base, now - self._clock_skew, self.cfg.max_age):
+            reason = f"expired after {self.cfg.max_age / 86400:g} days in the queue"
+            for rcpt in remaining:
+                o = deferred.get(rcpt)
+                reply = o.reply if o is not None else Reply(0, last_error or "")
+                self._log(entry, RecipientOutcome(rcpt, Status.FAILED, reply, reply.dsn),
+                          "none", attempts, note=reason)
+                history.append(Attempt(now, rcpt, Status.FAILED.value, "none", f"{reason}: {reply}"))
+            meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts + remaining,
+                           history=tuple(history), attempts=attempts,
+                           last_error=f"{reason}; last error: {last_error}", next_attempt=None)
+            await self._io(self.spool.fail, entry.id, meta)
+            self._message_failed(entry, meta.last_error or reason)
+            return
+        if reached_any:
+            delay = backoff_delay(attempts, self.cfg.retry)
+            due = now + delay
+        else:
+            # Every smarthost was paused or failed as a whole: wait for the first to come back
+            # (the message's own backoff would only add tries that meet the same fault).
+            due = max(now + 1.0, self._hosts_available_at(now))
+        for rcpt in remaining:
+            o = deferred.get(rcpt)
+            if o is not None:
+                self._log(entry, o, last_relay, attempts, deferred_until=due, delays=delays.get(rcpt))
+                history.append(Attempt(now, rcpt, Status.DEFERRED.value, last_relay, str(o.reply), o.dsn))
+        meta = replace(entry.meta, pending=remaining, failed_rcpts=failed_rcpts,
+                       history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
+                       next_attempt=due)
+        await self._io(self.spool.requeue, entry.id, meta)
+        # Relative to a fresh reading: a wall-clock jump noticed while the spool was written
+        # shifted everything already scheduled, and must not strand this one.
+        self._push(entry.id, self._now() + (due - now), entry.envelope.priority)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _message_failed(self, entry: Entry, reason: str) -> None:
+        if self.alerts:
+            self.alerts.fire("message_failed", entry.id, f"message {entry.id} failed: {reason}")
+
+    def _log(self, entry: Entry, o: RecipientOutcome, relay: str, attempts: int, *,
+             deferred_until: float | None = None, note: str = "",
+             delays: tuple[float, float, float, float] | None = None) -> None:
+        now = self._now()
+        reply = str(o.reply) if o.reply.code > 0 else o.reply.text
+        if note:
+            reply = f"{note}: {reply}" if reply else note
+        if deferred_until is not None:
+            reply = f"{reply}; next attempt in {max(0, deferred_until - now):.0f}s"
+        log.info("%s", logline.delivery_line(entry.id, o.recipient, relay or "none", now - entry.created,
+                                             attempts, o.dsn or o.reply.dsn, o.status, reply, delays))
+

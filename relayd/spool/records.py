@@ -1,0 +1,175 @@
+"""The spool's records (Entry, Meta, Attempt), their JSON encoding and the file format.
+
+Split from ``spool/store.py`` so that the file I/O stays in one module and the pure data in
+another; ``relayd.spool`` re-exports the records.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from relayd.model import Envelope, State
+
+FORMAT_VERSION = 1
+MAGIC = b"RELAYD-SPOOL 1 "
+MAX_HEADER = 16 * 1024 * 1024
+RETRY_POKE = ".retry"  # suffix of a poke file left by `relayd queue retry`
+
+
+@dataclass(frozen=True)
+class Poke:
+    """A message changed by `relayd queue`; ``retry`` when the operator asked for it now."""
+
+    queue_id: str
+    retry: bool = False
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One recorded outcome for one recipient (the history shown by `queue show`)."""
+
+    at: float
+    recipient: str
+    status: str
+    relay: str
+    reply: str
+    dsn: str = ""
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The mutable part of a spooled message."""
+
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_error: str | None = None
+    pending: tuple[str, ...] | None = None  # None: every envelope recipient is still pending
+    failed_rcpts: tuple[str, ...] = ()
+    history: tuple[Attempt, ...] = ()
+    recoveries: int = 0
+    retried_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A spooled message as seen by the queue commands and the queue manager."""
+
+    id: str
+    state: State
+    envelope: Envelope
+    size: int
+    created: float
+    meta: Meta = field(default_factory=Meta)
+
+    @property
+    def attempts(self) -> int:
+        return self.meta.attempts
+
+    @property
+    def next_attempt(self) -> float | None:
+        return self.meta.next_attempt
+
+    @property
+    def last_error(self) -> str | None:
+        return self.meta.last_error
+
+    @property
+    def history(self) -> tuple[Attempt, ...]:
+        return self.meta.history
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """Recipients still to be delivered."""
+        return self.envelope.rcpt_tos if self.meta.pending is None else self.meta.pending
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """What `queue list` shows: failed recipients for failed messages, else pending ones."""
+        if self.state is State.FAILED and self.meta.failed_rcpts:
+            return self.meta.failed_rcpts
+        return self.pending
+
+    @property
+    def age_base(self) -> float:
+        """Start of the max_age clock (reset by `queue retry` of a failed message)."""
+        return max(self.created, self.meta.retried_at or 0.0)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex.
+
+    The bits only need to differ between messages of the same microsecond (the spool's
+    O_EXCL create catches the rest), not to be secret: the module PRNG (seeded from the OS,
+    reseeded after fork) costs no system call, unlike ``secrets`` (os.urandom per ID).
+    """
+    us = int((time.time() if now is None else now) * 1_000_000)
+    return f"{us:013X}{random.getrandbits(20):05X}"
+
+
+def check_size(header: dict[str, Any], actual: int) -> None:
+    """A file whose content is shorter or longer than its header says is torn, not a message.
+    (Files written before the header carried a size are taken as they are.)"""
+    expected = header.get("size")
+    if expected is not None and expected != actual:
+        raise ValueError(f"content is {actual} bytes, its header says {expected}: torn file")
+
+
+def valid_id(queue_id: str) -> bool:
+    return 8 <= len(queue_id) <= 40 and all(c in "0123456789ABCDEF" for c in queue_id)
+
+
+def envelope_to_json(env: Envelope) -> dict[str, Any]:
+    return {"mail_from": env.mail_from, "rcpt_tos": list(env.rcpt_tos), "client": env.client,
+            "helo": env.helo, "received_at": env.received_at, "smtputf8": env.smtputf8,
+            "priority": env.priority}
+
+
+def envelope_from_json(d: dict[str, Any]) -> Envelope:
+    return Envelope(mail_from=str(d["mail_from"]), rcpt_tos=tuple(str(r) for r in d["rcpt_tos"]),
+                    client=str(d.get("client", "")), helo=str(d.get("helo", "")),
+                    received_at=float(d.get("received_at", 0.0)),
+                    smtputf8=bool(d.get("smtputf8", False)), priority=bool(d.get("priority", False)))
+
+
+def meta_to_json(m: Meta) -> dict[str, Any]:
+    return {"version": FORMAT_VERSION, "attempts": m.attempts, "next_attempt": m.next_attempt,
+            "last_error": m.last_error, "pending": None if m.pending is None else list(m.pending),
+            "failed_rcpts": list(m.failed_rcpts), "recoveries": m.recoveries,
+            "retried_at": m.retried_at,
+            "history": [{"at": a.at, "recipient": a.recipient, "status": a.status, "relay": a.relay,
+                         "reply": a.reply, "dsn": a.dsn} for a in m.history]}
+
+
+def meta_from_json(d: dict[str, Any]) -> Meta:
+    pending = d.get("pending")
+    return Meta(
+        attempts=int(d.get("attempts", 0)),
+        next_attempt=None if d.get("next_attempt") is None else float(d["next_attempt"]),
+        last_error=d.get("last_error"),
+        pending=None if pending is None else tuple(str(r) for r in pending),
+        failed_rcpts=tuple(str(r) for r in d.get("failed_rcpts", [])),
+        history=tuple(Attempt(at=float(a["at"]), recipient=str(a["recipient"]),
+                              status=str(a["status"]), relay=str(a.get("relay", "")),
+                              reply=str(a.get("reply", "")), dsn=str(a.get("dsn", "")))
+                      for a in d.get("history", [])),
+        recoveries=int(d.get("recoveries", 0)),
+        retried_at=None if d.get("retried_at") is None else float(d["retried_at"]),
+    )
+
+
+def parse_file(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header, content) of a whole spool file; ValueError when it is not one or is torn."""
+    end = data.find(b"\n", 0, 64)
+    if not data.startswith(MAGIC) or end < 0:
+        raise ValueError("not a relayd spool file")
+    n = int(data[len(MAGIC):end])
+    if not 0 < n < MAX_HEADER or data[end + 1 + n:end + 2 + n] != b"\n":
+        raise ValueError("truncated header")
+    header = json.loads(data[end + 1:end + 1 + n])
+    content = data[end + n + 2:]
+    check_size(header, len(content))
+    return header, content
