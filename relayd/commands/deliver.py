@@ -19,14 +19,15 @@ import logging
 import os
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from relayd.commands.run import Background
 from relayd.config.load import parse_config
 from relayd.config.schema import Config
 from relayd.control.metrics import Recorder
-from relayd.daemon.app import Daemon, Role
+from relayd.daemon.background import Background
+from relayd.daemon.delivering import Delivering, serve_alone
 from relayd.daemon.logsetup import setup_logging
 from relayd.daemon.split import (
     DeliverArgs,
@@ -37,7 +38,8 @@ from relayd.daemon.split import (
     read_lines,
 )
 from relayd.errors import ConfigError
-from relayd.policy.runtime import read_dkim_keys
+from relayd.policy.suppressions import SuppressionStore
+from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
     import argparse
@@ -48,9 +50,10 @@ log = logging.getLogger("relayd")
 
 
 EX_CONFIG = 78
+IO_THREADS = 16
 
 
-async def apply_config(daemon: Daemon, text: str, source: Path) -> None:
+async def apply_config(delivering: Delivering, text: str, source: Path) -> None:
     """A config the accepting process accepted on reload: parse it (off the loop) and apply.
     It validated the same text, so a failure here means a file it names (a secret, a key)
     changed in between: keep the running settings, as the accepting process would."""
@@ -60,7 +63,8 @@ async def apply_config(daemon: Daemon, text: str, source: Path) -> None:
         log.error("the delivery process keeps its running configuration: %s", "; ".join(
             str(p) for p in exc.problems))
         return
-    daemon.reload(new, await asyncio.to_thread(read_dkim_keys, new))
+    delivering.reload(new)
+    log.info("configuration reloaded")
 
 
 async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> int:
@@ -69,18 +73,24 @@ async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> 
     # process does not encode an event per recipient for it to decode and drop: that was ~4 %
     # of this loop's time and ~6 % of the accepting loop's in the relay benchmark.
     recorder = EventMetrics(events) if cfg.metrics.listen is not None else Recorder()
-    daemon = Daemon(cfg, role=Role.DELIVER, metrics=recorder)
+    recorder.declare_smarthosts(s.name for s in cfg.smarthosts)
+    # It runs under the accepting process's spool lock, which also recovered the spool.
+    spool = Spool(cfg.spool.path)
+    store = SuppressionStore(cfg.state_dir)
+    executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="relayd-io")
+    delivering = Delivering(cfg, spool=spool, executor=executor, metrics=recorder, store=store)
     loop = asyncio.get_running_loop()
     background = Background(loop)
+    stop = asyncio.Event()
 
     def on_line(line: bytes) -> None:
         text = parse_config_line(line)
         if text is not None:
-            background.spawn(apply_config(daemon, text, args.config))
+            background.spawn(apply_config(delivering, text, args.config))
             return
         qid, _, priority = line.decode("ascii", "replace").partition(" ")
         if qid:
-            daemon.qmgr.enqueue(qid, priority=priority.strip() == "1")
+            delivering.enqueue(qid, priority.strip() == "1")
 
     def orphaned() -> None:
         # The accepting process is gone (killed): stop now, as if killed with it, so that a
@@ -92,11 +102,13 @@ async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> 
     await read_lines(args.notify_fd, on_line, orphaned, pending)
     # Only SIGTERM, from the parent: a Ctrl-C reaches the whole process group, and the parent
     # decides when this process stops (after its listener), or it would be restarted.
-    loop.add_signal_handler(signal.SIGTERM, daemon.stop)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        await daemon.serve()
+        await serve_alone(delivering, spool, stop)
     finally:
         background.cancel()
+        store.close()
+        executor.shutdown(wait=False)
         events.close()
     return 0
 

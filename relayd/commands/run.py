@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relayd.config.load import load_config
 from relayd.config.schema import Config
-from relayd.daemon.app import Daemon, Role
+from relayd.daemon.app import Daemon, single_process, with_delivery_process
+from relayd.daemon.background import Background
 from relayd.daemon.logsetup import setup_logging
 from relayd.daemon.sdnotify import Notifier, listen_fds, run_watchdog
 from relayd.daemon.split import split_enabled
 from relayd.errors import ConfigError, SpoolError
-from relayd.policy.runtime import read_dkim_keys
+from relayd.policy.acceptance import read_dkim_keys
 
 if TYPE_CHECKING:
     import argparse
@@ -36,24 +36,7 @@ def _setup_logging(cfg: Config) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
-class Background:
-    """Tasks started from signal handlers, kept referenced until they finish."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def cancel(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-
-
-async def reload_from_file(daemon: Daemon, path: Path, *, report: bool) -> None:
+async def reload_from_file(daemon: Daemon[Any], path: Path, *, report: bool) -> None:
     """SIGHUP: load ``path`` and apply it; an invalid file keeps the running settings (and,
     with ``report``, logs the same ``path: message`` lines as check-config)."""
     try:
@@ -76,8 +59,8 @@ async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
 
     notifier = Notifier.from_env()
     # Two processes (accepting and delivering) when there is a second CPU: relayd/daemon/split.py.
-    role = Role.ACCEPT if split_enabled() else Role.ALL
-    daemon = Daemon(cfg, sockets=listen_fds(), role=role, config_path=config_path(args))
+    daemon: Daemon[Any] = (with_delivery_process(cfg, config_path(args), sockets=listen_fds())
+                           if split_enabled() else single_process(cfg, sockets=listen_fds()))
     daemon.hooks.on_ready = lambda addrs: notifier.ready(f"listening on {len(addrs)} socket(s)")
     daemon.hooks.on_reloading = notifier.reloading
     daemon.hooks.on_reloaded = notifier.ready

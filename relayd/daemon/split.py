@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relayd.config.schema import Config
 from relayd.control.metrics import Recorder
 from relayd.model import Status
 from relayd.spool.store import Spool
@@ -233,17 +234,25 @@ class DeliveryProcess:
         except (ValueError, TypeError, KeyError, IndexError):
             log.warning("ignored a malformed event from the delivery process")
 
-    def notify(self, queue_id: str, priority: bool) -> None:
+    # -- the Delivery protocol of relayd/daemon/app.py ---------------------------------------
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        return ()  # a crashed delivery process is started again, not a reason to stop
+
+    def enqueue(self, queue_id: str, priority: bool) -> None:
         """A new message is in ``queued/``: deliver it now (best effort; see the module doc)."""
         if self._notify is not None:
             self._notify.write(f"{queue_id} {int(priority)}\n".encode())
 
-    def reload(self, config_text: str) -> None:
+    def reload(self, new: Config) -> None:
         """Hand the delivery process a config the accepting process accepted (and keep it
         for a restart of the delivery process)."""
-        self._config_text = config_text
+        self._config_text = new.text
         if self._notify is not None:
-            self._notify.write(config_line(config_text))
+            self._notify.write(config_line(new.text))
+
+    def housekeeping(self, oldest_age: float) -> None:
+        """The delivery process keeps its own alerts and gauges."""
 
     async def _supervise(self) -> None:
         while True:

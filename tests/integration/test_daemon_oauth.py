@@ -56,7 +56,7 @@ async def test_rejected_client_secret_makes_mail_wait_and_alerts(tmp_path: Path)
                                alerts={"events": ["token_refresh_failed"]})
             async with running_relay(cfg) as relay:
                 qid = await relay.send(MSG)
-                await wait_until(lambda: ("token_refresh_failed", "primary") in relay.daemon.alerts.active,
+                await wait_until(lambda: ("token_refresh_failed", "primary") in relay.daemon.delivery.alerts.active,
                                  what="token_refresh_failed alert")
                 entry = relay.daemon.spool.get(qid)
     finally:

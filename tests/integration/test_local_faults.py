@@ -21,6 +21,7 @@ import pytest
 from relayd.config.load import load_config
 from relayd.config.schema import Smarthost
 from relayd.daemon.app import Daemon
+from relayd.daemon.delivering import Delivering
 from relayd.delivery.qmgr import Pool
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, Envelope, Message, State
@@ -185,7 +186,7 @@ async def test_corrupt_spool_files_are_set_aside_while_running_and_the_rest_deli
             await wait_until(lambda: len(up.messages) == 1, what="the intact message delivered")
             await wait_until(lambda: len(listing(tmp_path / "spool" / "corrupt")) == 3, timeout=10,
                              what="the three bad files set aside")
-            await wait_until(lambda: relay.daemon.qmgr.statistics().in_flight == 0
+            await wait_until(lambda: relay.daemon.delivery.qmgr.statistics().in_flight == 0
                              and listing(queued) == [] and listing(tmp_path / "spool" / "active") == [],
                              what="nothing left in delivery")
             assert (await relay.send(message("later"))) != ""  # still accepting
@@ -271,10 +272,10 @@ async def test_reload_while_deliveries_and_a_data_phase_are_in_flight(tmp_path: 
     """In-flight deliveries finish on the smarthost they started with (once each), the SMTP
     session that was sending DATA gets its 250, and later mail uses the new smarthost."""
     gate, started = asyncio.Event(), []
-    holder: dict[str, Daemon] = {}
+    holder: dict[str, Daemon[Delivering]] = {}
     def factory(sh: Smarthost) -> Pool:
         # The daemon's own pool builder (with the settings of the moment), wrapped in a gate.
-        return GatedPool(holder["daemon"]._make_pool(sh), gate, started)
+        return GatedPool(holder["daemon"].delivery.make_pool(sh), gate, started)
 
     async with FakeUpstream() as old_up, FakeUpstream() as new_up:
         cfg = write_config(tmp_path, [upstream_smarthost(old_up, tls="none", max_connections=4)])

@@ -102,10 +102,11 @@ async def test_other_paths_and_methods() -> None:
 _LOADED = """
 import sys
 from pathlib import Path
-from relayd.daemon.app import Daemon, Role
+from relayd.daemon.app import single_process, with_delivery_process
 from relayd.config.load import load_config
-for role in (Role.ACCEPT, Role.ALL):
-    Daemon(load_config(Path(sys.argv[1])), role=role)
+cfg = load_config(Path(sys.argv[1]))
+with_delivery_process(cfg, Path(sys.argv[1]))
+single_process(cfg)
 print("prometheus_client" in sys.modules)
 """
 

@@ -126,7 +126,7 @@ async def test_footer_list_unsubscribe_per_recipient_and_one_click(tmp_path: Pat
             # GET only shows a page (link scanners must not unsubscribe anyone).
             page = await asyncio.to_thread(lambda: urllib.request.urlopen(urls["a@example.net"], timeout=5).read())
             assert b"<form" in page and b'method="post"' in page.lower()
-            assert relay.daemon.sending.store.contains("a@example.net") is False
+            assert relay.daemon.accepting.policy.store.contains("a@example.net") is False
             req = urllib.request.Request(urls["a@example.net"], data=b"List-Unsubscribe=One-Click", method="POST")
             status = await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=5).status)
             assert status == 200

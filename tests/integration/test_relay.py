@@ -88,7 +88,7 @@ async def test_fallback_smarthost_and_paused_primary(tmp_path: Path) -> None:
             await relay.send(MSG)
             await relay.send(MSG)
             await wait_until(lambda: len(up.messages) == 2, what="fallback delivery")
-            stats = relay.daemon.qmgr.statistics()
+            stats = relay.daemon.delivery.qmgr.statistics()
     assert "primary" in stats.paused
 
 
@@ -178,7 +178,7 @@ async def test_messages_stored_together_are_refused_or_accepted_each_on_its_own(
             envelopes = [Envelope("app@example.com", (f"user{n}@example.net",), client="127.0.0.1",
                                   helo="app", received_at=1000.0) for n in range(5)]
             replies = await asyncio.gather(*(
-                relay.daemon.intake.accept(qid, env, b"Subject: %d\r\n\r\nbody\r\n" % n)
+                relay.daemon.accepting.intake.accept(qid, env, b"Subject: %d\r\n\r\nbody\r\n" % n)
                 for n, (qid, env) in enumerate(zip(ids, envelopes, strict=True))))
             assert [r.code for r in replies] == [250, 250, 451, 250, 250]
             assert "4.3.0" in replies[2].text

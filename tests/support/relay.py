@@ -21,7 +21,8 @@ import yaml
 
 from relayd.config.load import load_config
 from relayd.config.schema import Config
-from relayd.daemon.app import Daemon
+from relayd.daemon.app import Daemon, single_process
+from relayd.daemon.delivering import Delivering
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,7 +91,7 @@ def wait_for_greeting(proc: subprocess.Popen[bytes], port: int, timeout: float) 
 
 
 class RunningRelay:
-    def __init__(self, daemon: Daemon, port: int, config_path: Path) -> None:
+    def __init__(self, daemon: Daemon[Delivering], port: int, config_path: Path) -> None:
         self.daemon = daemon
         self.port = port
         self.config_path = config_path
@@ -114,7 +115,7 @@ class RunningRelay:
 async def running_relay(config_path: Path, **daemon_kw: Any) -> AsyncIterator[RunningRelay]:
     """An in-process daemon serving ``config_path``."""
     cfg = load_config(config_path)
-    daemon = Daemon(cfg, **daemon_kw)
+    daemon = single_process(cfg, **daemon_kw)
     ready: asyncio.Future[list[tuple[str, int]]] = asyncio.get_running_loop().create_future()
     daemon.hooks.on_ready = ready.set_result
     task = asyncio.create_task(daemon.serve())

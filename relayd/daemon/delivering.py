@@ -1,0 +1,164 @@
+"""The delivering half of relayd, assembled from a Config: the queue manager, its smarthost
+pools (with their OAuth token sources), the delivery gate and the alerts.
+
+It runs in the delivery process of ``relayd run`` (relayd/commands/deliver.py), or beside the
+accepting half in one process (relayd/daemon/app.py). It never loads the listener, the
+acceptance policy or the HTTP servers: a process's memory is mostly its imported modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
+
+from relayd.config.schema import Config, Smarthost
+from relayd.control.alerts import Alerts
+from relayd.control.metrics import Recorder
+from relayd.delivery.gate import DeliveryGate
+from relayd.delivery.qmgr import Pool, QueueManager
+from relayd.policy.suppressions import SuppressionStore
+from relayd.spool.store import Spool
+
+if TYPE_CHECKING:
+    from relayd.oauth.source import TokenStatistics
+
+log = logging.getLogger("relayd")
+
+
+class Delivering:
+    """Schedules and performs deliveries for one spool, and tells the operator when they stall."""
+
+    def __init__(self, config: Config, *, spool: Spool, executor: Executor, metrics: Recorder,
+                 store: SuppressionStore, clock: Callable[[], float] = time.time,
+                 pool_factory: Callable[[Smarthost], Pool] | None = None,
+                 cap_window: float = 86400.0) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics
+        self.gate = DeliveryGate(config, store, cap_window=cap_window)
+        self.alerts = Alerts(config.alerts, hostname=config.hostname,
+                             send_email=self.send_alert_email, clock=clock)
+        self.qmgr = QueueManager(spool, config.spool, config.smarthosts,
+                                 pool_factory or self.make_pool, executor=executor, clock=clock,
+                                 metrics=metrics, alerts=self.alerts, gate=self.gate)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    def make_pool(self, sh: Smarthost) -> Pool:
+        """A smarthost pool for ``sh`` with the current settings (and its OAuth token source)."""
+        # lazy: aiosmtplib is loaded when the first pool is built, not when the CLI imports this.
+        from relayd.delivery.smtp.pool import SmarthostPool
+
+        cfg = self.config
+        token_source = None
+        if sh.auth.oauth is not None:
+            # lazy: it loads cryptography (~5 MB per process) for the token cache.
+            from relayd.oauth.source import build_token_source
+
+            token_source = build_token_source(sh, state_dir=cfg.state_dir, key_file=cfg.secrets.key_file,
+                                              clock=self.clock, on_status=self._token_status)
+        return SmarthostPool(sh, hostname=cfg.hostname, token_source=token_source,
+                             transcripts=cfg.logging.smtp_transcripts)
+
+    def _token_status(self, st: TokenStatistics) -> None:
+        """After every token refresh: the expiry gauge, and the alert for a dead grant."""
+        if st.expires_at is not None:
+            self.metrics.set_token_expiry(st.smarthost, st.expires_at - self.clock())
+        if st.last_error_permanent:
+            self.alerts.fire("token_refresh_failed", st.smarthost,
+                             f"smarthost {st.smarthost}: {st.last_error}. {st.hint}".strip())
+        elif st.failures == 0:
+            self.alerts.clear("token_refresh_failed", st.smarthost,
+                              f"smarthost {st.smarthost}: OAuth token refreshed again")
+
+    # -- the Delivery protocol of relayd/daemon/app.py ---------------------------------------
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self.qmgr.run(), name="qmgr"),
+                       asyncio.create_task(self.alerts.run(), name="alerts")]
+
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """The running components: a crash of one stops the daemon (it is re-raised)."""
+        return tuple(self._tasks)
+
+    def enqueue(self, queue_id: str, priority: bool) -> None:
+        self.qmgr.enqueue(queue_id, priority=priority)
+
+    def reload(self, new: Config) -> None:
+        """Smarthosts and retry settings for every later attempt; the gate's list rules and
+        limits."""
+        self.config = new
+        self.qmgr.update_smarthosts(new.smarthosts, new.spool)
+        self.gate.apply(new)
+
+    def housekeeping(self, oldest_age: float) -> None:
+        """Every few seconds: the queue_age alert and the daily cap's gauge."""
+        self.alerts.check_queue_age(oldest_age)
+        remaining = self.gate.cap_remaining(self.clock())
+        self.metrics.set_daily_cap_remaining(remaining)
+        if remaining:
+            self.alerts.clear("daily_cap_reached", "daily_cap", "limits.daily_cap has room again")
+
+    async def stop(self, grace: float = 60.0) -> None:
+        """In-flight deliveries finish or go back to the queue; then the alerts flush."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.qmgr.stop()
+        qmgr_task = next((t for t in self._tasks if t.get_name() == "qmgr"), None)
+        if qmgr_task is not None and not qmgr_task.done():
+            await qmgr_task
+        await self.alerts.close(grace=2.0)
+        for t in self._tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.gate.close()
+
+    # -- alerts by mail ------------------------------------------------------------------------
+    async def send_alert_email(self, content: bytes, to: str) -> None:
+        """Alert mail goes straight through the smarthosts (no spool, cap or suppression):
+        the operator must hear about an outage even when the queue is what is stuck."""
+        sender = self.config.sender.envelope_from or f"relayd@{self.config.hostname}"
+        last = ""
+        for sh in self.config.smarthosts:
+            result = await self.qmgr.pool_for(sh).deliver("alert", content, sender, [to])
+            if result.delivered:
+                return
+            last = result.error or (str(result.outcomes[0].reply) if result.outcomes else "")
+        raise OSError(f"no smarthost accepted the alert mail: {last}")
+
+
+async def serve_alone(delivering: Delivering, spool: Spool, stop: asyncio.Event, *,
+                      housekeeping_interval: float = 5.0) -> None:
+    """The delivery process's main loop: deliver until ``stop`` is set (SIGTERM from the
+    accepting process), keeping the alerts' view of the queue up to date."""
+    loop = asyncio.get_running_loop()
+
+    async def housekeeping() -> None:
+        while True:
+            _counts, oldest = await loop.run_in_executor(None, spool.snapshot)
+            delivering.housekeeping(max(0.0, delivering.clock() - oldest) if oldest is not None else 0.0)
+            await asyncio.sleep(housekeeping_interval)
+
+    await delivering.start()
+    tasks = [*delivering.tasks, asyncio.create_task(housekeeping(), name="housekeeping")]
+    stop_wait = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            if t.done():
+                t.result()  # propagate a crash of a component
+        log.info("relayd stopping")
+    finally:
+        stop_wait.cancel()
+        await delivering.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await loop.run_in_executor(None, spool.close)
+    log.info("relayd stopped")

@@ -1,0 +1,102 @@
+"""The delivery gate: what the queue manager asks before and after each attempt. The
+do-not-email list is checked again (it changes while mail waits), the rolling 24 h
+``daily_cap`` is reserved and settled, ``rate`` paces the sends, and a hard bounce may join
+the list (``do_not_email.auto_add: [hard_bounce]``). Rebuilt on reload.
+
+It compiles the policy without DKIM keys: delivery never signs (acceptance did).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from relayd.config.schema import Config, LimitsConfig
+from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter, limited
+from relayd.delivery.outcomes import is_hard_bounce
+from relayd.model import Envelope, Reply
+from relayd.policy.pipeline import build_policy, recheck_at_delivery
+from relayd.policy.records import Policy, PolicyContext
+from relayd.policy.suppressions import SuppressionStore
+from relayd.spool.records import Entry
+
+log = logging.getLogger("relayd.policy")
+
+
+class DeliveryGate:
+    """The queue manager's ``Gate``: suppression recheck, daily cap and rate."""
+
+    def __init__(self, cfg: Config, store: SuppressionStore, *, cap_window: float = WINDOW) -> None:
+        self.store = store
+        self._cap_window = cap_window  # 24 h; tests use a short window instead of waiting a day
+        self._cap: DailyCap | None = None
+        self._grants: dict[str, int] = {}
+        self.apply(cfg)
+
+    def apply(self, cfg: Config) -> None:
+        """(Re)build from a validated config: the list's rules, cap and rate settings."""
+        self.auto_add = cfg.do_not_email.auto_add
+        self.policy: Policy = build_policy(cfg, {})
+        self.limits: LimitsConfig = cfg.limits
+        cap = cfg.limits.daily_cap
+        if cap is None:
+            if self._cap is not None:
+                self._cap.close()
+            self._cap = None
+        elif self._cap is None or self._cap.cap != cap:
+            if self._cap is not None:
+                self._cap.close()
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            self._cap = DailyCap(cap, cfg.state_dir, window=self._cap_window)
+        self.rate = RateLimiter(cfg.limits.rate) if cfg.limits.rate is not None else None
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.close()
+
+    def recheck(self, entry: Entry, rcpts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        env: Envelope = replace(entry.envelope, rcpt_tos=rcpts)
+        ctx = PolicyContext(now=0.0, suppressed=self.store.snapshot())
+        return recheck_at_delivery(self.policy, env, ctx)
+
+    def hold_for(self, entry: Entry, count: int, now: float) -> float:
+        """0 when the message may go now (its recipients are reserved against the cap), else
+        how long to wait. Mail over the cap waits in the spool; it is never bounced."""
+        cap = self._cap
+        if cap is None or count <= 0:
+            return 0.0
+        if not limited(self.limits, entry.envelope.priority):
+            return 0.0  # exempt priority mail still counts (record in delivered())
+        granted = cap.acquire(min(count, cap.cap), now)
+        if granted >= min(count, cap.cap):
+            self._grants[entry.id] = granted
+            return 0.0
+        cap.settle(granted, 0, now)
+        free_at = cap.next_free_at(now, count)
+        return max(1.0, (free_at - now) if free_at is not None else 5.0)
+
+    async def wait_rate(self, entry: Entry, count: int = 1) -> None:
+        if self.rate is not None and limited(self.limits, entry.envelope.priority):
+            await self.rate.wait(max(1, count))
+
+    def counts_deliveries(self) -> bool:
+        return self._cap is not None
+
+    def delivered(self, entry: Entry, count: int, now: float) -> None:
+        cap = self._cap
+        granted = self._grants.pop(entry.id, 0)
+        if cap is None:
+            return
+        if granted:
+            cap.settle(granted, count, now)
+        elif count:
+            cap.record(count, now)
+
+    def hard_bounce(self, rcpt: str, reply: Reply) -> None:
+        """``do_not_email.auto_add: [hard_bounce]``: a 5.1.x "no such user" joins the list."""
+        if "hard_bounce" in self.auto_add and is_hard_bounce(reply):
+            self.store.add([rcpt], "hard_bounce")
+            log.info("added <%s> to the do-not-email list after a hard bounce (%s)", rcpt, reply)
+
+    def cap_remaining(self, now: float) -> int | None:
+        return None if self._cap is None else self._cap.remaining(now)

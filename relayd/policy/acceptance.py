@@ -1,0 +1,69 @@
+"""The sending policy where mail is accepted: the compiled pipeline and the RCPT-time check,
+applied against the current do-not-email list, rebuilt on reload.
+
+The decisions themselves are the pure functions of ``relayd.policy.pipeline``; this module
+holds the state they are applied to (the compiled policy with its DKIM keys, the list).
+The delivery side has its own half, ``relayd.delivery.gate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from relayd.config.schema import Config, SuppressAction
+from relayd.model import Message, Reply
+from relayd.policy.pipeline import build_policy, rcpt_decision, run_pipeline
+from relayd.policy.records import PipelineResult, Policy, PolicyContext
+from relayd.policy.suppressions import SuppressionStore
+
+log = logging.getLogger("relayd.policy")
+
+
+def read_dkim_keys(cfg: Config) -> dict[str, bytes]:
+    """Read every ``dkim[].private_key_file`` (blocking); unreadable keys are logged and
+    skipped, so mail still flows (unsigned) instead of bouncing."""
+    keys: dict[str, bytes] = {}
+    for i, k in enumerate(cfg.dkim):
+        try:
+            keys[k.domain] = Path(k.private_key_file).read_bytes()
+        except OSError as exc:
+            log.error("dkim[%d].private_key_file: cannot read %s (%s); mail from %s goes out unsigned",
+                      i, k.private_key_file, exc.strerror or exc, k.domain)
+    return keys
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What acceptance produced: messages to spool and recipients dropped by the list."""
+
+    outputs: tuple[Message, ...]
+    suppressed: tuple[str, ...]
+    result: PipelineResult
+
+
+class AcceptancePolicy:
+    """The listener's policy: RCPT-time refusals and the pipeline run on every message."""
+
+    def __init__(self, cfg: Config, store: SuppressionStore, *, dkim_keys: dict[str, bytes]) -> None:
+        self.store = store
+        self.apply(cfg, dkim_keys=dkim_keys)
+
+    def apply(self, cfg: Config, *, dkim_keys: dict[str, bytes]) -> None:
+        """(Re)build from a validated config."""
+        self.policy: Policy = build_policy(cfg, dkim_keys)
+
+    # Called in a worker thread: SQLite and MIME work.
+    def check_recipient(self, mail_from: str, rcpt: str, now: float) -> Reply | None:
+        """RCPT-time refusal for ``do_not_email.action: reject`` (cheap: a cached snapshot)."""
+        if self.policy.do_not_email.action is not SuppressAction.REJECT:
+            return None
+        return rcpt_decision(self.policy, mail_from, rcpt,
+                             PolicyContext(now=now, suppressed=self.store.snapshot()))
+
+    def accept(self, message: Message, now: float) -> Accepted:
+        """Run the pipeline (pure) against the current do-not-email list."""
+        ctx = PolicyContext(now=now, suppressed=self.store.snapshot())
+        result = run_pipeline(self.policy, message, ctx)
+        return Accepted(outputs=result.outputs, suppressed=result.suppressed, result=result)

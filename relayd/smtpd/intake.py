@@ -1,0 +1,108 @@
+"""The listener's Acceptor: the acceptance policy, then the durable spool, then delivery.
+
+Answers 250 only after every copy of the message is on disk (RFC 5321 §6.1). Messages
+whose DATA ends while the previous ones are being stored go to the spool together, with
+one flush for all of them (relayd/spool/write.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from relayd import faults
+from relayd.control.metrics import Recorder
+from relayd.delivery import logline
+from relayd.errors import SpoolError, UnknownMessage
+from relayd.model import Envelope, Message, Reply, Status
+from relayd.policy.acceptance import AcceptancePolicy, Accepted
+from relayd.policy.pipeline import log_summary
+from relayd.spool.hops import Batches, Outcome
+from relayd.spool.records import new_queue_id
+from relayd.spool.store import Spool
+
+log = logging.getLogger("relayd")
+
+# One message whose DATA has ended: (queue ID, envelope, content, time of acceptance).
+_Arrival = tuple[str, Envelope, bytes, float]
+
+
+class Intake:
+    """Implements ``relayd.smtpd.listener.Acceptor``."""
+
+    def __init__(self, policy: AcceptancePolicy, spool: Spool, *, executor: Executor,
+                 clock: Callable[[], float], metrics: Recorder,
+                 enqueue: Callable[[str, bool], None]) -> None:
+        self.policy = policy
+        self._spool = spool
+        self._clock = clock
+        self._metrics = metrics
+        self._enqueue = enqueue
+        self._stores: Batches[_Arrival] = Batches(self._store_batch, executor)
+
+    def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
+        return self.policy.check_recipient(mail_from, rcpt, self._clock())
+
+    def _store_batch(self, batch: list[_Arrival]) -> list[Outcome]:
+        """Worker thread: the policy (CPU) for each message, then the spool writes of all
+        of them, one hop off the loop. Per message: (True, (Accepted, [(ID, stored copy)]))
+        or (False, the error)."""
+        decisions: list[Accepted | Exception] = []
+        items: list[tuple[Message, str]] = []
+        owners: list[int] = []  # which message of the batch each spool item is a copy of
+        for k, (queue_id, envelope, content, now) in enumerate(batch):
+            try:
+                accepted = self.policy.accept(Message(envelope, content), now)
+            except Exception as exc:  # handed to that message's session, as before batching
+                decisions.append(exc)
+                continue
+            decisions.append(accepted)
+            for i, message in enumerate(accepted.outputs):
+                items.append((message, queue_id if i == 0 else new_queue_id(now)))
+                owners.append(k)
+        results = self._spool.put_batch(items) if items else []
+        stored: list[list[tuple[str, Message]]] = [[] for _ in batch]
+        errors: dict[int, SpoolError] = {}
+        for (message, _qid), k, result in zip(items, owners, results, strict=True):
+            if isinstance(result, SpoolError):
+                errors.setdefault(k, result)
+            else:
+                stored[k].append((result, message))
+        out: list[Outcome] = []
+        for k, decision in enumerate(decisions):
+            if isinstance(decision, Exception):
+                out.append((False, decision))
+            elif k in errors:
+                # All or nothing: the client will retry the whole message after our 451.
+                for qid, _ in stored[k]:
+                    with contextlib.suppress(SpoolError, UnknownMessage):
+                        self._spool.delete(qid)
+                out.append((False, errors[k]))
+            else:
+                out.append((True, (decision, stored[k])))
+        return out
+
+    async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:
+        now = self._clock()
+        try:
+            accepted, stored = await self._stores.submit((queue_id, envelope, content, now))
+        except SpoolError as exc:
+            log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
+            return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")
+        faults.crash_point("before-250")
+        log.info("%s: client=[%s], helo=<%s>, from=<%s>, size=%d, nrcpt=%d, %s", queue_id,
+                 envelope.client, envelope.helo, envelope.mail_from, len(content),
+                 len(envelope.rcpt_tos), log_summary(accepted.result))
+        if len(stored) > 1:
+            log.info("%s: one copy per recipient (personal unsubscribe token): %s", queue_id,
+                     ", ".join(q for q, _ in stored))
+        for rcpt in accepted.suppressed:
+            log.info("%s", logline.delivery_line(queue_id, rcpt, "none", 0.0, 0, "2.0.0",
+                                                 Status.SUPPRESSED, "on the do-not-email list"))
+            self._metrics.suppressed()
+        self._metrics.message_received()
+        for qid, message in stored:
+            self._enqueue(qid, message.envelope.priority)
+        return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
