@@ -128,7 +128,7 @@ class TextFormatter(logging.Formatter):
         # One event per line: continuation lines are indented so grep still sees them.
         message = message.replace("\r", "").replace("\n", "\n    ")
         # Client-supplied text (a HELO name, say) must not drive the terminal of whoever
-        # reads the log: other control characters are shown escaped (catalogue T88).
+        # reads the log: other control characters are shown escaped.
         message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
         prefix = _PREFIX.get(record.levelno, "")
         if self._journald:

@@ -62,7 +62,7 @@ class ListenerSettings:
     command_timeout: float = 300.0
     # aiosmtpd's timeout restarts on every valid command (and our DATA reader restarts it per
     # chunk), so a client trickling NOOPs or bytes could hold a session slot forever: cap the
-    # whole session (T29 in the reliability catalogue). Long enough for hundreds of messages.
+    # whole session. Long enough for hundreds of messages.
     session_timeout: float = 3600.0
 
     @classmethod

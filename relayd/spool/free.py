@@ -1,15 +1,11 @@
 """What becomes of a delivered message's file: kept in ``free/`` and overwritten by a later
 message, in a background thread (``Reaper``).
 
-Storing a message meant creating a file, and creating a file means allocating an inode: on
-the ext4 benchmark VM that was the most expensive step of the whole acceptance path, several
-hundred microseconds of kernel CPU per message under load, against ~15 us to move an
-existing file (docs/performance.md has the measurements). Postfix creates a queue file per
-message too; relayd keeps the files of delivered messages and writes the next messages into
-them. A small file keeps its content until it is overwritten: emptying it first (as relayd
-did until the sixth benchmark round) freed its data blocks only for the next message to
-allocate them again, and cost more kernel CPU than creating a new file (~95 against ~65 us
-per message with the flush, and twice the flush's wait, docs/performance.md).
+Creating a file allocates an inode, which costs far more kernel CPU than moving an existing
+file, so relayd keeps the files of delivered messages and writes the next messages into them
+(Postfix creates a queue file per message). A small file keeps its content until it is
+overwritten: emptying it first would only free its data blocks for the next message to
+allocate again. docs/performance.md has the measurements.
 
 The life of a file:
 
@@ -197,11 +193,10 @@ class FreeFiles:
 
     def _full(self) -> bool:
         # The accepting process takes files without telling this one, so between listings
-        # the count here only grows. Trusting it for a whole second made the delivery process
-        # remove ~45 % of the files at 1,800 msgs/s (the count reached the limit within half
-        # a second while free/ held a hundred), and the accepting process create as many: so
-        # a count that says "full" is checked against a new listing (at most every
-        # FULL_RECOUNT_PAUSE seconds while free/ really is full).
+        # the count here only grows and soon says "full" while free/ is nearly empty; then
+        # delivered files would be removed and new ones created. So a count that says "full"
+        # is checked against a new listing (at most every FULL_RECOUNT_PAUSE seconds while
+        # free/ really is full).
         now = self._clock()
         if now >= self._recount_at or (self._count >= self._limit and now >= self._full_recount_at):
             count = len(self._list())

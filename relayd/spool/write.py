@@ -8,21 +8,18 @@ for the client except that its reply comes sooner.
 
 Making the files durable is the expensive part, and there are two ways:
 
-- ``fsync(2)`` per file: what relayd did in sixteen threads before, and Postfix does for each
-  queue file. On the ext4 benchmark VM twenty files fsynced from twenty threads cost ~130 us
-  of CPU each (the journal commit, the thread wake-ups, the GIL handed back and forth around
-  every system call); twenty fsyncs in a row in one thread cost less CPU but wait for one
-  journal commit each.
+- ``fsync(2)`` per file, as Postfix does for each queue file: from many threads it costs a
+  journal commit, thread wake-ups and GIL hand-offs per file; in one thread it waits for one
+  journal commit per file.
 - ``syncfs(2)`` once for the batch: it writes out and commits everything pending on the
-  spool's file system in one journal commit, ~40 us of CPU per file for twenty files. In the
-  relay benchmark this took relayd from ~1,100 to ~1,550 messages per second at 1 KB
-  (docs/performance.md).
+  spool's file system in one journal commit, a fraction of the CPU per file
+  (docs/performance.md has the measurements).
 
-syncfs also writes out every *other* program's pending data on the same file system. With a
-big writer next to the spool (a backup, a ``dd``), one syncfs took up to 0.9 s and halved
-relayd's throughput. So ``auto`` (the default) uses syncfs only for batches of two or more,
+syncfs also writes out every *other* program's pending data on the same file system, so
+beside a big writer (a backup, a ``dd``) one syncfs can take most of a second. So ``auto``
+(the default) uses syncfs only for batches of two or more,
 only while the kernel holds less than ``DIRTY_LIMIT_KB`` of unwritten data (``Dirty`` plus
-``Writeback`` in ``/proc/meminfo``, read once per batch, ~10 us), and not for ``SLOW_PAUSE``
+``Writeback`` in ``/proc/meminfo``, read once per batch), and not for ``SLOW_PAUSE``
 seconds after a syncfs that took longer than ``SLOW_SYNC``; otherwise it fsyncs each file.
 
 Linux reports write-back errors from syncfs only since 5.8 (before, it returned 0 even when

@@ -264,8 +264,8 @@ class UpstreamConnection:
     def _malformed(self, exc: SMTPResponseException) -> Reply:
         """A reply aiosmtplib could not parse (code -1: garbage, no code, overlong): the
         session can no longer be trusted to pair replies with commands, so close it. The
-        reply stays code -1, which the outcome rules treat as temporary, never as a 5xx
-        (catalogue T79); it used to escape as an exception from the whole delivery."""
+        reply stays code -1, which the outcome rules treat as temporary, never as a 5xx: a
+        garbled answer is no proof that the message was refused."""
         if exc.code != -1:
             raise exc
         self.close()
