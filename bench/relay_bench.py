@@ -20,6 +20,9 @@ machine and on whatever else runs on it: compare the ratios, which are measured 
 apart under the same conditions.
 
 Usage: ``python bench/relay_bench.py`` (as root, for Postfix; ``--only relayd`` otherwise).
+``--baseline DIR`` also runs the relayd of another checkout (``git worktree add DIR REV``) as
+``relayd-base``, alternating with this one in every round: a before/after of a change measured
+side by side in one run (``--only relayd --baseline DIR`` skips Postfix).
 ``--json FILE`` also writes every measurement; ``--profile DIR`` records relayd with py-spy
 (``pip install py-spy``) into ``DIR/<scenario>.svg``/``.txt``.
 """
@@ -174,7 +177,10 @@ class Relayd:
     name = "relayd"
 
     def __init__(self, workdir: Path, sink_port: int, connections: int,
-                 profile: Path | None = None, profile_name: str = "", log_level: str = "info") -> None:
+                 profile: Path | None = None, profile_name: str = "", log_level: str = "info",
+                 tree: Path = ROOT, name: str = "relayd") -> None:
+        self.name = name
+        self.tree = tree  # the checkout whose relayd runs (another one for --baseline)
         self.workdir = workdir
         self.port = free_port()
         self.config = workdir / "relayd.yaml"
@@ -189,11 +195,11 @@ class Relayd:
         self.spy: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(self.tree)}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "-c", str(self.config),
                                           "run"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=ROOT)
+                                         cwd=self.tree)
         wait_banner(self.port, proc=self.proc)
 
     def start_profile(self) -> None:
@@ -493,16 +499,16 @@ def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float
 
 def report(results: list[Measurement], scenarios: list[Scenario]) -> str:
     lines = []
-    hdr = (f"{'scenario':<22}{'system':<9}{'e2e/s':>8}{'acc/s':>8}{'p50ms':>8}{'p99ms':>8}"
+    hdr = (f"{'scenario':<22}{'system':<12}{'e2e/s':>8}{'acc/s':>8}{'p50ms':>8}{'p99ms':>8}"
            f"{'e2e p99':>9}{'cpu ms/msg':>11}{'own cpu':>9}{'RSS MB':>8}")
     lines.append(hdr)
     for sc in scenarios:
         for m in (x for x in results if x.scenario == sc.name):
-            lines.append(f"{sc.name:<22}{m.system:<9}{m.e2e_rate:>8.0f}{m.accept_rate:>8.0f}"
+            lines.append(f"{sc.name:<22}{m.system:<12}{m.e2e_rate:>8.0f}{m.accept_rate:>8.0f}"
                          f"{m.p50_ms:>8.1f}{m.p99_ms:>8.1f}{m.e2e_p99_ms:>9.1f}"
                          f"{m.cpu_ms_per_msg:>11.2f}"
-                         f"{(f'{m.relay_cpu_ms_per_msg:.2f}' if m.system == 'relayd' else '-'):>9}"
-                         f"{(f'{m.peak_rss_mb:.0f}' if m.system == 'relayd' else '-'):>8}"
+                         f"{(f'{m.relay_cpu_ms_per_msg:.2f}' if m.system != 'postfix' else '-'):>9}"
+                         f"{(f'{m.peak_rss_mb:.0f}' if m.system != 'postfix' else '-'):>8}"
                          + (f"  ({m.note})" if m.note else ""))
     lines.append("")
     for sc in scenarios:
@@ -512,6 +518,11 @@ def report(results: list[Measurement], scenarios: list[Scenario]) -> str:
             ratios = [r.e2e_rate / p.e2e_rate for r, p in zip(rel, pfx, strict=False)]
             shown = ", ".join(f"{x:.2f}x" for x in ratios)
             lines.append(f"{sc.name}: relayd / Postfix end to end = {shown}")
+        base = [m for m in results if m.scenario == sc.name and m.system == "relayd-base"]
+        if rel and base and all(b.e2e_rate for b in base):
+            shown = ", ".join(f"{r.e2e_rate / b.e2e_rate:.2f}x"
+                              for r, b in zip(rel, base, strict=False))
+            lines.append(f"{sc.name}: relayd / relayd-base end to end = {shown}")
     return "\n".join(lines)
 
 
@@ -537,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--profile", type=Path, help="py-spy relayd into this directory")
+    p.add_argument("--baseline", type=Path,
+                   help="also run the relayd of this checkout as relayd-base (before/after)")
     a = p.parse_args(argv)
 
     scenarios = [Scenario("1KB", 1024, a.count_1k), Scenario("100KB", 100 * 1024, a.count_100k)]
@@ -545,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.scenario:
         scenarios = [s for s in scenarios if s.name in a.scenario]
     systems = ["relayd", "postfix"] if a.only is None else [a.only]
+    if a.baseline is not None:
+        systems.insert(1, "relayd-base")
     if "postfix" in systems and (why := available()):
         print(f"Postfix cannot run here: {why}; use --only relayd", file=sys.stderr)
         return 2
@@ -560,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(base, ignore_errors=True)
         return 0
     results: list[Measurement] = []
-    compile_bytecode()
+    compile_bytecode(*([a.baseline] if a.baseline is not None else []))
     print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, work dir {base}", flush=True)
     try:
         with sink_process() as sink_port:
@@ -574,18 +589,19 @@ def main(argv: list[str] | None = None) -> int:
                         tag = f"{sc.name.replace('/', '_')}-{rnd}"
                         system: Relayd | Postfix = (
                             Relayd(wd, sink_port, a.relayd_connections, a.profile, tag,
-                                   a.relayd_log_level)
-                            if name == "relayd" else Postfix(wd, sink_port))
+                                   a.relayd_log_level,
+                                   tree=a.baseline if name == "relayd-base" else ROOT, name=name)
+                            if name != "postfix" else Postfix(wd, sink_port))
                         m = measure(system, sink, sc, a.sessions, a.warmup)
                         results.append(m)
-                        print(f"{sc.name:<14} {name:<8} e2e {m.e2e_rate:7.0f}/s  accept "
+                        print(f"{sc.name:<14} {name:<11} e2e {m.e2e_rate:7.0f}/s  accept "
                               f"{m.accept_rate:7.0f}/s  p50 {m.p50_ms:6.1f} ms  p99 {m.p99_ms:6.1f} ms"
                               + (f"  rss {m.peak_rss_mb:.0f} MB"
                                  f" (pss {m.extra.get('memory', {}).get('pss_sum_max_mb', 0):.0f})"
                                  f"  cpu {m.relay_cpu_ms_per_msg:.2f} ms/msg"
                                  f" (loop threads {m.extra.get('main_thread_cpu_ms_per_msg', 0):.2f},"
                                  f" busy {m.extra.get('main_thread_busy', 0):.0%})"
-                                 if name == "relayd" else "")
+                                 if name != "postfix" else "")
                               + (f"  [{m.note}]" if m.note else ""), flush=True)
     finally:
         if a.workdir is None:
@@ -597,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compile_bytecode() -> None:
+def compile_bytecode(*trees: Path) -> None:
     """Byte-compile relayd and the environment's packages first, as installing them does.
 
     An installed relayd runs from .pyc files (pip compiles them; under the systemd unit's
@@ -606,7 +622,8 @@ def compile_bytecode() -> None:
     compiled the sources again: +6 MB of RSS for the two processes (67 against 61 MB at
     1 KB) and a slower start, which is not what a sysadmin's relayd pays."""
     purelib = sysconfig.get_paths()["purelib"]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "relayd"), purelib],
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "relayd"),
+                    *(str(t / "relayd") for t in trees), purelib],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
