@@ -17,7 +17,7 @@ from pathlib import Path
 import aiosmtplib
 import yaml
 
-from tests.support.operator import Operator, poll
+from tests.support.operator import Operator
 from tests.support.relay import free_port, upstream_smarthost, wait_until
 from tests.support.upstream import FakeUpstream
 
@@ -96,7 +96,7 @@ async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(tm
         async def all_queued() -> bool:
             rows = await op.queue()
             return len(rows) == 1000 and any(r["attempts"] >= 1 for r in rows)
-        await poll(all_queued, 30, "1,000 queued messages and a first attempt")
+        await wait_until(all_queued, 30, "1,000 queued messages and a first attempt")
         assert len(paused_lines(op)) == 1, paused_lines(op)  # one outage, one pause
         await up.start()
         retry = await op.cli("queue", "retry", "--all")
@@ -123,7 +123,7 @@ async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(tm
 
         async def empty() -> bool:
             return await op.queue() == []
-        await poll(empty, 30, "an empty queue")
+        await wait_until(empty, 30, "an empty queue")
     finally:
         await op.stop()
         await up.stop()

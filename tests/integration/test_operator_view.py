@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.oauth_server import FakeTokenServer
-from tests.support.operator import Operator, poll
+from tests.support.operator import Operator
 from tests.support.relay import free_port, upstream_smarthost, wait_until
 from tests.support.upstream import FakeUpstream
 
@@ -149,7 +149,7 @@ async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cl
 
         async def gone() -> bool:
             return await op.entry(qid) is None
-        await poll(gone, 10, "the delivered message to leave the queue")
+        await wait_until(gone, 10, "the delivered message to leave the queue")
         final = op.delivery_lines(qid)[-1]
         assert "status=sent" in final and "attempts=2," in final, final
         assert up.messages[0].rcpt_tos == [RCPT]

@@ -12,8 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,9 @@ import yaml
 from relayd.config.load import load_config
 from relayd.config.schema import Config
 from relayd.daemon.app import Daemon
+from tests.support.smtpclient import smtp_greets
+from tests.support.waiting import wait_until as wait_until  # re-exported for the tests
+from tests.support.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,30 +65,14 @@ def upstream_smarthost(up: Any, name: str = "primary", **kw: Any) -> dict[str, A
     return entry
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``cond`` until true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def wait_for_greeting(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
     """Poll 127.0.0.1:``port`` until relayd greets with 220 (True) or ``proc`` exits (False);
     AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if s.recv(3) == b"220":
-                    return True
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"relayd did not start listening on port {port}")
-        time.sleep(0.02)
-    return False
+    def settled() -> str | None:
+        if proc.poll() is not None:
+            return "exited"
+        return "greeted" if smtp_greets(port) else None
+    return wait_until_sync(settled, timeout, f"relayd to listen on port {port}") == "greeted"
 
 
 class RunningRelay:
