@@ -12,7 +12,8 @@ import trustme
 
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
-from tests.support.oauth_helpers import FakeClock, encrypt_with, run_cli, smarthost, write_config, write_key
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_config, write_key
 from tests.support.oauth_server import FakeTokenServer
 
 SECRET = "azure-client-secret~abc.123"
@@ -42,9 +43,8 @@ def app_only_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> 
     """)
 
 
-async def test_app_only_client_credentials_via_msal(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_app_only_client_credentials_via_msal(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
-    clock = FakeClock()
     source = build_token_source(smarthost(app_only_config(tmp_path, server, key_file)),
                                 state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     first = await source.get_token()
@@ -77,11 +77,10 @@ async def test_app_only_wrong_secret_is_permanent(tmp_path: Path, server: FakeTo
     assert SECRET not in str(info.value)
 
 
-async def test_app_only_authority_down_is_temporary(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_app_only_authority_down_is_temporary(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
     cfg = app_only_config(tmp_path, server, key_file)
     server.stop()
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     with pytest.raises(OAuthError) as info:
         await source.get_token()
@@ -100,7 +99,7 @@ def delegated_config(tmp_path: Path, server: FakeTokenServer) -> Path:
     """, username="delegated@example.com")
 
 
-async def test_delegated_device_code_then_rotating_refresh(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_delegated_device_code_then_rotating_refresh(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     write_key(tmp_path)
     server.rotate_refresh_tokens = True
     cfg = delegated_config(tmp_path, server)
@@ -119,7 +118,6 @@ async def test_delegated_device_code_then_rotating_refresh(tmp_path: Path, serve
     for tok in server.issued:
         assert tok.encode() not in stored
 
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg), state_dir=tmp_path / "state",
                                 key_file=tmp_path / "secret.key", clock=clock)
     first = await source.get_token()

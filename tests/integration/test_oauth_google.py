@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives import serialization
 
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
-from tests.support.oauth_helpers import FakeClock, encrypt_with, run_cli, smarthost, write_config, write_key
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_config, write_key
 from tests.support.oauth_server import FakeTokenServer
 
 CLIENT_SECRET = "GOCSPX-google-desktop-secret"
@@ -39,7 +40,7 @@ def service_account_file(tmp_path: Path, server: FakeTokenServer) -> Path:
     return path
 
 
-async def test_service_account_domain_wide_delegation(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_service_account_domain_wide_delegation(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
     cfg = write_config(tmp_path, f"""
         provider: google
@@ -47,7 +48,6 @@ async def test_service_account_domain_wide_delegation(tmp_path: Path, server: Fa
         subject: mailer@example.com
         token_url: {server.token_url}
     """, username="mailer@example.com", name="gmail")
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg, "gmail"), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     token = await source.get_token()
     assert token.startswith("at-")
@@ -88,7 +88,7 @@ def user_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> Path
     """, username="someone@gmail.com", name="gmail")
 
 
-async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
     cfg = user_config(tmp_path, server, key_file)
     server.auth_codes["4/0Acode"] = "someone@gmail.com"
@@ -104,7 +104,6 @@ async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, serve
     exchange = server.requests[-1]
     assert exchange["grant_type"] == "authorization_code" and exchange["code_verifier"]
 
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg, "gmail"), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     token = await source.get_token()
     assert server.requests[-1]["grant_type"] == "refresh_token"
@@ -125,7 +124,7 @@ async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, serve
     assert "invalid_grant" in report.out and "relayd oauth authorize --smarthost gmail" in report.out
 
 
-async def test_refresh_token_file_and_endpoint_down(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_refresh_token_file_and_endpoint_down(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
     server.refresh_tokens["1//rt-from-file"] = "someone@gmail.com"
     rt_file = tmp_path / "gmail.rt"
@@ -137,7 +136,6 @@ async def test_refresh_token_file_and_endpoint_down(tmp_path: Path, server: Fake
         token_url: {server.token_url}
         refresh_token_file: {rt_file}
     """, name="gmail")
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg, "gmail"), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     server.stop()
     with pytest.raises(OAuthError) as info:

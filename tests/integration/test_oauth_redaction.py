@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
 from tests.integration.test_oauth_xoauth2 import send_with_xoauth2
-from tests.support.oauth_helpers import FakeClock, run_cli, smarthost, write_config
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import run_cli, smarthost, write_config
 from tests.support.oauth_server import FakeTokenServer
 from tests.support.xoauth2_upstream import XOAuth2Handler, start_upstream
 

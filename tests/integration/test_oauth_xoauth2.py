@@ -9,7 +9,8 @@ import aiosmtplib
 import pytest
 
 from relayd.oauth.source import OAuthTokenSource, build_token_source
-from tests.support.oauth_helpers import FakeClock, encrypt_with, smarthost, write_config, write_key
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import encrypt_with, smarthost, write_config, write_key
 from tests.support.oauth_server import FakeTokenServer
 from tests.support.xoauth2_upstream import XOAuth2Handler, start_upstream
 

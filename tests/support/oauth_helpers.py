@@ -1,4 +1,4 @@
-"""Helpers for the OAuth tests: config files, a fake clock, a key file."""
+"""Helpers for the OAuth tests: config files, a key file, the CLI in-process."""
 
 from __future__ import annotations
 
@@ -10,17 +10,6 @@ from pathlib import Path
 from relayd import cli, secrets
 from relayd.config.load import load_config
 from relayd.config.schema import Config, Smarthost
-
-
-@dataclass
-class FakeClock:
-    now: float = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def write_key(tmp_path: Path) -> Path:
