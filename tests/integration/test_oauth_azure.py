@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
 from tests.support.clock import FakeClock
 from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_config, write_key
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 SECRET = "azure-client-secret~abc.123"
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTokenServer]:
-    ca = trustme.CA()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    # MSAL (requests) verifies the fake authority with the test CA, as it would a real one.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
-    srv = FakeTokenServer(ssl_context=ctx, clients={"azure-app": SECRET, "public-app": ""}).start()
-    yield srv
-    srv.stop()
+def server(token_server: TokenServers) -> FakeTokenServer:
+    # HTTPS: MSAL (requests) verifies the fake authority with the test CA, as it would a real one.
+    return token_server(https=True, clients={"azure-app": SECRET, "public-app": ""})
 
 
 def app_only_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,14 @@ from relayd.errors import OAuthError
 from relayd.oauth.source import OAuthTokenSource, TokenStatistics, build_token_source
 from tests.support.clock import FakeClock
 from tests.support.oauth_helpers import encrypt_with, smarthost, write_config, write_key
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 SECRET = "client-secret-XYZ-123"
 
 
 @pytest.fixture
-def server() -> Iterator[FakeTokenServer]:
-    srv = FakeTokenServer(clients={"app1": SECRET}).start()
-    yield srv
-    srv.stop()
+def server(token_server: TokenServers) -> FakeTokenServer:
+    return token_server(clients={"app1": SECRET})
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,15 @@ from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
 from tests.support.clock import FakeClock
 from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_config, write_key
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 CLIENT_SECRET = "GOCSPX-google-desktop-secret"
 SA_EMAIL = "relayd@project.iam.gserviceaccount.com"
 
 
 @pytest.fixture
-def server() -> Iterator[FakeTokenServer]:
-    srv = FakeTokenServer(clients={"desktop.apps.googleusercontent.com": CLIENT_SECRET}).start()
-    yield srv
-    srv.stop()
+def server(token_server: TokenServers) -> FakeTokenServer:
+    return token_server(clients={"desktop.apps.googleusercontent.com": CLIENT_SECRET})
 
 
 def service_account_file(tmp_path: Path, server: FakeTokenServer) -> Path:
