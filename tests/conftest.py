@@ -17,6 +17,7 @@ from tests.support.clock import FakeClock  # after the sys.path entry above
 from tests.support.oauth_server import TokenServers
 
 if TYPE_CHECKING:
+    from tests.support.config_builder import ConfigBuilder
     from tests.support.upstream import Upstreams
 
 
@@ -24,6 +25,15 @@ if TYPE_CHECKING:
 def clock() -> FakeClock:
     """A fake ``time.time`` at a fixed instant; the test moves it with ``advance``."""
     return FakeClock()
+
+
+@pytest.fixture
+def config_builder(tmp_path: Path) -> ConfigBuilder:
+    """Writes relayd.yaml files under tmp_path with the test defaults:
+    ``config_builder.write([smarthost, ...], **overrides)``."""
+    from tests.support.config_builder import ConfigBuilder
+
+    return ConfigBuilder(tmp_path)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
 from tests.support.clock import FakeClock
-from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_config, write_key
+from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_key, write_oauth_config
 from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 SECRET = "azure-client-secret~abc.123"
@@ -23,7 +23,7 @@ def server(token_server: TokenServers) -> FakeTokenServer:
 
 
 def app_only_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: azure
         tenant_id: tenant1
         client_id: azure-app
@@ -80,7 +80,7 @@ async def test_app_only_authority_down_is_temporary(tmp_path: Path, server: Fake
 
 
 def delegated_config(tmp_path: Path, server: FakeTokenServer) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: azure
         tenant_id: tenant1
         client_id: public-app

@@ -11,7 +11,7 @@ import pytest
 from relayd.errors import OAuthError
 from relayd.oauth.source import OAuthTokenSource, TokenStatistics, build_token_source
 from tests.support.clock import FakeClock
-from tests.support.oauth_helpers import encrypt_with, smarthost, write_config, write_key
+from tests.support.oauth_helpers import encrypt_with, smarthost, write_key, write_oauth_config
 from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 SECRET = "client-secret-XYZ-123"
@@ -29,7 +29,7 @@ def key_file(tmp_path: Path) -> Path:
 
 def cc_source(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock,
               **kw: object) -> OAuthTokenSource:
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -141,7 +141,7 @@ async def test_wrong_client_secret_is_permanent(tmp_path: Path, server: FakeToke
 
 
 def rt_config(tmp_path: Path, server: FakeTokenServer, rt_file: Path) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -216,7 +216,7 @@ async def test_cache_survives_restart_and_is_encrypted(tmp_path: Path, server: F
     (tmp_path / "k2").mkdir()
     fresh_key = write_key(tmp_path / "k2")
     cfg_source = build_token_source(
-        smarthost(write_config(tmp_path, f"""
+        smarthost(write_oauth_config(tmp_path, f"""
             provider: generic
             token_url: {server.token_url}
             client_id: app1
@@ -229,7 +229,7 @@ async def test_cache_survives_restart_and_is_encrypted(tmp_path: Path, server: F
 
 async def test_changed_settings_discard_the_cache(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     first = await cc_source(tmp_path, server, key_file, clock).get_token()
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -242,7 +242,7 @@ async def test_changed_settings_discard_the_cache(tmp_path: Path, server: FakeTo
 
 async def test_missing_key_file_still_gives_tokens_in_memory(tmp_path: Path, server: FakeTokenServer,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -289,7 +289,7 @@ async def test_unusable_settings_fail_at_first_use_not_at_build(tmp_path: Path, 
 def test_check_config_requires_tenant_for_azure_app_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.support.oauth_helpers import run_cli
 
-    cfg = write_config(tmp_path, """
+    cfg = write_oauth_config(tmp_path, """
         provider: azure
         client_id: c
         client_secret_env: AZ_SECRET

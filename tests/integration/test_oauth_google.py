@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
 from tests.support.clock import FakeClock
-from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_config, write_key
+from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_key, write_oauth_config
 from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 CLIENT_SECRET = "GOCSPX-google-desktop-secret"
@@ -39,7 +39,7 @@ def service_account_file(tmp_path: Path, server: FakeTokenServer) -> Path:
 
 async def test_service_account_domain_wide_delegation(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: google
         service_account_file: {service_account_file(tmp_path, server)}
         subject: mailer@example.com
@@ -63,7 +63,7 @@ async def test_service_account_unknown_to_the_server_is_permanent(tmp_path: Path
     key_file = write_key(tmp_path)
     sa = service_account_file(tmp_path, server)
     server.service_accounts.clear()           # e.g. delegation revoked / key deleted
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: google
         service_account_file: {sa}
         subject: mailer@example.com
@@ -77,7 +77,7 @@ async def test_service_account_unknown_to_the_server_is_permanent(tmp_path: Path
 
 
 def user_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: google
         client_id: desktop.apps.googleusercontent.com
         client_secret: "{encrypt_with(key_file, CLIENT_SECRET)}"
@@ -126,7 +126,7 @@ async def test_refresh_token_file_and_endpoint_down(tmp_path: Path, server: Fake
     server.refresh_tokens["1//rt-from-file"] = "someone@gmail.com"
     rt_file = tmp_path / "gmail.rt"
     rt_file.write_text(encrypt_with(key_file, "1//rt-from-file") + "\n")   # enc: in the file works
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: google
         client_id: desktop.apps.googleusercontent.com
         client_secret: "{encrypt_with(key_file, CLIENT_SECRET)}"

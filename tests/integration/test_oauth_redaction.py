@@ -20,7 +20,7 @@ from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
 from tests.integration.test_oauth_xoauth2 import send_with_xoauth2
 from tests.support.clock import FakeClock
-from tests.support.oauth_helpers import run_cli, smarthost, write_config
+from tests.support.oauth_helpers import run_cli, smarthost, write_oauth_config
 from tests.support.oauth_server import FakeTokenServer, TokenServers
 from tests.support.xoauth2_upstream import XOAuth2Handler, start_upstream
 
@@ -92,7 +92,7 @@ async def test_no_secret_or_token_in_any_output(tmp_path: Path, caplog: pytest.L
         sub = tmp_path / name
         sub.mkdir()
         (sub / "secret.key").write_text(key_text + "\n")
-        write_config(sub, oauth, name=name)
+        write_oauth_config(sub, oauth, name=name)
         if name == "azure-delegated":
             assert await asyncio.to_thread(cli, ["oauth", "authorize"], "", sub) == 0
         if name == "google-user":

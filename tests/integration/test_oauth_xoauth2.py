@@ -9,7 +9,7 @@ import pytest
 
 from relayd.oauth.source import OAuthTokenSource, build_token_source
 from tests.support.clock import FakeClock
-from tests.support.oauth_helpers import encrypt_with, smarthost, write_config, write_key
+from tests.support.oauth_helpers import encrypt_with, smarthost, write_key, write_oauth_config
 from tests.support.oauth_server import FakeTokenServer, TokenServers
 from tests.support.xoauth2_upstream import XOAuth2Handler, start_upstream
 
@@ -23,7 +23,7 @@ def server(token_server: TokenServers) -> FakeTokenServer:
 
 def make_source(tmp_path: Path, server: FakeTokenServer) -> OAuthTokenSource:
     key_file = write_key(tmp_path)
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1

@@ -16,11 +16,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from relayd.config.load import load_config
 from relayd.config.schema import Config
 from relayd.daemon.app import Daemon
+from tests.support.config_builder import ConfigBuilder
 from tests.support.smtpclient import smtp_greets
 from tests.support.waiting import wait_until as wait_until  # re-exported for the tests
 from tests.support.waiting import wait_until_sync
@@ -35,24 +34,8 @@ def free_port() -> int:
 
 
 def write_config(path: Path, smarthosts: list[dict[str, Any]], **extra: Any) -> Path:
-    """Write a relayd.yaml under ``path`` with test-friendly defaults; returns its path."""
-    data: dict[str, Any] = {
-        "hostname": "relay.test.example",
-        "listen": [f"127.0.0.1:{extra.pop('port', 0)}"],
-        "spool": {"path": str(path / "spool"), "retry": {"initial": "200ms", "max_interval": "1s"}},
-        "state_dir": str(path / "state"),
-        "secrets": {"key_file": str(path / "secret.key")},
-        "smarthosts": smarthosts,
-        "logging": {"level": "info"},
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    cfg = path / "relayd.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    return cfg
+    """Write ``path``/relayd.yaml with the test defaults (``ConfigBuilder(path).write``)."""
+    return ConfigBuilder(path).write(smarthosts, **extra)
 
 
 def upstream_smarthost(up: Any, name: str = "primary", **kw: Any) -> dict[str, Any]:
