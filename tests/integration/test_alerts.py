@@ -12,6 +12,7 @@ import trustme
 
 from relayd.config.schema import AlertsConfig
 from relayd.control.alerts import Alerts
+from tests.support.clock import FakeClock
 
 
 class Receiver:
@@ -50,16 +51,7 @@ class Receiver:
         writer.close()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_763_700_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def test_one_alert_per_outage_and_one_recovery() -> None:
-    clock = Clock()
+async def test_one_alert_per_outage_and_one_recovery(clock: FakeClock) -> None:
     async with Receiver() as rx:
         alerts = Alerts(AlertsConfig(webhook=f"http://127.0.0.1:{rx.port}/hook?x=1"),
                         hostname="relay.example.com", clock=clock)
@@ -90,8 +82,7 @@ async def test_one_alert_per_outage_and_one_recovery() -> None:
         await alerts.close()
 
 
-async def test_reminder_after_renotify_interval_and_per_key_dedupe() -> None:
-    clock = Clock()
+async def test_reminder_after_renotify_interval_and_per_key_dedupe(clock: FakeClock) -> None:
     async with Receiver() as rx:
         alerts = Alerts(AlertsConfig(webhook=f"http://127.0.0.1:{rx.port}/"),
                         hostname="h", clock=clock, renotify_after=3600)
@@ -207,9 +198,8 @@ async def test_no_channel_configured_is_silent(events) -> None:
     assert alerts.sent == 0
 
 
-async def test_many_keys_of_one_event_are_capped_per_hour() -> None:
+async def test_many_keys_of_one_event_are_capped_per_hour(clock: FakeClock) -> None:
     """500 messages failing for the same reason must not become 500 alerts."""
-    clock = Clock()
     async with Receiver() as rx:
         alerts = Alerts(AlertsConfig(webhook=f"http://127.0.0.1:{rx.port}/"), hostname="h",
                         clock=clock, event_burst=3, event_window=3600)

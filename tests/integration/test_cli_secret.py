@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relayd import secrets as sec
 from relayd.config.load import load_config
+from tests.support.config_builder import ConfigBuilder
 from tests.support.oauth_helpers import run_cli
 
 SECRET = "smtp-password-s3cr3t"
@@ -25,22 +27,10 @@ def relayd(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def minimal_config(tmp_path: Path, password_line: str = "", key: str = "keys/secret.key") -> Path:
-    cfg = tmp_path / "relayd.yaml"
-    text = f"""\
-hostname: relay.example.com
-state_dir: {tmp_path / 'state'}
-spool: {{path: {tmp_path / 'spool'}}}
-secrets: {{key_file: {key}}}
-smarthosts:
-  - name: primary
-    host: smtp.example.com
-    auth:
-      method: plain
-      username: app@example.com
-      {password_line}
-"""
-    cfg.write_text(text)
-    return cfg
+    """One smarthost with AUTH PLAIN; ``password_line`` is its ``password*:`` setting in YAML."""
+    auth = {"method": "plain", "username": "app@example.com", **(yaml.safe_load(password_line) or {})}
+    return ConfigBuilder(tmp_path).write([{"name": "primary", "host": "smtp.example.com", "auth": auth}],
+                                         hostname="relay.example.com", secrets={"key_file": key})
 
 
 def test_keygen_creates_0600_key_relative_to_config_and_refuses_overwrite(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.model import State
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, Upstreams
 
 MSG = b"From: relay@example.com\r\nTo: user@example.net\r\nSubject: oauth\r\n\r\nbody\r\n"
 
@@ -24,22 +24,20 @@ def oauth_entry(up: FakeUpstream, ts: FakeTokenServer, secret: str) -> dict[str,
                   "client_secret": secret, "grant": "client_credentials", "scope": "smtp"}})
 
 
-async def test_token_fetched_once_for_many_messages_and_expiry_metric(tmp_path: Path) -> None:
-    ts = FakeTokenServer(clients={"relayd": "client-secret-value"}).start()
-    try:
-        async with FakeUpstream(auth=("XOAUTH2",), require_auth=True) as up:
-            up.tokens = ts.issued  # type: ignore[assignment]  # live: every token the server issued
-            metrics_port = free_port()
-            cfg = write_config(tmp_path, [oauth_entry(up, ts, "client-secret-value")],
-                               metrics={"listen": f"127.0.0.1:{metrics_port}"})
-            async with running_relay(cfg) as relay:
-                for _ in range(3):
-                    await relay.send(MSG)
-                await wait_until(lambda: len(up.messages) == 3, what="three deliveries")
-                url = f"http://127.0.0.1:{metrics_port}/metrics"
-                text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
-    finally:
-        ts.stop()
+async def test_token_fetched_once_for_many_messages_and_expiry_metric(
+        tmp_path: Path, token_server: TokenServers, upstream: Upstreams) -> None:
+    ts = token_server(clients={"relayd": "client-secret-value"})
+    up = await upstream(auth=("XOAUTH2",), require_auth=True)
+    up.tokens = ts.issued  # type: ignore[assignment]  # live: every token the server issued
+    metrics_port = free_port()
+    cfg = write_config(tmp_path, [oauth_entry(up, ts, "client-secret-value")],
+                       metrics={"listen": f"127.0.0.1:{metrics_port}"})
+    async with running_relay(cfg) as relay:
+        for _ in range(3):
+            await relay.send(MSG)
+        await wait_until(lambda: len(up.messages) == 3, what="three deliveries")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
     assert ts.token_requests == 1
     assert all(m.auth_mechanism == "XOAUTH2" for m in up.messages)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -48,19 +46,17 @@ async def test_token_fetched_once_for_many_messages_and_expiry_metric(tmp_path: 
     assert samples[("relayd_deliveries_total", (("smarthost", "primary"), ("status", "sent")))] == 3
 
 
-async def test_rejected_client_secret_makes_mail_wait_and_alerts(tmp_path: Path) -> None:
-    ts = FakeTokenServer(clients={"relayd": "the-right-secret"}).start()
-    try:
-        async with FakeUpstream(auth=("XOAUTH2",), require_auth=True) as up:
-            cfg = write_config(tmp_path, [oauth_entry(up, ts, "a-wrong-secret")],
-                               alerts={"events": ["token_refresh_failed"]})
-            async with running_relay(cfg) as relay:
-                qid = await relay.send(MSG)
-                await wait_until(lambda: ("token_refresh_failed", "primary") in relay.daemon.delivery.alerts.active,
-                                 what="token_refresh_failed alert")
-                entry = relay.daemon.spool.get(qid)
-    finally:
-        ts.stop()
+async def test_rejected_client_secret_makes_mail_wait_and_alerts(
+        tmp_path: Path, token_server: TokenServers, upstream: Upstreams) -> None:
+    ts = token_server(clients={"relayd": "the-right-secret"})
+    up = await upstream(auth=("XOAUTH2",), require_auth=True)
+    cfg = write_config(tmp_path, [oauth_entry(up, ts, "a-wrong-secret")],
+                       alerts={"events": ["token_refresh_failed"]})
+    async with running_relay(cfg) as relay:
+        qid = await relay.send(MSG)
+        await wait_until(lambda: ("token_refresh_failed", "primary") in relay.daemon.delivery.alerts.active,
+                         what="token_refresh_failed alert")
+        entry = relay.daemon.spool.get(qid)
     assert up.messages == []
     # It waits, never bounces; the attempt that found no token counts (SPEC "attempts"; this
     # test asserted 0 before issue 14).

@@ -17,6 +17,7 @@ from relayd.errors import OAuthError
 from relayd.model import Status
 from relayd.secrets import Secret
 from tests.support.upstream import FakeUpstream
+from tests.support.waiting import wait_until
 
 MSG = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"
 PASSWORD = "s3cret-Pa55word"
@@ -313,9 +314,8 @@ async def test_idle_connection_closed_by_server_is_replaced() -> None:
         await pool.deliver("Q1", MSG, "a@example.com", ["b@example.net"])
         for proto in list(up._protocols):
             proto.transport.close()
-        deadline = time.monotonic() + 5
-        while pool.statistics().idle and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: not pool.statistics().idle, 5, "the closed idle connection noticed",
+                         interval=0.01)
         result = await pool.deliver("Q2", MSG, "a@example.com", ["b@example.net"])
         assert result.delivered == ("b@example.net",)
         assert up.connections == 2
@@ -460,9 +460,7 @@ async def test_cancelled_delivery_does_not_leave_a_reusable_connection() -> None
         pool = SmarthostPool(up.smarthost(), hostname="relay.test", data_timeout=30)
         task = asyncio.create_task(pool.deliver("Q1", MSG, "a@example.com", ["b@example.net"]))
         await up.wait_connections(1)
-        deadline = time.monotonic() + 5
-        while "DATA" not in up.commands and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: "DATA" in up.commands, 5, "DATA at the upstream", interval=0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -494,9 +492,7 @@ async def test_old_connections_are_retired_and_idle_ones_reaped(monkeypatch: pyt
         monkeypatch.setattr(fw, "MAX_CONNECTION_AGE", 300.0)
         monkeypatch.setattr(fw, "IDLE_CLOSE_AFTER", 0.05)
         assert (await pool.deliver("Q3", MSG, "a@example.com", ["b@example.net"])).delivered
-        deadline = time.monotonic() + 5
-        while up.open_sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: not up.open_sessions, 5, "the idle connection reaped")
         assert up.open_sessions == 0 and pool.statistics().open_connections == 0
         await pool.aclose()
         assert up.commands.count("QUIT") == 2

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from relayd.delivery.qmgr import Pool
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, Envelope, Message, State
 from relayd.spool.store import Spool
+from tests.support.clock import JumpingClock
 from tests.support.crashload import KillableRelay, message
 from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.smtpclient import RawClient
@@ -217,16 +217,6 @@ async def test_corrupt_files_found_at_start_are_set_aside_and_the_rest_delivered
     assert sum("spool file set aside" in r.getMessage() for r in caplog.records) == 2
 
 
-class JumpingClock:
-    """Wall clock for the daemon that an operator (or a broken NTP) can move."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 @pytest.mark.parametrize("jump_days", [5.0, -3.0])
 async def test_wall_clock_jump_neither_expires_nor_strands_queued_mail(
         tmp_path: Path, jump_days: float, caplog: pytest.LogCaptureFixture) -> None:
@@ -241,7 +231,7 @@ async def test_wall_clock_jump_neither_expires_nor_strands_queued_mail(
             for n in range(3):
                 await relay.send(message(f"j{n}"))
             await wait_until(lambda: up.connections >= 2, what="deferred attempts")
-            clock.offset = jump_days * 86400
+            clock.advance(jump_days * 86400)
             await wait_until(lambda: "the wall clock jumped" in caplog.text, what="the jump noticed")
             up.replies = {}
             await wait_until(lambda: len(up.messages) == 3, timeout=15,

@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
-from tests.support.oauth_helpers import FakeClock, encrypt_with, run_cli, smarthost, write_config, write_key
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_key, write_oauth_config
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 SECRET = "azure-client-secret~abc.123"
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTokenServer]:
-    ca = trustme.CA()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    # MSAL (requests) verifies the fake authority with the test CA, as it would a real one.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
-    srv = FakeTokenServer(ssl_context=ctx, clients={"azure-app": SECRET, "public-app": ""}).start()
-    yield srv
-    srv.stop()
+def server(token_server: TokenServers) -> FakeTokenServer:
+    # HTTPS: MSAL (requests) verifies the fake authority with the test CA, as it would a real one.
+    return token_server(https=True, clients={"azure-app": SECRET, "public-app": ""})
 
 
 def app_only_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: azure
         tenant_id: tenant1
         client_id: azure-app
@@ -42,9 +32,8 @@ def app_only_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> 
     """)
 
 
-async def test_app_only_client_credentials_via_msal(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_app_only_client_credentials_via_msal(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
-    clock = FakeClock()
     source = build_token_source(smarthost(app_only_config(tmp_path, server, key_file)),
                                 state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     first = await source.get_token()
@@ -77,11 +66,10 @@ async def test_app_only_wrong_secret_is_permanent(tmp_path: Path, server: FakeTo
     assert SECRET not in str(info.value)
 
 
-async def test_app_only_authority_down_is_temporary(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_app_only_authority_down_is_temporary(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
     cfg = app_only_config(tmp_path, server, key_file)
     server.stop()
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     with pytest.raises(OAuthError) as info:
         await source.get_token()
@@ -92,7 +80,7 @@ async def test_app_only_authority_down_is_temporary(tmp_path: Path, server: Fake
 
 
 def delegated_config(tmp_path: Path, server: FakeTokenServer) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: azure
         tenant_id: tenant1
         client_id: public-app
@@ -100,7 +88,7 @@ def delegated_config(tmp_path: Path, server: FakeTokenServer) -> Path:
     """, username="delegated@example.com")
 
 
-async def test_delegated_device_code_then_rotating_refresh(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_delegated_device_code_then_rotating_refresh(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     write_key(tmp_path)
     server.rotate_refresh_tokens = True
     cfg = delegated_config(tmp_path, server)
@@ -119,7 +107,6 @@ async def test_delegated_device_code_then_rotating_refresh(tmp_path: Path, serve
     for tok in server.issued:
         assert tok.encode() not in stored
 
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg), state_dir=tmp_path / "state",
                                 key_file=tmp_path / "secret.key", clock=clock)
     first = await source.get_token()

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relayd.errors import OAuthError
 from relayd.oauth.source import OAuthTokenSource, TokenStatistics, build_token_source
-from tests.support.oauth_helpers import FakeClock, encrypt_with, smarthost, write_config, write_key
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import encrypt_with, smarthost, write_key, write_oauth_config
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 SECRET = "client-secret-XYZ-123"
 
 
 @pytest.fixture
-def server() -> Iterator[FakeTokenServer]:
-    srv = FakeTokenServer(clients={"app1": SECRET}).start()
-    yield srv
-    srv.stop()
+def server(token_server: TokenServers) -> FakeTokenServer:
+    return token_server(clients={"app1": SECRET})
 
 
 @pytest.fixture
@@ -31,7 +29,7 @@ def key_file(tmp_path: Path) -> Path:
 
 def cc_source(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock,
               **kw: object) -> OAuthTokenSource:
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -43,8 +41,7 @@ def cc_source(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: Fa
                               clock=clock, **kw)  # type: ignore[arg-type]
 
 
-async def test_token_is_fetched_once_and_reused(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
-    clock = FakeClock()
+async def test_token_is_fetched_once_and_reused(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     source = cc_source(tmp_path, server, key_file, clock)
     tokens = {await source.get_token() for _ in range(50)}
     assert len(tokens) == 1
@@ -55,8 +52,7 @@ async def test_token_is_fetched_once_and_reused(tmp_path: Path, server: FakeToke
     assert stats.account == "relay@example.com"
 
 
-async def test_refreshed_ten_minutes_before_expiry(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
-    clock = FakeClock()
+async def test_refreshed_ten_minutes_before_expiry(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     source = cc_source(tmp_path, server, key_file, clock)
     first = await source.get_token()
     clock.advance(3600 - 601)          # 10 min + 1 s before expiry: still good
@@ -70,9 +66,8 @@ async def test_refreshed_ten_minutes_before_expiry(tmp_path: Path, server: FakeT
     assert server.counts["client_credentials"] == 3
 
 
-async def test_short_lived_tokens_refresh_at_half_life(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+async def test_short_lived_tokens_refresh_at_half_life(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     server.lifetime = 300              # shorter than the margin: not refetched on every call
-    clock = FakeClock()
     source = cc_source(tmp_path, server, key_file, clock)
     first = await source.get_token()
     clock.advance(149)
@@ -82,8 +77,8 @@ async def test_short_lived_tokens_refresh_at_half_life(tmp_path: Path, server: F
     assert server.counts["client_credentials"] == 2
 
 
-async def test_invalidate_causes_exactly_one_refresh(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
-    source = cc_source(tmp_path, server, key_file, FakeClock())
+async def test_invalidate_causes_exactly_one_refresh(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
+    source = cc_source(tmp_path, server, key_file, clock)
     first = await source.get_token()
     source.invalidate(first)
     source.invalidate(first)           # a second report of the same token changes nothing
@@ -94,9 +89,9 @@ async def test_invalidate_causes_exactly_one_refresh(tmp_path: Path, server: Fak
     assert server.counts["client_credentials"] == 2
 
 
-async def test_concurrent_callers_share_one_request(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+async def test_concurrent_callers_share_one_request(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     server.gate = threading.Event()    # hold the endpoint until every caller is waiting
-    source = cc_source(tmp_path, server, key_file, FakeClock())
+    source = cc_source(tmp_path, server, key_file, clock)
     tasks = [asyncio.create_task(source.get_token()) for _ in range(20)]
     for _ in range(100):
         await asyncio.sleep(0)         # let every task reach the lock
@@ -106,8 +101,7 @@ async def test_concurrent_callers_share_one_request(tmp_path: Path, server: Fake
     assert server.counts["client_credentials"] == 1
 
 
-async def test_endpoint_down_is_temporary_then_recovers(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
-    clock = FakeClock()
+async def test_endpoint_down_is_temporary_then_recovers(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     statuses: list[TokenStatistics] = []
     source = cc_source(tmp_path, server, key_file, clock, on_status=statuses.append)
     server.stop()
@@ -126,18 +120,18 @@ async def test_endpoint_down_is_temporary_then_recovers(tmp_path: Path, server: 
     assert [s.last_error is None for s in statuses] == [False, True]
 
 
-async def test_server_error_is_temporary(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+async def test_server_error_is_temporary(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     server.fail_status = 503
-    source = cc_source(tmp_path, server, key_file, FakeClock())
+    source = cc_source(tmp_path, server, key_file, clock)
     with pytest.raises(OAuthError) as info:
         await source.get_token()
     assert not info.value.permanent
     assert "HTTP 503" in str(info.value)
 
 
-async def test_wrong_client_secret_is_permanent(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+async def test_wrong_client_secret_is_permanent(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     server.clients["app1"] = "another-secret"
-    source = cc_source(tmp_path, server, key_file, FakeClock())
+    source = cc_source(tmp_path, server, key_file, clock)
     with pytest.raises(OAuthError) as info:
         await source.get_token()
     assert info.value.permanent
@@ -147,7 +141,7 @@ async def test_wrong_client_secret_is_permanent(tmp_path: Path, server: FakeToke
 
 
 def rt_config(tmp_path: Path, server: FakeTokenServer, rt_file: Path) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -157,14 +151,13 @@ def rt_config(tmp_path: Path, server: FakeTokenServer, rt_file: Path) -> Path:
     """)
 
 
-async def test_refresh_token_rotation_is_saved_encrypted(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+async def test_refresh_token_rotation_is_saved_encrypted(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     server.rotate_refresh_tokens = True
     server.refresh_tokens["rt-initial"] = "relay@example.com"
     (tmp_path / "client_secret").write_text(SECRET + "\n")
     rt_file = tmp_path / "refresh_token"
     rt_file.write_text("rt-initial\n")
     cfg = rt_config(tmp_path, server, rt_file)
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     first = await source.get_token()
     assert server.requests[-1]["refresh_token"] == "rt-initial"
@@ -192,13 +185,13 @@ async def test_refresh_token_rotation_is_saved_encrypted(tmp_path: Path, server:
     assert server.requests[-1]["refresh_token"] == "rt-replaced"
 
 
-async def test_invalid_grant_is_permanent_with_authorize_hint(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+async def test_invalid_grant_is_permanent_with_authorize_hint(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     (tmp_path / "client_secret").write_text(SECRET)
     rt_file = tmp_path / "refresh_token"
     rt_file.write_text("rt-revoked\n")
     statuses: list[TokenStatistics] = []
     source = build_token_source(smarthost(rt_config(tmp_path, server, rt_file)), state_dir=tmp_path / "state",
-                                key_file=key_file, clock=FakeClock(), on_status=statuses.append)
+                                key_file=key_file, clock=clock, on_status=statuses.append)
     with pytest.raises(OAuthError) as info:
         await source.get_token()
     assert info.value.permanent
@@ -208,8 +201,7 @@ async def test_invalid_grant_is_permanent_with_authorize_hint(tmp_path: Path, se
     assert "rt-revoked" not in str(info.value)
 
 
-async def test_cache_survives_restart_and_is_encrypted(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
-    clock = FakeClock()
+async def test_cache_survives_restart_and_is_encrypted(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     first = await cc_source(tmp_path, server, key_file, clock).get_token()
     cache = next((tmp_path / "state" / "oauth").glob("*.token"))
     assert first.encode() not in cache.read_bytes()
@@ -224,7 +216,7 @@ async def test_cache_survives_restart_and_is_encrypted(tmp_path: Path, server: F
     (tmp_path / "k2").mkdir()
     fresh_key = write_key(tmp_path / "k2")
     cfg_source = build_token_source(
-        smarthost(write_config(tmp_path, f"""
+        smarthost(write_oauth_config(tmp_path, f"""
             provider: generic
             token_url: {server.token_url}
             client_id: app1
@@ -235,10 +227,9 @@ async def test_cache_survives_restart_and_is_encrypted(tmp_path: Path, server: F
     assert await cfg_source.get_token() != first
 
 
-async def test_changed_settings_discard_the_cache(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
-    clock = FakeClock()
+async def test_changed_settings_discard_the_cache(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     first = await cc_source(tmp_path, server, key_file, clock).get_token()
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -251,7 +242,7 @@ async def test_changed_settings_discard_the_cache(tmp_path: Path, server: FakeTo
 
 async def test_missing_key_file_still_gives_tokens_in_memory(tmp_path: Path, server: FakeTokenServer,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1
@@ -265,10 +256,10 @@ async def test_missing_key_file_still_gives_tokens_in_memory(tmp_path: Path, ser
     assert not (tmp_path / "state" / "oauth").exists() or not list((tmp_path / "state" / "oauth").glob("*.token"))
 
 
-def test_oauth_token_command_prints_account_and_expiry_never_the_token(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> None:
+def test_oauth_token_command_prints_account_and_expiry_never_the_token(tmp_path: Path, server: FakeTokenServer, key_file: Path, clock: FakeClock) -> None:
     from tests.support.oauth_helpers import run_cli
 
-    cc_source(tmp_path, server, key_file, FakeClock())     # writes the config
+    cc_source(tmp_path, server, key_file, clock)     # writes the config
     result = run_cli(["-c", str(tmp_path / "relayd.yaml"), "oauth", "token", "--smarthost", "m365"])
     assert result.code == 0, result.out + result.err
     assert result.out.startswith("m365: token OK for relay@example.com via generic client_credentials")
@@ -298,7 +289,7 @@ async def test_unusable_settings_fail_at_first_use_not_at_build(tmp_path: Path, 
 def test_check_config_requires_tenant_for_azure_app_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.support.oauth_helpers import run_cli
 
-    cfg = write_config(tmp_path, """
+    cfg = write_oauth_config(tmp_path, """
         provider: azure
         client_id: c
         client_secret_env: AZ_SECRET
@@ -310,10 +301,10 @@ def test_check_config_requires_tenant_for_azure_app_only(tmp_path: Path, monkeyp
 
 
 async def test_unwritable_state_dir_still_gives_tokens(tmp_path: Path, server: FakeTokenServer, key_file: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+                                                       caplog: pytest.LogCaptureFixture, clock: FakeClock) -> None:
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("")
-    cfg_source = cc_source(tmp_path, server, key_file, FakeClock())
+    cfg_source = cc_source(tmp_path, server, key_file, clock)
     source = build_token_source(smarthost(tmp_path / "relayd.yaml"), state_dir=blocked, key_file=key_file)
     assert cfg_source is not None
     token = await source.get_token()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,17 @@ from cryptography.hazmat.primitives import serialization
 
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source
-from tests.support.oauth_helpers import FakeClock, encrypt_with, run_cli, smarthost, write_config, write_key
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import encrypt_with, run_cli, smarthost, write_key, write_oauth_config
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 
 CLIENT_SECRET = "GOCSPX-google-desktop-secret"
 SA_EMAIL = "relayd@project.iam.gserviceaccount.com"
 
 
 @pytest.fixture
-def server() -> Iterator[FakeTokenServer]:
-    srv = FakeTokenServer(clients={"desktop.apps.googleusercontent.com": CLIENT_SECRET}).start()
-    yield srv
-    srv.stop()
+def server(token_server: TokenServers) -> FakeTokenServer:
+    return token_server(clients={"desktop.apps.googleusercontent.com": CLIENT_SECRET})
 
 
 def service_account_file(tmp_path: Path, server: FakeTokenServer) -> Path:
@@ -39,15 +37,14 @@ def service_account_file(tmp_path: Path, server: FakeTokenServer) -> Path:
     return path
 
 
-async def test_service_account_domain_wide_delegation(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_service_account_domain_wide_delegation(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: google
         service_account_file: {service_account_file(tmp_path, server)}
         subject: mailer@example.com
         token_url: {server.token_url}
     """, username="mailer@example.com", name="gmail")
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg, "gmail"), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     token = await source.get_token()
     assert token.startswith("at-")
@@ -66,7 +63,7 @@ async def test_service_account_unknown_to_the_server_is_permanent(tmp_path: Path
     key_file = write_key(tmp_path)
     sa = service_account_file(tmp_path, server)
     server.service_accounts.clear()           # e.g. delegation revoked / key deleted
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: google
         service_account_file: {sa}
         subject: mailer@example.com
@@ -80,7 +77,7 @@ async def test_service_account_unknown_to_the_server_is_permanent(tmp_path: Path
 
 
 def user_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> Path:
-    return write_config(tmp_path, f"""
+    return write_oauth_config(tmp_path, f"""
         provider: google
         client_id: desktop.apps.googleusercontent.com
         client_secret: "{encrypt_with(key_file, CLIENT_SECRET)}"
@@ -88,7 +85,7 @@ def user_config(tmp_path: Path, server: FakeTokenServer, key_file: Path) -> Path
     """, username="someone@gmail.com", name="gmail")
 
 
-async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
     cfg = user_config(tmp_path, server, key_file)
     server.auth_codes["4/0Acode"] = "someone@gmail.com"
@@ -104,7 +101,6 @@ async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, serve
     exchange = server.requests[-1]
     assert exchange["grant_type"] == "authorization_code" and exchange["code_verifier"]
 
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg, "gmail"), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     token = await source.get_token()
     assert server.requests[-1]["grant_type"] == "refresh_token"
@@ -125,19 +121,18 @@ async def test_authorize_by_pasted_code_then_refresh_token(tmp_path: Path, serve
     assert "invalid_grant" in report.out and "relayd oauth authorize --smarthost gmail" in report.out
 
 
-async def test_refresh_token_file_and_endpoint_down(tmp_path: Path, server: FakeTokenServer) -> None:
+async def test_refresh_token_file_and_endpoint_down(tmp_path: Path, server: FakeTokenServer, clock: FakeClock) -> None:
     key_file = write_key(tmp_path)
     server.refresh_tokens["1//rt-from-file"] = "someone@gmail.com"
     rt_file = tmp_path / "gmail.rt"
     rt_file.write_text(encrypt_with(key_file, "1//rt-from-file") + "\n")   # enc: in the file works
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: google
         client_id: desktop.apps.googleusercontent.com
         client_secret: "{encrypt_with(key_file, CLIENT_SECRET)}"
         token_url: {server.token_url}
         refresh_token_file: {rt_file}
     """, name="gmail")
-    clock = FakeClock()
     source = build_token_source(smarthost(cfg, "gmail"), state_dir=tmp_path / "state", key_file=key_file, clock=clock)
     server.stop()
     with pytest.raises(OAuthError) as info:

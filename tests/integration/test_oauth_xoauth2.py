@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
 from relayd.oauth.source import OAuthTokenSource, build_token_source
-from tests.support.oauth_helpers import FakeClock, encrypt_with, smarthost, write_config, write_key
-from tests.support.oauth_server import FakeTokenServer
+from tests.support.clock import FakeClock
+from tests.support.oauth_helpers import encrypt_with, smarthost, write_key, write_oauth_config
+from tests.support.oauth_server import FakeTokenServer, TokenServers
 from tests.support.xoauth2_upstream import XOAuth2Handler, start_upstream
 
 SECRET = "xoauth2-client-secret"
 
 
 @pytest.fixture
-def server() -> Iterator[FakeTokenServer]:
-    srv = FakeTokenServer(clients={"app1": SECRET}).start()
-    yield srv
-    srv.stop()
+def server(token_server: TokenServers) -> FakeTokenServer:
+    return token_server(clients={"app1": SECRET})
 
 
 def make_source(tmp_path: Path, server: FakeTokenServer) -> OAuthTokenSource:
     key_file = write_key(tmp_path)
-    cfg = write_config(tmp_path, f"""
+    cfg = write_oauth_config(tmp_path, f"""
         provider: generic
         token_url: {server.token_url}
         client_id: app1

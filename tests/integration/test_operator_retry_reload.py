@@ -17,9 +17,9 @@ from pathlib import Path
 import aiosmtplib
 import yaml
 
-from tests.support.operator import Operator, poll
+from tests.support.operator import Operator
 from tests.support.relay import free_port, upstream_smarthost, wait_until
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, Upstreams
 
 HOUR = {"retry": {"initial": "1h", "max_interval": "2h"}}
 LATER = "451 4.3.0 Try again later"
@@ -79,10 +79,11 @@ def rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(tmp_path: Path) -> None:
+async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(
+        tmp_path: Path, upstream: Upstreams) -> None:
     """1,000 messages queued while the smarthost is down, `retry: {initial: 1h}`: once it is
     back, `queue retry --all` delivers them all within a minute, in bounded memory."""
-    up = FakeUpstream(port=free_port())  # not listening yet: connection refused
+    up = await upstream(listening=False, port=free_port())  # connection refused until started
     op = Operator(tmp_path, [upstream_smarthost(up, max_connections=4)], spool=HOUR)
     await op.start()
     try:
@@ -96,7 +97,7 @@ async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(tm
         async def all_queued() -> bool:
             rows = await op.queue()
             return len(rows) == 1000 and any(r["attempts"] >= 1 for r in rows)
-        await poll(all_queued, 30, "1,000 queued messages and a first attempt")
+        await wait_until(all_queued, 30, "1,000 queued messages and a first attempt")
         assert len(paused_lines(op)) == 1, paused_lines(op)  # one outage, one pause
         await up.start()
         retry = await op.cli("queue", "retry", "--all")
@@ -123,10 +124,9 @@ async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(tm
 
         async def empty() -> bool:
             return await op.queue() == []
-        await poll(empty, 30, "an empty queue")
+        await wait_until(empty, 30, "an empty queue")
     finally:
         await op.stop()
-        await up.stop()
 
 
 async def test_a_refused_reload_changes_nothing_across_retries_and_a_restart(tmp_path: Path) -> None:

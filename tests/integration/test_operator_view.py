@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.oauth_server import FakeTokenServer
-from tests.support.operator import Operator, poll
+from tests.support.oauth_server import FakeTokenServer, TokenServers
+from tests.support.operator import Operator
 from tests.support.relay import free_port, upstream_smarthost, wait_until
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, Upstreams
 
 RCPT = "user@example.net"
 HOUR = {"retry": {"initial": "1h", "max_interval": "2h"}}
@@ -112,9 +112,9 @@ def _smarthost(up: FakeUpstream, case: Case, tokens: FakeTokenServer) -> dict[st
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cleared(
-        tmp_path: Path, case: Case) -> None:
-    tokens = FakeTokenServer(clients={"app1": "not-the-configured-secret"}).start()
-    up = FakeUpstream(port=free_port(), **case.upstream)
+        tmp_path: Path, case: Case, token_server: TokenServers, upstream: Upstreams) -> None:
+    tokens = token_server(clients={"app1": "not-the-configured-secret"})
+    up = await upstream(listening=False, port=free_port(), **case.upstream)
     if case.oauth:
         up.auth, up.require_auth, up.tokens = ("XOAUTH2",), True, IssuedTokens(tokens)
     if case.listening:
@@ -149,11 +149,9 @@ async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cl
 
         async def gone() -> bool:
             return await op.entry(qid) is None
-        await poll(gone, 10, "the delivered message to leave the queue")
+        await wait_until(gone, 10, "the delivered message to leave the queue")
         final = op.delivery_lines(qid)[-1]
         assert "status=sent" in final and "attempts=2," in final, final
         assert up.messages[0].rcpt_tos == [RCPT]
     finally:
         await op.stop()
-        await up.stop()
-        tokens.stop()

@@ -65,16 +65,12 @@ async def test_metrics_during_a_run_with_deliveries_deferrals_and_suppressions(t
             await wait_until(lambda: relay.daemon.spool.list() and relay.daemon.spool.list()[0].attempts == 1,
                              what="deferral recorded")
             url = f"http://127.0.0.1:{port}/metrics"
-            text = ""
 
-            async def scrape() -> str:
-                return (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+            async def scrape() -> str | None:
+                text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+                return text if 'relayd_queue_messages{state="queued"} 1.0' in text else None
             # The queue gauges are refreshed by housekeeping (every 0.2 s here): poll with a deadline.
-            for _ in range(100):
-                text = await scrape()
-                if 'relayd_queue_messages{state="queued"} 1.0' in text:
-                    break
-                await asyncio.sleep(0.1)
+            text = await wait_until(scrape, 10, "the queued gauge at 1", interval=0.1)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     assert samples[("relayd_messages_received_total", ())] == 1

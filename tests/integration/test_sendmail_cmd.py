@@ -15,6 +15,7 @@ import pytest
 
 from relayd.cli import IO
 from relayd.commands import sendmail
+from tests.support.config_builder import ConfigBuilder
 from tests.support.ops_smtp import RecordingServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,16 +28,8 @@ def daemon():
 
 
 def _config(tmp_path: Path, port: int) -> Path:
-    cfg = tmp_path / "relayd.yaml"
-    cfg.write_text(f"""
-hostname: host.example.com
-local_domain: example.com
-listen: ["127.0.0.1:{port}"]
-spool: {{path: {tmp_path / 'spool'}}}
-state_dir: {tmp_path / 'state'}
-smarthosts: [{{name: preview, outbox: {tmp_path / 'outbox'}}}]
-""")
-    return cfg
+    return ConfigBuilder(tmp_path).write([{"name": "preview", "outbox": str(tmp_path / "outbox")}],
+                                         hostname="host.example.com", local_domain="example.com", port=port)
 
 
 @pytest.fixture

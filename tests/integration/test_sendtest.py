@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from relayd import cli
+from tests.support.config_builder import ConfigBuilder
 from tests.support.upstream import FakeUpstream
 
 PASSWORD = "Sup3r-Secret-pw"
@@ -31,14 +31,6 @@ def smarthost_entry(up: FakeUpstream | None, *, name: str = "primary", port: int
         entry.update(port=port, tls="none")
     entry.update(extra)
     return entry
-
-
-def write_config(tmp_path: Path, *smarthosts: dict[str, Any]) -> Path:
-    cfg = {"hostname": "relay.test.example", "spool": {"path": str(tmp_path / "spool")},
-           "state_dir": str(tmp_path / "state"), "smarthosts": list(smarthosts)}
-    path = tmp_path / "relayd.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 async def send_test(config: Path, *args: str) -> tuple[int, str]:
@@ -58,10 +50,10 @@ def auth(method: str = "auto", password: str = PASSWORD) -> dict[str, Any]:
     return {"method": method, "username": "relay@example.com", "password": password}
 
 
-async def test_success_prints_the_conversation_and_leaves_no_spool(tmp_path: Path) -> None:
+async def test_success_prints_the_conversation_and_leaves_no_spool(tmp_path: Path, config_builder: ConfigBuilder) -> None:
     async with FakeUpstream(tls="starttls", auth=("PLAIN", "LOGIN"),
                             credentials={"relay@example.com": PASSWORD}, require_auth=True) as up:
-        config = write_config(tmp_path, smarthost_entry(up, auth=auth()))
+        config = config_builder.write([smarthost_entry(up, auth=auth())])
         code, output = await send_test(config, "--to", "ops@example.net")
         assert code == 0
         assert "result: delivered" in output and "send-test: delivered" in output
@@ -74,9 +66,9 @@ async def test_success_prints_the_conversation_and_leaves_no_spool(tmp_path: Pat
     assert not (tmp_path / "spool").exists() or not any((tmp_path / "spool").rglob("*"))
 
 
-async def test_from_option_sets_the_sender(tmp_path: Path) -> None:
+async def test_from_option_sets_the_sender(config_builder: ConfigBuilder) -> None:
     async with FakeUpstream() as up:
-        config = write_config(tmp_path, smarthost_entry(up))
+        config = config_builder.write([smarthost_entry(up)])
         code, _ = await send_test(config, "--to", "ops@example.net", "--from", "me@example.com")
         assert code == 0
         assert up.messages[0].mail_from == "me@example.com"
@@ -104,12 +96,12 @@ async def test_from_option_sets_the_sender(tmp_path: Path) -> None:
     ({"replies": {"greeting": "421 4.3.2 Service not available"}}, {}, "status page"),
     ({"hang_at": "greeting"}, {"timeout": "0.3s"}, "try port 587"),
 ])
-async def test_failure_diagnosis(tmp_path: Path, fake: dict[str, Any], entry: dict[str, Any],
+async def test_failure_diagnosis(config_builder: ConfigBuilder, fake: dict[str, Any], entry: dict[str, Any],
                                  expected: str) -> None:
     async with FakeUpstream(**fake) as up:
         if entry.get("ca_file") == "OTHER":
             entry = {**entry, "ca_file": str(up.other_ca_file)}
-        config = write_config(tmp_path, smarthost_entry(up, **entry))
+        config = config_builder.write([smarthost_entry(up, **entry)])
         code, output = await send_test(config, "--to", "ops@example.net")
         assert code == 1
         assert "send-test: NOT delivered" in output
@@ -118,61 +110,61 @@ async def test_failure_diagnosis(tmp_path: Path, fake: dict[str, Any], entry: di
         assert_no_secret(output)
 
 
-async def test_connection_refused_suggests_port_587(tmp_path: Path) -> None:
+async def test_connection_refused_suggests_port_587(config_builder: ConfigBuilder) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = write_config(tmp_path, smarthost_entry(None, port=port))
+    config = config_builder.write([smarthost_entry(None, port=port)])
     code, output = await send_test(config, "--to", "ops@example.net")
     assert code == 1
     assert "Connection refused" in output and "587" in output
 
 
-async def test_falls_back_to_the_next_smarthost(tmp_path: Path) -> None:
+async def test_falls_back_to_the_next_smarthost(config_builder: ConfigBuilder) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
     async with FakeUpstream() as up:
-        config = write_config(tmp_path, smarthost_entry(None, name="dead", port=dead),
-                              smarthost_entry(up, name="backup"))
+        config = config_builder.write([smarthost_entry(None, name="dead", port=dead),
+                                       smarthost_entry(up, name="backup")])
         code, output = await send_test(config, "--to", "ops@example.net")
         assert code == 0
         assert "smarthost dead[" in output and "smarthost backup[" in output
         assert len(up.messages) == 1
 
 
-async def test_named_smarthost_only(tmp_path: Path) -> None:
+async def test_named_smarthost_only(config_builder: ConfigBuilder) -> None:
     async with FakeUpstream() as first, FakeUpstream() as second:
-        config = write_config(tmp_path, smarthost_entry(first, name="one"),
-                              smarthost_entry(second, name="two"))
+        config = config_builder.write([smarthost_entry(first, name="one"),
+                                       smarthost_entry(second, name="two")])
         code, _ = await send_test(config, "--to", "ops@example.net", "--smarthost", "two")
         assert code == 0
         assert first.messages == [] and len(second.messages) == 1
 
 
-async def test_unknown_smarthost_name_fails(tmp_path: Path) -> None:
+async def test_unknown_smarthost_name_fails(config_builder: ConfigBuilder) -> None:
     async with FakeUpstream() as up:
-        config = write_config(tmp_path, smarthost_entry(up, name="one"))
+        config = config_builder.write([smarthost_entry(up, name="one")])
         code, output = await send_test(config, "--to", "ops@example.net", "--smarthost", "nope")
         assert code == 1
         assert "nope" in output and "one" in output
 
 
-async def test_outbox_smarthost_writes_the_test_message(tmp_path: Path) -> None:
-    config = write_config(tmp_path, {"name": "preview", "outbox": str(tmp_path / "outbox")})
+async def test_outbox_smarthost_writes_the_test_message(tmp_path: Path, config_builder: ConfigBuilder) -> None:
+    config = config_builder.write([{"name": "preview", "outbox": str(tmp_path / "outbox")}])
     code, output = await send_test(config, "--to", "ops@example.net")
     assert code == 0
     assert "written to send-test.eml" in output
     assert (tmp_path / "outbox" / "send-test.eml").exists()
 
 
-async def test_xoauth2_without_a_usable_token_explains_oauth(tmp_path: Path) -> None:
+async def test_xoauth2_without_a_usable_token_explains_oauth(config_builder: ConfigBuilder) -> None:
     async with FakeUpstream(tls="starttls", auth=("XOAUTH2",)) as up:
         entry = smarthost_entry(up, auth={
             "method": "xoauth2", "username": "relay@example.com",
             "oauth": {"provider": "generic", "token_url": "http://127.0.0.1:9/token",
                       "client_id": "cid", "client_secret": PASSWORD}})
-        config = write_config(tmp_path, entry)
+        config = config_builder.write([entry])
         code, output = await send_test(config, "--to", "ops@example.net")
         assert code == 1
         assert "oauth" in output.lower()

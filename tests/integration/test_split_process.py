@@ -74,10 +74,9 @@ async def test_delivery_process_delivers_reports_metrics_and_is_restarted(tmp_pa
                            for fam in text_string_to_metric_families(text) for s in fam.samples}
                 assert samples[("relayd_smarthost_up", (("smarthost", "primary"),))] == 1
                 return samples[("relayd_deliveries_total", (("smarthost", "primary"), ("status", "sent")))]
-            for _ in range(50):
-                if await sent() == 5:
-                    break
-                await asyncio.sleep(0.1)
+            async def all_counted() -> bool:
+                return await sent() == 5
+            await wait_until(all_counted, 5, "5 sent deliveries on /metrics", interval=0.1)
             assert await sent() == 5
 
             os.kill(first, signal.SIGKILL)

@@ -16,21 +16,22 @@ import aiosmtplib
 from tests.support.ops_activation import spawn_socket_activated
 from tests.support.relay import ROOT, free_port, running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
+from tests.support.waiting import wait_until_sync
 
 
 def read_notifications(sock: socket.socket, want: str, timeout: float = 15.0) -> list[str]:
     """Datagrams received until one contains ``want`` (or the deadline)."""
     got: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
+    sock.settimeout(0.05)
+
+    def arrived() -> bool:
         try:
             got.append(sock.recv(4096).decode())
         except TimeoutError:
-            break
-        if want in got[-1]:
-            return got
-    raise AssertionError(f"no {want!r} from relayd; got {got}")
+            return False
+        return want in got[-1]
+    wait_until_sync(arrived, timeout, lambda: f"{want!r} from relayd; got {got}", interval=0)
+    return got
 
 
 async def test_socket_activated_relayd_with_notify_socket(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -193,13 +192,13 @@ def _suppress_list(cfg: Path) -> list[str]:
 async def _listed_within_a_second(cfg: Path, address: str) -> list[str]:
     """Poll ``relayd suppress list --json`` until ``address`` shows; every call that starts
     within a second of the acknowledgement counts."""
-    deadline = time.monotonic() + 1.0
-    while True:
-        started = time.monotonic()
-        listed = await asyncio.to_thread(_suppress_list, cfg)
-        if address in listed:
-            return listed
-        assert started < deadline, f"{address} not listed a second after the 2xx: {listed}"
+    listed: list[str] = []
+
+    async def shows() -> list[str] | None:
+        listed[:] = await asyncio.to_thread(_suppress_list, cfg)
+        return list(listed) if address in listed else None
+    return await wait_until(shows, 1.0, lambda: f"{address} in the list a second after the 2xx: {listed}",
+                            interval=0)
 
 
 async def _start(tmp_path: Path, cfg: Path, smtp_port: int, http_port: int) -> RelayProcess:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any
 import aiosmtplib
 
 from tests.support.relay import ROOT, RelayProcess, wait_for_greeting
+from tests.support.waiting import WaitTimeout, wait_until
 
 _ID = re.compile(rb"^X-Load-Id: (\S+)\r$", re.M)
 
@@ -229,15 +230,16 @@ async def wait_for_delivery(ledger: Ledger, received: Sequence[Any], timeout: fl
                             relay: KillableRelay | None = None) -> None:
     """Wait until every accepted message reached the smarthost (or time out; the verdict
     then names the lost ones)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def all_arrived() -> bool:
         got = {m.group(1).decode() for r in received
                if (m := _ID.search(getattr(r, "data", b""))) is not None}
         if ledger.accepted <= got:
-            return
+            return True
         if relay is not None and not relay.running():
             raise AssertionError(f"relayd died: {relay.returncode()}: {relay.log()[-3000:]}")
-        await asyncio.sleep(0.05)
+        return False
+    with contextlib.suppress(WaitTimeout):
+        await wait_until(all_arrived, timeout, "every accepted message at the smarthost", interval=0.05)
 
 
 async def crash_cycles(relay: KillableRelay, point: str, cycles: int, *, hits: tuple[int, int] = (1, 12),
@@ -249,13 +251,12 @@ async def crash_cycles(relay: KillableRelay, point: str, cycles: int, *, hits: t
     for _ in range(cycles):
         nth = rng.randint(*hits)
         await asyncio.to_thread(relay.start, 15.0, {"RELAYD_CRASH_AT": f"{point}@{nth}"})
-        deadline = time.monotonic() + cycle_timeout
-        while relay.running():
-            if time.monotonic() > deadline:
-                relay.kill9()
-                raise AssertionError(f"{point}@{nth} was not reached in {cycle_timeout}s: "
-                                     f"{relay.log()[-2000:]}")
-            await asyncio.sleep(0.01)
+        try:
+            await wait_until(lambda: not relay.running(), cycle_timeout, f"{point}@{nth}", interval=0.01)
+        except WaitTimeout:
+            relay.kill9()
+            raise AssertionError(f"{point}@{nth} was not reached in {cycle_timeout}s: "
+                                 f"{relay.log()[-2000:]}") from None
         code = relay.returncode()
         assert code is not None
         codes.append(code)

@@ -1,4 +1,4 @@
-"""Helpers for the OAuth tests: config files, a fake clock, a key file."""
+"""Helpers for the OAuth tests: config files, a key file, the CLI in-process."""
 
 from __future__ import annotations
 
@@ -6,21 +6,14 @@ import io
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from relayd import cli, secrets
 from relayd.config.load import load_config
 from relayd.config.schema import Config, Smarthost
-
-
-@dataclass
-class FakeClock:
-    now: float = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.config_builder import ConfigBuilder
 
 
 def write_key(tmp_path: Path) -> Path:
@@ -34,29 +27,14 @@ def encrypt_with(key_file: Path, value: str) -> str:
     return secrets.encrypt(secrets.load_key(key_file), value)
 
 
-def write_config(tmp_path: Path, oauth_yaml: str, *, username: str = "relay@example.com",
-                 name: str = "m365", extra: str = "") -> Path:
-    """A config with one xoauth2 smarthost whose ``auth.oauth`` is ``oauth_yaml``."""
-    oauth = textwrap.indent(textwrap.dedent(oauth_yaml).strip(), " " * 8)
-    text = f"""\
-hostname: relay.example.com
-state_dir: {tmp_path / 'state'}
-secrets: {{key_file: {tmp_path / 'secret.key'}}}
-spool: {{path: {tmp_path / 'spool'}}}
-smarthosts:
-  - name: {name}
-    host: 127.0.0.1
-    port: 2525
-    tls: none
-    auth:
-      method: xoauth2
-      username: {username}
-      oauth:
-{oauth}
-{extra}"""
-    path = tmp_path / "relayd.yaml"
-    path.write_text(text)
-    return path
+def write_oauth_config(tmp_path: Path, oauth_yaml: str, *, username: str = "relay@example.com",
+                       name: str = "m365", **overrides: Any) -> Path:
+    """``tmp_path``/relayd.yaml (ConfigBuilder defaults) with one xoauth2 smarthost whose
+    ``auth.oauth`` is ``oauth_yaml``, a YAML mapping written as the test reads best."""
+    oauth = yaml.safe_load(textwrap.dedent(oauth_yaml))
+    smarthost = {"name": name, "host": "127.0.0.1", "port": 2525, "tls": "none",
+                 "auth": {"method": "xoauth2", "username": username, "oauth": oauth}}
+    return ConfigBuilder(tmp_path).write([smarthost], **overrides)
 
 
 def load(path: Path) -> Config:

@@ -5,6 +5,9 @@ client_credentials, refresh_token (optionally rotating), JWT bearer (RFC 7523, s
 checked), device code (RFC 8628, approved at once) and authorization_code; MSAL's OIDC
 discovery document. Counts requests per grant, remembers every token it issued (for the
 redaction tests) and can be stopped and restarted on the same port (endpoint down).
+
+``TokenServers`` is the factory behind the ``token_server`` fixture: it starts servers for
+one test (HTTPS ones with a certificate the OAuth libraries trust) and stops them all.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import trustme
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -239,3 +245,40 @@ class FakeTokenServer:
             return 400, {"error": "invalid_grant", "error_description": "Invalid audience."}
         account = claims.get("sub") or claims["iss"]
         return 200, self._tokens(account, refresh=False, scope=claims.get("scope", ""))
+
+
+class TokenServers:
+    """Starts ``FakeTokenServer``s for one test; ``stop`` stops every one of them.
+
+    ``token_server(clients={...})`` serves HTTP; ``https=True`` serves HTTPS with a certificate
+    for 127.0.0.1 from a test CA, written to ``directory`` and named in REQUESTS_CA_BUNDLE
+    (through ``setenv``) so that MSAL and google-auth verify it as they would a real one.
+    Any other keyword is a ``FakeTokenServer`` field.
+    """
+
+    def __init__(self, directory: Path, setenv: Callable[[str, str], None]) -> None:
+        self.directory = directory
+        self._setenv = setenv
+        self._ca: trustme.CA | None = None
+        self.started: list[FakeTokenServer] = []
+
+    def __call__(self, *, https: bool = False, **fields: Any) -> FakeTokenServer:
+        if https:
+            fields["ssl_context"] = self._tls_context()
+        server = FakeTokenServer(**fields).start()
+        self.started.append(server)
+        return server
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ca is None:
+            self._ca = trustme.CA()
+            bundle = self.directory / "token-server-ca.pem"
+            self._ca.cert_pem.write_to_path(str(bundle))
+            self._setenv("REQUESTS_CA_BUNDLE", str(bundle))
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ca.issue_cert("127.0.0.1").configure_cert(ctx)
+        return ctx
+
+    def stop(self) -> None:
+        for server in self.started:
+            server.stop()

@@ -17,7 +17,8 @@ from typing import Any
 
 import aiosmtplib
 
-from tests.support.relay import ROOT, RelayProcess, free_port, wait_until, write_config
+from tests.support.relay import ROOT, RelayProcess, free_port, write_config
+from tests.support.waiting import wait_until
 
 SPLIT = {"RELAYD_SINGLE_PROCESS": "0"}  # two processes, as on any machine with two CPUs
 MESSAGE = b"From: app@example.com\r\nTo: user@example.net\r\nSubject: report\r\n\r\nbody\r\n"
@@ -75,7 +76,7 @@ class Operator:
                 found.update(row)
                 return True
             return False
-        await poll(check, timeout, what)
+        await wait_until(check, timeout, what, interval=0.1)
         return found
 
     async def send(self, data: bytes = MESSAGE, sender: str = "app@example.com",
@@ -103,14 +104,4 @@ class Operator:
         self.config.write_text(text)
 
 
-async def poll(check: Any, timeout: float, what: str) -> None:
-    """Await ``check()`` (a coroutine function) until true; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-__all__ = ["MESSAGE", "SPLIT", "Operator", "Result", "poll", "run_cli", "wait_until"]
+__all__ = ["MESSAGE", "SPLIT", "Operator", "Result", "run_cli", "wait_until"]

@@ -8,21 +8,23 @@ from email.message import EmailMessage
 from functools import cache
 from pathlib import Path
 
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relayd.config.load import parse_config
 from relayd.config.schema import Config
 from relayd.model import Envelope, Message
 from relayd.policy.pipeline import build_policy, run_pipeline
 from relayd.policy.records import PipelineResult, PolicyContext
+from tests.support.config_builder import ConfigBuilder
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-BASE = "smarthosts: [{name: preview, outbox: ./outbox}]\n"
+PREVIEW = [{"name": "preview", "outbox": "./outbox"}]
 
 
-def config(snippet: str = "", **kw: object) -> Config:
-    return parse_config(BASE + snippet, source=kw.get("source"))  # type: ignore[arg-type]
+def config(snippet: str = "", *, source: Path | None = None) -> Config:
+    """The Config of a YAML ``snippet`` (policy settings) over one outbox smarthost, in memory."""
+    return ConfigBuilder(smarthosts=PREVIEW).parse(source=source, **(yaml.safe_load(snippet) or {}))
 
 
 def eml(name: str) -> bytes:

@@ -36,12 +36,14 @@ import socketserver
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
+
+from tests.support.smtpclient import smtp_greets
+from tests.support.waiting import wait_until_sync
 
 POSTFIX = Path("/usr/sbin/postfix")
 HOSTNAME = "smarthost.test.example"
@@ -229,17 +231,8 @@ class PostfixSmarthost:
                                  f"{run.stdout}{run.stderr}\n--- maillog ---\n{self.log()}")
 
     def _wait_listening(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=2) as s:
-                    if s.recv(3) == b"220":
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"Postfix does not answer on port {self.port}:\n{self.log()}")
-            time.sleep(0.05)
+        wait_until_sync(lambda: smtp_greets(self.port, self.host, timeout=2), timeout,
+                        lambda: f"Postfix to answer on port {self.port}:\n{self.log()}", interval=0.05)
 
     # -- what Postfix stored ------------------------------------------------------------------
     def log(self) -> str:

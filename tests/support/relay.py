@@ -12,17 +12,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from relayd.config.load import load_config
 from relayd.config.schema import Config
 from relayd.daemon.app import Daemon, single_process
 from relayd.daemon.delivering import Delivering
+from tests.support.config_builder import ConfigBuilder
+from tests.support.smtpclient import smtp_greets
+from tests.support.waiting import wait_until as wait_until  # re-exported for the tests
+from tests.support.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,24 +35,8 @@ def free_port() -> int:
 
 
 def write_config(path: Path, smarthosts: list[dict[str, Any]], **extra: Any) -> Path:
-    """Write a relayd.yaml under ``path`` with test-friendly defaults; returns its path."""
-    data: dict[str, Any] = {
-        "hostname": "relay.test.example",
-        "listen": [f"127.0.0.1:{extra.pop('port', 0)}"],
-        "spool": {"path": str(path / "spool"), "retry": {"initial": "200ms", "max_interval": "1s"}},
-        "state_dir": str(path / "state"),
-        "secrets": {"key_file": str(path / "secret.key")},
-        "smarthosts": smarthosts,
-        "logging": {"level": "info"},
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    cfg = path / "relayd.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    return cfg
+    """Write ``path``/relayd.yaml with the test defaults (``ConfigBuilder(path).write``)."""
+    return ConfigBuilder(path).write(smarthosts, **extra)
 
 
 def upstream_smarthost(up: Any, name: str = "primary", **kw: Any) -> dict[str, Any]:
@@ -64,30 +49,14 @@ def upstream_smarthost(up: Any, name: str = "primary", **kw: Any) -> dict[str, A
     return entry
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``cond`` until true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def wait_for_greeting(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
     """Poll 127.0.0.1:``port`` until relayd greets with 220 (True) or ``proc`` exits (False);
     AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if s.recv(3) == b"220":
-                    return True
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"relayd did not start listening on port {port}")
-        time.sleep(0.02)
-    return False
+    def settled() -> str | None:
+        if proc.poll() is not None:
+            return "exited"
+        return "greeted" if smtp_greets(port) else None
+    return wait_until_sync(settled, timeout, f"relayd to listen on port {port}") == "greeted"
 
 
 class RunningRelay:

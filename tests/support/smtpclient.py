@@ -1,9 +1,20 @@
-"""A raw SMTP client for tests that need exact bytes on the wire (smuggling, pipelining)."""
+"""A raw SMTP client for tests that need exact bytes on the wire (smuggling, pipelining), and
+``smtp_greets``, the blocking "does it answer 220 yet" probe used to wait for a server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+
+
+def smtp_greets(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Whether an SMTP server on ``host``:``port`` answers with a 220 greeting now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            return s.recv(3) == b"220"
+    except OSError:
+        return False
 
 
 class RawClient:

@@ -235,6 +235,26 @@ class FakeUpstream:
         self._changed.set()
 
 
+class Upstreams:
+    """Makes ``FakeUpstream``s for one test and stops every one at its end (the ``upstream``
+    fixture): ``await upstream(tls="starttls", ...)`` returns one that is listening;
+    ``listening=False`` leaves it to the test to ``start()`` it (connection refused until then)."""
+
+    def __init__(self) -> None:
+        self.made: list[FakeUpstream] = []
+
+    async def __call__(self, *, listening: bool = True, **options: Any) -> FakeUpstream:
+        up = FakeUpstream(**options)
+        self.made.append(up)
+        if listening:
+            await up.start()
+        return up
+
+    async def stop(self) -> None:
+        for up in reversed(self.made):
+            await up.stop()
+
+
 def _address(arg: str) -> str:
     start, end = arg.find("<"), arg.find(">")
     return arg[start + 1:end] if 0 <= start < end else arg.split(":", 1)[-1].strip()

@@ -9,6 +9,7 @@ import pytest
 from relayd.config.schema import LimitsConfig
 from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter, limited
 from relayd.units import Rate
+from tests.support.clock import FakeClock
 
 T0 = 1_800_000_000.0
 
@@ -58,27 +59,25 @@ def test_priority_exempt() -> None:
     assert limited(LimitsConfig(priority_exempt=False), priority=True)
 
 
-def test_rate_allows_one_second_burst_then_paces() -> None:
-    now = [0.0]
-    rl = RateLimiter(Rate(14, 1), clock=lambda: now[0])
+def test_rate_allows_one_second_burst_then_paces(clock: FakeClock) -> None:
+    rl = RateLimiter(Rate(14, 1), clock=clock)
     delays = [rl.reserve() for _ in range(16)]
     assert delays[:14] == [0.0] * 14
     assert delays[14] == pytest.approx(1 / 14)
     assert delays[15] == pytest.approx(2 / 14)
-    now[0] = 10.0                                # long idle: bucket full again, not more
+    clock.advance(10.0)                          # long idle: bucket full again, not more
     assert [rl.reserve() for _ in range(14)] == [0.0] * 14
     assert rl.reserve() > 0
 
 
-async def test_rate_wait_sleeps_through_injected_sleep() -> None:
-    now = [0.0]
+async def test_rate_wait_sleeps_through_injected_sleep(clock: FakeClock) -> None:
     slept: list[float] = []
 
     async def sleep(d: float) -> None:
         slept.append(d)
-        now[0] += d
+        clock.advance(d)
 
-    rl = RateLimiter(Rate(60, 60), clock=lambda: now[0], sleep=sleep)  # 1/s, burst 1
+    rl = RateLimiter(Rate(60, 60), clock=clock, sleep=sleep)  # 1/s, burst 1
     for _ in range(3):
         await rl.wait()
     assert slept == [pytest.approx(1.0), pytest.approx(1.0)]

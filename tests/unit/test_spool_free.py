@@ -20,6 +20,7 @@ from relayd.spool import free as spool_free
 from relayd.spool.free import FreeFiles
 from relayd.spool.records import parse_file
 from relayd.spool.store import Spool
+from tests.support.clock import FakeClock
 
 
 def _msg(body: bytes, rcpt: str = "bob@example.com") -> Message:
@@ -82,15 +83,14 @@ def test_the_pool_is_bounded_and_the_rest_is_removed(tmp_path: Path) -> None:
 
 
 def test_files_taken_by_the_other_process_make_room_within_the_same_second(
-        tmp_path: Path) -> None:
+        tmp_path: Path, clock: FakeClock) -> None:
     """The accepting process takes files without telling the delivery process: a pool it has
     just emptied must not look full to the giver until its next periodic count (that made
     the giver remove half the files under load, and the taker create as many)."""
     d = tmp_path / "free"
     d.mkdir()
-    now = [100.0]
-    giver = FreeFiles(str(d), limit=3, clock=lambda: now[0])
-    taker = FreeFiles(str(d), limit=3, clock=lambda: now[0])
+    giver = FreeFiles(str(d), limit=3, clock=clock)
+    taker = FreeFiles(str(d), limit=3, clock=clock)
 
     def give(name: str) -> None:
         (tmp_path / name).write_bytes(b"delivered")
@@ -101,7 +101,7 @@ def test_files_taken_by_the_other_process_make_room_within_the_same_second(
     for k in range(3):
         assert taker.take(str(tmp_path / f"new{k}.msg"))
     assert os.listdir(d) == []
-    now[0] += spool_free.FULL_RECOUNT_PAUSE  # well within RECOUNT_INTERVAL
+    clock.advance(spool_free.FULL_RECOUNT_PAUSE)  # well within RECOUNT_INTERVAL
     give("d")
     assert os.listdir(d) == ["d"]  # kept: the giver looked again instead of removing it
     for name in ("e", "f", "g"):
@@ -260,15 +260,14 @@ def test_threads_taking_at_once_each_get_a_different_file_and_none_goes_without(
     assert pool.take(str(out / "more.msg")) is False
 
 
-def test_an_empty_pool_is_listed_again_only_after_a_pause(tmp_path: Path) -> None:
+def test_an_empty_pool_is_listed_again_only_after_a_pause(tmp_path: Path, clock: FakeClock) -> None:
     d = tmp_path / "free"
     d.mkdir()
-    now = [100.0]
-    pool = FreeFiles(str(d), clock=lambda: now[0])
+    pool = FreeFiles(str(d), clock=clock)
     assert pool.take(str(tmp_path / "x")) is False
     (d / "F").write_bytes(b"")
     assert pool.take(str(tmp_path / "x")) is False  # not listed again yet: create instead
-    now[0] += spool_free.REFILL_PAUSE
+    clock.advance(spool_free.REFILL_PAUSE)
     assert pool.take(str(tmp_path / "x")) is True
 
 

@@ -14,6 +14,7 @@ from relayd.delivery.qmgr import QueueManager
 from relayd.model import Envelope, Message, State
 from relayd.spool.records import Meta
 from relayd.spool.store import Spool
+from tests.support.waiting import wait_until
 
 
 def _msg(i: int, priority: bool = False) -> Message:
@@ -124,8 +125,7 @@ async def test_rescan_is_cancellable_and_closes_its_listing(spool: Spool, monkey
 
     monkeypatch.setattr(spool, "scan_queued", tracking)
     task = asyncio.create_task(qm.load())
-    while qm.statistics().scheduled < 3:
-        await asyncio.sleep(0)
+    await wait_until(lambda: qm.statistics().scheduled >= 3, what="the scan under way", interval=0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -24,6 +24,7 @@ from relayd.spool.write import (
     kernel_reports_syncfs_errors,
     load_syncfs,
 )
+from tests.support.clock import FakeClock
 
 
 def _msg(n: int) -> Message:
@@ -32,18 +33,10 @@ def _msg(n: int) -> Message:
     return Message(env, b"Subject: batch %d\r\n\r\nbody %d\r\n" % (n, n))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class SyncFs:
     """Stands in for the system call where a test needs it slow or failing; counts calls."""
 
-    def __init__(self, clock: Clock, *, takes: float = 0.0, error: int | None = None) -> None:
+    def __init__(self, clock: FakeClock, *, takes: float = 0.0, error: int | None = None) -> None:
         self.clock, self.takes, self.error, self.calls = clock, takes, error, 0
 
     def __call__(self, fd: int) -> None:
@@ -94,8 +87,7 @@ def test_put_still_raises_for_a_single_message(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "s" / "queued") == []
 
 
-def test_auto_uses_one_syncfs_for_a_quiet_batch_and_fsync_for_a_single_file(tmp_path: Path) -> None:
-    clock = Clock()
+def test_auto_uses_one_syncfs_for_a_quiet_batch_and_fsync_for_a_single_file(tmp_path: Path, clock: FakeClock) -> None:
     fs = SyncFs(clock)
     flusher = Flusher(Flush.AUTO, syncfs=fs, dirty=lambda: 0, clock=clock)
     fds = _files(tmp_path, 3)
@@ -109,8 +101,7 @@ def test_auto_uses_one_syncfs_for_a_quiet_batch_and_fsync_for_a_single_file(tmp_
             os.close(fd)
 
 
-def test_auto_fsyncs_each_file_while_other_writers_have_much_unwritten_data() -> None:
-    clock = Clock()
+def test_auto_fsyncs_each_file_while_other_writers_have_much_unwritten_data(clock: FakeClock) -> None:
     dirty = [DIRTY_LIMIT_KB + 1]
     flusher = Flusher(Flush.AUTO, syncfs=SyncFs(clock), dirty=lambda: dirty[0], clock=clock)
     assert not flusher.use_syncfs(20)
@@ -123,8 +114,7 @@ def test_auto_fsyncs_each_file_while_other_writers_have_much_unwritten_data() ->
 
 
 def test_a_slow_syncfs_switches_to_fsync_for_a_while(tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+                                                      caplog: pytest.LogCaptureFixture, clock: FakeClock) -> None:
     fs = SyncFs(clock, takes=SLOW_SYNC * 4)
     flusher = Flusher(Flush.AUTO, syncfs=fs, dirty=lambda: 0, clock=clock)
     fds = _files(tmp_path, 2)
@@ -146,8 +136,7 @@ def test_a_slow_syncfs_switches_to_fsync_for_a_while(tmp_path: Path,
 
 
 def test_a_failed_syncfs_refuses_only_the_files_whose_own_fsync_fails(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, clock: FakeClock) -> None:
     fs = SyncFs(clock, error=5)  # EIO
     flusher = Flusher(Flush.FILESYSTEM, syncfs=fs, clock=clock)
     good = _files(tmp_path, 2)

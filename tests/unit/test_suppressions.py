@@ -13,6 +13,7 @@ import pytest
 from relayd.cli import IO, main
 from relayd.model import RecipientOutcome, Reply, Status
 from relayd.policy.suppressions import SuppressionStore, is_hard_bounce, read_snapshot
+from tests.support.config_builder import ConfigBuilder
 
 
 def test_add_remove_contains_case_insensitive(tmp_path: Path) -> None:
@@ -155,7 +156,7 @@ def test_hard_bounce_classification(code: int, text: str, status: Status, hard: 
 def _cli(tmp_path: Path, *argv: str) -> tuple[int, str, str]:
     cfg = tmp_path / "relayd.yaml"
     if not cfg.exists():
-        cfg.write_text("smarthosts: [{name: preview, outbox: ./outbox}]\nstate_dir: ./state\n")
+        ConfigBuilder(tmp_path).write([{"name": "preview", "outbox": "./outbox"}])
     out, err = io.StringIO(), io.StringIO()
     rc = main(["-c", str(cfg), *argv], io=IO(out, err, io.StringIO()))
     return rc, out.getvalue(), err.getvalue()
