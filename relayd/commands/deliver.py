@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relayd.commands.io import EX_CONFIG, IO, config_path
 from relayd.commands.run import Background
 from relayd.config.load import parse_config
 from relayd.config.schema import Config
@@ -42,12 +43,7 @@ from relayd.policy.runtime import read_dkim_keys
 if TYPE_CHECKING:
     import argparse
 
-    from relayd.cli import IO
-
 log = logging.getLogger("relayd")
-
-
-EX_CONFIG = 78
 
 
 async def apply_config(daemon: Daemon, text: str, source: Path) -> None:
@@ -103,8 +99,6 @@ async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> 
 
 def main(args: argparse.Namespace, io: IO) -> int:
     """The CLI's handler (any other spelling of the command line)."""
-    from relayd.cli import config_path
-
     return deliver(DeliverArgs(config_path(args), args.notify_fd, args.events_fd))
 
 

@@ -12,15 +12,12 @@ import argparse
 import asyncio
 import datetime as dt
 import time
-from typing import TYPE_CHECKING
 
+from relayd.commands.io import IO
 from relayd.config.schema import AuthMethod, Config, OAuthProvider, Smarthost
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source, oauth_config
 from relayd.oauth.store import OAuthStore
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 
 def _targets(cfg: Config, name: str | None, io: IO) -> list[Smarthost] | None:

@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from relayd.commands.io import IO, config_path
 from relayd.config.load import load_config
 from relayd.config.schema import Config
 from relayd.daemon.app import Daemon, Role
@@ -24,8 +25,6 @@ from relayd.policy.runtime import read_dkim_keys
 
 if TYPE_CHECKING:
     import argparse
-
-    from relayd.cli import IO
 
 log = logging.getLogger("relayd")
 
@@ -72,8 +71,6 @@ async def reload_from_file(daemon: Daemon, path: Path, *, report: bool) -> None:
 
 
 async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
-    from relayd.cli import config_path
-
     notifier = Notifier.from_env()
     # Two processes (accepting and delivering) when there is a second CPU: relayd/daemon/split.py.
     role = Role.ACCEPT if split_enabled() else Role.ALL

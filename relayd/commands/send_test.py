@@ -14,14 +14,11 @@ import base64
 import importlib
 import logging
 from email.utils import formatdate, make_msgid
-from typing import TYPE_CHECKING
 
+from relayd.commands.io import IO
 from relayd.config.schema import AuthMethod, Config, Smarthost
 from relayd.delivery.diagnose import diagnose
 from relayd.model import DeliveryResult, Status, TokenSource
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 EXIT_DELIVERED = 0
 EXIT_FAILED = 1

@@ -28,11 +28,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from relayd.commands.sendmail_args import (
+from relayd.commands.io import (
+    EX_CONFIG,
     EX_DATAERR,
+    EX_NOPERM,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
     EX_USAGE,
+    IO,
+    config_path,
+)
+from relayd.commands.sendmail_args import (
     ByteStream,
     Mode,
     UsageError,
@@ -42,14 +50,6 @@ from relayd.commands.sendmail_args import (
 )
 from relayd.errors import ConfigError
 from relayd.units import HostPort
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
-
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 CONNECT_TIMEOUT = 15.0
 # The daemon fsyncs before its 250; a slow disk must not turn into a duplicate retry.
@@ -430,8 +430,6 @@ def main(args: argparse.Namespace, io: IO) -> int:
         return EX_USAGE
     if opts.mode is Mode.NOOP:
         return 0  # newaliases / -bi: there is no alias database to rebuild
-    from relayd.cli import config_path
-
     try:
         cfg = read_settings(config_path(args))
     except ConfigError as exc:

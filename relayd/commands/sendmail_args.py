@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime, formataddr, getaddresses, make_msgid
 from typing import Protocol
 
-EX_USAGE = 64
-EX_DATAERR = 65
-
 
 class Mode(enum.Enum):
     """What ``-b<x>`` asks for."""
