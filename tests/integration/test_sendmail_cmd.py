@@ -15,6 +15,7 @@ import pytest
 
 from relayd.cli import IO
 from relayd.commands import sendmail
+from relayd.config.load import load_config
 from tests.support.ops_smtp import RecordingServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -328,3 +329,29 @@ def test_non_ascii_address_goes_with_smtputf8(tmp_path, daemon, shim) -> None:
     assert r.returncode == 0, r.stderr
     (msg,) = daemon.recorder.messages
     assert msg.rcpt_tos == ["jörg@exämple.org"] and "SMTPUTF8" in msg.mail_options
+
+
+def test_sendmail_and_the_daemon_agree_on_the_defaults(tmp_path, monkeypatch) -> None:
+    """A config that sets only smarthosts: sendmail hands the message to the addresses the
+    daemon listens on by default, says HELO with the daemon's hostname, qualifies ``root``
+    with its default local_domain and lists the spool it writes (one reader for both)."""
+    cfg = tmp_path / "relayd.yaml"
+    cfg.write_text("smarthosts: [{name: s, host: smtp.example.net}]\n")
+    daemon_cfg = load_config(cfg)
+    submitted = []
+    monkeypatch.setattr(sendmail, "submit_any",
+                        lambda addresses, **kw: submitted.append((addresses, kw)) or "250 2.0.0 Ok")
+    opened = []
+    monkeypatch.setattr(sendmail, "_open_spool", lambda path: opened.append(path) or _FakeSpool(path))
+    monkeypatch.setenv("RELAYD_CONFIG", str(cfg))
+    out, err = io.StringIO(), io.StringIO()
+    args = types.SimpleNamespace(sendmail_args=["-i", "root"], config=None)
+    assert sendmail.main(args, IO(out, err, io.StringIO("Subject: s\n\nb\n"))) == 0, err.getvalue()
+    ((addresses, kw),) = submitted
+    assert addresses == sendmail.daemon_addresses(daemon_cfg.listen) == [("127.0.0.1", 25), ("::1", 25)]
+    assert kw["helo"] == daemon_cfg.hostname
+    assert list(kw["recipients"]) == [f"root@{daemon_cfg.local_domain}"]
+    args = types.SimpleNamespace(sendmail_args=["-bp"], config=None)
+    assert sendmail.main(args, IO(out, err, io.StringIO())) == 0
+    assert opened == [daemon_cfg.spool.path]
+
