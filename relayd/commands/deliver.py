@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import uvloop
+
 from relayd.commands.io import EX_CONFIG, IO, config_path
 from relayd.commands.run import Background
 from relayd.config.load import parse_config
@@ -123,6 +125,4 @@ def deliver(args: DeliverArgs) -> int:
         return EX_CONFIG
     setup_logging(cfg.logging)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    import uvloop
-
     return int(uvloop.run(run_delivery(args, cfg, pending)))

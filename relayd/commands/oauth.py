@@ -71,10 +71,10 @@ def _authorize(cfg: Config, host: Smarthost, io: IO) -> bool:
     store = OAuthStore(cfg.state_dir, host.name, cfg.secrets.key_file)
     try:
         if oauth.provider is OAuthProvider.AZURE:
-            from relayd.oauth import azure as oauth_azure
+            from relayd.oauth import azure as oauth_azure  # lazy: MSAL only for Entra ID
             account = oauth_azure.authorize(host, oauth, store, io.out)
         elif oauth.provider is OAuthProvider.GOOGLE:
-            from relayd.oauth import google as oauth_google
+            from relayd.oauth import google as oauth_google  # lazy: google-auth only for Google
             account = oauth_google.authorize(host, oauth, store, io.out, io.stdin)
         else:
             raise OAuthError(

@@ -13,6 +13,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import uvloop
+
 from relayd.commands.io import IO, config_path
 from relayd.config.load import load_config
 from relayd.config.schema import Config
@@ -112,6 +114,4 @@ def main(args: argparse.Namespace, io: IO) -> int:
     _setup_logging(cfg)
     for warning in cfg.warnings:
         log.warning("config: %s", warning)
-    import uvloop
-
     return int(uvloop.run(run_daemon(args, io, cfg)))

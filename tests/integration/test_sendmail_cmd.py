@@ -16,6 +16,8 @@ import pytest
 from relayd.cli import IO
 from relayd.commands import sendmail
 from relayd.config.load import load_config
+from relayd.model import Envelope, Message
+from relayd.spool.store import Spool
 from tests.support.ops_smtp import RecordingServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -355,3 +357,19 @@ def test_sendmail_and_the_daemon_agree_on_the_defaults(tmp_path, monkeypatch) ->
     assert sendmail.main(args, IO(out, err, io.StringIO())) == 0
     assert opened == [daemon_cfg.spool.path]
 
+
+
+def test_mailq_and_q_read_the_spool(tmp_path, shim) -> None:
+    """``mailq`` and ``sendmail -q`` open the real spool (a lookup of the spool by module
+    name, which a move had broken, once made them fail with a traceback)."""
+    cfg = _config(tmp_path, _closed_port())
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_dirs()
+    qid = spool.put(Message(Envelope("app@example.com", ("a@example.org",)), b"Subject: s\r\n\r\nb\r\n"))
+    spool.close()
+    r = _run(shim, cfg, [], b"", name="mailq")
+    assert r.returncode == 0, r.stderr
+    assert qid.encode() in r.stdout and b"a@example.org" in r.stdout and b"1 Request." in r.stdout
+    r = _run(shim, cfg, ["-q"], b"")
+    assert r.returncode == 0, r.stderr
+    assert [e.id for e in Spool(tmp_path / "spool").list()] == [qid]
