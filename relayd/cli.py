@@ -2,69 +2,101 @@
 to exit codes. This is the only place that decides exit codes; handlers write to the
 streams they are given.
 
-Each command's handler lives in its own module (``relayd.cmd_*``) and has the signature
-``handler(args, io) -> int``.
+Each command's handler is ``main(args, io) -> int`` in its own module of ``relayd.commands``,
+imported only when that command runs (``HANDLERS``); the handlers import the streams, the
+config path and the exit codes from ``relayd.commands.io``, never this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TextIO
+from collections.abc import Callable, Sequence
 
 from relayd import __version__
-from relayd.config.load import load_config
-from relayd.config.schema import DEFAULT_CONFIG_PATH, Config
+from relayd.commands.io import (
+    EX_CONFIG,
+    EX_FAIL,
+    EX_OK,
+    EX_USAGE,
+    IO,
+    config_path,
+)
+from relayd.config.schema import DEFAULT_CONFIG_PATH
 from relayd.errors import ConfigError, RelaydError
 
-EX_OK = 0
-EX_FAIL = 1
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
+# Tests and scripts build an IO and read exit codes from here, as before the handlers moved.
+__all__ = ["EX_CONFIG", "EX_FAIL", "EX_OK", "EX_USAGE", "HANDLERS", "IO", "build_parser",
+           "config_path", "main", "sendmail_main"]
+
+Handler = Callable[[argparse.Namespace, IO], int]
 
 
-@dataclass
-class IO:
-    """The streams a command handler may use (injected so tests can capture them)."""
-
-    out: TextIO
-    err: TextIO
-    stdin: TextIO
-
-    def config(self, args: argparse.Namespace) -> Config:
-        """Load the config named by -c / $RELAYD_CONFIG / the default path."""
-        return load_config(config_path(args))
+# One function per command, each importing its module when called: `relayd queue list` must
+# not pay for the daemon (aiosmtpd, aiosmtplib, uvloop), nor sendmail, run once per message
+# from PHP or cron, for anything but itself. Plain imports, so mypy checks every call.
+def _run(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import run  # lazy: each command loads only its own modules
+    return run.main(args, io)
 
 
-def config_path(args: argparse.Namespace) -> Path:
-    explicit = getattr(args, "config", None)
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("RELAYD_CONFIG")
-    return Path(env) if env else DEFAULT_CONFIG_PATH
+def _deliver(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import deliver  # lazy: each command loads only its own modules
+    return deliver.main(args, io)
 
 
-# command name -> "module:function"; the module is imported only when the command runs,
-# so `relayd queue list` does not pay for importing the daemon.
-HANDLERS = {
-    "run": "relayd.commands.run:main",
-    "check-config": "relayd.cli:check_config",
-    "send-test": "relayd.commands.send_test:main",
-    "queue": "relayd.commands.queue:main",
-    "suppress": "relayd.commands.suppress:main",
-    "secret": "relayd.commands.secret:main",
-    "oauth": "relayd.commands.oauth:main",
-    "explain": "relayd.commands.explain:main",
-    "sendmail": "relayd.commands.sendmail:main",
-    "_deliver": "relayd.commands.deliver:main",
+def _check_config(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import check_config  # lazy: each command loads only its own modules
+    return check_config.main(args, io)
+
+
+def _send_test(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import send_test  # lazy: each command loads only its own modules
+    return send_test.main(args, io)
+
+
+def _queue(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import queue  # lazy: each command loads only its own modules
+    return queue.main(args, io)
+
+
+def _suppress(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import suppress  # lazy: each command loads only its own modules
+    return suppress.main(args, io)
+
+
+def _secret(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import secret  # lazy: each command loads only its own modules
+    return secret.main(args, io)
+
+
+def _oauth(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import oauth  # lazy: each command loads only its own modules
+    return oauth.main(args, io)
+
+
+def _explain(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import explain  # lazy: each command loads only its own modules
+    return explain.main(args, io)
+
+
+def _sendmail(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import sendmail  # lazy: each command loads only its own modules
+    return sendmail.main(args, io)
+
+
+HANDLERS: dict[str, Handler] = {
+    "run": _run,
+    "check-config": _check_config,
+    "send-test": _send_test,
+    "queue": _queue,
+    "suppress": _suppress,
+    "secret": _secret,
+    "oauth": _oauth,
+    "explain": _explain,
+    "sendmail": _sendmail,
+    "_deliver": _deliver,
 }
 
 
@@ -138,25 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_config(args: argparse.Namespace, io: IO) -> int:
-    """``relayd check-config``: ``config OK`` or one ``path: message`` line per problem."""
-    try:
-        cfg = io.config(args)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(str(problem), file=io.out)
-        return EX_FAIL
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=io.out)
-    print("config OK", file=io.out)
-    return EX_OK
-
-
 def _dispatch(args: argparse.Namespace, io: IO) -> int:
-    module_name, func_name = HANDLERS[args.command].split(":")
-    handler = getattr(importlib.import_module(module_name), func_name)
-    result: int = handler(args, io)
-    return result
+    return HANDLERS[args.command](args, io)
 
 
 def main(argv: Sequence[str] | None = None, *, io: IO | None = None) -> int:
@@ -171,7 +186,7 @@ def main(argv: Sequence[str] | None = None, *, io: IO | None = None) -> int:
         head = argv[:idx]
         if all(a.startswith("-") or (i > 0 and head[i - 1] in ("-c", "--config"))
                for i, a in enumerate(head)):
-            return _sendmail(head, argv[idx + 1:], io)
+            return _sendmail_argv(head, argv[idx + 1:], io)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -191,7 +206,8 @@ def main(argv: Sequence[str] | None = None, *, io: IO | None = None) -> int:
         return 130
 
 
-def _sendmail(head: list[str], rest: list[str], io: IO) -> int:
+def _sendmail_argv(head: list[str], rest: list[str], io: IO) -> int:
+    """``relayd [-c FILE] sendmail REST...``: REST is sendmail's argv, never parsed here."""
     parser = argparse.ArgumentParser(prog="relayd")
     parser.add_argument("-c", "--config")
     args, _ = parser.parse_known_args(head)
@@ -205,7 +221,7 @@ def sendmail_main(argv: Sequence[str] | None = None) -> int:
     rest = list(sys.argv[1:] if argv is None else argv)
     if os.path.basename(sys.argv[0]) == "mailq" and not rest:
         rest = ["-bp"]
-    return _sendmail([], rest, IO(sys.stdout, sys.stderr, sys.stdin))
+    return _sendmail_argv([], rest, IO(sys.stdout, sys.stderr, sys.stdin))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -72,6 +72,8 @@ def load_key(key_file: Path) -> MultiFernet:
 
     Raises OSError or ValueError with a message naming the file, never the key.
     """
+    # lazy: cryptography's native module is about 5 MB per process, needed only where an
+    # enc: value or OAuth is configured (test_split_process.py checks it stays out otherwise)
     from cryptography.fernet import Fernet, MultiFernet
 
     lines = [line.strip() for line in key_file.read_bytes().splitlines()]
@@ -86,7 +88,7 @@ def load_key(key_file: Path) -> MultiFernet:
 
 def generate_key() -> bytes:
     """A new random Fernet key (url-safe base64, 32 bytes of entropy)."""
-    from cryptography.fernet import Fernet
+    from cryptography.fernet import Fernet  # lazy: see load_key
 
     return Fernet.generate_key()
 
@@ -98,7 +100,7 @@ def encrypt(fernet: KeyRing, value: str) -> str:
 
 def decrypt(fernet: KeyRing, value: str) -> str:
     """Decrypt an ``enc:...`` value; raises ValueError without echoing the value."""
-    from cryptography.fernet import InvalidToken
+    from cryptography.fernet import InvalidToken  # lazy: see load_key
 
     try:
         return fernet.decrypt(value[len(ENC_PREFIX):].encode("ascii")).decode("utf-8")

@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import uvloop
+
+from relayd.commands.io import EX_CONFIG, IO, config_path
 from relayd.config.load import parse_config
 from relayd.config.schema import Config
 from relayd.control.metrics import Recorder
@@ -44,12 +47,9 @@ from relayd.spool.store import Spool
 if TYPE_CHECKING:
     import argparse
 
-    from relayd.cli import IO
-
 log = logging.getLogger("relayd")
 
 
-EX_CONFIG = 78
 IO_THREADS = 16
 
 
@@ -114,8 +114,6 @@ async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> 
 
 def main(args: argparse.Namespace, io: IO) -> int:
     """The CLI's handler (any other spelling of the command line)."""
-    from relayd.cli import config_path
-
     return deliver(DeliverArgs(config_path(args), args.notify_fd, args.events_fd))
 
 
@@ -140,6 +138,4 @@ def deliver(args: DeliverArgs) -> int:
         return EX_CONFIG
     setup_logging(cfg.logging)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    import uvloop
-
     return int(uvloop.run(run_delivery(args, cfg, pending)))

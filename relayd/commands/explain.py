@@ -13,8 +13,8 @@ import sqlite3
 import time
 from collections import Counter
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
+from relayd.commands.io import IO
 from relayd.config.schema import AuthMethod, Config
 from relayd.delivery.limits import DailyCap, limited
 from relayd.model import Envelope, Message
@@ -22,9 +22,6 @@ from relayd.policy import _mime
 from relayd.policy.pipeline import build_policy, run_pipeline
 from relayd.policy.records import PipelineResult, PolicyContext
 from relayd.policy.suppressions import read_snapshot
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 
 def _read_input(args: argparse.Namespace, io: IO) -> bytes:

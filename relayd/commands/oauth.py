@@ -12,15 +12,12 @@ import argparse
 import asyncio
 import datetime as dt
 import time
-from typing import TYPE_CHECKING
 
+from relayd.commands.io import IO
 from relayd.config.schema import AuthMethod, Config, OAuthProvider, Smarthost
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source, oauth_config
 from relayd.oauth.store import OAuthStore
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 
 def _targets(cfg: Config, name: str | None, io: IO) -> list[Smarthost] | None:
@@ -74,10 +71,10 @@ def _authorize(cfg: Config, host: Smarthost, io: IO) -> bool:
     store = OAuthStore(cfg.state_dir, host.name, cfg.secrets.key_file)
     try:
         if oauth.provider is OAuthProvider.AZURE:
-            from relayd.oauth import azure as oauth_azure
+            from relayd.oauth import azure as oauth_azure  # lazy: MSAL only for Entra ID
             account = oauth_azure.authorize(host, oauth, store, io.out)
         elif oauth.provider is OAuthProvider.GOOGLE:
-            from relayd.oauth import google as oauth_google
+            from relayd.oauth import google as oauth_google  # lazy: google-auth only for Google
             account = oauth_google.authorize(host, oauth, store, io.out, io.stdin)
         else:
             raise OAuthError(

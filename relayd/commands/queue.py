@@ -11,16 +11,14 @@ import argparse
 import datetime as dt
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from relayd.commands.io import IO
 from relayd.config.schema import Config
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import State
 from relayd.spool.records import Entry
 from relayd.spool.store import Spool
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 _MAX_HEADER_BYTES = 64 * 1024
 

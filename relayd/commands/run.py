@@ -12,6 +12,9 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import uvloop
+
+from relayd.commands.io import IO, config_path
 from relayd.config.load import load_config
 from relayd.config.schema import Config
 from relayd.daemon.app import Daemon, single_process, with_delivery_process
@@ -24,8 +27,6 @@ from relayd.policy.acceptance import read_dkim_keys
 
 if TYPE_CHECKING:
     import argparse
-
-    from relayd.cli import IO
 
 log = logging.getLogger("relayd")
 
@@ -55,8 +56,6 @@ async def reload_from_file(daemon: Daemon[Any], path: Path, *, report: bool) -> 
 
 
 async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
-    from relayd.cli import config_path
-
     notifier = Notifier.from_env()
     # Two processes (accepting and delivering) when there is a second CPU: relayd/daemon/split.py.
     daemon: Daemon[Any] = (with_delivery_process(cfg, config_path(args), sockets=listen_fds())
@@ -98,6 +97,4 @@ def main(args: argparse.Namespace, io: IO) -> int:
     _setup_logging(cfg)
     for warning in cfg.warnings:
         log.warning("config: %s", warning)
-    import uvloop
-
     return int(uvloop.run(run_daemon(args, io, cfg)))

@@ -13,16 +13,13 @@ import errno
 import getpass
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from relayd import secrets as sec
-from relayd.cli import config_path
+from relayd.commands.io import IO, config_path
 from relayd.config.schema import SecretsConfig
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 DEFAULT_KEY_FILE = SecretsConfig().key_file
 

@@ -11,17 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import importlib
 import logging
 from email.utils import formatdate, make_msgid
-from typing import TYPE_CHECKING
 
+from relayd.commands.io import IO
 from relayd.config.schema import AuthMethod, Config, Smarthost
 from relayd.delivery.diagnose import diagnose
+from relayd.delivery.smtp.pool import SmarthostPool
 from relayd.model import DeliveryResult, Status, TokenSource
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 EXIT_DELIVERED = 0
 EXIT_FAILED = 1
@@ -68,14 +65,13 @@ def build_message(config: Config, smarthost: Smarthost, sender: str, to: str) ->
 
 
 def _token_source(config: Config, smarthost: Smarthost) -> tuple[TokenSource | None, str]:
-    """The XOAUTH2 token source, built lazily so send-test works without relayd.oauth."""
+    """The XOAUTH2 token source for an ``auth.method: xoauth2`` smarthost, else None."""
     if smarthost.auth.method is not AuthMethod.XOAUTH2:
         return None, ""
-    try:
-        # By name, so this module neither needs relayd.oauth to exist nor imports it early.
-        build_token_source = importlib.import_module("relayd.oauth").build_token_source
-    except (ImportError, AttributeError):
-        return None, "OAuth support (relayd.oauth) is not available in this installation"
+    # lazy: OAuth brings cryptography and a provider's HTTP library (MSAL, google-auth or
+    # requests: tens of MB), which a send-test through any other smarthost does not need
+    from relayd.oauth.source import build_token_source
+
     try:
         source: TokenSource = build_token_source(smarthost, state_dir=config.state_dir,
                                                  key_file=config.secrets.key_file)
@@ -111,8 +107,6 @@ class _Printer:
 
 async def _try(config: Config, smarthost: Smarthost, sender: str, to: str,
                out: _Printer) -> bool:
-    from relayd.delivery.smtp.pool import SmarthostPool
-
     auth = smarthost.auth
     desc = "outbox" if smarthost.outbox is not None else (
         f"tls: {smarthost.tls.value}, auth: {auth.method.value}"

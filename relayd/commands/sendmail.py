@@ -10,7 +10,9 @@ exits 0. Exit codes follow sysexits.h, which cron, PHP and content filters under
 to read the queue (-bp); 78 invalid config. Never 0 for a message that was not stored.
 
 Uses only the standard library's blocking smtplib: this is a short-lived process that cron
-and PHP start once per message, with no event loop.
+and PHP start once per message, with no event loop. Its settings (listen, hostname,
+local_domain, spool) come from ``relayd.config.load.load_client_config``: the daemon's own
+readers and defaults for those keys, without reading the secrets this caller may not read.
 """
 
 from __future__ import annotations
@@ -18,21 +20,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
-import importlib
 import os
 import smtplib
 import socket
 import sys
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relayd.commands.sendmail_args import (
+from relayd.commands.io import (
+    EX_CONFIG,
     EX_DATAERR,
+    EX_NOPERM,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
     EX_USAGE,
+    IO,
+    config_path,
+)
+from relayd.commands.sendmail_args import (
     ByteStream,
     Mode,
     UsageError,
@@ -40,16 +48,12 @@ from relayd.commands.sendmail_args import (
     prepare,
     read_message,
 )
+from relayd.config.load import load_client_config
 from relayd.errors import ConfigError
 from relayd.units import HostPort
 
 if TYPE_CHECKING:
-    from relayd.cli import IO
-
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
+    from relayd.spool.store import Spool
 
 CONNECT_TIMEOUT = 15.0
 # The daemon fsyncs before its 250; a slow disk must not turn into a duplicate retry.
@@ -63,63 +67,6 @@ class SubmitError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.unreachable = unreachable  # no connection at all: another address may work
-
-
-@dataclass(frozen=True)
-class SendmailSettings:
-    """The four settings the sendmail command needs from relayd.yaml."""
-
-    hostname: str
-    local_domain: str
-    listen: tuple[HostPort, ...]
-    spool_path: Path
-
-
-def _default_hostname() -> str:
-    # Same rule as the daemon's config (never "localhost", which providers reject).
-    name = socket.getfqdn()
-    return name if name and not name.startswith("localhost") else socket.gethostname()
-
-
-def read_settings(path: Path) -> SendmailSettings:
-    """Read only ``hostname``, ``local_domain``, ``listen`` and ``spool.path``.
-
-    Deliberately not ``load_config``: that resolves every secret (password files, the
-    ``enc:`` key), which only the relayd user may read, while sendmail runs as www-data or any
-    user with a crontab. Raises ``ConfigError`` with ``path: message`` problems.
-    """
-    import yaml  # the daemon's dependency anyway; imported here to keep -bs/-bi startup light
-
-    from relayd.errors import Problem
-    from relayd.units import parse_hostport
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror or exc}")]) from None
-    except yaml.YAMLError:
-        raise ConfigError([Problem("", f"{path} is not valid YAML; run relayd check-config")]) \
-            from None
-    if not isinstance(data, dict):
-        raise ConfigError([Problem("", f"{path} must be a mapping of settings")])
-    problems: list[Problem] = []
-    hostname = str(data.get("hostname") or _default_hostname())
-    local_domain = str(data.get("local_domain") or hostname)
-    listen: list[HostPort] = []
-    raw_listen = data.get("listen", ["127.0.0.1:25", "[::1]:25"])
-    for i, item in enumerate(raw_listen if isinstance(raw_listen, list) else [raw_listen]):
-        try:
-            listen.append(parse_hostport(item))
-        except ValueError as exc:
-            problems.append(Problem(f"listen[{i}]", str(exc)))
-    spool_raw = data.get("spool")
-    spool: dict[str, Any] = spool_raw if isinstance(spool_raw, dict) else {}
-    spool_path = Path(str(spool.get("path", "/var/spool/relayd"))).expanduser()
-    if not spool_path.is_absolute():
-        spool_path = path.parent / spool_path
-    if problems:
-        raise ConfigError(problems)
-    return SendmailSettings(hostname, local_domain, tuple(listen), spool_path)
 
 
 def daemon_addresses(listen: Sequence[HostPort]) -> list[tuple[str, int]]:
@@ -346,16 +293,15 @@ def format_mailq(entries: Sequence[Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _open_spool(path: Any) -> Any:
-    # Imported lazily: the spool belongs to the daemon side and sendmail must stay light.
-    try:
-        module = importlib.import_module("relayd.spool")
-    except ImportError as exc:
-        raise OSError(f"the queue cannot be read by this installation ({exc})") from None
-    return module.Spool(path)
+def _open_spool(path: Path) -> Spool:
+    # lazy: only -bp and -q read the spool (its modules take about 25 ms to import); a
+    # message submission, once per mail from PHP or cron, does not load them
+    from relayd.spool.store import Spool
+
+    return Spool(path)
 
 
-def list_queue(spool_path: Any, io: IO) -> int:
+def list_queue(spool_path: Path, io: IO) -> int:
     """``-bp`` / ``mailq``."""
     try:
         entries = sorted(_open_spool(spool_path).list(), key=lambda e: str(e.created))
@@ -370,7 +316,7 @@ def list_queue(spool_path: Any, io: IO) -> int:
     return 0
 
 
-def flush_queue(spool_path: Any, io: IO) -> int:
+def flush_queue(spool_path: Path, io: IO) -> int:
     """``-q``: make every queued message due now (``postqueue -f``); failed ones stay."""
     try:
         spool = _open_spool(spool_path)
@@ -430,19 +376,17 @@ def main(args: argparse.Namespace, io: IO) -> int:
         return EX_USAGE
     if opts.mode is Mode.NOOP:
         return 0  # newaliases / -bi: there is no alias database to rebuild
-    from relayd.cli import config_path
-
     try:
-        cfg = read_settings(config_path(args))
+        cfg = load_client_config(config_path(args))
     except ConfigError as exc:
         print("sendmail: invalid relayd config:", file=io.err)
         for problem in exc.problems:
             print(f"  {problem}", file=io.err)
         return EX_CONFIG
     if opts.mode is Mode.LIST:
-        return list_queue(cfg.spool_path, io)
+        return list_queue(cfg.spool.path, io)
     if opts.mode is Mode.FLUSH:
-        return flush_queue(cfg.spool_path, io)
+        return flush_queue(cfg.spool.path, io)
     addresses = daemon_addresses(cfg.listen)
     if opts.mode is Mode.SMTP:
         return smtp_proxy(addresses, _binary(io.stdin), _binary(io.out))

@@ -14,11 +14,9 @@ import enum
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import format_datetime, formataddr, getaddresses, make_msgid
 from typing import Protocol
-
-EX_USAGE = 64
-EX_DATAERR = 65
 
 
 class Mode(enum.Enum):
@@ -280,7 +278,6 @@ def prepare(data: bytes, opts: Options, *, login: str, local_domain: str, hostna
         author = sender or f"{login}@{local_domain}"
         added.append(b"From: " + formataddr((opts.full_name or "", author)).encode("utf-8"))
     if "date" not in names:
-        from datetime import datetime
         stamp = now_header or format_datetime(datetime.now().astimezone())
         added.append(b"Date: " + stamp.encode("ascii"))
     if "message-id" not in names:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from relayd.commands.io import IO
 from relayd.policy.suppressions import SuppressionStore, normalize
 from relayd.units import is_address
-
-if TYPE_CHECKING:
-    from relayd.cli import IO
 
 
 def main(args: argparse.Namespace, io: IO) -> int:

@@ -3,6 +3,10 @@
 ``load_config(path)`` returns ``Config`` or raises ``ConfigError`` whose problems each name the
 key path (``smarthosts[0].port: must be between 1 and 65535 (got 70000)``). Unknown keys are
 problems, so a typo never silently falls back to a default.
+
+``load_client_config(path)`` reads only what a local client of the daemon needs (``relayd
+sendmail``), by the same rules and with the same defaults: the two share each key's reader
+below, so they cannot disagree about where the daemon listens or how ``root`` is qualified.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import yaml
 
 from relayd.config import sections as s
 from relayd.config.reader import Reader
-from relayd.config.schema import Config
+from relayd.config.schema import DEFAULT_LISTEN, DEFAULT_STATE_DIR, ClientConfig, Config
 from relayd.errors import ConfigError, Problem
+from relayd.units import HostPort
 
 T = TypeVar("T")
 
@@ -27,12 +32,40 @@ T = TypeVar("T")
 def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Config:
     """Read and validate the YAML file at ``path``; raises ConfigError listing every problem."""
     p = Path(path)
+    return parse_config(_read(p), source=p, environ=environ)
+
+
+def load_client_config(path: Path | str) -> ClientConfig:
+    """``hostname``, ``local_domain``, ``listen`` and the ``spool`` section of the file at
+    ``path``, with exactly the values ``load_config`` would give them.
+
+    Only these keys are read and validated; raises ConfigError naming problems in them (or
+    an unreadable file, invalid YAML). Not ``load_config``, for two reasons: that reads every
+    secret (password files, the ``enc:`` key file), which only the relayd user may read, while
+    sendmail runs as www-data or any user with a crontab; and it refuses the whole file for a
+    mistake in any section, while the running daemon keeps its last good settings (a reload
+    is refused) and goes on accepting the mail sendmail hands it.
+    """
+    p = Path(path)
+    reader = Reader(base_dir=p.parent, file_label=file_label(p))
+    root = reader.mapping("", _parse_yaml(_read(p), p))
+    if root is None:
+        raise ConfigError(reader.problems)
+    hostname, local_domain = _names(reader, root)
+    settings = ClientConfig(hostname=hostname, local_domain=local_domain,
+                            listen=_listen(reader, root),
+                            spool=s.spool_section(reader, root.get("spool")))
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return settings
+
+
+def _read(path: Path) -> str:
     try:
-        text = p.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([Problem(file_label(p), f"cannot read the file: "
-                                                  f"{exc.strerror or exc}")]) from exc
-    return parse_config(text, source=p, environ=environ)
+        raise ConfigError([Problem(file_label(path), f"cannot read the file: "
+                                                     f"{exc.strerror or exc}")]) from exc
 
 
 def file_label(source: Path | None) -> str:
@@ -46,6 +79,17 @@ def file_label(source: Path | None) -> str:
 def parse_config(text: str, *, source: Path | None = None,
                  environ: dict[str, str] | None = None) -> Config:
     """Validate YAML text; relative paths are resolved against the file's directory."""
+    data = _parse_yaml(text, source)
+    base = source.parent if source is not None else Path.cwd()
+    reader = Reader(base_dir=base, environ=environ, file_label=file_label(source))
+    config = _build(reader, data, source)
+    if reader.problems or config is None:
+        raise ConfigError(reader.problems)
+    return replace(config, text=text)
+
+
+def _parse_yaml(text: str, source: Path | None) -> Any:
+    """The YAML document (an empty one is an empty mapping); ConfigError if it is not YAML."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -54,14 +98,7 @@ def parse_config(text: str, *, source: Path | None = None,
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([Problem(file_label(source), f"invalid YAML{where}: {problem}")]) \
             from exc
-    if data is None:
-        data = {}
-    base = source.parent if source is not None else Path.cwd()
-    reader = Reader(base_dir=base, environ=environ, file_label=file_label(source))
-    config = _build(reader, data, source)
-    if reader.problems or config is None:
-        raise ConfigError(reader.problems)
-    return replace(config, text=text)
+    return {} if data is None else data
 
 
 def _default_hostname() -> str:
@@ -82,14 +119,8 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
     r.unknown_keys("", root, known)
     secrets = s.secrets_section(r, root.get("secrets"))
     r.set_key_file(secrets.key_file)
-    hostname = r.hostname("hostname", root.get("hostname")) or _default_hostname()
-    if hostname.lower() == "localhost" or hostname.lower().startswith("localhost."):
-        r.warn("hostname", "is 'localhost': providers reject HELO localhost; "
-               "set hostname to this machine's FQDN")
-    local_domain = r.hostname("local_domain", root.get("local_domain")) or hostname
-    listen = tuple(_list(r, "listen", root.get("listen", ["127.0.0.1:25", "[::1]:25"]),
-                         # port 0 = any free port (tests, ephemeral set-ups)
-                         lambda p, v: r.hostport(p, v, allow_zero=True)))
+    hostname, local_domain = _names(r, root)
+    listen = _listen(r, root)
     allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
         _list(r, "allowed_clients", root.get("allowed_clients", ["127.0.0.0/8", "::1/128"]),
               r.network))
@@ -114,7 +145,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
         limits=limits,
         alerts=s.alerts_section(r, root.get("alerts")),
         dkim=s.dkim_section(r, root.get("dkim")),
-        state_dir=r.path("state_dir", root.get("state_dir", "/var/lib/relayd")),
+        state_dir=r.path("state_dir", root.get("state_dir", str(DEFAULT_STATE_DIR))),
         secrets=secrets,
         metrics=s.metrics_section(r, root.get("metrics")),
         logging=s.logging_section(r, root.get("logging")),
@@ -123,6 +154,24 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
     )
     s.check_unsubscribes_take_effect(r, cfg.do_not_email, cfg.unsubscribe)
     return cfg
+
+
+def _names(r: Reader, root: dict[str, Any]) -> tuple[str, str]:
+    """``hostname`` (default: the FQDN, never localhost) and ``local_domain`` (default: the
+    hostname), which qualifies bare recipients like ``root`` (SPEC)."""
+    hostname = r.hostname("hostname", root.get("hostname")) or _default_hostname()
+    if hostname.lower() == "localhost" or hostname.lower().startswith("localhost."):
+        r.warn("hostname", "is 'localhost': providers reject HELO localhost; "
+               "set hostname to this machine's FQDN")
+    local_domain = r.hostname("local_domain", root.get("local_domain")) or hostname
+    return hostname, local_domain
+
+
+def _listen(r: Reader, root: dict[str, Any]) -> tuple[HostPort, ...]:
+    """Where the daemon accepts mail, and so where sendmail hands it over."""
+    return tuple(_list(r, "listen", root.get("listen", list(DEFAULT_LISTEN)),
+                       # port 0 = any free port (tests, ephemeral set-ups)
+                       lambda p, v: r.hostport(p, v, allow_zero=True)))
 
 
 def _list(r: Reader, path: str, value: Any, item: Callable[[str, Any], T | None]) -> list[T]:

@@ -287,6 +287,8 @@ def _kind(value: Any) -> str:
 
 
 def _closest(word: str, known: set[str]) -> str | None:
+    # lazy: only a misspelt key needs difflib (about 170 KB and 1 ms), not every process
+    # that reads the config, nor each sendmail run
     import difflib
 
     matches = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.75)

@@ -15,6 +15,11 @@ from relayd.secrets import Secret
 from relayd.units import HostPort, Rate
 
 DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.yaml")
+# Defaults that a missing key takes, named here because more than one reader applies them
+# (``load_config`` and ``load_client_config``) and they must not drift apart.
+DEFAULT_LISTEN = ("127.0.0.1:25", "[::1]:25")
+DEFAULT_SPOOL_PATH = Path("/var/spool/relayd")
+DEFAULT_STATE_DIR = Path("/var/lib/relayd")
 
 
 class TlsMode(enum.StrEnum):
@@ -71,7 +76,7 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    path: Path = Path("/var/spool/relayd")
+    path: Path = DEFAULT_SPOOL_PATH
     max_age: float = 4 * 86400.0
     retry: RetryConfig = field(default_factory=RetryConfig)
 
@@ -231,7 +236,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     dkim: tuple[DkimKey, ...] = ()
-    state_dir: Path = Path("/var/lib/relayd")
+    state_dir: Path = DEFAULT_STATE_DIR
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -250,3 +255,18 @@ class Config:
                 return s
         known = ", ".join(s.name for s in self.smarthosts)
         raise KeyError(f"no smarthost named {name!r} (known: {known})")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What a local client of the running daemon (``relayd sendmail``) needs: where the daemon
+    listens, the names bare addresses are qualified with, and the spool (``-bp``, ``-q``).
+
+    Each field has the name, type and value the same file gives in ``Config``; built by
+    ``relayd.config.load.load_client_config``.
+    """
+
+    hostname: str
+    local_domain: str
+    listen: tuple[HostPort, ...]
+    spool: SpoolConfig

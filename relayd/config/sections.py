@@ -14,6 +14,7 @@ from relayd.config.reader import MAX_CREDENTIAL, Reader
 from relayd.config.schema import (
     ALERT_EVENTS,
     AUTO_ADD_KINDS,
+    DEFAULT_SPOOL_PATH,
     AddressRewrite,
     AlertsConfig,
     AuthConfig,
@@ -72,7 +73,7 @@ def spool_section(r: Reader, value: Any) -> SpoolConfig:
         r.fail("spool.retry.max_interval",
                "must be at least spool.retry.initial")
     return SpoolConfig(
-        path=r.path("spool.path", m.get("path", "/var/spool/relayd")),
+        path=r.path("spool.path", m.get("path", str(DEFAULT_SPOOL_PATH))),
         max_age=r.duration("spool.max_age", m.get("max_age"), 4 * 86400.0),
         retry=RetryConfig(initial=initial, max_interval=max_interval),
     )

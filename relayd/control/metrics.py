@@ -50,6 +50,8 @@ class Metrics(Recorder):
     """The SPEC's metric names, registered in a private registry."""
 
     def __init__(self) -> None:
+        # lazy: prometheus_client costs about 2 MB per process; without metrics.listen no
+        # Metrics is built and neither process loads it (test_metrics_http.py checks)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
@@ -116,6 +118,6 @@ class Metrics(Recorder):
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        from prometheus_client import generate_latest
+        from prometheus_client import generate_latest  # lazy: see __init__
 
         return bytes(generate_latest(self.registry))

@@ -64,7 +64,7 @@ class DailyCap:
         self._db: sqlite3.Connection | None = None
         if state_dir is None:
             return
-        import sqlite3  # here: only with limits.daily_cap (about 1.5 MB per process)
+        import sqlite3  # lazy: only with limits.daily_cap (about 1.5 MB per process)
 
         path = state_dir / DB_NAME
         if readonly:

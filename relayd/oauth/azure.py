@@ -24,9 +24,9 @@ import requests
 
 from relayd.config.schema import OAuthConfig, OAuthGrant, Smarthost
 from relayd.errors import OAuthError
-from relayd.oauth.generic import authorize_hint, classify_error
-from relayd.oauth.source import DEFAULT_LIFETIME, Token
+from relayd.oauth.endpoint import authorize_hint, classify_error
 from relayd.oauth.store import OAuthStore
+from relayd.oauth.token import Token, lifetime
 from relayd.secrets import Secret
 
 APP_SCOPE = "https://outlook.office365.com/.default"
@@ -55,13 +55,6 @@ def delegated_scopes(oauth: OAuthConfig) -> list[str]:
 
 def is_delegated(oauth: OAuthConfig) -> bool:
     return oauth.grant is OAuthGrant.REFRESH_TOKEN or oauth.client_secret is None
-
-
-def _lifetime(result: dict[str, Any]) -> float:
-    try:
-        return max(1.0, float(result.get("expires_in", DEFAULT_LIFETIME)))
-    except (TypeError, ValueError):
-        return DEFAULT_LIFETIME
 
 
 def _refused(smarthost: str, result: dict[str, Any], refresh_hint: str) -> OAuthError:
@@ -113,7 +106,7 @@ class AppOnlyFetcher:
         if "access_token" not in result:
             raise _refused(self.smarthost, result, "check client_id, client_secret and tenant_id "
                            "(a client secret also expires: see Certificates & secrets)")
-        return Token(Secret(result["access_token"]), now + _lifetime(result), now, self.account)
+        return Token(Secret(result["access_token"]), now + lifetime(result), now, self.account)
 
 
 @dataclass
@@ -169,7 +162,7 @@ class DelegatedFetcher:
                              hint=hint, permanent=True)
         if "access_token" not in result:
             raise _refused(self.smarthost, result, hint)
-        return Token(Secret(result["access_token"]), now + _lifetime(result), now,
+        return Token(Secret(result["access_token"]), now + lifetime(result), now,
                      str(account.get("username") or self.username or ""))
 
 

@@ -31,9 +31,9 @@ from google.oauth2 import service_account
 
 from relayd.config.schema import OAuthConfig, Smarthost
 from relayd.errors import OAuthError
-from relayd.oauth.generic import authorize_hint, classify_error, post_form
-from relayd.oauth.source import DEFAULT_LIFETIME, Token
+from relayd.oauth.endpoint import authorize_hint, classify_error, post_form
 from relayd.oauth.store import OAuthStore, current_refresh_token, save_refresh_token
+from relayd.oauth.token import DEFAULT_LIFETIME, Token
 from relayd.secrets import Secret
 
 MAIL_SCOPE = "https://mail.google.com/"

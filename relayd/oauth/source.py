@@ -1,10 +1,11 @@
 """OAuth2 access tokens for XOAUTH2: one cached, single-flight token source per smarthost.
 
 ``build_token_source(smarthost, state_dir=..., key_file=...)`` picks the provider fetcher
-(``oauth_azure`` MSAL, ``oauth_google`` google-auth, ``oauth_generic`` RFC 6749) and wraps it in
-``OAuthTokenSource``, which owns the lifecycle the SPEC asks for:
+(``relayd.oauth.azure`` MSAL, ``relayd.oauth.google`` google-auth, ``relayd.oauth.generic``
+RFC 6749) and wraps it in ``OAuthTokenSource``, which owns the lifecycle the SPEC asks for:
 
-* the token is cached in memory and encrypted on disk (``oauth_store``), so a restart reuses it;
+* the token is cached in memory and encrypted on disk (``relayd.oauth.store``), so a restart
+  reuses it;
 * it is refreshed ahead of expiry: 10 minutes before, or half its lifetime for short-lived ones;
 * one refresh at a time however many deliveries wait (an ``asyncio.Lock``), and after a failure
   callers get the same error without a new request until a short back-off has passed;
@@ -13,6 +14,8 @@
   with a hint saying what to do, ``permanent=False`` for network trouble the caller retries.
 
 Fetchers are blocking (MSAL, google-auth and urllib all are) and run in ``asyncio.to_thread``.
+The ``Token`` record and the ``Fetcher`` protocol live in ``relayd.oauth.token``, which the
+providers import: they never import this module, so the arrows point one way.
 """
 
 from __future__ import annotations
@@ -23,44 +26,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 from relayd.config.schema import OAuthConfig, OAuthProvider, Smarthost
 from relayd.errors import OAuthError
 from relayd.oauth.store import OAuthStore, fingerprint
+from relayd.oauth.token import REFRESH_MARGIN, Fetcher, Token
 from relayd.secrets import Secret
 
 log = logging.getLogger("relayd.oauth")
 
-REFRESH_MARGIN = 600.0  # SPEC: refreshed at least 10 minutes before expiry
 FAILURE_BACKOFF = (2.0, 60.0)  # pause between failed token requests (callers back off too)
-DEFAULT_LIFETIME = 3600.0  # RFC 6749 5.1: expires_in is only RECOMMENDED
-
-
-@dataclass(frozen=True)
-class Token:
-    """An access token with its lifetime (``clock`` seconds) and the identity it acts for."""
-
-    access_token: Secret
-    expires_at: float
-    issued_at: float
-    account: str
-
-    def refresh_at(self, margin: float = REFRESH_MARGIN) -> float:
-        """When to fetch the next one: ``margin`` before expiry, or halfway for short lives."""
-        lifetime = max(0.0, self.expires_at - self.issued_at)
-        return self.expires_at - min(margin, lifetime / 2)
-
-
-class Fetcher(Protocol):
-    """Obtains a new access token from the provider; blocking; raises OAuthError."""
-
-    @property
-    def description(self) -> str:
-        """How the token is obtained, for ``relayd oauth token`` (no secrets)."""
-        ...
-
-    def fetch(self, now: float) -> Token: ...
 
 
 @dataclass(frozen=True)
@@ -256,14 +231,16 @@ def oauth_config(smarthost: Smarthost) -> OAuthConfig:
 def build_fetcher(smarthost: Smarthost, store: OAuthStore) -> Fetcher:
     """The provider-specific fetcher for the smarthost's ``auth.oauth`` settings."""
     oauth = oauth_config(smarthost)
+    # Only the provider in use is imported: MSAL, google-auth and requests each take 15-25 MB
+    # and about 0.1 s to import, and an installation uses one provider.
     if oauth.provider is OAuthProvider.AZURE:
-        from relayd.oauth import azure as oauth_azure
-        return oauth_azure.build(smarthost, oauth, store)
+        from relayd.oauth import azure  # lazy: MSAL only where a smarthost uses Entra ID
+        return azure.build(smarthost, oauth, store)
     if oauth.provider is OAuthProvider.GOOGLE:
-        from relayd.oauth import google as oauth_google
-        return oauth_google.build(smarthost, oauth, store)
-    from relayd.oauth import generic as oauth_generic
-    return oauth_generic.build(smarthost, oauth, store)
+        from relayd.oauth import google  # lazy: google-auth only where a smarthost uses it
+        return google.build(smarthost, oauth, store)
+    from relayd.oauth import generic  # lazy: requests only for a generic provider
+    return generic.build(smarthost, oauth, store)
 
 
 class _Unusable:

@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email import quoprimime
+from email.errors import MessageError
+from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
@@ -183,9 +185,6 @@ def domain_of(address: str) -> str:
 
 def decoded_header(value: str) -> str:
     """Decode RFC 2047 encoded words for matching (e.g. a priority rule on Subject)."""
-    from email.errors import MessageError
-    from email.header import decode_header, make_header
-
     try:
         return str(make_header(decode_header(value)))
     except (ValueError, LookupError, UnicodeError, MessageError):  # CharsetError: "\xe9so-8859-1"

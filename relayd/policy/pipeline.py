@@ -38,7 +38,7 @@ def steps_in_order() -> tuple[tuple[str, Step], ...]:
 
     Imported on first use: the steps need the email package (~1.5 MB), which the delivery
     process, using only ``recheck_at_delivery``, never loads."""
-    from relayd.policy import signing, steps, unsubscribe
+    from relayd.policy import signing, steps, unsubscribe  # lazy: the email package, see above
 
     return (
         ("priority", steps.classify),

@@ -32,8 +32,8 @@ def signer_for(policy: Policy, content: bytes) -> tuple[DkimSigner | None, str |
 
 def sign_bytes(signer: DkimSigner, content: bytes) -> bytes:
     """Prepend a DKIM-Signature header to ``content``."""
-    # Imported when first needed: dkimpy pulls in dnspython, several MB in each of relayd
-    # run's processes, which most installations (no dkim: entries) never use.
+    # lazy: dkimpy pulls in dnspython, several MB in each of relayd run's processes, which
+    # most installations (no dkim: entries) never use.
     import dkim
 
     header, _ = _mime.split_message(content)
@@ -56,7 +56,7 @@ def sign(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
     if signer is None:
         why = "no From header" if domain is None else f"no dkim entry for From domain {domain}"
         return draft.note("dkim", f"not signed: {why}")
-    import dkim
+    import dkim  # lazy: as in sign_bytes, only where a dkim: entry signs
 
     try:
         copies = tuple(Copy(c.rcpts, sign_bytes(signer, c.content)) for c in draft.copies)

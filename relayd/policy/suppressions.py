@@ -91,6 +91,8 @@ class SuppressionStore:
     def _open(self) -> sqlite3.Connection:
         """The connection, opened (creating the database) on first use; hold the lock."""
         if self._db is None:
+            # lazy: SQLite costs about 1.5 MB per process, paid only once the list is used
+            # (test_split_process.py checks that neither process maps it otherwise)
             import sqlite3
 
             deadline = time.monotonic() + self._busy_timeout
@@ -278,7 +280,7 @@ def read_snapshot(state_dir: Path) -> frozenset[str]:
     path = state_dir / DB_NAME
     if not path.exists() or path.stat().st_size == 0:
         return frozenset()
-    import sqlite3
+    import sqlite3  # lazy: as in SuppressionStore._open, only when there is a list
 
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     try:

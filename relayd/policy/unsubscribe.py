@@ -86,8 +86,8 @@ def _fill(template: str | None, *, url: str, rcpt: str | None, token: str | None
           escape: bool) -> str | None:
     if template is None:
         return None
-    # Imported here: html loads its 2,231-entity table, which a relay without an HTML
-    # footer never needs in memory.
+    # lazy: html loads its 2,231-entity table, which a relay without an HTML footer never
+    # needs in memory.
     import html
 
     esc = html.escape if escape else (lambda s: s)

@@ -81,7 +81,7 @@ def load_syncfs() -> Callable[[int], None] | None:
     """libc's syncfs as a function raising OSError, or None where it must not be used."""
     if not sys.platform.startswith("linux") or not kernel_reports_syncfs_errors(os.uname().release):
         return None
-    import ctypes  # only here: about 0.5 MB, and only the accepting process stores messages
+    import ctypes  # lazy: about 0.5 MB, and only the accepting process stores messages
 
     try:
         fn = ctypes.CDLL(None, use_errno=True).syncfs

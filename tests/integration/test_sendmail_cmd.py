@@ -15,6 +15,9 @@ import pytest
 
 from relayd.cli import IO
 from relayd.commands import sendmail
+from relayd.config.load import load_config
+from relayd.model import Envelope, Message
+from relayd.spool.store import Spool
 from tests.support.config_builder import ConfigBuilder
 from tests.support.ops_smtp import RecordingServer
 
@@ -321,3 +324,45 @@ def test_non_ascii_address_goes_with_smtputf8(tmp_path, daemon, shim) -> None:
     assert r.returncode == 0, r.stderr
     (msg,) = daemon.recorder.messages
     assert msg.rcpt_tos == ["jörg@exämple.org"] and "SMTPUTF8" in msg.mail_options
+
+
+def test_sendmail_and_the_daemon_agree_on_the_defaults(tmp_path, monkeypatch) -> None:
+    """A config that sets only smarthosts: sendmail hands the message to the addresses the
+    daemon listens on by default, says HELO with the daemon's hostname, qualifies ``root``
+    with its default local_domain and lists the spool it writes (one reader for both)."""
+    cfg = tmp_path / "relayd.yaml"
+    cfg.write_text("smarthosts: [{name: s, host: smtp.example.net}]\n")
+    daemon_cfg = load_config(cfg)
+    submitted = []
+    monkeypatch.setattr(sendmail, "submit_any",
+                        lambda addresses, **kw: submitted.append((addresses, kw)) or "250 2.0.0 Ok")
+    opened = []
+    monkeypatch.setattr(sendmail, "_open_spool", lambda path: opened.append(path) or _FakeSpool(path))
+    monkeypatch.setenv("RELAYD_CONFIG", str(cfg))
+    out, err = io.StringIO(), io.StringIO()
+    args = types.SimpleNamespace(sendmail_args=["-i", "root"], config=None)
+    assert sendmail.main(args, IO(out, err, io.StringIO("Subject: s\n\nb\n"))) == 0, err.getvalue()
+    ((addresses, kw),) = submitted
+    assert addresses == sendmail.daemon_addresses(daemon_cfg.listen) == [("127.0.0.1", 25), ("::1", 25)]
+    assert kw["helo"] == daemon_cfg.hostname
+    assert list(kw["recipients"]) == [f"root@{daemon_cfg.local_domain}"]
+    args = types.SimpleNamespace(sendmail_args=["-bp"], config=None)
+    assert sendmail.main(args, IO(out, err, io.StringIO())) == 0
+    assert opened == [daemon_cfg.spool.path]
+
+
+
+def test_mailq_and_q_read_the_spool(tmp_path, shim) -> None:
+    """``mailq`` and ``sendmail -q`` open the real spool (a lookup of the spool by module
+    name, which a move had broken, once made them fail with a traceback)."""
+    cfg = _config(tmp_path, _closed_port())
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_dirs()
+    qid = spool.put(Message(Envelope("app@example.com", ("a@example.org",)), b"Subject: s\r\n\r\nb\r\n"))
+    spool.close()
+    r = _run(shim, cfg, [], b"", name="mailq")
+    assert r.returncode == 0, r.stderr
+    assert qid.encode() in r.stdout and b"a@example.org" in r.stdout and b"1 Request." in r.stdout
+    r = _run(shim, cfg, ["-q"], b"")
+    assert r.returncode == 0, r.stderr
+    assert [e.id for e in Spool(tmp_path / "spool").list()] == [qid]

@@ -17,6 +17,7 @@ import pytest
 
 from relayd import cli
 from tests.support.config_builder import ConfigBuilder
+from tests.support.oauth_server import FakeTokenServer
 from tests.support.upstream import FakeUpstream
 
 PASSWORD = "Sup3r-Secret-pw"
@@ -170,3 +171,32 @@ async def test_xoauth2_without_a_usable_token_explains_oauth(config_builder: Con
         assert "oauth" in output.lower()
         assert up.messages == []
         assert_no_secret(output)
+
+
+async def test_xoauth2_fetches_a_token_and_delivers(config_builder: ConfigBuilder) -> None:
+    """send-test builds the smarthost's token source itself. (It once looked it up by a module
+    name that a move had changed, and then reported every XOAUTH2 smarthost as "OAuth
+    support is not available".)"""
+    server = FakeTokenServer(clients={"cid": PASSWORD}).start()
+    try:
+        async with FakeUpstream(tls="starttls", auth=("XOAUTH2",)) as up:
+            issue = server._tokens
+
+            def issue_and_accept(*args: Any, **kw: Any) -> dict[str, Any]:
+                body = issue(*args, **kw)
+                up.tokens.add(str(body["access_token"]))   # the upstream accepts what it issues
+                return body
+
+            server._tokens = issue_and_accept  # type: ignore[method-assign]
+            entry = smarthost_entry(up, auth={
+                "method": "xoauth2", "username": "relay@example.com",
+                "oauth": {"provider": "generic", "token_url": server.token_url,
+                          "client_id": "cid", "client_secret": PASSWORD}})
+            code, output = await send_test(config_builder.write([entry]), "--to", "ops@example.net")
+            assert code == 0, output
+            assert len(up.messages) == 1
+            assert server.counts["client_credentials"] == 1
+            assert_no_secret(output)
+            assert not any(token in output for token in server.issued)
+    finally:
+        server.stop()

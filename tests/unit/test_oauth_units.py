@@ -8,10 +8,10 @@ import pytest
 
 from relayd import secrets
 from relayd.errors import OAuthError
-from relayd.oauth.generic import classify_error
+from relayd.oauth.endpoint import classify_error
 from relayd.oauth.google import _code_from
-from relayd.oauth.source import Token
 from relayd.oauth.store import _slug
+from relayd.oauth.token import Token
 from relayd.secrets import Secret
 
 
