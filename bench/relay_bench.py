@@ -220,7 +220,7 @@ class Relayd:
             self.spy = None
 
     def pids(self) -> list[int]:
-        """relayd run and its delivery process (relayd/daemon/split.py), if it has one."""
+        """relayd run and its delivery process (relayd/daemon/child.py), if it has one."""
         assert self.proc is not None
         try:
             kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()

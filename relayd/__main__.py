@@ -5,7 +5,7 @@ import sys
 # The delivery process of ``relayd run`` skips the CLI's argparse (relayd/commands/deliver.py);
 # the cheap test first, so that other commands do not import the daemon.
 if sys.argv[3:4] == ["_deliver"]:
-    from relayd.daemon.split import from_argv
+    from relayd.daemon.pipe import from_argv
 
     _args = from_argv(sys.argv[1:])
     if _args is not None:

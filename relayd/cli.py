@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     sub.add_parser("run", help="run the daemon in the foreground")
-    # Internal: the delivery process of `relayd run` (relayd/daemon/split.py); not in --help.
+    # Internal: the delivery process of `relayd run` (relayd/daemon/child.py); not in --help.
     p = sub.add_parser("_deliver")
     p.add_argument("--notify-fd", type=int, required=True)
     p.add_argument("--events-fd", type=int, required=True)

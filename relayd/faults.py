@@ -51,7 +51,7 @@ POINTS = ("data", "spool-fsync", "before-250", "after-upstream-250", "spool-recy
 
 
 def _kill_self() -> None:
-    # In relayd run's delivery process (relayd/daemon/split.py) the point stands for a kill of the
+    # In relayd run's delivery process (relayd/daemon/child.py) the point stands for a kill of the
     # whole service, as systemd's KillMode=control-group does: the parent goes first.
     parent = os.environ.get("RELAYD_DELIVERY_PARENT", "")
     if parent.isdigit():

@@ -1,4 +1,4 @@
-"""``relayd _deliver``: the delivery process that ``relayd run`` starts (relayd/daemon/split.py).
+"""``relayd _deliver``: the delivery process that ``relayd run`` starts (relayd/daemon/child.py).
 
 Not for operators: it runs only as the child of ``relayd run``, which passes it the two pipe
 descriptors. It takes its config text from the notify pipe (the first line, and a new one
@@ -7,7 +7,7 @@ else arrives there (and what its rescans find), reports metrics on the events pi
 cleanly on SIGTERM, and exits at once when the notify pipe closes because its parent is gone.
 
 ``relayd run`` starts it as ``python -m relayd -c FILE _deliver --notify-fd N --events-fd M``
-(``split.child_argv``); ``relayd/__main__.py`` reads exactly that with ``split.from_argv``
+(``pipe.child_argv``); ``relayd/__main__.py`` reads exactly that with ``pipe.from_argv``
 and calls ``deliver`` instead of the CLI, so the long-running child never imports argparse
 or builds the CLI's parser (about 1 MB).
 """
@@ -32,7 +32,7 @@ from relayd.control.metrics import Recorder
 from relayd.daemon.background import Background
 from relayd.daemon.delivering import Delivering, serve_alone
 from relayd.daemon.logsetup import setup_logging
-from relayd.daemon.split import (
+from relayd.daemon.pipe import (
     DeliverArgs,
     EventMetrics,
     open_events,

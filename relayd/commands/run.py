@@ -19,9 +19,9 @@ from relayd.config.load import load_config
 from relayd.config.schema import Config
 from relayd.daemon.app import Daemon, single_process, with_delivery_process
 from relayd.daemon.background import Background
+from relayd.daemon.child import split_enabled
 from relayd.daemon.logsetup import setup_logging
 from relayd.daemon.sdnotify import Notifier, listen_fds, run_watchdog
-from relayd.daemon.split import split_enabled
 from relayd.errors import ConfigError, SpoolError
 from relayd.policy.acceptance import read_dkim_keys
 
@@ -57,7 +57,7 @@ async def reload_from_file(daemon: Daemon[Any], path: Path, *, report: bool) -> 
 
 async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
     notifier = Notifier.from_env()
-    # Two processes (accepting and delivering) when there is a second CPU: relayd/daemon/split.py.
+    # Two processes (accepting and delivering) when there is a second CPU: relayd/daemon/child.py.
     daemon: Daemon[Any] = (with_delivery_process(cfg, config_path(args), sockets=listen_fds())
                            if split_enabled() else single_process(cfg, sockets=listen_fds()))
     daemon.hooks.on_ready = lambda addrs: notifier.ready(f"listening on {len(addrs)} socket(s)")

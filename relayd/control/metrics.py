@@ -2,7 +2,7 @@
 
 Components call the recording methods of a ``Recorder``; the HTTP endpoint at
 ``metrics.listen`` renders the registry. Label values use the log's words and never carry
-addresses (SPEC). The delivery process (relayd/daemon/split.py) records through a ``Recorder`` that
+addresses (SPEC). The delivery process (relayd/daemon/child.py) records through a ``Recorder`` that
 forwards to its parent and never loads prometheus_client (about 1.5 MB per process).
 """
 

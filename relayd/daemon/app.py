@@ -2,7 +2,7 @@
 
 The delivery is either the delivering half in this process (``single_process``) or the
 handle on the delivery process that ``relayd run`` starts on a machine with two CPUs
-(``with_delivery_process``, relayd/daemon/split.py); both satisfy ``Delivery``, so nothing
+(``with_delivery_process``, relayd/daemon/child.py); both satisfy ``Delivery``, so nothing
 here asks which process it is in. ``Daemon.serve()`` follows Hypercorn's order: lock and
 recover the spool, bind the listener, start the delivery, report ready; on stop it closes the
 listener, gives open sessions a grace period, and lets in-flight deliveries finish or return
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from relayd.config.schema import Config, Smarthost
 from relayd.control.metrics import Metrics, Recorder
 from relayd.daemon.accepting import Accepting
-from relayd.daemon.split import DeliveryProcess
+from relayd.daemon.child import DeliveryProcess
 from relayd.model import State
 from relayd.policy.acceptance import read_dkim_keys
 from relayd.policy.suppressions import SuppressionStore

@@ -311,7 +311,7 @@ class Spool:
                              size=len(m.content), created=m.envelope.received_at,
                              meta=self._read_meta(queue_id))
             # Read the whole file once: the delivery that follows needs the content too, and
-            # in the delivery process (relayd/daemon/split.py) nothing is in memory yet.
+            # in the delivery process (relayd/daemon/child.py) nothing is in memory yet.
             with open(self._file(State.ACTIVE, queue_id), "rb") as f:
                 data = f.read()
             header, content = parse_file(data)

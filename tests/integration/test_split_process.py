@@ -1,4 +1,4 @@
-"""`relayd run` as two processes (relayd/daemon/split.py): the delivery process delivers what the
+"""`relayd run` as two processes (relayd/daemon/child.py): the delivery process delivers what the
 accepting one stores, its metrics reach /metrics, it is restarted when it dies, it dies with
 its parent, and RELAYD_SINGLE_PROCESS=1 keeps one process."""
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import aiosmtplib
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.daemon.split import DeliverArgs, child_argv, config_line, from_argv, split_enabled
+from relayd.daemon.child import split_enabled
+from relayd.daemon.pipe import DeliverArgs, child_argv, config_line, from_argv
 from tests.support.relay import RelayProcess, free_port, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 

@@ -1,4 +1,5 @@
-"""The delivery process: ``relayd run`` on a machine with two or more CPUs is two processes.
+"""The delivery process as the accepting process sees it: started, fed, reloaded, restarted
+and stopped. ``relayd run`` on a machine with two or more CPUs is two processes.
 
 One Python process has one event loop and one GIL, so acceptance (the listener, the policy,
 the spool write) and delivery (the queue manager and the smarthost connections) took turns
@@ -33,21 +34,26 @@ for two even on one CPU).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from relayd.config.schema import Config
 from relayd.control.metrics import Recorder
+from relayd.daemon.pipe import (
+    FORWARDED,
+    Batcher,
+    DeliverArgs,
+    child_argv,
+    config_line,
+    read_lines,
+    write_pipe,
+)
 from relayd.model import Status
 from relayd.spool.store import Spool
 
@@ -56,37 +62,6 @@ log = logging.getLogger("relayd")
 SINGLE_PROCESS_ENV = "RELAYD_SINGLE_PROCESS"
 PARENT_ENV = "RELAYD_DELIVERY_PARENT"
 RESTART_DELAY = 1.0
-CONFIG_LINE = b"config "  # notify-pipe line carrying the accepted config text (base64)
-# The Recorder methods the delivery process may call in the accepting process.
-FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_expiry",
-                       "set_daily_cap_remaining"})
-
-
-@dataclass(frozen=True)
-class DeliverArgs:
-    """What the accepting process passes its child: the config file and the two pipes."""
-
-    config: Path
-    notify_fd: int
-    events_fd: int
-
-
-def child_argv(args: DeliverArgs) -> list[str]:
-    """The delivery process's arguments after ``python -m relayd`` (``ps`` shows them)."""
-    return ["-c", str(args.config), "_deliver", "--notify-fd", str(args.notify_fd),
-            "--events-fd", str(args.events_fd)]
-
-
-def from_argv(argv: Sequence[str]) -> DeliverArgs | None:
-    """``child_argv``'s output read back, else None (the CLI parses any other spelling).
-    relayd/__main__.py uses it so the child never loads argparse and the CLI's parser."""
-    if len(argv) != 7 or [argv[0], argv[2], argv[3], argv[5]] != [
-            "-c", "_deliver", "--notify-fd", "--events-fd"]:
-        return None
-    try:
-        return DeliverArgs(Path(argv[1]), int(argv[4]), int(argv[6]))
-    except ValueError:
-        return None
 
 
 def split_enabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -101,91 +76,6 @@ def split_enabled(environ: Mapping[str, str] | None = None) -> bool:
     return (os.cpu_count() or 1) >= 2
 
 
-def config_line(text: str) -> bytes:
-    """The notify-pipe line that hands the delivery process its config text."""
-    return CONFIG_LINE + base64.b64encode(text.encode("utf-8")) + b"\n"
-
-
-def parse_config_line(line: bytes) -> str | None:
-    """The text of a ``config_line``, else None (a queue ID line, or damage)."""
-    if not line.startswith(CONFIG_LINE):
-        return None
-    try:
-        return base64.b64decode(line[len(CONFIG_LINE):], validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-
-
-def read_first_line(fd: int) -> tuple[bytes, bytes]:
-    """Blocking, before the event loop runs: the first line on ``fd`` (without its newline)
-    and whatever was read after it, for the line reader. (b"", b"") at end of file."""
-    buf = b""
-    while b"\n" not in buf:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"", b""
-        buf += chunk
-    line, _, rest = buf.partition(b"\n")
-    return line, rest
-
-
-class _Lines(asyncio.Protocol):
-    """Reads newline-terminated lines from a pipe."""
-
-    def __init__(self, on_line: Callable[[bytes], None], on_eof: Callable[[], None],
-                 initial: bytes = b"") -> None:
-        self._on_line = on_line
-        self._on_eof = on_eof
-        self._buf = initial
-
-    def data_received(self, data: bytes) -> None:
-        lines = (self._buf + data).split(b"\n")
-        self._buf = lines.pop()
-        for line in lines:
-            self._on_line(line)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._on_eof()
-
-
-class _Batcher:
-    """Lines written to a pipe once per event-loop iteration, not once per line."""
-
-    def __init__(self, transport: asyncio.WriteTransport) -> None:
-        self._transport = transport
-        self._pending: list[bytes] = []
-
-    def write(self, line: bytes) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(line)
-
-    def _flush(self) -> None:
-        data, self._pending = b"".join(self._pending), []
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-
-async def _write_pipe(fd: int) -> asyncio.WriteTransport:
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(fd, "wb", buffering=0))
-    return transport
-
-
-async def read_lines(fd: int, on_line: Callable[[bytes], None], on_eof: Callable[[], None],
-                     initial: bytes = b"") -> None:
-    """Call ``on_line`` for each line on ``fd``; ``initial`` is data read from it already."""
-    loop = asyncio.get_running_loop()
-    protocol = _Lines(on_line, on_eof, initial)
-    await loop.connect_read_pipe(lambda: protocol, os.fdopen(fd, "rb", buffering=0))
-    if initial:
-        protocol.data_received(b"")  # lines that arrived with the config line
-
-
 class DeliveryProcess:
     """The accepting process's handle on the delivery process: starts, feeds, reloads,
     restarts and stops it."""
@@ -196,7 +86,7 @@ class DeliveryProcess:
         self._spool = spool
         self._metrics = metrics
         self._proc: asyncio.subprocess.Process | None = None
-        self._notify: _Batcher | None = None
+        self._notify: Batcher | None = None
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self.started = asyncio.Event()
@@ -217,7 +107,7 @@ class DeliveryProcess:
         finally:
             os.close(notify_r)
             os.close(events_w)
-        self._notify = _Batcher(await _write_pipe(notify_w))
+        self._notify = Batcher(await write_pipe(notify_w))
         self._notify.write(config_line(self._config_text))
         await read_lines(events_r, self._on_event, lambda: None)
         log.info("delivery process started (pid %d)", self._proc.pid)
@@ -292,33 +182,3 @@ class DeliveryProcess:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-
-
-class EventMetrics(Recorder):
-    """The delivery process's recorder: the forwarded recordings go to the accepting process;
-    the rest are dropped (nothing in the delivery process serves /metrics)."""
-
-    def __init__(self, events: _Batcher) -> None:
-        self._events = events
-
-    def _send(self, name: str, *args: Any, **kwargs: Any) -> None:
-        self._events.write(json.dumps([name, args, kwargs]).encode() + b"\n")
-
-    def delivery(self, smarthost: str, status: Status, seconds: float | None = None) -> None:
-        self._send("delivery", smarthost, status.value, seconds)
-
-    def suppressed(self, count: int = 1) -> None:
-        self._send("suppressed", count)
-
-    def set_smarthost(self, name: str, *, up: bool, paused: bool) -> None:
-        self._send("set_smarthost", name, up=up, paused=paused)
-
-    def set_token_expiry(self, smarthost: str, seconds: float) -> None:
-        self._send("set_token_expiry", smarthost, seconds)
-
-    def set_daily_cap_remaining(self, remaining: int | None) -> None:
-        self._send("set_daily_cap_remaining", remaining)
-
-
-async def open_events(fd: int) -> _Batcher:
-    return _Batcher(await _write_pipe(fd))
