@@ -37,7 +37,7 @@ from relayd.delivery.schedule import Schedule
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.spool.hops import Hops
-from relayd.spool.records import Attempt, Entry
+from relayd.spool.records import Attempt, Claimed, Entry
 from relayd.spool.store import Spool
 
 log = logging.getLogger("relayd.qmgr")
@@ -328,19 +328,19 @@ class QueueManager:
                 await pool.aclose()
 
     # -- one message ------------------------------------------------------------------------------
-    def _claim(self, qid: str, now: float) -> tuple[Entry | None, _Verdict | None]:
+    def _claim(self, qid: str, now: float) -> tuple[Claimed | None, _Verdict | None]:
         """Worker thread: claim the message and, in the same hop, ask the gate about it."""
-        entry = self.spool.claim(qid)
-        if entry is None or self.gate is None:
-            return entry, None
+        claimed = self.spool.claim(qid)
+        if claimed is None or self.gate is None:
+            return claimed, None
         try:
-            return entry, self._gate_check(entry, entry.pending, now)
+            return claimed, self._gate_check(claimed.entry, claimed.entry.pending, now)
         except Exception:  # asked again in _attempt, where an error defers the message
-            return entry, None
+            return claimed, None
 
     async def _deliver_one(self, qid: str) -> None:
         try:
-            entry, verdict = await self._hops.call(self._claim, qid, self._now())
+            claimed, verdict = await self._hops.call(self._claim, qid, self._now())
         except OSError as exc:
             # The spool cannot change right now (read-only, I/O error): nothing was claimed.
             # Keep the message scheduled; dropped here it would wait for the next slow rescan.
@@ -349,10 +349,11 @@ class QueueManager:
                       exc.strerror or exc, delay)
             self._push(qid, self._now() + delay, False)
             return
-        if entry is None:
+        if claimed is None:
             return  # held, deleted or retried by an operator meanwhile
+        entry = claimed.entry
         try:
-            await self._attempt(entry, verdict)
+            await self._attempt(claimed, verdict)
         except asyncio.CancelledError:
             # Shutdown: give the message back untouched so the next start delivers it.
             with contextlib.suppress(OSError):
@@ -370,7 +371,8 @@ class QueueManager:
                 delay = (meta.next_attempt or now) - now
                 self._push(entry.id, self._now() + delay, entry.envelope.priority)
 
-    async def _attempt(self, entry: Entry, verdict: _Verdict | None) -> None:
+    async def _attempt(self, claimed: Claimed, verdict: _Verdict | None) -> None:
+        entry = claimed.entry
         now = self._now()
         pending = entry.pending
         history = list(entry.history)
@@ -399,7 +401,7 @@ class QueueManager:
                     raise
         sent: list[str] = []
         try:
-            await self._deliver_pending(entry, pending, suppressed, history, sent)
+            await self._deliver_pending(entry, claimed.content, pending, suppressed, history, sent)
         finally:
             if self.gate is not None:
                 # Shielded: a shutdown must not lose the count of what was already delivered.
@@ -423,23 +425,17 @@ class QueueManager:
         return loop.run_in_executor(
             self._executor, self.gate.delivered, entry, count, self._now())
 
-    async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],
-                               history: list[Attempt], sent: list[str]) -> None:
+    async def _deliver_pending(self, entry: Entry, content: bytes, pending: tuple[str, ...],
+                               suppressed: tuple[str, ...], history: list[Attempt],
+                               sent: list[str]) -> None:
         now = self._now()
         for rcpt in suppressed:
             listed = Reply(250, "2.0.0 on the do-not-email list")
             self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
                       entry.attempts + 1)
-            history.append(Attempt(now, rcpt, Status.SUPPRESSED.value, "none", "on the do-not-email list"))
+            history.append(Attempt(now, rcpt, Status.SUPPRESSED, "none", "on the do-not-email list"))
             if self.metrics:
                 self.metrics.suppressed()
-
-        content = b""
-        if pending:
-            # Just accepted: still in memory, no thread hop. Otherwise read from disk.
-            cached = self.spool.cached_content(entry.id)
-            content = (cached if cached is not None
-                       else await self._io(self.spool.read_content, entry.id, State.ACTIVE))
         failed: list[tuple[str, Reply]] = []
         deferred: dict[str, RecipientOutcome] = {}
         remaining = tuple(pending)
@@ -484,12 +480,12 @@ class QueueManager:
                     sent.append(o.recipient)
                     deferred.pop(o.recipient, None)
                     self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
-                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
+                    history.append(Attempt(t, o.recipient, o.status, result.relay, str(o.reply), o.dsn))
                 elif o.status is Status.FAILED:
                     failed.append((o.recipient, o.reply))
                     deferred.pop(o.recipient, None)
                     self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
-                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
+                    history.append(Attempt(t, o.recipient, o.status, result.relay, str(o.reply), o.dsn))
                     last_error = str(o.reply)
                     if self.gate is not None:
                         await self._io(self.gate.hard_bounce, o.recipient, o.reply)
@@ -530,7 +526,7 @@ class QueueManager:
                 reply = o.reply if o is not None else Reply(0, last_error or "")
                 self._log(entry, RecipientOutcome(rcpt, Status.FAILED, reply, reply.dsn),
                           "none", attempts, note=reason)
-                history.append(Attempt(now, rcpt, Status.FAILED.value, "none", f"{reason}: {reply}"))
+                history.append(Attempt(now, rcpt, Status.FAILED, "none", f"{reason}: {reply}"))
             meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts + remaining,
                            history=tuple(history), attempts=attempts,
                            last_error=f"{reason}; last error: {last_error}", next_attempt=None)
@@ -548,7 +544,7 @@ class QueueManager:
             o = deferred.get(rcpt)
             if o is not None:
                 self._log(entry, o, last_relay, attempts, deferred_until=due, delays=delays.get(rcpt))
-                history.append(Attempt(now, rcpt, Status.DEFERRED.value, last_relay, str(o.reply), o.dsn))
+                history.append(Attempt(now, rcpt, Status.DEFERRED, last_relay, str(o.reply), o.dsn))
         meta = replace(entry.meta, pending=remaining, failed_rcpts=failed_rcpts,
                        history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
                        next_attempt=due)
