@@ -8,7 +8,12 @@ Pure functions only; the caller logs the returned text.
 
 from __future__ import annotations
 
-from relayd.model import Status
+from typing import TYPE_CHECKING
+
+from relayd.model import RecipientOutcome, Status
+
+if TYPE_CHECKING:  # only an annotation here: the accepting process logs without loading it
+    from relayd.delivery.records import Delays
 
 
 def _clean(text: str) -> str:
@@ -17,15 +22,29 @@ def _clean(text: str) -> str:
 
 
 def delivery_line(queue_id: str, rcpt: str, relay: str, delay: float, attempts: int, dsn: str,
-                  status: Status, reply: str,
-                  delays: tuple[float, float, float, float] | None = None) -> str:
+                  status: Status, reply: str, delays: Delays | None = None) -> str:
     """One line per recipient attempt."""
     parts = [f"{queue_id}: to=<{_clean(rcpt)}>", f"relay={_clean(relay) or 'none'}",
              f"delay={delay:.2f}"]
     if delays is not None:
-        parts.append("delays=" + "/".join(f"{d:.2f}" for d in delays))
+        parts.append(f"delays={delays}")
     parts += [f"attempts={attempts}", f"dsn={dsn}", f"status={status.value} ({_clean(reply)})"]
     return ", ".join(parts)
+
+
+def outcome_line(queue_id: str, created: float, o: RecipientOutcome, relay: str, attempts: int,
+                 now: float, *, deferred_until: float | None = None, note: str = "",
+                 delays: Delays | None = None) -> str:
+    """The line for one recipient's outcome at ``now`` (of a message accepted at ``created``):
+    ``note`` goes before the reply, the wait before the next attempt after it."""
+    # A locally made-up reply without a code reads as its text alone.
+    reply = str(o.reply) if o.reply.code > 0 else o.reply.text
+    if note:
+        reply = f"{note}: {reply}" if reply else note
+    if deferred_until is not None:
+        reply = f"{reply}; next attempt in {max(0, deferred_until - now):.0f}s"
+    return delivery_line(queue_id, o.recipient, relay or "none", now - created, attempts,
+                         o.dsn or o.reply.dsn, o.status, reply, delays)
 
 
 def received_line(queue_id: str, client: str, helo: str) -> str:

@@ -6,7 +6,9 @@ wakes on new mail or at the earliest due time instead of polling, and rescans th
 slowly (plus `relayd queue` pokes quickly) to pick up messages it does not know yet. For
 each due message it claims the file, tries the smarthosts in order (later ones are
 fallbacks for the recipients the earlier ones deferred), logs one Postfix-shaped line per
-recipient, and then completes, requeues with backoff, or fails the message.
+recipient, and then completes, requeues with backoff, or fails the message: the attempt's
+tally (relayd/delivery/records.py) goes through a pure function (relayd/delivery/transition.py)
+and only carrying out its answer is done here.
 
 Every attempt counts, whatever failed (SPEC "attempts"). A smarthost that fails as a whole
 (refused, TLS, auth, 421, timeout, quota) is paused with backoff, so the messages behind it
@@ -31,13 +33,15 @@ from relayd import faults
 from relayd.config.schema import Smarthost, SpoolConfig
 from relayd.control.metrics import Recorder
 from relayd.delivery import logline
-from relayd.delivery.backoff import backoff_delay, is_expired
+from relayd.delivery.backoff import backoff_delay
 from relayd.delivery.health import Alerter, Health
+from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
+from relayd.delivery.transition import Complete, Fail, settle
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.spool.hops import Hops
-from relayd.spool.records import Attempt, Entry
+from relayd.spool.records import Attempt, Claimed, Entry
 from relayd.spool.store import Spool
 
 log = logging.getLogger("relayd.qmgr")
@@ -83,10 +87,6 @@ class Gate(Protocol):
 
     def hard_bounce(self, rcpt: str, reply: Reply) -> None:
         """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
-
-
-# The gate's answer for one message: (still allowed, now suppressed, seconds to wait for the cap).
-_Verdict = tuple[tuple[str, ...], tuple[str, ...], float]
 
 
 @dataclass(frozen=True)
@@ -328,19 +328,19 @@ class QueueManager:
                 await pool.aclose()
 
     # -- one message ------------------------------------------------------------------------------
-    def _claim(self, qid: str, now: float) -> tuple[Entry | None, _Verdict | None]:
+    def _claim(self, qid: str, now: float) -> tuple[Claimed | None, GateVerdict | None]:
         """Worker thread: claim the message and, in the same hop, ask the gate about it."""
-        entry = self.spool.claim(qid)
-        if entry is None or self.gate is None:
-            return entry, None
+        claimed = self.spool.claim(qid)
+        if claimed is None or self.gate is None:
+            return claimed, None
         try:
-            return entry, self._gate_check(entry, entry.pending, now)
+            return claimed, self._gate_check(claimed.entry, claimed.entry.pending, now)
         except Exception:  # asked again in _attempt, where an error defers the message
-            return entry, None
+            return claimed, None
 
     async def _deliver_one(self, qid: str) -> None:
         try:
-            entry, verdict = await self._hops.call(self._claim, qid, self._now())
+            claimed, verdict = await self._hops.call(self._claim, qid, self._now())
         except OSError as exc:
             # The spool cannot change right now (read-only, I/O error): nothing was claimed.
             # Keep the message scheduled; dropped here it would wait for the next slow rescan.
@@ -349,10 +349,11 @@ class QueueManager:
                       exc.strerror or exc, delay)
             self._push(qid, self._now() + delay, False)
             return
-        if entry is None:
+        if claimed is None:
             return  # held, deleted or retried by an operator meanwhile
+        entry = claimed.entry
         try:
-            await self._attempt(entry, verdict)
+            await self._attempt(claimed, verdict)
         except asyncio.CancelledError:
             # Shutdown: give the message back untouched so the next start delivers it.
             with contextlib.suppress(OSError):
@@ -370,46 +371,49 @@ class QueueManager:
                 delay = (meta.next_attempt or now) - now
                 self._push(entry.id, self._now() + delay, entry.envelope.priority)
 
-    async def _attempt(self, entry: Entry, verdict: _Verdict | None) -> None:
+    async def _attempt(self, claimed: Claimed, verdict: GateVerdict | None) -> None:
+        entry = claimed.entry
         now = self._now()
-        pending = entry.pending
-        history = list(entry.history)
-        suppressed: tuple[str, ...] = ()
-        if self.gate is not None:
+        if self.gate is None:
+            verdict = GateVerdict(entry.pending)
+        else:
             # The do-not-email list and the daily cap live in SQLite: _claim read them off the
             # loop, in the claim's own thread hop.
             if verdict is None:
-                verdict = await self._io(self._gate_check, entry, pending, now)
-            pending, suppressed, wait = verdict
-            if wait > 0:
+                verdict = await self._io(self._gate_check, entry, entry.pending, now)
+            if verdict.wait > 0:
                 # Over the daily cap: the message waits in the spool, no attempt is spent.
-                meta = replace(entry.meta, pending=pending, next_attempt=now + wait,
+                meta = replace(entry.meta, pending=verdict.allowed, next_attempt=now + verdict.wait,
                                last_error="waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
-                self._push(entry.id, self._now() + wait, entry.envelope.priority)
+                self._push(entry.id, self._now() + verdict.wait, entry.envelope.priority)
                 if self.alerts:
                     self.alerts.fire("daily_cap_reached", "daily_cap",
                                      "limits.daily_cap reached: mail waits in the queue")
                 return
-            if pending:
+            if verdict.allowed:
                 try:
-                    await self.gate.wait_rate(entry, len(pending))
+                    await self.gate.wait_rate(entry, len(verdict.allowed))
                 except BaseException:
                     await asyncio.shield(self._gate_settle(entry, 0))
                     raise
+        # What was delivered so far, kept outside the tally so that the gate counts it even
+        # when a shutdown cuts the attempt short.
         sent: list[str] = []
         try:
-            await self._deliver_pending(entry, pending, suppressed, history, sent)
+            tally = await self._try_smarthosts(entry, claimed.content, verdict, sent)
+            await self._finish(entry, tally)
         finally:
             if self.gate is not None:
                 # Shielded: a shutdown must not lose the count of what was already delivered.
                 await asyncio.shield(self._gate_settle(entry, len(sent)))
 
-    def _gate_check(self, entry: Entry, pending: tuple[str, ...], now: float) -> _Verdict:
-        """Worker thread: (still allowed, now suppressed, seconds to wait for the cap)."""
+    def _gate_check(self, entry: Entry, pending: tuple[str, ...], now: float) -> GateVerdict:
+        """Worker thread: the gate's verdict on ``pending`` (see GateVerdict)."""
         assert self.gate is not None
         allowed, suppressed = self.gate.recheck(entry, pending)
-        return allowed, suppressed, self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+        wait = self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+        return GateVerdict(allowed, suppressed, wait)
 
     def _gate_settle(self, entry: Entry, count: int) -> asyncio.Future[None]:
         """Count ``count`` delivered recipients against the cap, in a worker thread (SQLite)."""
@@ -423,139 +427,78 @@ class QueueManager:
         return loop.run_in_executor(
             self._executor, self.gate.delivered, entry, count, self._now())
 
-    async def _deliver_pending(self, entry: Entry, pending: tuple[str, ...], suppressed: tuple[str, ...],
-                               history: list[Attempt], sent: list[str]) -> None:
+    async def _try_smarthosts(self, entry: Entry, content: bytes, verdict: GateVerdict,
+                              sent: list[str]) -> Tally:
+        """Offer the allowed recipients to the smarthosts in order (each later one a fallback
+        for what the earlier ones deferred), logging each sent or failed recipient at once;
+        the tally of the attempt. ``sent`` collects the delivered recipients as they go."""
         now = self._now()
-        for rcpt in suppressed:
+        suppressed: list[Attempt] = []
+        for rcpt in verdict.suppressed:
             listed = Reply(250, "2.0.0 on the do-not-email list")
             self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
                       entry.attempts + 1)
-            history.append(Attempt(now, rcpt, Status.SUPPRESSED.value, "none", "on the do-not-email list"))
+            suppressed.append(Attempt(now, rcpt, Status.SUPPRESSED, "none", "on the do-not-email list"))
             if self.metrics:
                 self.metrics.suppressed()
-
-        content = b""
-        if pending:
-            # Just accepted: still in memory, no thread hop. Otherwise read from disk.
-            cached = self.spool.cached_content(entry.id)
-            content = (cached if cached is not None
-                       else await self._io(self.spool.read_content, entry.id, State.ACTIVE))
-        failed: list[tuple[str, Reply]] = []
-        deferred: dict[str, RecipientOutcome] = {}
-        remaining = tuple(pending)
-        reached_any = False
-        tried = False  # a smarthost was asked: this is an attempt (SPEC "attempts")
-        last_error = entry.last_error
-        last_relay = "none"
-        delays: dict[str, tuple[float, float, float, float]] = {}
+        tally = Tally(verdict.allowed, history=tuple(suppressed), last_error=entry.last_error)
         for sh in self._smarthosts:
-            if not remaining:
+            if not tally.remaining:
                 break
             if self._health.of(sh.name).paused_until > self._now():
                 continue
             call_start = self._now()
-            tried = True
             result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
-                                                   remaining, smtputf8=entry.envelope.smtputf8)
+                                                   tally.remaining, smtputf8=entry.envelope.smtputf8)
             faults.crash_point("after-upstream-250")
-            split = (max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
-                     result.setup_seconds, result.transfer_seconds)
-            for o in result.outcomes:
-                delays[o.recipient] = split
+            delays = Delays(max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
+                            result.setup_seconds, result.transfer_seconds)
             self._health.note(sh, result, entry.id)
-            last_relay = result.relay
-            if result.smarthost_fault and not any(o.status is Status.SENT for o in result.outcomes):
-                for o in result.outcomes:
-                    deferred[o.recipient] = o
-                    if self.metrics:
-                        self.metrics.delivery(sh.name, Status.DEFERRED)
-                # The sentence says what failed where ("cannot connect to host:25: Connection
-                # refused"); the reply alone may be a made-up 4.4.1.
-                last_error = result.error or (str(result.outcomes[0].reply) if result.outcomes
-                                              else last_error)
-                continue
-            # A recipient the smarthost accepted is delivered, whatever happened afterwards
-            # to the rest of the transaction: never send it twice.
-            reached_any = True
-            next_remaining = []
-            for o in result.outcomes:
-                t = self._now()
-                if o.status is Status.SENT:
-                    sent.append(o.recipient)
-                    deferred.pop(o.recipient, None)
-                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
-                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
-                elif o.status is Status.FAILED:
-                    failed.append((o.recipient, o.reply))
-                    deferred.pop(o.recipient, None)
-                    self._log(entry, o, result.relay, entry.attempts + 1, delays=split)
-                    history.append(Attempt(t, o.recipient, o.status.value, result.relay, str(o.reply), o.dsn))
-                    last_error = str(o.reply)
-                    if self.gate is not None:
-                        await self._io(self.gate.hard_bounce, o.recipient, o.reply)
-                else:
-                    deferred[o.recipient] = o
-                    next_remaining.append(o.recipient)
-                    last_error = str(o.reply)
+            at = self._now()
+            tally = tally.add(result, delays, at)
+            if smarthost_failed(result):
                 if self.metrics:
-                    self.metrics.delivery(sh.name, o.status,
-                                          t - entry.created if o.status is Status.SENT else None)
-            remaining = tuple(next_remaining)
-        await self._finish(entry, failed, deferred, remaining, reached_any, tried, history,
-                           last_error, last_relay, delays)
+                    for _ in result.outcomes:
+                        self.metrics.delivery(sh.name, Status.DEFERRED)
+                continue
+            sent.extend(result.delivered)
+            await self._report(entry, sh, result, delays, at)
+        return tally
 
-    async def _finish(self, entry: Entry, failed: list[tuple[str, Reply]],
-                      deferred: dict[str, RecipientOutcome], remaining: tuple[str, ...],
-                      reached_any: bool, tried: bool, history: list[Attempt],
-                      last_error: str | None, last_relay: str,
-                      delays: dict[str, tuple[float, float, float, float]]) -> None:
+    async def _report(self, entry: Entry, sh: Smarthost, result: DeliveryResult, delays: Delays,
+                      at: float) -> None:
+        """Log, count and pass on the outcomes of a smarthost's transaction (the deferred
+        recipients are logged by _finish, with the time of their next attempt)."""
+        for o in result.outcomes:
+            if o.status is Status.SENT or o.status is Status.FAILED:
+                self._log(entry, o, result.relay, entry.attempts + 1, delays=delays)
+            if o.status is Status.FAILED and self.gate is not None:
+                await self._io(self.gate.hard_bounce, o.recipient, o.reply)
+            if self.metrics:
+                self.metrics.delivery(sh.name, o.status,
+                                      at - entry.created if o.status is Status.SENT else None)
+
+    async def _finish(self, entry: Entry, tally: Tally) -> None:
+        """Decide the spool transition (relayd/delivery/transition.py) and carry it out."""
         now = self._now()
-        failed_rcpts = tuple(entry.meta.failed_rcpts) + tuple(r for r, _ in failed)
-        if not remaining:
-            if failed_rcpts:
-                meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts, history=tuple(history),
-                               attempts=entry.attempts + 1, last_error=last_error, next_attempt=None)
-                await self._io(self.spool.fail, entry.id, meta)
-                self._message_failed(entry, last_error or "permanent failure")
-            else:
-                self.spool.complete_later(entry.id)
-                log.info("%s", logline.removed_line(entry.id))
+        transition = settle(entry, tally, now=now, retry=self.cfg.retry, max_age=self.cfg.max_age,
+                            hosts_available_at=self._hosts_available_at(now),
+                            clock_skew=self._clock_skew)
+        if isinstance(transition, Complete):
+            self.spool.complete_later(entry.id)
+            for line in transition.lines:
+                log.info("%s", line)
             return
-        # Waiting behind paused smarthosts without being tried keeps the count.
-        attempts = entry.attempts + (1 if tried else 0)
-        if is_expired(entry.age_base, now - self._clock_skew, self.cfg.max_age):
-            reason = f"expired after {self.cfg.max_age / 86400:g} days in the queue"
-            for rcpt in remaining:
-                o = deferred.get(rcpt)
-                reply = o.reply if o is not None else Reply(0, last_error or "")
-                self._log(entry, RecipientOutcome(rcpt, Status.FAILED, reply, reply.dsn),
-                          "none", attempts, note=reason)
-                history.append(Attempt(now, rcpt, Status.FAILED.value, "none", f"{reason}: {reply}"))
-            meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts + remaining,
-                           history=tuple(history), attempts=attempts,
-                           last_error=f"{reason}; last error: {last_error}", next_attempt=None)
-            await self._io(self.spool.fail, entry.id, meta)
-            self._message_failed(entry, meta.last_error or reason)
+        for line in transition.lines:
+            log.info("%s", line)
+        if isinstance(transition, Fail):
+            await self._io(self.spool.fail, entry.id, transition.meta)
+            self._message_failed(entry, transition.reason)
             return
-        if reached_any:
-            delay = backoff_delay(attempts, self.cfg.retry)
-            due = now + delay
-        else:
-            # Every smarthost was paused or failed as a whole: wait for the first to come back
-            # (the message's own backoff would only add tries that meet the same fault).
-            due = max(now + 1.0, self._hosts_available_at(now))
-        for rcpt in remaining:
-            o = deferred.get(rcpt)
-            if o is not None:
-                self._log(entry, o, last_relay, attempts, deferred_until=due, delays=delays.get(rcpt))
-                history.append(Attempt(now, rcpt, Status.DEFERRED.value, last_relay, str(o.reply), o.dsn))
-        meta = replace(entry.meta, pending=remaining, failed_rcpts=failed_rcpts,
-                       history=tuple(history[-200:]), attempts=attempts, last_error=last_error,
-                       next_attempt=due)
-        await self._io(self.spool.requeue, entry.id, meta)
+        await self._io(self.spool.requeue, entry.id, transition.meta)
         # Relative to a fresh reading: a wall-clock jump noticed while the spool was written
         # shifted everything already scheduled, and must not strand this one.
-        self._push(entry.id, self._now() + (due - now), entry.envelope.priority)
+        self._push(entry.id, self._now() + (transition.due - now), entry.envelope.priority)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _message_failed(self, entry: Entry, reason: str) -> None:
@@ -563,14 +506,6 @@ class QueueManager:
             self.alerts.fire("message_failed", entry.id, f"message {entry.id} failed: {reason}")
 
     def _log(self, entry: Entry, o: RecipientOutcome, relay: str, attempts: int, *,
-             deferred_until: float | None = None, note: str = "",
-             delays: tuple[float, float, float, float] | None = None) -> None:
-        now = self._now()
-        reply = str(o.reply) if o.reply.code > 0 else o.reply.text
-        if note:
-            reply = f"{note}: {reply}" if reply else note
-        if deferred_until is not None:
-            reply = f"{reply}; next attempt in {max(0, deferred_until - now):.0f}s"
-        log.info("%s", logline.delivery_line(entry.id, o.recipient, relay or "none", now - entry.created,
-                                             attempts, o.dsn or o.reply.dsn, o.status, reply, delays))
-
+             delays: Delays | None = None) -> None:
+        log.info("%s", logline.outcome_line(entry.id, entry.created, o, relay, attempts, self._now(),
+                                            delays=delays))

@@ -19,7 +19,7 @@ from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Envelope, Message, Reply, Status
 from relayd.policy.acceptance import AcceptancePolicy, Accepted
 from relayd.policy.pipeline import log_summary
-from relayd.spool.hops import Batches, Outcome
+from relayd.spool.hops import Batches, Err, Ok, Outcome
 from relayd.spool.records import new_queue_id
 from relayd.spool.store import Spool
 
@@ -47,8 +47,8 @@ class Intake:
 
     def _store_batch(self, batch: list[_Arrival]) -> list[Outcome]:
         """Worker thread: the policy (CPU) for each message, then the spool writes of all
-        of them, one hop off the loop. Per message: (True, (Accepted, [(ID, stored copy)]))
-        or (False, the error)."""
+        of them, one hop off the loop. Per message: Ok((Accepted, [(ID, stored copy)]))
+        or Err(the error)."""
         decisions: list[Accepted | Exception] = []
         items: list[tuple[Message, str]] = []
         owners: list[int] = []  # which message of the batch each spool item is a copy of
@@ -73,15 +73,15 @@ class Intake:
         out: list[Outcome] = []
         for k, decision in enumerate(decisions):
             if isinstance(decision, Exception):
-                out.append((False, decision))
+                out.append(Err(decision))
             elif k in errors:
                 # All or nothing: the client will retry the whole message after our 451.
                 for qid, _ in stored[k]:
                     with contextlib.suppress(SpoolError, UnknownMessage):
                         self._spool.delete(qid)
-                out.append((False, errors[k]))
+                out.append(Err(errors[k]))
             else:
-                out.append((True, (decision, stored[k])))
+                out.append(Ok((decision, stored[k])))
         return out
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:

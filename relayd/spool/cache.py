@@ -1,7 +1,8 @@
 """The spool's bounded in-memory copy of messages it has just stored.
 
-A message stays here from ``Spool.put`` until its first delivery attempt reads it, so the
-queue manager neither re-reads nor re-parses a file just written. Bounded by total content
+A message stays here from ``Spool.put`` until ``Spool.claim`` hands it, content included, to
+its first delivery attempt, so the queue manager neither re-reads nor re-parses a file just
+written. Only the spool reads it; nobody else asks it for content. Bounded by total content
 size (oldest dropped first) so a backlog cannot grow the daemon; whatever is not here is read
 from disk. Thread-safe: the spool's worker threads and the reaper share it.
 """

@@ -17,13 +17,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 _T = TypeVar("_T")
 _I = TypeVar("_I")
 
-# What a batch function returns for each item, in order: (True, result) or (False, exception).
-Outcome = tuple[bool, Any]
+
+@dataclass(frozen=True, slots=True)
+class Ok(Generic[_T]):
+    """An item's call returned ``value``."""
+
+    value: _T
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """An item's call raised ``error``: it is raised again in that item's caller only."""
+
+    error: BaseException
+
+
+# What a batch function returns for each item, in order.
+Outcome = Ok[Any] | Err
 
 
 class Batches(Generic[_I]):
@@ -50,7 +66,7 @@ class Batches(Generic[_I]):
         try:
             done = loop.run_in_executor(self._executor, self._run, [item for item, _ in batch])
         except RuntimeError as exc:  # the executor was shut down: these calls cannot run
-            self._settle(batch, [(False, exc)] * len(batch))
+            self._settle(batch, [Err(exc)] * len(batch))
             return
         self._running = True
         done.add_done_callback(lambda f: self._finished(loop, batch, f))
@@ -62,20 +78,20 @@ class Batches(Generic[_I]):
         try:
             results = done.result()
         except BaseException as exc:  # handed to every caller of the batch
-            results = [(False, exc)] * len(batch)
+            results = [Err(exc)] * len(batch)
         self._settle(batch, results)
         if self._pending:
             self._start(loop)
 
     @staticmethod
     def _settle(batch: list[tuple[_I, asyncio.Future[Any]]], results: list[Outcome]) -> None:
-        for (_item, fut), (ok, value) in zip(batch, results, strict=True):
+        for (_item, fut), result in zip(batch, results, strict=True):
             if fut.done():
                 continue
-            if ok:
-                fut.set_result(value)
+            if isinstance(result, Ok):
+                fut.set_result(result.value)
             else:
-                fut.set_exception(value)
+                fut.set_exception(result.error)
 
 
 _Call = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -95,7 +111,7 @@ def _run_calls(batch: list[_Call]) -> list[Outcome]:
     out: list[Outcome] = []
     for fn, args in batch:
         try:
-            out.append((True, fn(*args)))
+            out.append(Ok(fn(*args)))
         except Exception as exc:
-            out.append((False, exc))
+            out.append(Err(exc))
     return out

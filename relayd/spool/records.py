@@ -1,4 +1,4 @@
-"""The spool's records (Entry, Meta, Attempt), their JSON encoding and the file format.
+"""The spool's records (Entry, Meta, Attempt, Claimed), their JSON encoding and the file format.
 
 Split from ``spool/store.py`` so that the file I/O stays in one module and the pure data in
 another; ``relayd.spool`` re-exports the records.
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayd.model import Envelope, State
+from relayd.model import Envelope, State, Status
 
 FORMAT_VERSION = 1
 MAGIC = b"RELAYD-SPOOL 1 "
@@ -34,7 +34,7 @@ class Attempt:
 
     at: float
     recipient: str
-    status: str
+    status: Status  # stored as its string value ("sent", "deferred", ...)
     relay: str
     reply: str
     dsn: str = ""
@@ -99,6 +99,15 @@ class Entry:
         return max(self.created, self.meta.retried_at or 0.0)
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A message moved to active/ for delivery, with its exact content: handed over by the
+    claim itself, so the queue manager needs no second read (nor a cache to ask)."""
+
+    entry: Entry
+    content: bytes
+
+
 def new_queue_id(now: float | None = None) -> str:
     """A sortable, unique-enough ID: microseconds since the epoch plus 20 random bits, hex.
 
@@ -140,7 +149,7 @@ def meta_to_json(m: Meta) -> dict[str, Any]:
             "last_error": m.last_error, "pending": None if m.pending is None else list(m.pending),
             "failed_rcpts": list(m.failed_rcpts), "recoveries": m.recoveries,
             "retried_at": m.retried_at,
-            "history": [{"at": a.at, "recipient": a.recipient, "status": a.status, "relay": a.relay,
+            "history": [{"at": a.at, "recipient": a.recipient, "status": a.status.value, "relay": a.relay,
                          "reply": a.reply, "dsn": a.dsn} for a in m.history]}
 
 
@@ -153,7 +162,7 @@ def meta_from_json(d: dict[str, Any]) -> Meta:
         pending=None if pending is None else tuple(str(r) for r in pending),
         failed_rcpts=tuple(str(r) for r in d.get("failed_rcpts", [])),
         history=tuple(Attempt(at=float(a["at"]), recipient=str(a["recipient"]),
-                              status=str(a["status"]), relay=str(a.get("relay", "")),
+                              status=Status(str(a["status"])), relay=str(a.get("relay", "")),
                               reply=str(a.get("reply", "")), dsn=str(a.get("dsn", "")))
                       for a in d.get("history", [])),
         recoveries=int(d.get("recoveries", 0)),

@@ -62,6 +62,7 @@ from relayd.spool.records import (
     MAX_HEADER,
     RETRY_POKE,
     Attempt,
+    Claimed,
     Entry,
     Meta,
     Poke,
@@ -76,7 +77,8 @@ from relayd.spool.records import (
 from relayd.spool.scan import QueuedScan, count_and_oldest, iter_ids
 from relayd.spool.write import Flush, Flusher, Writer
 
-__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "RECENT_CACHE_BYTES", "Attempt", "Entry", "Meta", "Poke",
+__all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "RECENT_CACHE_BYTES", "Attempt", "Claimed", "Entry", "Meta",
+           "Poke",
            "QueuedScan", "Spool", "new_queue_id"]
 
 log = logging.getLogger("relayd.spool")
@@ -184,12 +186,6 @@ class Spool:
         ID once it is durable in ``queued/`` or the SpoolError that kept it out."""
         return self._writer.put_batch(items)
 
-    def cached_content(self, queue_id: str) -> bytes | None:
-        """The content of a message this Spool stored recently, without disk I/O (and
-        forgotten here: later attempts read the file); None when not in memory."""
-        m = self.recent.pop(queue_id)
-        return None if m is None else m.content
-
     # -- reading -----------------------------------------------------------------------------
     def _read_header(self, path: str | Path) -> tuple[dict[str, Any], int, int]:
         """(header json, offset of content, total file size)."""
@@ -253,9 +249,9 @@ class Spool:
 
     def read_content(self, queue_id: str, state: State | None = None) -> bytes:
         """The exact message bytes (without the spool header)."""
-        content = self.cached_content(queue_id)
-        if content is not None:
-            return content
+        m = self.recent.pop(queue_id)  # just stored: no disk read (and later ones read the file)
+        if m is not None:
+            return m.content
         path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
         with open(path, "rb") as f:
             return parse_file(f.read())[1]
@@ -297,29 +293,34 @@ class Spool:
         self._sync_dir(dst.value)
         return True
 
-    def claim(self, queue_id: str) -> Entry | None:
-        """Move a queued message to active for delivery; None if it is no longer queued."""
+    def claim(self, queue_id: str) -> Claimed | None:
+        """Move a queued message to active for delivery and return it with its content;
+        None if it is no longer queued (or was unreadable, and set aside).
+
+        A message this Spool stored recently comes from memory (spool/cache.py) and leaves
+        it: later attempts read the file. Otherwise the whole file is read once, since the
+        delivery that follows needs the content as well as the envelope."""
         try:
             os.rename(self._file(State.QUEUED, queue_id), self._file(State.ACTIVE, queue_id))
         except FileNotFoundError:
             self.recent.pop(queue_id)
             return None
         try:
-            m = self.recent.get(queue_id)
+            m = self.recent.pop(queue_id)
             if m is not None:  # the file holds exactly this envelope; only meta/ can have changed
-                return Entry(id=queue_id, state=State.ACTIVE, envelope=m.envelope,
-                             size=len(m.content), created=m.envelope.received_at,
-                             meta=self._read_meta(queue_id))
-            # Read the whole file once: the delivery that follows needs the content too, and
-            # in the delivery process (relayd/daemon/child.py) nothing is in memory yet.
+                entry = Entry(id=queue_id, state=State.ACTIVE, envelope=m.envelope,
+                              size=len(m.content), created=m.envelope.received_at,
+                              meta=self._read_meta(queue_id))
+                return Claimed(entry, m.content)
+            # In the delivery process (relayd/daemon/child.py) nothing is in memory yet.
             with open(self._file(State.ACTIVE, queue_id), "rb") as f:
                 data = f.read()
             header, content = parse_file(data)
             envelope = envelope_from_json(header["envelope"])
-            self.recent.remember(queue_id, Message(envelope, content))  # bounded like any other
-            return Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
-                         created=float(header["envelope"].get("received_at", 0.0)),
-                         meta=self._read_meta(queue_id))
+            entry = Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
+                          created=float(header["envelope"].get("received_at", 0.0)),
+                          meta=self._read_meta(queue_id))
+            return Claimed(entry, content)
         except (OSError, ValueError, KeyError) as exc:
             self._set_aside(State.ACTIVE, queue_id, f"unreadable: {exc}")
             return None

@@ -142,15 +142,15 @@ def test_requeue_puts_the_message_back_even_when_its_metadata_cannot_be_written(
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.ensure_dirs()
     qid = spool.put(Message(Envelope("app@example.com", ("user@example.net",)), b"Subject: x\r\n\r\nb\r\n"))
-    entry = spool.claim(qid)
-    assert entry is not None
+    claimed = spool.claim(qid)
+    assert claimed is not None
 
     def disk_full(queue_id: str, meta: object) -> None:
         raise SpoolError(f"cannot update {queue_id}: No space left on device")
 
     monkeypatch.setattr(spool, "write_meta", disk_full)
     with pytest.raises(SpoolError):
-        spool.requeue(qid, entry.meta)
+        spool.requeue(qid, claimed.entry.meta)
     assert spool.ids(State.QUEUED) == [qid] and spool.ids(State.ACTIVE) == []
 
 

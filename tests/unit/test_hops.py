@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from relayd.spool.hops import Batches, Hops
+from relayd.spool.hops import Batches, Err, Hops, Ok, Outcome
 
 
 class CountingExecutor(ThreadPoolExecutor):
@@ -98,13 +98,13 @@ async def test_a_batch_function_sees_every_item_queued_meanwhile_in_one_list() -
     release = threading.Event()
     seen: list[list[int]] = []
 
-    def store(items: list[int]) -> list[tuple[bool, object]]:
+    def store(items: list[int]) -> list[Outcome]:
         seen.append(items)
         if items == [0]:
             release.wait(10)
         if 99 in items:
             raise OSError("the disk went away")
-        return [(True, i * 2) if i != 3 else (False, ValueError("three")) for i in items]
+        return [Ok(i * 2) if i != 3 else Err(ValueError("three")) for i in items]
 
     with ThreadPoolExecutor(4) as ex:
         batches: Batches[int] = Batches(store, ex)

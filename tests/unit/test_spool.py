@@ -54,8 +54,8 @@ def test_put_failure_leaves_nothing_half_stored(spool: Spool) -> None:
 
 def test_claim_requeue_fail_complete(spool: Spool) -> None:
     qid = spool.put(msg(("a@x.example", "b@x.example")))
-    e = spool.claim(qid)
-    assert e is not None and e.state is State.ACTIVE
+    claimed = spool.claim(qid)
+    assert claimed is not None and claimed.entry.state is State.ACTIVE
     assert spool.claim(qid) is None  # only one claimer wins
     spool.requeue(qid, Meta(attempts=1, next_attempt=2000.0, last_error="451 4.3.0 later",
                             pending=("b@x.example",)))

@@ -55,8 +55,8 @@ def test_the_next_message_is_written_into_a_delivered_messages_file(tmp_path: Pa
     header, content = parse_file(path.read_bytes())  # no stale tail of the longer message
     assert content == short.content and header["id"] == second
     fresh = Spool(tmp_path / "s")  # another process reads exactly the new message
-    entry = fresh.claim(second)
-    assert entry is not None and entry.envelope.rcpt_tos == ("carol@example.com",)
+    claimed = fresh.claim(second)
+    assert claimed is not None and claimed.entry.envelope.rcpt_tos == ("carol@example.com",)
     assert fresh.read_content(second, State.ACTIVE) == short.content
 
 

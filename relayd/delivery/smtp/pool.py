@@ -7,7 +7,8 @@ Up to ``max_connections`` connections are kept per smarthost, each reused for ma
 (the next MAIL follows a completed transaction directly; RSET after a failed one; closed on a
 protocol error, 421 or timeout). When the smarthost offers PIPELINING (RFC 2920), MAIL, every
 RCPT and DATA go in one write: two round trips per message instead of three plus one per
-recipient.
+recipient. The transaction's stages (MAIL, RCPT, DATA, the body) are in
+relayd/delivery/smtp/transaction.py.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from aiosmtplib.errors import (
 )
 
 from relayd.config.schema import Smarthost, TlsMode
-from relayd.delivery.outcomes import classify_reply, is_smarthost_fault, local_reply
+from relayd.delivery.outcomes import local_reply
 from relayd.delivery.smtp.auth import AuthFailed
 from relayd.delivery.smtp.connection import TlsRequired, UpstreamConnection, build_tls_context
 from relayd.delivery.smtp.outbox import write_message
-from relayd.delivery.smtp.replies import check_command
+from relayd.delivery.smtp.transaction import Stale, Transaction, TxState, commands
 from relayd.errors import OAuthError
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, Status, TokenSource
 
@@ -60,20 +61,6 @@ class PoolStats:
     waiting: int
     connections_opened: int
     transactions: int
-
-
-class _Stale(Exception):
-    """A reused idle connection turned out dead before anything was accepted: reconnect."""
-
-
-@dataclass
-class _Tx:
-    """Mutable working state of one transaction (only inside this module)."""
-
-    outcomes: dict[str, RecipientOutcome]
-    fault: bool = False
-    error: str = ""
-    setup_seconds: float = 0.0
 
 
 def _mailbox(address: str) -> str:
@@ -245,8 +232,8 @@ class SmarthostPool:
                               tuple(RecipientOutcome(r, Status.SENT, reply, reply.dsn) for r in rcpts))
 
     async def _deliver_with_slot(self, content: bytes, sender: str, rcpts: tuple[str, ...],
-                                 smtputf8: bool, record: Callable[[str], None] | None) -> _Tx:
-        tx = _Tx(outcomes={})
+                                 smtputf8: bool, record: Callable[[str], None] | None) -> TxState:
+        tx = TxState(outcomes={})
         if not rcpts:
             return tx
         while True:
@@ -261,7 +248,7 @@ class SmarthostPool:
             conn.set_recorder(record)
             try:
                 await self._transactions_on(conn, content, sender, rcpts, smtputf8, tx, reused)
-            except _Stale:
+            except Stale:
                 conn.close()
                 continue  # the server dropped the idle session; nothing was accepted
             except BaseException:
@@ -274,7 +261,7 @@ class SmarthostPool:
             self._release(conn)
             return tx
 
-    async def _open(self, record: Callable[[str], None] | None, tx: _Tx,
+    async def _open(self, record: Callable[[str], None] | None, tx: TxState,
                     rcpts: tuple[str, ...]) -> UpstreamConnection | None:
         conn: UpstreamConnection | None = None
         try:
@@ -347,7 +334,7 @@ class SmarthostPool:
     # -- the SMTP transaction ------------------------------------------------------------------
 
     async def _transactions_on(self, conn: UpstreamConnection, content: bytes, sender: str,
-                               rcpts: tuple[str, ...], smtputf8: bool, tx: _Tx, reused: bool) -> None:
+                               rcpts: tuple[str, ...], smtputf8: bool, tx: TxState, reused: bool) -> None:
         pending = rcpts
         first = True
         while pending:
@@ -366,146 +353,33 @@ class SmarthostPool:
                 return
             first = False
 
-    def _settle(self, tx: _Tx, rcpts: Sequence[str], reply: Reply, stage: str) -> None:
-        fault = is_smarthost_fault(reply, None)
-        status = Status.DEFERRED if fault else classify_reply(reply)
-        if fault:
-            tx.fault = True
-        if status is not Status.SENT and not tx.error:
-            tx.error = f"{stage}: {reply}"
-        for r in rcpts:
-            tx.outcomes.setdefault(r, RecipientOutcome(r, status, reply, reply.dsn))
-
     async def _transaction(self, conn: UpstreamConnection, content: bytes, sender: str,
-                           rcpts: tuple[str, ...], smtputf8: bool, tx: _Tx,
+                           rcpts: tuple[str, ...], smtputf8: bool, tx: TxState,
                            stale_ok: bool) -> tuple[str, ...]:
-        """One MAIL..DATA exchange; returns recipients left for another transaction.
-
-        When the server offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go out in
-        one write and their replies are read in order, then the body: two round trips per
-        message. Otherwise one command at a time. The outcomes are the same either way.
-        """
-        needs_utf8 = not sender.isascii() or any(not r.isascii() for r in rcpts)
-        if needs_utf8 and not conn.supports("smtputf8"):
-            # RFC 6531 §3.4: without SMTPUTF8 the address cannot be carried; say so, don't mangle.
-            self._settle(tx, rcpts, Reply(553, "5.6.7 the smarthost does not support SMTPUTF8 "
-                                               "(non-ASCII address)"), "MAIL")
+        """One MAIL..DATA exchange, stage by stage (relayd/delivery/smtp/transaction.py);
+        returns the recipients left for another transaction (a 452 to some RCPTs)."""
+        prepared = commands(conn, tx, sender, rcpts, content, smtputf8)
+        if prepared is None:
             return ()
-        limit = conn.size_limit
-        if limit and len(content) > limit:
-            self._settle(tx, rcpts, Reply(552, f"5.3.4 message size {len(content)} exceeds the "
-                                               f"smarthost's limit of {limit}"), "MAIL")
-            return ()
-        enc = "utf-8" if needs_utf8 else "ascii"
-        mail = b"MAIL FROM:<" + sender.encode(enc) + b">"
-        if conn.supports("size"):
-            mail += b" SIZE=%d" % len(content)
-        if not content.isascii() and conn.supports("8bitmime"):
-            mail += b" BODY=8BITMIME"  # RFC 6152
-        if (needs_utf8 or smtputf8) and conn.supports("smtputf8"):
-            mail += b" SMTPUTF8"
-        try:
-            check_command(mail)
-        except ValueError:
-            self._settle(tx, rcpts, Reply(553, "5.1.7 invalid sender address"), "MAIL")
-            return ()
-        group = self._rcpt_lines(rcpts, enc, tx)
-        if not group:
-            return ()
+        mail, group = prepared
         # smarthosts[].pipelining: false is the way out for a server that offers PIPELINING
         # but loses or reorders the replies of a group (Postfix: smtp_discard_ehlo_keywords).
-        pipelined = self._sh.pipelining and conn.supports("pipelining")
-        try:
-            if pipelined:
-                # RFC 2920 §3.1: DATA may only end a group; the body waits for its 354.
-                conn.send_group([mail, *(line for _, line in group), b"DATA"])
-                reply = await conn.read_reply()
-            else:
-                reply = await conn.command(mail)
-        except (SMTPServerDisconnected, OSError):
-            if stale_ok:
-                raise _Stale() from None
-            raise
-        if stale_ok and reply.code == 421:
-            raise _Stale()
+        stages = Transaction(conn, tx, pipelined=self._sh.pipelining and conn.supports("pipelining"),
+                             timeout=self._sh.timeout, data_timeout=self._data_timeout)
+        reply = await stages.mail(mail, group, stale_ok=stale_ok)
         self._transactions += 1
         if reply.code != 250:
             # Every recipient gets the MAIL reply, not the 503s that follow it in a group.
-            self._settle(tx, rcpts, reply, "MAIL")
-            if pipelined:
-                await self._finish_group(conn, len(group) + 1)
-            await self._reset(conn)
+            tx.settle(rcpts, reply, "MAIL")
+            await stages.abandon(len(group) + 1)
             return ()
-        accepted: list[str] = []
-        leftover: list[str] = []
-        for i, (rcpt, line) in enumerate(group):
-            reply = await (conn.read_reply() if pipelined else conn.command(line))
-            if reply.code in (250, 251):
-                accepted.append(rcpt)
-            elif reply.code == 452 and accepted:
-                # RFC 5321 §4.5.3.1.10: too many recipients; the rest go in a new transaction.
-                # In a group the rest were sent too: those the server took anyway stay here.
-                leftover.append(rcpt)
-                if not pipelined:
-                    leftover.extend(r for r, _ in group[i + 1:])
-                    break
-            elif reply.code == 421:
-                # The server is closing (so is the connection): nothing was delivered.
-                for unsent in ([r for r, _ in group[i:]], accepted, leftover):
-                    self._settle(tx, unsent, reply, "RCPT")
-                return ()
-            else:
-                self._settle(tx, [rcpt], reply, "RCPT")
-        if not accepted:
-            if pipelined:
-                await self._finish_group(conn, 1)
-            await self._reset(conn)
+        got = await stages.recipients(group)
+        if got is None:
+            return ()  # 421: the session is over
+        if not got.accepted:
+            await stages.abandon(1)  # DATA's reply is still owed in a group
             return ()
-        reply = await (conn.read_reply() if pipelined else conn.command(b"DATA"))
-        if reply.code != 354:
-            self._settle(tx, accepted, reply, "DATA")
-            await self._reset(conn)
+        if not await stages.data(got.accepted):
             return ()
-        reply = await conn.send_body(content, self._data_timeout)
-        conn.messages += 1
-        self._settle(tx, accepted, reply, "end of data")
-        return tuple(leftover)
-
-    @staticmethod
-    def _rcpt_lines(rcpts: tuple[str, ...], enc: str, tx: _Tx) -> list[tuple[str, bytes]]:
-        """The RCPT command of each recipient; one with a control character fails here."""
-        group = []
-        for rcpt in rcpts:
-            line = b"RCPT TO:<" + rcpt.encode(enc) + b">"
-            try:
-                check_command(line)
-            except ValueError:
-                bad = Reply(553, "5.1.3 invalid recipient address")
-                tx.outcomes[rcpt] = RecipientOutcome(rcpt, Status.FAILED, bad, bad.dsn)
-                continue
-            group.append((rcpt, line))
-        return group
-
-    async def _finish_group(self, conn: UpstreamConnection, replies: int) -> None:
-        """Read the rest of a pipelined group that delivers nothing (MAIL refused, or no
-        recipient accepted) so the session stays in step. RFC 2920 §3.1: DATA's reply must
-        be checked too; a server that answers 354 anyway gets a single dot, never the
-        message. Every outcome is known already, so a failure here only closes."""
-        try:
-            reply = None
-            for _ in range(replies):
-                if not conn.is_connected:
-                    return  # a 421 closed it
-                reply = await conn.read_reply()
-            if reply is not None and reply.code == 354 and conn.is_connected:
-                await conn.send_lone_dot(self._sh.timeout)
-        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
-            conn.close()
-
-    async def _reset(self, conn: UpstreamConnection) -> None:
-        """RSET after a failed transaction so the session can be reused (RFC 5321 §4.1.1.5)."""
-        if not conn.is_connected:
-            return
-        reply = await conn.command(b"RSET")
-        if reply.code != 250:
-            conn.close()
+        await stages.body(content, got.accepted)
+        return got.leftover
