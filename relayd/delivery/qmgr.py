@@ -40,7 +40,7 @@ from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
-from relayd.spool.hops import Hops
+from relayd.spool.batching import Hops
 from relayd.spool.records import Attempt, Claimed, Entry
 from relayd.spool.store import Spool
 
@@ -272,8 +272,8 @@ class QueueManager:
             await self._drain()
 
     def _now(self) -> float:
-        """The wall clock now; every reading goes through here. A jump (T17/T18 in the
-        reliability catalogue) shifts every scheduled time and smarthost pause by the same
+        """The wall clock now; every reading goes through here. A jump (an NTP step, a VM
+        resumed, an operator) shifts every scheduled time and smarthost pause by the same
         amount, so retry intervals keep their real length, and is remembered so that expiry
         counts real time, not the jump."""
         now, mono = self.clock(), time.monotonic()

@@ -19,7 +19,7 @@ from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Envelope, Message, Reply, Status
 from relayd.policy.acceptance import AcceptancePolicy, Accepted
 from relayd.policy.pipeline import log_summary
-from relayd.spool.hops import Batches, Err, Ok, Outcome
+from relayd.spool.batching import Batches, Err, Ok, Outcome
 from relayd.spool.records import new_queue_id
 from relayd.spool.store import Spool
 

@@ -2,7 +2,7 @@
 
 Each ``run_in_executor`` costs a wake-up of a pool thread, a hand-back to the loop and, with
 forty deliveries claiming at once, sixteen threads taking turns at the GIL around every
-system call they make. The delivery process's strace counted ~100 futex calls per message.
+system call they make (docs/performance.md, "Claims in batches", has the count).
 ``Batches.submit`` queues an item instead; one worker thread hands everything queued so far
 to the batch function, and the loop gets all the results back in one callback. Items queued
 meanwhile go in the next batch, so at most one batch runs at a time.

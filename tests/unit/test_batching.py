@@ -1,4 +1,4 @@
-"""Batched thread hops (relayd/spool/hops.py): every call gets its own result or exception, in
+"""Batched thread hops (relayd/spool/batching.py): every call gets its own result or exception, in
 order, calls made while a batch runs go in the next one, and no call is lost or run twice."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from relayd.spool.hops import Batches, Err, Hops, Ok, Outcome
+from relayd.spool.batching import Batches, Err, Hops, Ok, Outcome
 
 
 class CountingExecutor(ThreadPoolExecutor):
