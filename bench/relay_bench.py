@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         wd = base / f"{name}-{sc.name.replace('/', '_')}-{rnd}"
                         wd.mkdir(parents=True, exist_ok=True)
-                        tag = f"{sc.name.replace('/', '_')}-{rnd}"
+                        tag = f"{name}-{sc.name.replace('/', '_')}-{rnd}"
                         system: Relayd | Postfix = (
                             Relayd(wd, sink_port, a.relayd_connections, a.profile, tag,
                                    a.relayd_log_level,

@@ -462,21 +462,26 @@ class QueueManager:
                         self.metrics.delivery(sh.name, Status.DEFERRED)
                 continue
             sent.extend(result.delivered)
-            await self._report(entry, sh, result, delays, at)
+            for o in self._report(entry, sh, result, delays, at):
+                if self.gate is not None:
+                    await self._io(self.gate.hard_bounce, o.recipient, o.reply)
         return tally
 
-    async def _report(self, entry: Entry, sh: Smarthost, result: DeliveryResult, delays: Delays,
-                      at: float) -> None:
-        """Log, count and pass on the outcomes of a smarthost's transaction (the deferred
-        recipients are logged by _finish, with the time of their next attempt)."""
+    def _report(self, entry: Entry, sh: Smarthost, result: DeliveryResult, delays: Delays,
+                at: float) -> list[RecipientOutcome]:
+        """Log and count the outcomes of a smarthost's transaction (the deferred recipients
+        are logged by _finish, with the time of their next attempt); the failed ones, for the
+        hard-bounce check."""
+        failed = []
         for o in result.outcomes:
             if o.status is Status.SENT or o.status is Status.FAILED:
                 self._log(entry, o, result.relay, entry.attempts + 1, delays=delays)
-            if o.status is Status.FAILED and self.gate is not None:
-                await self._io(self.gate.hard_bounce, o.recipient, o.reply)
+                if o.status is Status.FAILED:
+                    failed.append(o)
             if self.metrics:
                 self.metrics.delivery(sh.name, o.status,
                                       at - entry.created if o.status is Status.SENT else None)
+        return failed
 
     async def _finish(self, entry: Entry, tally: Tally) -> None:
         """Decide the spool transition (relayd/delivery/transition.py) and carry it out."""

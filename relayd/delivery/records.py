@@ -9,8 +9,7 @@ spool transition.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from types import MappingProxyType
+from dataclasses import dataclass, field
 
 from relayd.model import DeliveryResult, RecipientOutcome, Status
 from relayd.spool.records import Attempt
@@ -63,25 +62,28 @@ class Tally:
     remaining: tuple[str, ...]
     sent: tuple[str, ...] = ()
     failed: tuple[RecipientOutcome, ...] = ()
-    deferred: Mapping[str, RecipientOutcome] = field(default_factory=lambda: MappingProxyType({}))
+    deferred: Mapping[str, RecipientOutcome] = field(default_factory=dict)
     history: tuple[Attempt, ...] = ()
     last_error: str | None = None
     last_relay: str = "none"
     tried: bool = False
     reached_any: bool = False
-    delays: Mapping[str, Delays] = field(default_factory=lambda: MappingProxyType({}))
+    delays: Mapping[str, Delays] = field(default_factory=dict)
 
+    # The mappings are fresh dicts that no one else holds; ``add`` never changes them in place.
+    # (Built directly rather than with dataclasses.replace: this runs once per smarthost
+    # answer on the delivery process's hot path.)
     def add(self, result: DeliveryResult, delays: Delays, at: float) -> Tally:
         """The tally after ``result``, one smarthost's answer for ``remaining`` at ``at``."""
-        split = MappingProxyType({**self.delays, **{o.recipient: delays for o in result.outcomes}})
+        split = {**self.delays, **{o.recipient: delays for o in result.outcomes}}
         if smarthost_failed(result):
             # The sentence says what failed where ("cannot connect to host:25: Connection
             # refused"); the reply alone may be a made-up 4.4.1.
             last_error = result.error or (str(result.outcomes[0].reply) if result.outcomes
                                           else self.last_error)
             deferred = {**self.deferred, **{o.recipient: o for o in result.outcomes}}
-            return replace(self, deferred=MappingProxyType(deferred), last_error=last_error,
-                           last_relay=result.relay, tried=True, delays=split)
+            return Tally(self.remaining, self.sent, self.failed, deferred, self.history,
+                         last_error, result.relay, True, self.reached_any, split)
         # A recipient the smarthost accepted is delivered, whatever happened afterwards to
         # the rest of the transaction: never send it twice.
         sent, failed, history = list(self.sent), list(self.failed), list(self.history)
@@ -101,7 +103,5 @@ class Tally:
                 deferred[o.recipient] = o
                 remaining.append(o.recipient)
                 last_error = str(o.reply)
-        return replace(self, remaining=tuple(remaining), sent=tuple(sent), failed=tuple(failed),
-                       deferred=MappingProxyType(deferred), history=tuple(history),
-                       last_error=last_error, last_relay=result.relay, tried=True,
-                       reached_any=True, delays=split)
+        return Tally(tuple(remaining), tuple(sent), tuple(failed), deferred, tuple(history),
+                     last_error, result.relay, True, True, split)

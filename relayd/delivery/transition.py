@@ -61,11 +61,11 @@ def settle(entry: Entry, tally: Tally, *, now: float, retry: RetryConfig, max_ag
     if one is available); ``clock_skew`` the sum of wall-clock jumps seen, which expiry
     ignores (max_age counts real time); ``rng`` draws the backoff's jitter.
     """
+    if not tally.remaining and not tally.failed and not entry.meta.failed_rcpts:
+        return Complete((logline.removed_line(entry.id),))  # the common case, first
     failed_rcpts = entry.meta.failed_rcpts + tuple(o.recipient for o in tally.failed)
     history = entry.history + tally.history
     if not tally.remaining:
-        if not failed_rcpts:
-            return Complete((logline.removed_line(entry.id),))
         meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts, history=history,
                        attempts=entry.attempts + 1, last_error=tally.last_error, next_attempt=None)
         return Fail(meta, tally.last_error or "permanent failure")
