@@ -81,6 +81,11 @@ def _explain(args: argparse.Namespace, io: IO) -> int:
     return explain.main(args, io)
 
 
+def _user(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import user  # lazy: each command loads only its own modules
+    return user.main(args, io)
+
+
 def _sendmail(args: argparse.Namespace, io: IO) -> int:
     from relayd.commands import sendmail  # lazy: each command loads only its own modules
     return sendmail.main(args, io)
@@ -96,6 +101,7 @@ HANDLERS: dict[str, Handler] = {
     "oauth": _oauth,
     "explain": _explain,
     "sendmail": _sendmail,
+    "user": _user,
     "_deliver": _deliver,
 }
 
@@ -163,6 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", metavar="FILE")
     p.add_argument("--from", dest="from_", metavar="ADDR")
     p.add_argument("--to", nargs="+", action="extend", default=[], metavar="ADDR")
+    p.add_argument("--user", metavar="NAME", help="as submitted by this submission user: "
+                   "its sender authorization and limits")
+
+    u = sub.add_parser("user", help="manage the submission users (users_file)").add_subparsers(
+        dest="user_command", metavar="ACTION")
+    u.required = True
+    p = u.add_parser("add", help="add a user; the password is read from stdin (one line)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--allowed-from", nargs="+", action="extend", default=[], metavar="ADDR",
+                   help="addresses, @domain or * the user may send as (default: none)")
+    p.add_argument("--daily-cap", type=int, metavar="N")
+    p.add_argument("--rate", metavar="R", help="e.g. 1/s, 100/h")
+    p.add_argument("--priority", action="store_true", help="mail from this user is priority")
+    p.add_argument("--generate", action="store_true",
+                   help="generate the password and print it once")
+    u.add_parser("passwd", help="change a password (stdin)").add_argument("name", metavar="NAME")
+    u.add_parser("remove", help="remove a user").add_argument("name", metavar="NAME")
+    u.add_parser("list", help="list users (never a hash or password)").add_argument(
+        "--json", action="store_true")
 
     p = sub.add_parser("sendmail", help="sendmail-compatible submission from stdin",
                        add_help=False)

@@ -41,6 +41,9 @@ class Envelope:
     received_at: float = 0.0
     smtputf8: bool = False
     priority: bool = False
+    # The submission user that authenticated for this message (SASL, RFC 4954), or "".
+    user: str = ""
+    auth_method: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from relayd.errors import ConfigError
 if TYPE_CHECKING:
     import argparse
 
+    from relayd.config.schema import Config
+
 
 def main(args: argparse.Namespace, io: IO) -> int:
     """``config OK`` or one ``path: message`` line per problem."""
@@ -23,7 +25,35 @@ def main(args: argparse.Namespace, io: IO) -> int:
         for problem in exc.problems:
             print(str(problem), file=io.out)
         return EX_FAIL
+    files = submission_problems(cfg)
+    if files:
+        for line in files:
+            print(line, file=io.out)
+        return EX_FAIL
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=io.out)
     print("config OK", file=io.out)
     return EX_OK
+
+
+def submission_problems(cfg: Config) -> list[str]:
+    """The files a submission listener reads at start: the users file (mode, content) and
+    each certificate with its key, as ``path: message`` lines."""
+    out: list[str] = []
+    if cfg.users_file is not None:
+        # lazy: the users room and ssl only where submission is configured
+        from relayd.users.store import read_users
+
+        try:
+            read_users(cfg.users_file)
+        except ConfigError as exc:
+            out += [str(p) for p in exc.problems]
+    for i, sub in enumerate(cfg.submission):
+        from relayd.smtpd.tls import load_context  # lazy: as above
+
+        try:
+            load_context(sub.cert_file, sub.key_file)
+        except (OSError, ValueError) as exc:
+            out.append(f"submission[{i}].cert_file: cannot load {sub.cert_file} with "
+                       f"{sub.key_file}: {exc}")
+    return out

@@ -9,6 +9,7 @@ the cap counter are opened read-only). No secret is printed: auth shows the meth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sqlite3
 import time
 from collections import Counter
@@ -42,6 +43,37 @@ def _envelope(args: argparse.Namespace, content: bytes, now: float) -> Envelope:
         h.get_all("To") + h.get_all("Cc") + h.get_all("Bcc"))
     return Envelope(mail_from=sender, rcpt_tos=tuple(dict.fromkeys(rcpts)), client="explain",
                     received_at=now)
+
+
+def _user_lines(cfg: Config, name: str, message: Message) -> tuple[list[str], Message]:
+    """``--user NAME``: the sender authorization a submission session of NAME would meet
+    (relayd/users/authorize.py), and the user's limits. No hash is printed."""
+    # lazy: the users room only for --user
+    from relayd.errors import ConfigError
+    from relayd.users import authorize
+    from relayd.users.store import read_users
+
+    if cfg.users_file is None:
+        return [f"user {name}: users_file is not set in the config"], message
+    try:
+        user = read_users(cfg.users_file).get(name)
+    except ConfigError as exc:
+        return [f"user {name}: {p}" for p in exc.problems], message
+    if user is None:
+        return [f"user {name}: no such user in {cfg.users_file} (AUTH would get 535 5.7.8)"], \
+            message
+    env = message.envelope
+    why = (authorize.check_envelope(user.allowed_from, env.mail_from)
+           or authorize.check_header(user.allowed_from, message.content))
+    lines = [f"user:            {name}{' (disabled: AUTH gets 535 5.7.8)' if user.disabled else ''}",
+             f"  allowed_from:  {', '.join(user.allowed_from) or '(none)'}",
+             "  sender:        " + ("ok" if why is None else f"{authorize.REFUSAL} ({why})"),
+             f"  daily_cap:     {user.daily_cap if user.daily_cap is not None else '-'}",
+             f"  rate:          {user.rate if user.rate is not None else '-'}",
+             f"  priority:      {'yes' if user.priority else 'no'}"]
+    message = Message(dataclasses.replace(env, user=name, priority=env.priority or user.priority),
+                      message.content)
+    return lines, message
 
 
 def _dkim_keys(cfg: Config, problems: list[str]) -> dict[str, bytes]:
@@ -178,6 +210,10 @@ def main(args: argparse.Namespace, io: IO) -> int:
         problems.append(f"do-not-email list unreadable: {exc}")
         suppressed = frozenset()
     message = Message(_envelope(args, content, now), content)
+    if getattr(args, "user", None):
+        lines, message = _user_lines(cfg, args.user, message)
+        for line in lines:
+            print(line, file=io.out)
     policy = build_policy(cfg, keys)
     result = run_pipeline(policy, message, PolicyContext(now=now, suppressed=suppressed))
     for line in render(cfg, message, result, now, problems):

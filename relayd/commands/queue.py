@@ -44,7 +44,7 @@ def entry_json(e: Entry) -> dict[str, Any]:
             "sender": e.envelope.mail_from, "recipients": list(e.recipients), "size": e.size,
             "attempts": e.attempts, "next_attempt": iso(e.next_attempt) if e.state is not State.FAILED
             else None, "last_error": e.last_error, "created": iso(e.created),
-            "priority": e.envelope.priority}
+            "priority": e.envelope.priority, "user": e.envelope.user or None}
 
 
 def _list(spool: Spool, args: argparse.Namespace, io: IO) -> int:
@@ -103,6 +103,8 @@ def _show(spool: Spool, args: argparse.Namespace, io: IO) -> int:
              f"pending:      {', '.join(e.pending) or '-'}",
              f"client:       [{e.envelope.client}] helo={e.envelope.helo}",
              f"priority:     {'yes' if e.envelope.priority else 'no'}",
+             f"user:         {e.envelope.user or '-'}"
+             + (f" (sasl_method={e.envelope.auth_method})" if e.envelope.user else ""),
              f"attempts:     {e.attempts}", f"next attempt: {j['next_attempt'] or '-'}",
              f"last error:   {e.last_error or '-'}"]
     if e.meta.failed_rcpts:

@@ -115,7 +115,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
     known = {"hostname", "local_domain", "listen", "allowed_clients", "max_message_size",
              "max_recipients", "max_sessions", "spool", "smarthosts", "sender", "headers",
              "priority", "do_not_email", "unsubscribe", "limits", "alerts", "dkim", "state_dir",
-             "secrets", "metrics", "logging"}
+             "secrets", "metrics", "logging", "submission", "users_file"}
     r.unknown_keys("", root, known)
     secrets = s.secrets_section(r, root.get("secrets"))
     r.set_key_file(secrets.key_file)
@@ -149,10 +149,13 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
         secrets=secrets,
         metrics=s.metrics_section(r, root.get("metrics")),
         logging=s.logging_section(r, root.get("logging")),
+        submission=s.submission_section(r, root.get("submission")),
+        users_file=r.optional_path("users_file", root.get("users_file")),
         source=source,
         warnings=tuple(r.warnings),
     )
     s.check_unsubscribes_take_effect(r, cfg.do_not_email, cfg.unsubscribe)
+    s.check_submission_users(r, cfg.submission, cfg.users_file)
     return cfg
 
 

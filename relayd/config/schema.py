@@ -64,7 +64,7 @@ class LogFormat(enum.StrEnum):
 
 
 ALERT_EVENTS = ("smarthost_down", "auth_failed", "token_refresh_failed",
-                "daily_cap_reached", "message_failed", "queue_age")
+                "daily_cap_reached", "message_failed", "queue_age", "user_limit_reached")
 AUTO_ADD_KINDS = ("hard_bounce", "unsubscribe")
 
 
@@ -217,6 +217,24 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SubmissionListener:
+    """One ``submission:`` listener: AUTH always required, offered only after TLS (RFC 4954
+    §4, RFC 8314). The certificate files are read again on SIGHUP. ``auth_*``: failed AUTH is
+    answered after ``auth_failure_delay``; ``auth_failure_limit`` failures from one address
+    within ``auth_failure_window`` lock it out (421 4.7.0) for ``auth_lockout``."""
+
+    listen: HostPort
+    tls: TlsMode
+    cert_file: Path
+    key_file: Path
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    auth_failure_delay: float = 1.0
+    auth_failure_limit: int = 5
+    auth_failure_window: float = 600.0
+    auth_lockout: float = 900.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``warnings`` are non-fatal notes for check-config."""
 
@@ -241,6 +259,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     max_sessions: int = 100
+    submission: tuple[SubmissionListener, ...] = ()
+    users_file: Path | None = None
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     # The YAML text this was read from: the delivery process is given exactly this text, so

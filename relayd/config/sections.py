@@ -36,6 +36,7 @@ from relayd.config.schema import (
     SenderConfig,
     Smarthost,
     SpoolConfig,
+    SubmissionListener,
     SuppressAction,
     TlsMode,
     UnsubscribeConfig,
@@ -418,3 +419,57 @@ def logging_section(r: Reader, value: Any) -> LoggingConfig:
         format=r.choice("logging.format", m.get("format"), LogFormat, LogFormat.TEXT),
         smtp_transcripts=r.boolean("logging.smtp_transcripts", m.get("smtp_transcripts"), False),
     )
+
+
+def submission_section(r: Reader, value: Any) -> tuple[SubmissionListener, ...]:
+    """``submission:`` listeners. RFC 8314 §3.3 and Postfix's master.cf: 465 with implicit
+    TLS, 587 with STARTTLS (RFC 6409, RFC 3207). There is no ``tls: none``: AUTH is never
+    offered over clear text (RFC 4954 §4), on any address."""
+    out: list[SubmissionListener] = []
+    known = {"listen", "tls", "cert_file", "key_file", "allowed_clients", "auth_failure_delay",
+             "auth_failure_limit", "auth_failure_window", "auth_lockout"}
+    for i, item in enumerate(r.sequence("submission", value) or []):
+        p = f"submission[{i}]"
+        m = r.section(p, item, known)
+        if m is None:
+            continue
+        if m.get("tls") == "none":
+            r.fail(f"{p}.tls", "must be starttls or implicit: a submission listener takes "
+                   "passwords, which never travel in clear text (use listen: for "
+                   "unauthenticated loopback mail)")
+            continue
+        tls = r.choice(f"{p}.tls", m.get("tls"), TlsMode, TlsMode.STARTTLS)
+        port = _DEFAULT_PORTS[tls]
+        listen = r.hostport(f"{p}.listen", m.get("listen", f"0.0.0.0:{port}"), port,
+                            allow_zero=True)
+        for name in ("cert_file", "key_file"):
+            if m.get(name) is None:
+                r.fail(f"{p}.{name}", "is required (the TLS certificate and its key, PEM)")
+        cert = r.path(f"{p}.cert_file", m.get("cert_file") or ".")
+        key = r.path(f"{p}.key_file", m.get("key_file") or ".")
+        allowed: list[Any] = []
+        for j, v in enumerate(r.sequence(f"{p}.allowed_clients",
+                                         m.get("allowed_clients", ["0.0.0.0/0", "::/0"])) or []):
+            net = r.network(f"{p}.allowed_clients[{j}]", v)
+            if net is not None:
+                allowed.append(net)
+        if listen is None:
+            continue
+        out.append(SubmissionListener(
+            listen=listen, tls=tls, cert_file=cert, key_file=key, allowed_clients=tuple(allowed),
+            auth_failure_delay=r.duration(f"{p}.auth_failure_delay",
+                                          m.get("auth_failure_delay"), 1.0),
+            auth_failure_limit=(r.integer(f"{p}.auth_failure_limit", m["auth_failure_limit"], 1,
+                                          1000) if m.get("auth_failure_limit") is not None else 5),
+            auth_failure_window=r.duration(f"{p}.auth_failure_window",
+                                           m.get("auth_failure_window"), 600.0),
+            auth_lockout=r.duration(f"{p}.auth_lockout", m.get("auth_lockout"), 900.0)))
+    return tuple(out)
+
+
+def check_submission_users(r: Reader, listeners: tuple[SubmissionListener, ...],
+                           users_file: Any) -> None:
+    """A submission listener authenticates against ``users_file``: it must be named."""
+    if listeners and users_file is None:
+        r.fail("users_file", "is required with submission (the users that may authenticate; "
+               "create it with `relayd user add NAME`)")

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 from relayd.model import State, Status
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, Counter
+
+AUTH_RESULTS = ("success", "failure", "locked_out", "malformed")
 
 
 class Recorder:
@@ -44,6 +46,13 @@ class Recorder:
 
     def set_token_expiry(self, smarthost: str, seconds: float) -> None:
         """Seconds until the smarthost's cached OAuth access token expires."""
+
+    def declare_auth(self) -> None:
+        """Make the AUTH series exist (only where ``submission`` listeners are configured)."""
+
+    def auth(self, result: str) -> None:
+        """One AUTH attempt on a submission listener: success, failure, locked_out or
+        malformed."""
 
 
 class Metrics(Recorder):
@@ -80,6 +89,7 @@ class Metrics(Recorder):
         self._token_expiry = Gauge("relayd_oauth_token_expiry_seconds",
                                    "Seconds until the cached access token expires",
                                    ["smarthost"], registry=r)
+        self._auth: Counter | None = None
 
     def declare_smarthosts(self, names: Iterable[str]) -> None:
         """Create every smarthost's series at zero so dashboards and alerts see them before the
@@ -115,6 +125,19 @@ class Metrics(Recorder):
 
     def set_token_expiry(self, smarthost: str, seconds: float) -> None:
         self._token_expiry.labels(smarthost=smarthost).set(seconds)
+
+    def declare_auth(self) -> None:
+        from prometheus_client import Counter  # lazy: see __init__
+
+        if self._auth is None:
+            self._auth = Counter("relayd_auth", "AUTH attempts on the submission listeners by "
+                                 "result", ["result"], registry=self.registry)
+            for result in AUTH_RESULTS:
+                self._auth.labels(result=result)
+
+    def auth(self, result: str) -> None:
+        if self._auth is not None:
+            self._auth.labels(result=result).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -26,6 +26,7 @@ from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
     from relayd.control.unsubscribe_http import UnsubscribeServer
+    from relayd.smtpd.submission import Submission
 
 log = logging.getLogger("relayd")
 
@@ -43,6 +44,7 @@ class Accepting:
         self.intake = Intake(self.policy, spool, executor=executor, clock=clock, metrics=metrics,
                              enqueue=enqueue)
         self.listener = Listener(ListenerSettings.from_config(config), self.intake)
+        self.submission = _submission(config, self.intake, executor, metrics)
         self.unsubscribe_server = _unsubscribe_server(config, store)
         self.metrics_server: MetricsServer | None = None
         if config.metrics.listen is not None:
@@ -66,6 +68,10 @@ class Accepting:
                         len(recovered))
         addresses = await self.listener.start(self._sockets or None)
         log.info("relayd listening on %s", ", ".join(_fmt(a) for a in addresses))
+        if self.submission is not None:
+            submission = await self.submission.start()
+            log.info("submission (TLS and AUTH required) on %s",
+                     ", ".join(_fmt(a) for a in submission))
         if self.metrics_server is not None:
             await self.metrics_server.start()
             log.info("metrics at http://%s/metrics", self.metrics_server.address)
@@ -75,10 +81,16 @@ class Accepting:
 
     async def close_listener(self, grace: float) -> None:
         """Stop taking mail; open sessions get ``grace`` seconds to finish."""
-        await self.listener.aclose(grace=grace)
+        if self.submission is not None:
+            await asyncio.gather(self.listener.aclose(grace=grace),
+                                 self.submission.aclose(grace=grace))
+        else:
+            await self.listener.aclose(grace=grace)
 
     async def aclose(self) -> None:
         self.listener.stop_accepting()
+        if self.submission is not None:
+            self.submission.stop_accepting()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         if self.unsubscribe_server is not None:
@@ -90,11 +102,26 @@ class Accepting:
         if new.listen != old.listen or new.spool.path != old.spool.path:
             log.warning("listen and spool.path changes need a restart; other settings are applied")
         self.listener.handler.settings = ListenerSettings.from_config(new)
+        if self.submission is not None:
+            self.submission.reload(new)
+        elif new.submission:
+            log.warning("submission listeners added to the config need a restart")
 
 
 def _fmt(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _submission(cfg: Config, intake: Intake, executor: Executor,
+                metrics: Recorder) -> Submission | None:
+    if not cfg.submission:
+        return None
+    # lazy: TLS, AUTH and the users room only where submission listeners are configured
+    # (the loopback-only process stays as small as before).
+    from relayd.smtpd.submission import Submission
+
+    return Submission(cfg, intake, executor=executor, metrics=metrics)
 
 
 def _unsubscribe_server(cfg: Config, store: SuppressionStore) -> UnsubscribeServer | None:

@@ -39,9 +39,10 @@ class Delivering:
         self.config = config
         self.clock = clock
         self.metrics = metrics
-        self.gate = DeliveryGate(config, store, cap_window=cap_window)
         self.alerts = Alerts(config.alerts, hostname=config.hostname,
                              send_email=self.send_alert_email, clock=clock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.gate = DeliveryGate(config, store, cap_window=cap_window, alert=self._alert_soon)
         self.qmgr = QueueManager(spool, config.spool, config.smarthosts,
                                  pool_factory or self.make_pool, executor=executor, clock=clock,
                                  metrics=metrics, alerts=self.alerts, gate=self.gate)
@@ -76,7 +77,16 @@ class Delivering:
                               f"smarthost {st.smarthost}: OAuth token refreshed again")
 
     # -- the Delivery protocol of relayd/daemon/app.py ---------------------------------------
+    def _alert_soon(self, event: str, key: str, message: str) -> None:
+        """An alert from the gate, which runs in worker threads: fired on the loop."""
+        loop = self._loop
+        if loop is None:
+            self.alerts.fire(event, key, message)
+        else:
+            loop.call_soon_threadsafe(self.alerts.fire, event, key, message)
+
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(self.qmgr.run(), name="qmgr"),
                        asyncio.create_task(self.alerts.run(), name="alerts")]
 

@@ -1,7 +1,9 @@
 """The delivery gate: what the queue manager asks before and after each attempt. The
 do-not-email list is checked again (it changes while mail waits), the rolling 24 h
 ``daily_cap`` is reserved and settled, ``rate`` paces the sends, and a hard bounce may join
-the list (``do_not_email.auto_add: [hard_bounce]``). Rebuilt on reload.
+the list (``do_not_email.auto_add: [hard_bounce]``). With a ``users_file``, mail from an
+authenticated submission user also waits for that user's own cap and rate
+(relayd/users/limits.py). Rebuilt on reload.
 
 It compiles the policy without DKIM keys: delivery never signs (acceptance did).
 """
@@ -9,7 +11,9 @@ It compiles the policy without DKIM keys: delivery never signs (acceptance did).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from relayd.config.schema import Config, LimitsConfig
 from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter, limited
@@ -20,17 +24,24 @@ from relayd.policy.records import Policy, PolicyContext
 from relayd.policy.suppressions import SuppressionStore
 from relayd.spool.records import Entry
 
+if TYPE_CHECKING:
+    from relayd.users.limits import UserLimits
+
 log = logging.getLogger("relayd.policy")
 
 
 class DeliveryGate:
     """The queue manager's ``Gate``: suppression recheck, daily cap and rate."""
 
-    def __init__(self, cfg: Config, store: SuppressionStore, *, cap_window: float = WINDOW) -> None:
+    def __init__(self, cfg: Config, store: SuppressionStore, *, cap_window: float = WINDOW,
+                 alert: Callable[[str, str, str], None] | None = None) -> None:
         self.store = store
         self._cap_window = cap_window  # 24 h; tests use a short window instead of waiting a day
         self._cap: DailyCap | None = None
         self._grants: dict[str, int] = {}
+        self._alert = alert
+        self._users: UserLimits | None = None
+        self._reasons: dict[str, str] = {}
         self.apply(cfg)
 
     def apply(self, cfg: Config) -> None:
@@ -49,10 +60,25 @@ class DeliveryGate:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             self._cap = DailyCap(cap, cfg.state_dir, window=self._cap_window)
         self.rate = RateLimiter(cfg.limits.rate) if cfg.limits.rate is not None else None
+        self._apply_users(cfg)
+
+    def _apply_users(self, cfg: Config) -> None:
+        path = cfg.users_file
+        if self._users is not None and (path is None or self._users.users.path != path):
+            self._users.close()
+            self._users = None
+        if path is not None and self._users is None:
+            # lazy: the users room only where submission users are configured.
+            from relayd.users.limits import UserLimits
+
+            self._users = UserLimits(path, cfg.state_dir, window=self._cap_window,
+                                     alert=self._alert)
 
     def close(self) -> None:
         if self._cap is not None:
             self._cap.close()
+        if self._users is not None:
+            self._users.close()
 
     def recheck(self, entry: Entry, rcpts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         env: Envelope = replace(entry.envelope, rcpt_tos=rcpts)
@@ -62,6 +88,24 @@ class DeliveryGate:
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
         """0 when the message may go now (its recipients are reserved against the cap), else
         how long to wait. Mail over the cap waits in the spool; it is never bounced."""
+        user = entry.envelope.user
+        if self._users is not None and user and count > 0:
+            # The user's own limits first: they apply to priority mail too (they are there
+            # to stop that user's runaway job, whatever it marks as priority).
+            wait, why = self._users.hold(entry.id, user, count, now)
+            if wait > 0:
+                self._reasons[entry.id] = why
+                return wait
+        wait = self._hold_daily_cap(entry, count, now)
+        if wait > 0 and self._users is not None and user:
+            self._users.delivered(entry.id, 0, now)  # give the user's reservation back
+        return wait
+
+    def hold_reason(self, entry: Entry) -> str | None:
+        """What the wait ``hold_for`` just gave is for, when it is not ``limits.daily_cap``."""
+        return self._reasons.pop(entry.id, None)
+
+    def _hold_daily_cap(self, entry: Entry, count: int, now: float) -> float:
         cap = self._cap
         if cap is None or count <= 0:
             return 0.0
@@ -80,9 +124,11 @@ class DeliveryGate:
             await self.rate.wait(max(1, count))
 
     def counts_deliveries(self) -> bool:
-        return self._cap is not None
+        return self._cap is not None or self._users is not None
 
     def delivered(self, entry: Entry, count: int, now: float) -> None:
+        if self._users is not None and entry.envelope.user:
+            self._users.delivered(entry.id, count, now)
         cap = self._cap
         granted = self._grants.pop(entry.id, 0)
         if cap is None:

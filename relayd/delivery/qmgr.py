@@ -76,6 +76,9 @@ class Gate(Protocol):
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
         """Seconds this message must wait for the daily cap (0: may go now)."""
 
+    def hold_reason(self, entry: Entry) -> str | None:
+        """What the last wait of ``hold_for`` is for when not the daily cap (a user's limit)."""
+
     async def wait_rate(self, entry: Entry, count: int) -> None:
         """Pace deliveries to ``limits.rate``."""
 
@@ -382,12 +385,13 @@ class QueueManager:
             if verdict is None:
                 verdict = await self._io(self._gate_check, entry, entry.pending, now)
             if verdict.wait > 0:
-                # Over the daily cap: the message waits in the spool, no attempt is spent.
+                # Over the daily cap (or a user's limit): the message waits in the spool, no
+                # attempt is spent.
                 meta = replace(entry.meta, pending=verdict.allowed, next_attempt=now + verdict.wait,
-                               last_error="waiting for limits.daily_cap to free up")
+                               last_error=verdict.reason or "waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
                 self._push(entry.id, self._now() + verdict.wait, entry.envelope.priority)
-                if self.alerts:
+                if self.alerts and verdict.reason is None:  # a user's limit alerts by itself
                     self.alerts.fire("daily_cap_reached", "daily_cap",
                                      "limits.daily_cap reached: mail waits in the queue")
                 return
@@ -413,7 +417,8 @@ class QueueManager:
         assert self.gate is not None
         allowed, suppressed = self.gate.recheck(entry, pending)
         wait = self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
-        return GateVerdict(allowed, suppressed, wait)
+        reason = self.gate.hold_reason(entry) if wait > 0 else None
+        return GateVerdict(allowed, suppressed, wait, reason)
 
     def _gate_settle(self, entry: Entry, count: int) -> asyncio.Future[None]:
         """Count ``count`` delivered recipients against the cap, in a worker thread (SQLite)."""

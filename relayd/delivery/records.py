@@ -18,11 +18,13 @@ from relayd.spool.records import Attempt
 @dataclass(frozen=True, slots=True)
 class GateVerdict:
     """The delivery-time policy's answer for one message: the recipients still allowed, those
-    now on the do-not-email list, and the seconds to wait for the daily cap (0: go now)."""
+    now on the do-not-email list, and the seconds to wait for the daily cap (0: go now);
+    ``reason`` says what else the wait is for (a submission user's cap or rate)."""
 
     allowed: tuple[str, ...]
     suppressed: tuple[str, ...] = ()
     wait: float = 0.0
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,8 +92,11 @@ class Intake:
             log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
             return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")
         faults.crash_point("before-250")
-        log.info("%s: client=[%s], helo=<%s>, from=<%s>, size=%d, nrcpt=%d, %s", queue_id,
-                 envelope.client, envelope.helo, envelope.mail_from, len(content),
+        # Postfix's smtpd line: client=…, sasl_method=…, sasl_username=… for authenticated mail.
+        sasl = (f", sasl_method={envelope.auth_method}, sasl_username={envelope.user}"
+                if envelope.user else "")
+        log.info("%s: client=[%s]%s, helo=<%s>, from=<%s>, size=%d, nrcpt=%d, %s", queue_id,
+                 envelope.client, sasl, envelope.helo, envelope.mail_from, len(content),
                  len(envelope.rcpt_tos), log_summary(accepted.result))
         if len(stored) > 1:
             log.info("%s: one copy per recipient (personal unsubscribe token): %s", queue_id,

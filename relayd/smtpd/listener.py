@@ -351,6 +351,15 @@ class RelayHandler:
     def on_disconnect(self) -> None:
         self.sessions -= 1
 
+    # Overridden by the submission listener (relayd/smtpd/submission.py).
+    def refuse_content(self, server: SMTP, content: bytes) -> str | None:
+        """A reply refusing the message at the final dot, or None."""
+        return None
+
+    def identity(self, server: SMTP) -> tuple[str, str, bool]:
+        """(authenticated user, SASL mechanism, priority) of the session: none here."""
+        return "", "", False
+
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
@@ -388,8 +397,12 @@ class RelayHandler:
         if b"\x00" in content:
             return "554 5.6.0 Message contains NUL bytes (RFC 5322 §2.2)"
         content = normalize_line_endings(content)
+        refusal = self.refuse_content(server, content)
+        if refusal is not None:
+            return refusal
         peer = session.peer
         now = time.time()
+        user, method, priority = self.identity(server)
         env = Envelope(
             mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_tos=tuple(envelope.rcpt_tos),
@@ -397,6 +410,9 @@ class RelayHandler:
             helo=_storable(session.host_name or ""),
             received_at=now,
             smtputf8=bool(envelope.smtp_utf8),
+            priority=priority,
+            user=user,
+            auth_method=method,
         )
         queue_id = new_queue_id(now)
         content = stamp(content, queue_id=queue_id, envelope=env, hostname=self.settings.hostname,

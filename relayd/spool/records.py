@@ -134,14 +134,16 @@ def valid_id(queue_id: str) -> bool:
 def envelope_to_json(env: Envelope) -> dict[str, Any]:
     return {"mail_from": env.mail_from, "rcpt_tos": list(env.rcpt_tos), "client": env.client,
             "helo": env.helo, "received_at": env.received_at, "smtputf8": env.smtputf8,
-            "priority": env.priority}
+            "priority": env.priority} | ({"user": env.user, "auth_method": env.auth_method}
+                                           if env.user else {})
 
 
 def envelope_from_json(d: dict[str, Any]) -> Envelope:
     return Envelope(mail_from=str(d["mail_from"]), rcpt_tos=tuple(str(r) for r in d["rcpt_tos"]),
                     client=str(d.get("client", "")), helo=str(d.get("helo", "")),
                     received_at=float(d.get("received_at", 0.0)),
-                    smtputf8=bool(d.get("smtputf8", False)), priority=bool(d.get("priority", False)))
+                    smtputf8=bool(d.get("smtputf8", False)), priority=bool(d.get("priority", False)),
+                    user=str(d.get("user", "")), auth_method=str(d.get("auth_method", "")))
 
 
 def meta_to_json(m: Meta) -> dict[str, Any]:

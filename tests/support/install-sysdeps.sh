@@ -6,6 +6,7 @@ need=()
 [ -x /usr/sbin/postfix ] || need+=(postfix)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v php >/dev/null 2>&1 || need+=(php-cli)
+command -v swaks >/dev/null 2>&1 || need+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "install-sysdeps: missing ${need[*]} and not root; run: sudo apt-get install ${need[*]}" >&2
