@@ -41,6 +41,9 @@ class Envelope:
     received_at: float = 0.0
     smtputf8: bool = False
     priority: bool = False
+    # The ``routes`` entry chosen at acceptance ("" without routes). Only the name is kept:
+    # the definition is looked up at each attempt, so a reload applies to queued mail.
+    route: str = ""
 
 
 @dataclass(frozen=True, slots=True)

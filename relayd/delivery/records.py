@@ -57,7 +57,7 @@ class Tally:
     ``history`` this attempt's entries so far (suppressed, sent and failed recipients).
     ``tried``: a smarthost was asked, so the attempt counts (SPEC "attempts").
     ``reached_any``: a smarthost took part in a transaction, so the message's own backoff
-    applies rather than the wait for a smarthost to come back.
+    applies rather than the wait for a smarthost to come back (unless ``wait_until`` says).
     """
 
     remaining: tuple[str, ...]
@@ -70,6 +70,10 @@ class Tally:
     tried: bool = False
     reached_any: bool = False
     delays: Mapping[str, Delays] = field(default_factory=lambda: MappingProxyType({}))
+    # Set by a reply rule or a smarthost's own cap or rate: when the message is due again,
+    # instead of its backoff. ``throttled``: a rule called the reply throttling.
+    wait_until: float | None = None
+    throttled: bool = False
 
     def add(self, result: DeliveryResult, delays: Delays, at: float) -> Tally:
         """The tally after ``result``, one smarthost's answer for ``remaining`` at ``at``."""
