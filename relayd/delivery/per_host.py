@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from relayd.config.schema import Smarthost
+from relayd.config.schema import ReplyAction, Smarthost
+from relayd.delivery.health import Health
 from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter
+from relayd.delivery.records import Tally
+from relayd.routing.rules import Verdict
 from relayd.units import Rate
 
 log = logging.getLogger("relayd.qmgr")
@@ -163,3 +166,49 @@ class HostLimits:
                 return slowed.rate
         sh = self._configured.get(name)
         return sh.rate if sh is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A smarthost cannot take the message now (its cap, or far behind its rate): until
+    when, and the sentence for ``last_error``."""
+
+    until: float
+    why: str
+
+
+def host_gate(limits: HostLimits, sh: Smarthost, count: int, now: float) -> Wait | tuple[int, float]:
+    """``sh``'s own cap and rate for ``count`` recipients: (recipients reserved on its cap,
+    seconds to wait for its rate), or a ``Wait``. In memory only: no I/O."""
+    grant = limits.reserve(sh.name, count, now)
+    if grant.at_cap:
+        assert grant.free_at is not None
+        return Wait(grant.free_at, f"waiting for smarthost {sh.name}'s daily_cap to free up")
+    delay = limits.rate_delay(sh.name, count, now)
+    if delay > MAX_RATE_SLEEP:
+        # Far behind its rate (a slow-down): give the slot back, due again at its turn.
+        limits.refund(sh.name, count, now)
+        if grant.count:
+            limits.settle(sh.name, grant.count, 0, now)  # nothing delivered: no write
+        return Wait(now + delay, f"waiting for smarthost {sh.name}'s rate")
+    return grant.count, delay
+
+
+def obey(ruled: Verdict, sh: Smarthost, tally: Tally, at: float, health: Health,
+         limits: HostLimits | None, fallback_pause: float) -> Tally:
+    """Carry out a reply rule's verdict on the smarthost; the tally with the message's wait."""
+    rule = ruled.rule
+    if ruled.action is ReplyAction.PAUSE_SMARTHOST:
+        pause = ruled.delay or fallback_pause
+        health.pause_for(sh, pause, f"reply rule {rule.name}: {tally.last_error}")
+        return replace(tally, throttled=True)
+    if ruled.action is ReplyAction.SLOW_DOWN:
+        if limits is None:
+            return tally
+        rate = limits.slow_down(sh, rule.rate, rule.duration or 600.0, at)
+        # Due again at its turn under the lower rate, or when the reply said.
+        wait = ruled.said if ruled.said is not None else 1 / rate.per_second
+        return replace(tally, throttled=True, wait_until=at + max(1.0, wait))
+    if ruled.action is ReplyAction.DEFER and ruled.delay is not None:
+        return replace(tally, wait_until=at + ruled.delay)
+    return tally

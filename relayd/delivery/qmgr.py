@@ -36,7 +36,7 @@ from relayd.delivery import logline
 from relayd.delivery.backoff import backoff_delay
 from relayd.delivery.health import Alerter, Health
 from relayd.delivery.outcomes import apply_rules
-from relayd.delivery.per_host import MAX_RATE_SLEEP, HostLimits
+from relayd.delivery.per_host import HostLimits, Wait, host_gate, obey
 from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
@@ -500,13 +500,17 @@ class QueueManager:
             granted = 0
             if (limits is not None and limits.limits(sh.name)
                     and not (entry.envelope.priority and self._priority_exempt)):
-                gate = await self._host_gate(entry, sh, len(tally.remaining), plan)
-                if isinstance(gate, Tally):  # at its cap or rate: next smarthost, or wait
+                gate = host_gate(limits, sh, len(tally.remaining), self._now())
+                if isinstance(gate, Wait):  # at its cap or rate: next smarthost, or wait
+                    log.info("%s: %s (route %s, on_cap %s)", entry.id, gate.why, plan.label,
+                             plan.route.on_cap.value if plan.route else OnCap.WAIT.value)
                     if plan.route is not None and plan.route.on_cap is OnCap.NEXT:
-                        tally = replace(tally, last_error=gate.last_error)
+                        tally = replace(tally, last_error=gate.why)
                         continue
-                    return replace(tally, wait_until=gate.wait_until, last_error=gate.last_error)
-                granted = gate
+                    return replace(tally, wait_until=gate.until, last_error=gate.why)
+                granted, pause = gate
+                if pause > 0:
+                    await asyncio.sleep(pause)
             call_start = self._now()
             try:
                 result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
@@ -526,7 +530,7 @@ class QueueManager:
             at = self._now()
             tally = tally.add(result, delays, at)
             if ruled is not None:
-                tally = self._obey(sh, ruled, tally, at)
+                tally = obey(ruled, sh, tally, at, self._health, limits, self.cfg.retry.initial)
             if limits is not None and limits.limits(sh.name) and result.delivered:
                 await self._io(limits.settle, sh.name, 0, len(result.delivered), at)
             if smarthost_failed(result):
@@ -536,51 +540,6 @@ class QueueManager:
                 continue
             sent.extend(result.delivered)
             await self._report(entry, sh, result, delays, at, plan.label)
-        return tally
-
-    async def _host_gate(self, entry: Entry, sh: Smarthost, count: int, plan: Plan) -> int | Tally:
-        """``sh``'s own cap and rate for ``count`` recipients: the recipients reserved on its
-        cap, or (at its cap, or its rate far behind) a Tally saying until when to wait."""
-        limits = self._host_limits
-        assert limits is not None
-        now = self._now()
-        grant = await self._io(limits.reserve, sh.name, count, now)
-        if grant.at_cap:
-            assert grant.free_at is not None
-            log.info("%s: smarthost %s is at its daily_cap (route %s: %s)", entry.id, sh.name,
-                     plan.label or DEFAULT_ROUTE, (plan.route.on_cap if plan.route else OnCap.WAIT).value)
-            return Tally((), wait_until=grant.free_at,
-                         last_error=f"waiting for smarthost {sh.name}'s daily_cap to free up")
-        delay = limits.rate_delay(sh.name, count, now)
-        if delay > MAX_RATE_SLEEP:
-            # Far behind its rate (a slow-down): give the slot back, due again at its turn.
-            limits.refund(sh.name, count, now)
-            if grant.count:
-                await self._io(limits.settle, sh.name, grant.count, 0, now)
-            return Tally((), wait_until=now + delay,
-                         last_error=f"waiting for smarthost {sh.name}'s rate")
-        if delay > 0:
-            await asyncio.sleep(delay)
-        return grant.count
-
-    def _obey(self, sh: Smarthost, ruled: Verdict, tally: Tally, at: float) -> Tally:
-        """Carry out a reply rule's verdict on the smarthost; the message's wait."""
-        rule = ruled.rule
-        why = f"reply rule {rule.name}"
-        if ruled.action is ReplyAction.PAUSE_SMARTHOST:
-            pause = ruled.delay or rule.duration or self.cfg.retry.initial
-            self._health.pause_for(sh, pause, f"{why}: {tally.last_error}")
-            return replace(tally, throttled=True)
-        if ruled.action is ReplyAction.SLOW_DOWN:
-            limits = self._host_limits
-            if limits is None:
-                return tally
-            rate = limits.slow_down(sh, rule.rate, rule.duration or 600.0, at)
-            # Due again at its turn under the lower rate, or when the reply said.
-            wait = ruled.said if ruled.said is not None else 1 / rate.per_second
-            return replace(tally, throttled=True, wait_until=at + max(1.0, wait))
-        if ruled.action is ReplyAction.DEFER and ruled.delay is not None:
-            return replace(tally, wait_until=at + ruled.delay)
         return tally
 
     async def _report(self, entry: Entry, sh: Smarthost, result: DeliveryResult, delays: Delays,

@@ -58,6 +58,13 @@ ALL_KEYS = {
     "dkim", "dkim[].domain", "dkim[].selector", "dkim[].private_key_file",
     "state_dir", "secrets", "secrets.key_file", "metrics", "metrics.listen",
     "logging", "logging.level", "logging.format", "logging.smtp_transcripts",
+    "smarthosts[].daily_cap", "smarthosts[].rate",
+    "routes", "routes[].name", "routes[].match", "routes[].match.from",
+    "routes[].match.from_header_domain", "routes[].match.to_domain", "routes[].match.user",
+    "routes[].match.priority", "routes[].smarthosts", "routes[].on_cap",
+    "routes[].envelope_from", "routes[].sender", "routes[].dkim",
+    "reply_rules", "reply_rules[].match", "reply_rules[].action", "reply_rules[].duration",
+    "reply_rules[].rate",
 }
 
 # Defaults written as words ("the value of hostname") rather than a YAML value.
@@ -145,7 +152,8 @@ def _stated_defaults() -> list[tuple[str, str]]:
         default = d.fields.get("Default", "none")
         if default.startswith("none") or d.path in DESCRIBED_DEFAULTS:
             continue
-        if d.path.startswith(("priority", "dkim", "smarthosts[].auth.oauth.")):
+        if d.path.startswith(("priority", "dkim", "smarthosts[].auth.oauth.", "routes",
+                              "reply_rules")):
             continue  # list items that need other keys; oauth needs a whole xoauth2 set-up
         out.append((d.path, default))
     return out
