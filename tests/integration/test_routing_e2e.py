@@ -226,7 +226,10 @@ async def test_a_reload_changes_the_route_of_queued_mail(tmp_path: Path,
     try:
         qid = await op.send(_mail("x@billing.example.com", "r@example.net"),
                             sender="x@billing.example.com")
-        await op.wait_entry(qid, "a deferral", lambda r: r["attempts"] >= 1)
+        row = await op.wait_entry(qid, "a deferral", lambda r: r["attempts"] >= 1)
+        assert row["route"] == "billing"
+        shown = await op.cli("queue", "show", qid)
+        assert "route:        billing" in shown.out
         data = yaml.safe_load(op.config.read_text())
         data["routes"][0]["smarthosts"] = ["exchange"]
         op.write(yaml.safe_dump(data))
