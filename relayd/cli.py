@@ -86,6 +86,11 @@ def _user(args: argparse.Namespace, io: IO) -> int:
     return user.main(args, io)
 
 
+def _route(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import route  # lazy: each command loads only its own modules
+    return route.main(args, io)
+
+
 def _sendmail(args: argparse.Namespace, io: IO) -> int:
     from relayd.commands import sendmail  # lazy: each command loads only its own modules
     return sendmail.main(args, io)
@@ -100,6 +105,7 @@ HANDLERS: dict[str, Handler] = {
     "secret": _secret,
     "oauth": _oauth,
     "explain": _explain,
+    "route": _route,
     "sendmail": _sendmail,
     "user": _user,
     "_deliver": _deliver,
@@ -124,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("send-test", help="send one test message now, bypassing the spool")
     p.add_argument("--to", required=True, metavar="ADDR")
     p.add_argument("--smarthost", metavar="NAME")
+    p.add_argument("--route", metavar="NAME", help="through this route's smarthosts, in order, "
+                   "with its envelope sender")
     p.add_argument("--from", dest="from_", metavar="ADDR", help="envelope sender")
 
     q = sub.add_parser("queue", help="inspect and manage the spool").add_subparsers(
@@ -188,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_parser("remove", help="remove a user").add_argument("name", metavar="NAME")
     u.add_parser("list", help="list users (never a hash or password)").add_argument(
         "--json", action="store_true")
+
+    r = sub.add_parser("route", help="which route mail takes").add_subparsers(
+        dest="route_command", metavar="ACTION")
+    r.required = True
+    p = r.add_parser("test", help="the route, smarthosts, limits and reply rules per recipient")
+    p.add_argument("--from", dest="from_", required=True, metavar="ADDR")
+    p.add_argument("--to", nargs="+", action="extend", required=True, metavar="ADDR")
+    p.add_argument("--user", metavar="NAME", help="as mail submitted by this authenticated user")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("sendmail", help="sendmail-compatible submission from stdin",
                        add_help=False)

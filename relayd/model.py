@@ -44,6 +44,9 @@ class Envelope:
     # The submission user that authenticated for this message (SASL, RFC 4954), or "".
     user: str = ""
     auth_method: str = ""
+    # The ``routes`` entry chosen at acceptance ("" without routes). Only the name is kept:
+    # the definition is looked up at each attempt, so a reload applies to queued mail.
+    route: str = ""
 
 
 @dataclass(frozen=True, slots=True)

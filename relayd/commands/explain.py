@@ -16,13 +16,15 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from relayd.commands.io import IO
-from relayd.config.schema import AuthMethod, Config
+from relayd.config.schema import AuthMethod, Config, Smarthost
 from relayd.delivery.limits import DailyCap, limited
 from relayd.model import Envelope, Message
 from relayd.policy import _mime
+from relayd.policy.by_route import route_policy, split_by_route
 from relayd.policy.pipeline import build_policy, run_pipeline
 from relayd.policy.records import PipelineResult, PolicyContext
 from relayd.policy.suppressions import read_snapshot
+from relayd.routing.match import find, smarthosts_of
 
 
 def _read_input(args: argparse.Namespace, io: IO) -> bytes:
@@ -142,7 +144,14 @@ def render(cfg: Config, message: Message, result: PipelineResult, now: float,
     else:
         out.append("nothing to deliver: every recipient is suppressed or rejected")
     out += _limits(cfg, result, now)
-    out += _plan(cfg)
+    if not cfg.routes:
+        return out + _plan(cfg.smarthosts, "delivery plan (tried in order):")
+    for name in dict.fromkeys(m.envelope.route for m in result.outputs):
+        rcpts = [r for m in result.outputs if m.envelope.route == name for r in m.envelope.rcpt_tos]
+        route = find(cfg, name)
+        head = (f"delivery plan, route {name} for {', '.join(rcpts)} (tried in order"
+                + (f", on_cap: {route.on_cap.value}" if route is not None else "") + "):")
+        out += _plan(smarthosts_of(cfg.smarthosts, route), head)
     return out
 
 
@@ -179,9 +188,9 @@ def _limits(cfg: Config, result: PipelineResult, now: float) -> list[str]:
     return out
 
 
-def _plan(cfg: Config) -> list[str]:
-    out = ["delivery plan (tried in order):"]
-    for i, sh in enumerate(cfg.smarthosts, 1):
+def _plan(smarthosts: tuple[Smarthost, ...], head: str) -> list[str]:
+    out = [head]
+    for i, sh in enumerate(smarthosts, 1):
         if sh.outbox is not None:
             out.append(f"  {i}. {sh.name}: write an .eml file to {sh.outbox} (no SMTP)")
             continue
@@ -189,8 +198,10 @@ def _plan(cfg: Config) -> list[str]:
         if sh.auth.method is AuthMethod.XOAUTH2 and sh.auth.oauth is not None:
             auth += f" (oauth provider {sh.auth.oauth.provider.value})"
         verify = "" if sh.verify_certificate else ", certificate NOT verified"
+        own = "".join(f", {k} {v}" for k, v in (("daily_cap", sh.daily_cap), ("rate", sh.rate))
+                      if v is not None)
         out.append(f"  {i}. {sh.name}: {sh.host}:{sh.port}, tls={sh.tls.value}{verify}, "
-                   f"auth={auth}")
+                   f"auth={auth}{own}")
     return out
 
 
@@ -215,7 +226,11 @@ def main(args: argparse.Namespace, io: IO) -> int:
         for line in lines:
             print(line, file=io.out)
     policy = build_policy(cfg, keys)
-    result = run_pipeline(policy, message, PolicyContext(now=now, suppressed=suppressed))
+    ctx = PolicyContext(now=now, suppressed=suppressed)
+    result = run_pipeline(policy, message, ctx)
+    if cfg.routes:
+        policies = {r.name: route_policy(policy, r) for r in cfg.routes if r.changes_content}
+        result = split_by_route(cfg.routes, policies, message, ctx, result)
     for line in render(cfg, message, result, now, problems):
         print(line, file=io.out)
     return 0

@@ -44,7 +44,8 @@ def entry_json(e: Entry) -> dict[str, Any]:
             "sender": e.envelope.mail_from, "recipients": list(e.recipients), "size": e.size,
             "attempts": e.attempts, "next_attempt": iso(e.next_attempt) if e.state is not State.FAILED
             else None, "last_error": e.last_error, "created": iso(e.created),
-            "priority": e.envelope.priority, "user": e.envelope.user or None}
+            "priority": e.envelope.priority, "user": e.envelope.user or None,
+            **({"route": e.envelope.route} if e.envelope.route else {})}
 
 
 def _list(spool: Spool, args: argparse.Namespace, io: IO) -> int:
@@ -107,6 +108,10 @@ def _show(spool: Spool, args: argparse.Namespace, io: IO) -> int:
              + (f" (sasl_method={e.envelope.auth_method})" if e.envelope.user else ""),
              f"attempts:     {e.attempts}", f"next attempt: {j['next_attempt'] or '-'}",
              f"last error:   {e.last_error or '-'}"]
+    if e.envelope.route:  # only with routes (docs/routing.md)
+        lines.insert(9, f"route:        {e.envelope.route}")
+    if e.meta.throttled:
+        lines.append(f"throttled:    {e.meta.throttled} of the attempts (reply rules)")
     if e.meta.failed_rcpts:
         lines.append(f"failed:       {', '.join(e.meta.failed_rcpts)}")
     lines.append("history:")

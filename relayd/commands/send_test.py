@@ -15,10 +15,11 @@ import logging
 from email.utils import formatdate, make_msgid
 
 from relayd.commands.io import IO
-from relayd.config.schema import AuthMethod, Config, Smarthost
+from relayd.config.schema import DEFAULT_ROUTE, AuthMethod, Config, Smarthost
 from relayd.delivery.diagnose import diagnose
 from relayd.delivery.smtp.pool import SmarthostPool
 from relayd.model import DeliveryResult, Status, TokenSource
+from relayd.routing import match
 
 EXIT_DELIVERED = 0
 EXIT_FAILED = 1
@@ -153,11 +154,26 @@ def _report(result: DeliveryResult, out: _Printer) -> bool:
 
 
 def main(args: argparse.Namespace, io: IO) -> int:
-    """``relayd send-test --to ADDR [--smarthost NAME] [--from ADDR]``: 0 delivered, 1 failed."""
+    """``relayd send-test --to ADDR [--smarthost NAME | --route NAME] [--from ADDR]``: 0
+    delivered, 1 failed. ``--route`` tries the route's smarthosts in its order, with the
+    route's ``envelope_from`` as the sender unless ``--from`` is given."""
     config = io.config(args)
-    if args.smarthost:
+    route_sender: str | None = None
+    if getattr(args, "route", None):
+        if args.smarthost:
+            print("relayd send-test: give --smarthost or --route, not both", file=io.err)
+            return EXIT_FAILED
+        found = match.find(config, args.route)
+        if found is None and args.route != DEFAULT_ROUTE:
+            known = ", ".join([r.name for r in config.routes] + [DEFAULT_ROUTE])
+            print(f"relayd send-test: no route named {args.route!r} (known: {known})",
+                  file=io.err)
+            return EXIT_FAILED
+        targets: tuple[Smarthost, ...] = match.smarthosts_of(config.smarthosts, found)
+        route_sender = found.sender.envelope_from if found and found.sender else None
+    elif args.smarthost:
         try:
-            targets: tuple[Smarthost, ...] = (config.smarthost(args.smarthost),)
+            targets = (config.smarthost(args.smarthost),)
         except KeyError as exc:
             print(f"relayd send-test: {exc.args[0]}", file=io.err)
             return EXIT_FAILED
@@ -168,7 +184,8 @@ def main(args: argparse.Namespace, io: IO) -> int:
 
     async def run() -> bool:
         for sh in targets:
-            if await _try(config, sh, pick_sender(config, sh, args.from_), args.to, out):
+            sender = pick_sender(config, sh, args.from_ or route_sender)
+            if await _try(config, sh, sender, args.to, out):
                 return True
             out()
         return False

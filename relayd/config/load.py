@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from relayd.config import route_sections
 from relayd.config import sections as s
 from relayd.config.reader import Reader
 from relayd.config.schema import DEFAULT_LISTEN, DEFAULT_STATE_DIR, ClientConfig, Config
@@ -115,7 +116,8 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
     known = {"hostname", "local_domain", "listen", "allowed_clients", "max_message_size",
              "max_recipients", "max_sessions", "spool", "smarthosts", "sender", "headers",
              "priority", "do_not_email", "unsubscribe", "limits", "alerts", "dkim", "state_dir",
-             "secrets", "metrics", "logging", "submission", "users_file"}
+             "secrets", "metrics", "logging", "submission", "users_file",
+             "routes", "reply_rules"}
     r.unknown_keys("", root, known)
     secrets = s.secrets_section(r, root.get("secrets"))
     r.set_key_file(secrets.key_file)
@@ -127,6 +129,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
     smarthosts = s.smarthosts_section(r, root.get("smarthosts"))
     spool = s.spool_section(r, root.get("spool"))
     limits = s.limits_section(r, root.get("limits"))
+    dkim = s.dkim_section(r, root.get("dkim"))
     cfg = Config(
         hostname=hostname,
         local_domain=local_domain,
@@ -144,19 +147,21 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
         unsubscribe=s.unsubscribe_section(r, root.get("unsubscribe")),
         limits=limits,
         alerts=s.alerts_section(r, root.get("alerts")),
-        dkim=s.dkim_section(r, root.get("dkim")),
+        dkim=dkim,
         state_dir=r.path("state_dir", root.get("state_dir", str(DEFAULT_STATE_DIR))),
         secrets=secrets,
         metrics=s.metrics_section(r, root.get("metrics")),
         logging=s.logging_section(r, root.get("logging")),
         submission=s.submission_section(r, root.get("submission")),
         users_file=r.optional_path("users_file", root.get("users_file")),
+        routes=route_sections.routes_section(r, root.get("routes"), smarthosts, dkim, listen),
+        reply_rules=route_sections.reply_rules_section(r, root.get("reply_rules")),
         source=source,
-        warnings=tuple(r.warnings),
     )
     s.check_unsubscribes_take_effect(r, cfg.do_not_email, cfg.unsubscribe)
     s.check_submission_users(r, cfg.submission, cfg.users_file)
-    return cfg
+    # Last, so that the warnings of every section (routes' unreachable entries too) are in.
+    return replace(cfg, warnings=tuple(r.warnings))
 
 
 def _names(r: Reader, root: dict[str, Any]) -> tuple[str, str]:

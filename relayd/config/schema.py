@@ -63,6 +63,22 @@ class LogFormat(enum.StrEnum):
     JSON = "json"
 
 
+class OnCap(enum.StrEnum):
+    """What a route does when one of its smarthosts is at its own ``daily_cap``."""
+
+    WAIT = "wait"
+    NEXT = "next"
+
+
+class ReplyAction(enum.StrEnum):
+    """What a ``reply_rules`` entry makes of a matching reply."""
+
+    DEFER = "defer"
+    PAUSE_SMARTHOST = "pause_smarthost"
+    SLOW_DOWN = "slow_down"
+    FAIL = "fail"
+
+
 ALERT_EVENTS = ("smarthost_down", "auth_failed", "token_refresh_failed",
                 "daily_cap_reached", "message_failed", "queue_age", "user_limit_reached")
 AUTO_ADD_KINDS = ("hard_bounce", "unsubscribe")
@@ -118,6 +134,9 @@ class Smarthost:
     pipelining: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     outbox: Path | None = None
+    # This provider account's own quota, besides the global ``limits`` (routing).
+    daily_cap: int | None = None
+    rate: Rate | None = None
 
     @property
     def relay(self) -> str:
@@ -200,6 +219,66 @@ class DkimKey:
 
 
 @dataclass(frozen=True)
+class RouteMatch:
+    """What a route matches; every key given must match (none given: every message).
+
+    ``from_`` holds lower-cased addresses and ``@domain`` entries; the domains are lower-cased.
+    ``priority`` None means either."""
+
+    from_: tuple[str, ...] = ()
+    from_header_domain: tuple[str, ...] = ()
+    to_domain: tuple[str, ...] = ()
+    user: tuple[str, ...] = ()
+    priority: bool | None = None
+
+    @property
+    def catch_all(self) -> bool:
+        return not (self.from_ or self.from_header_domain or self.to_domain or self.user
+                    or self.priority is not None)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One ``routes`` entry: which mail (``match``) leaves through which smarthosts, in order.
+
+    ``sender`` holds the route's ``sender.from`` / ``reply_to`` / ``envelope_from`` overrides
+    (None: the global ``sender``); ``dkim`` names the ``dkim`` entry that signs the route's
+    mail ("" : none signs; None: the From domain's entry, as without routes)."""
+
+    name: str
+    match: RouteMatch
+    smarthosts: tuple[str, ...]
+    on_cap: OnCap = OnCap.WAIT
+    sender: SenderConfig | None = None
+    dkim: str | None = None
+
+    @property
+    def changes_content(self) -> bool:
+        return self.sender is not None or self.dkim is not None
+
+
+DEFAULT_ROUTE = "default"
+
+
+@dataclass(frozen=True)
+class ReplyRule:
+    """One ``reply_rules`` entry (or a shipped provider rule): every match key given must fit.
+
+    ``duration``: how long a pause or slow-down lasts, or a ``defer``'s wait when the reply
+    names none. ``rate``: the slowed-down rate (default: half the smarthost's, at most 1/s).
+    ``name`` and ``source`` say where a shipped rule comes from (``route test``, docs)."""
+
+    action: ReplyAction
+    code: int | None = None
+    dsn: str | None = None
+    text: str | None = None
+    duration: float | None = None
+    rate: Rate | None = None
+    name: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class SecretsConfig:
     key_file: Path = Path("/etc/relayd/secret.key")
 
@@ -261,6 +340,8 @@ class Config:
     max_sessions: int = 100
     submission: tuple[SubmissionListener, ...] = ()
     users_file: Path | None = None
+    routes: tuple[Route, ...] = ()
+    reply_rules: tuple[ReplyRule, ...] = ()
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     # The YAML text this was read from: the delivery process is given exactly this text, so

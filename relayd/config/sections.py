@@ -99,7 +99,7 @@ def smarthosts_section(r: Reader, value: Any) -> tuple[Smarthost, ...]:
 
 def _smarthost(r: Reader, p: str, value: Any, index: int) -> Smarthost | None:
     known = {"name", "host", "port", "tls", "verify_certificate", "ca_file", "helo", "timeout",
-             "max_connections", "pipelining", "auth", "outbox"}
+             "max_connections", "pipelining", "auth", "outbox", "daily_cap", "rate"}
     m = r.section(p, value, known)
     if m is None:
         return None
@@ -131,6 +131,9 @@ def _smarthost(r: Reader, p: str, value: Any, index: int) -> Smarthost | None:
         pipelining=r.boolean(f"{p}.pipelining", m.get("pipelining"), True),
         auth=_auth(r, f"{p}.auth", m.get("auth")),
         outbox=outbox,
+        daily_cap=(r.integer(f"{p}.daily_cap", m["daily_cap"], 1, 10**9)
+                   if m.get("daily_cap") is not None else None),
+        rate=r.rate(f"{p}.rate", m.get("rate")),
     )
 
 

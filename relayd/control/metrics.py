@@ -29,8 +29,10 @@ class Recorder:
     def message_received(self) -> None:
         """A message was accepted into the spool."""
 
-    def delivery(self, smarthost: str, status: Status, seconds: float | None = None) -> None:
-        """One recipient attempt ended with ``status``."""
+    def delivery(self, smarthost: str, status: Status, seconds: float | None = None, *,
+                 route: str | None = None) -> None:
+        """One recipient attempt ended with ``status`` (``route``: with ``routes`` configured,
+        the route it took)."""
 
     def suppressed(self, count: int = 1) -> None:
         """Recipients dropped because they are on the do-not-email list."""
@@ -86,6 +88,11 @@ class Metrics(Recorder):
                                    "smarthost", ["smarthost"], registry=r)
         self._smarthost_paused = Gauge("relayd_smarthost_paused", "1 while the smarthost is "
                                        "paused after a failure", ["smarthost"], registry=r)
+        # Only with routes: relayd_deliveries_total keeps its two labels, so that existing
+        # dashboards and alert rules keep their series.
+        self._route_deliveries = Counter("relayd_route_deliveries", "Recipient delivery attempts "
+                                         "by route and outcome", ["route", "smarthost", "status"],
+                                         registry=r)
         self._token_expiry = Gauge("relayd_oauth_token_expiry_seconds",
                                    "Seconds until the cached access token expires",
                                    ["smarthost"], registry=r)
@@ -103,8 +110,12 @@ class Metrics(Recorder):
     def message_received(self) -> None:
         self._received.inc()
 
-    def delivery(self, smarthost: str, status: Status, seconds: float | None = None) -> None:
+    def delivery(self, smarthost: str, status: Status, seconds: float | None = None, *,
+                 route: str | None = None) -> None:
         self._deliveries.labels(smarthost=smarthost, status=status.value).inc()
+        if route is not None:
+            self._route_deliveries.labels(route=route, smarthost=smarthost,
+                                          status=status.value).inc()
         if seconds is not None and status is Status.SENT:
             self._delivery_seconds.observe(seconds)
 

@@ -19,6 +19,7 @@ from relayd.config.schema import Config, Smarthost
 from relayd.control.alerts import Alerts
 from relayd.control.metrics import Recorder
 from relayd.delivery.gate import DeliveryGate
+from relayd.delivery.per_host import HostLimits
 from relayd.delivery.qmgr import Pool, QueueManager
 from relayd.policy.suppressions import SuppressionStore
 from relayd.spool.store import Spool
@@ -43,9 +44,14 @@ class Delivering:
                              send_email=self.send_alert_email, clock=clock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gate = DeliveryGate(config, store, cap_window=cap_window, alert=self._alert_soon)
+        # Each smarthost's own daily_cap and rate (routing); nothing per send without them.
+        self.host_limits = HostLimits(config.state_dir, clock, cap_window=cap_window)
         self.qmgr = QueueManager(spool, config.spool, config.smarthosts,
                                  pool_factory or self.make_pool, executor=executor, clock=clock,
-                                 metrics=metrics, alerts=self.alerts, gate=self.gate)
+                                 metrics=metrics, alerts=self.alerts, gate=self.gate,
+                                 host_limits=self.host_limits)
+        self.qmgr.update_routes(config.routes, config.reply_rules,
+                                priority_exempt=config.limits.priority_exempt)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
@@ -103,6 +109,8 @@ class Delivering:
         limits."""
         self.config = new
         self.qmgr.update_smarthosts(new.smarthosts, new.spool)
+        self.qmgr.update_routes(new.routes, new.reply_rules,
+                                priority_exempt=new.limits.priority_exempt)
         self.gate.apply(new)
 
     def housekeeping(self, oldest_age: float) -> None:
@@ -128,6 +136,7 @@ class Delivering:
                 t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.gate.close()
+        self.host_limits.close()
 
     # -- alerts by mail ------------------------------------------------------------------------
     async def send_alert_email(self, content: bytes, to: str) -> None:

@@ -155,8 +155,12 @@ class EventMetrics(Recorder):
     def _send(self, name: str, *args: Any, **kwargs: Any) -> None:
         self._events.write(json.dumps([name, args, kwargs]).encode() + b"\n")
 
-    def delivery(self, smarthost: str, status: Status, seconds: float | None = None) -> None:
-        self._send("delivery", smarthost, status.value, seconds)
+    def delivery(self, smarthost: str, status: Status, seconds: float | None = None, *,
+                 route: str | None = None) -> None:
+        if route is None:
+            self._send("delivery", smarthost, status.value, seconds)
+        else:
+            self._send("delivery", smarthost, status.value, seconds, route=route)
 
     def suppressed(self, count: int = 1) -> None:
         self._send("suppressed", count)

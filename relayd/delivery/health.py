@@ -115,6 +115,20 @@ class Health:
             return
         self._pause(sh, h, error)
 
+    def pause_for(self, sh: Smarthost, seconds: float, error: str) -> None:
+        """A reply rule (``pause_smarthost``) says how long the provider wants: that long,
+        not the backoff."""
+        h = self.of(sh.name)
+        now = self._clock()
+        if h.paused_until >= now + seconds:
+            return
+        h.deferred_messages.clear()
+        h.up, h.last_error = False, error
+        h.paused_until = now + seconds
+        log.warning("smarthost %s paused for %.0fs by a reply rule: %s", sh.relay, seconds, error)
+        if self._metrics:
+            self._metrics.set_smarthost(sh.name, up=False, paused=True)
+
     def _pause(self, sh: Smarthost, h: SmarthostState, error: str) -> None:
         h.deferred_messages.clear()
         h.failures += 1

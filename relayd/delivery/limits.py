@@ -55,7 +55,7 @@ class DailyCap:
     """
 
     def __init__(self, cap: int, state_dir: Path | None, *, window: float = WINDOW,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, db_name: str = DB_NAME) -> None:
         self.cap = cap
         self.window = window
         self._events: deque[tuple[float, int]] = deque()
@@ -66,7 +66,7 @@ class DailyCap:
             return
         import sqlite3  # lazy: only with limits.daily_cap (about 1.5 MB per process)
 
-        path = state_dir / DB_NAME
+        path = state_dir / db_name
         if readonly:
             if path.exists():
                 db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)

@@ -22,10 +22,14 @@ def _clean(text: str) -> str:
 
 
 def delivery_line(queue_id: str, rcpt: str, relay: str, delay: float, attempts: int, dsn: str,
-                  status: Status, reply: str, delays: Delays | None = None) -> str:
-    """One line per recipient attempt."""
-    parts = [f"{queue_id}: to=<{_clean(rcpt)}>", f"relay={_clean(relay) or 'none'}",
-             f"delay={delay:.2f}"]
+                  status: Status, reply: str, delays: Delays | None = None, *,
+                  route: str | None = None) -> str:
+    """One line per recipient attempt; ``route=`` follows ``relay=`` when routes are
+    configured."""
+    parts = [f"{queue_id}: to=<{_clean(rcpt)}>", f"relay={_clean(relay) or 'none'}"]
+    if route is not None:
+        parts.append(f"route={_clean(route)}")
+    parts.append(f"delay={delay:.2f}")
     if delays is not None:
         parts.append(f"delays={delays}")
     parts += [f"attempts={attempts}", f"dsn={dsn}", f"status={status.value} ({_clean(reply)})"]
@@ -34,7 +38,7 @@ def delivery_line(queue_id: str, rcpt: str, relay: str, delay: float, attempts: 
 
 def outcome_line(queue_id: str, created: float, o: RecipientOutcome, relay: str, attempts: int,
                  now: float, *, deferred_until: float | None = None, note: str = "",
-                 delays: Delays | None = None) -> str:
+                 delays: Delays | None = None, route: str | None = None) -> str:
     """The line for one recipient's outcome at ``now`` (of a message accepted at ``created``):
     ``note`` goes before the reply, the wait before the next attempt after it."""
     # A locally made-up reply without a code reads as its text alone.
@@ -44,7 +48,7 @@ def outcome_line(queue_id: str, created: float, o: RecipientOutcome, relay: str,
     if deferred_until is not None:
         reply = f"{reply}; next attempt in {max(0, deferred_until - now):.0f}s"
     return delivery_line(queue_id, o.recipient, relay or "none", now - created, attempts,
-                         o.dsn or o.reply.dsn, o.status, reply, delays)
+                         o.dsn or o.reply.dsn, o.status, reply, delays, route=route)
 
 
 def received_line(queue_id: str, client: str, helo: str) -> str:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from collections.abc import Sequence
+from dataclasses import replace
 
+from relayd.config.schema import ReplyAction, ReplyRule
 from relayd.errors import OAuthError
-from relayd.model import Reply, Status
+from relayd.model import DeliveryResult, Reply, Status
+from relayd.routing.rules import Verdict, judge
 
 # Provider quota and throttling replies: temporary whatever their code, because the message
 # is fine and only has to wait for the quota window (Gmail 550 5.4.5, SES "Daily message
@@ -114,3 +118,33 @@ def local_reply(dsn: str, text: str) -> Reply:
     first, as Postfix logs ``dsn=4.4.1`` for a refused connection)."""
     code = 451 if dsn.startswith("4") else 554
     return Reply(code, f"{dsn} {text}")
+
+
+def apply_rules(result: DeliveryResult,
+                rules: Sequence[ReplyRule]) -> tuple[DeliveryResult, Verdict | None]:
+    """``result`` as the reply rules (the operator's ``reply_rules``, then the shipped provider
+    rules of relayd/routing/rules.py) read it, and the first rule's verdict.
+
+    ``fail`` fails the recipient whatever the code; ``defer``, ``slow_down`` and
+    ``pause_smarthost`` defer it. ``pause_smarthost`` makes it the smarthost's fault (the next
+    smarthost of the route takes the mail); ``slow_down`` does not: the smarthost works, only
+    slower (its rate is lowered by the queue manager, not paused with backoff).
+    """
+    verdict: Verdict | None = None
+    outcomes = []
+    for o in result.outcomes:
+        v = None if o.status is Status.SENT else judge(rules, o.reply)
+        if v is None:
+            outcomes.append(o)
+            continue
+        verdict = verdict or v
+        status = Status.FAILED if v.action is ReplyAction.FAIL else Status.DEFERRED
+        outcomes.append(replace(o, status=status))
+    if verdict is None:
+        return result, None
+    fault = result.smarthost_fault
+    if verdict.action is ReplyAction.PAUSE_SMARTHOST:
+        fault = True
+    elif verdict.action in (ReplyAction.SLOW_DOWN, ReplyAction.FAIL):
+        fault = False
+    return replace(result, outcomes=tuple(outcomes), smarthost_fault=fault), verdict

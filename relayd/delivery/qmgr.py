@@ -30,16 +30,20 @@ from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from relayd import faults
-from relayd.config.schema import Smarthost, SpoolConfig
+from relayd.config.schema import DEFAULT_ROUTE, OnCap, ReplyAction, ReplyRule, Route, Smarthost, SpoolConfig
 from relayd.control.metrics import Recorder
 from relayd.delivery import logline
 from relayd.delivery.backoff import backoff_delay
 from relayd.delivery.health import Alerter, Health
+from relayd.delivery.outcomes import apply_rules
+from relayd.delivery.per_host import HostLimits, Wait, host_gate, obey
 from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
+from relayd.routing.match import Facts, choose, header_from_domain, smarthosts_of
+from relayd.routing.rules import Verdict
 from relayd.spool.batching import Hops
 from relayd.spool.records import Attempt, Claimed, Entry
 from relayd.spool.store import Spool
@@ -92,6 +96,16 @@ class Gate(Protocol):
         """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where one attempt sends a message: its route (``label`` None without ``routes``) and
+    the smarthosts in order."""
+
+    label: str | None
+    route: Route | None
+    hosts: tuple[Smarthost, ...]
+
+
 @dataclass(frozen=True)
 class QmgrStats:
     scheduled: int
@@ -105,7 +119,8 @@ class QueueManager:
     def __init__(self, spool: Spool, spool_cfg: SpoolConfig, smarthosts: Sequence[Smarthost],
                  pool_factory: Callable[[Smarthost], Pool], *, executor: Executor | None = None,
                  clock: Callable[[], float] = time.time, gate: Gate | None = None,
-                 metrics: Recorder | None = None, alerts: Alerter | None = None) -> None:
+                 metrics: Recorder | None = None, alerts: Alerter | None = None,
+                 host_limits: HostLimits | None = None) -> None:
         self.spool = spool
         self.cfg = spool_cfg
         self.clock = clock
@@ -125,6 +140,10 @@ class QueueManager:
         self._max_inflight = max(4, 2 * sum(s.max_connections for s in self._smarthosts))
         self._slots = asyncio.Semaphore(self._max_inflight)
         self._retired: list[Pool] = []
+        self._routes: tuple[Route, ...] = ()
+        self._reply_rules: tuple[ReplyRule, ...] = ()
+        self._host_limits = host_limits
+        self._priority_exempt = True  # limits.priority_exempt, for the smarthosts' own limits
         self._clock_seen = (clock(), time.monotonic())
         self._clock_skew = 0.0  # sum of observed wall-clock jumps (positive: forward)
 
@@ -176,6 +195,35 @@ class QueueManager:
                 self._retired.append(pool)
             self._health.forget(name)
         self._wake.set()
+
+    def update_routes(self, routes: Sequence[Route], reply_rules: Sequence[ReplyRule], *,
+                      priority_exempt: bool = True) -> None:
+        """``routes``, ``reply_rules`` and the smarthosts' own limits for every later attempt:
+        queued mail keeps only its route's name, so a changed route applies at its next
+        attempt. Priority mail with ``priority_exempt`` never waits for a smarthost's limits."""
+        self._routes = tuple(routes)
+        self._reply_rules = tuple(reply_rules)
+        self._priority_exempt = priority_exempt
+        if self._host_limits is not None:
+            self._host_limits.apply(self._smarthosts)
+
+    def _plan(self, entry: Entry, content: bytes) -> Plan:
+        """The route of ``entry`` as configured now (relayd/routing/match.py)."""
+        if not self._routes:
+            return Plan(None, None, self._smarthosts)
+        name = entry.envelope.route or DEFAULT_ROUTE
+        if name == DEFAULT_ROUTE:
+            return Plan(DEFAULT_ROUTE, None, self._smarthosts)
+        route = next((r for r in self._routes if r.name == name), None)
+        if route is None:
+            # Removed or renamed by a reload: match again, on what is stored (the sender as
+            # rewritten, the From header, the first pending recipient's domain).
+            facts = Facts(entry.envelope.mail_from, header_from_domain(content),
+                          priority=entry.envelope.priority)
+            choice = choose(self._routes, facts, entry.pending[0] if entry.pending else "")
+            log.info("%s: route %s is no longer configured; %s", entry.id, name, choice.why)
+            name, route = choice.name, choice.route
+        return Plan(name, route, smarthosts_of(self._smarthosts, route))
 
     def pool_for(self, sh: Smarthost) -> Pool:
         """The (shared) connection pool of ``sh``."""
@@ -404,9 +452,10 @@ class QueueManager:
         # What was delivered so far, kept outside the tally so that the gate counts it even
         # when a shutdown cuts the attempt short.
         sent: list[str] = []
+        plan = self._plan(entry, claimed.content)
         try:
-            tally = await self._try_smarthosts(entry, claimed.content, verdict, sent)
-            await self._finish(entry, tally)
+            tally = await self._try_smarthosts(entry, claimed.content, verdict, sent, plan)
+            await self._finish(entry, tally, plan)
         finally:
             if self.gate is not None:
                 # Shielded: a shutdown must not lose the count of what was already delivered.
@@ -433,7 +482,7 @@ class QueueManager:
             self._executor, self.gate.delivered, entry, count, self._now())
 
     async def _try_smarthosts(self, entry: Entry, content: bytes, verdict: GateVerdict,
-                              sent: list[str]) -> Tally:
+                              sent: list[str], plan: Plan) -> Tally:
         """Offer the allowed recipients to the smarthosts in order (each later one a fallback
         for what the earlier ones deferred), logging each sent or failed recipient at once;
         the tally of the attempt. ``sent`` collects the delivered recipients as they go."""
@@ -442,58 +491,88 @@ class QueueManager:
         for rcpt in verdict.suppressed:
             listed = Reply(250, "2.0.0 on the do-not-email list")
             self._log(entry, RecipientOutcome(rcpt, Status.SUPPRESSED, listed, "2.0.0"), "none",
-                      entry.attempts + 1)
+                      entry.attempts + 1, route=plan.label)
             suppressed.append(Attempt(now, rcpt, Status.SUPPRESSED, "none", "on the do-not-email list"))
             if self.metrics:
                 self.metrics.suppressed()
         tally = Tally(verdict.allowed, history=tuple(suppressed), last_error=entry.last_error)
-        for sh in self._smarthosts:
+        limits = self._host_limits
+        for sh in plan.hosts:
             if not tally.remaining:
                 break
             if self._health.of(sh.name).paused_until > self._now():
                 continue
+            granted = 0
+            if (limits is not None and limits.limits(sh.name)
+                    and not (entry.envelope.priority and self._priority_exempt)):
+                gate = host_gate(limits, sh, len(tally.remaining), self._now())
+                if isinstance(gate, Wait):  # at its cap or rate: next smarthost, or wait
+                    log.info("%s: %s (route %s, on_cap %s)", entry.id, gate.why, plan.label,
+                             plan.route.on_cap.value if plan.route else OnCap.WAIT.value)
+                    if plan.route is not None and plan.route.on_cap is OnCap.NEXT:
+                        tally = replace(tally, last_error=gate.why)
+                        continue
+                    return replace(tally, wait_until=gate.until, last_error=gate.why)
+                granted, pause = gate
+                if pause > 0:
+                    await asyncio.sleep(pause)
             call_start = self._now()
-            result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
-                                                   tally.remaining, smtputf8=entry.envelope.smtputf8)
+            try:
+                result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
+                                                       tally.remaining, smtputf8=entry.envelope.smtputf8)
+            finally:
+                if granted:
+                    assert limits is not None
+                    await asyncio.shield(self._io(limits.settle, sh.name, granted, 0, self._now()))
             faults.crash_point("after-upstream-250")
+            ruled: Verdict | None = None
+            if self._routes or self._reply_rules:  # without either, replies read as before
+                result, ruled = apply_rules(result, self._reply_rules)
             delays = Delays(max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
                             result.setup_seconds, result.transfer_seconds)
-            self._health.note(sh, result, entry.id)
+            if ruled is None or ruled.action is ReplyAction.FAIL:
+                self._health.note(sh, result, entry.id)
             at = self._now()
             tally = tally.add(result, delays, at)
+            if ruled is not None:
+                tally = obey(ruled, sh, tally, at, self._health, limits, self.cfg.retry.initial)
+            if limits is not None and limits.limits(sh.name) and result.delivered:
+                await self._io(limits.settle, sh.name, 0, len(result.delivered), at)
             if smarthost_failed(result):
                 if self.metrics:
                     for _ in result.outcomes:
-                        self.metrics.delivery(sh.name, Status.DEFERRED)
+                        self.metrics.delivery(sh.name, Status.DEFERRED, route=plan.label)
                 continue
             sent.extend(result.delivered)
-            for o in self._report(entry, sh, result, delays, at):
+            for o in self._report(entry, sh, result, delays, at, plan.label):
                 if self.gate is not None:
                     await self._io(self.gate.hard_bounce, o.recipient, o.reply)
         return tally
 
     def _report(self, entry: Entry, sh: Smarthost, result: DeliveryResult, delays: Delays,
-                at: float) -> list[RecipientOutcome]:
+                at: float, route: str | None) -> list[RecipientOutcome]:
         """Log and count the outcomes of a smarthost's transaction (the deferred recipients
         are logged by _finish, with the time of their next attempt); the failed ones, for the
         hard-bounce check."""
         failed = []
         for o in result.outcomes:
             if o.status is Status.SENT or o.status is Status.FAILED:
-                self._log(entry, o, result.relay, entry.attempts + 1, delays=delays)
+                self._log(entry, o, result.relay, entry.attempts + 1, delays=delays, route=route)
                 if o.status is Status.FAILED:
                     failed.append(o)
             if self.metrics:
                 self.metrics.delivery(sh.name, o.status,
-                                      at - entry.created if o.status is Status.SENT else None)
+                                      at - entry.created if o.status is Status.SENT else None,
+                                      route=route)
         return failed
 
-    async def _finish(self, entry: Entry, tally: Tally) -> None:
+    async def _finish(self, entry: Entry, tally: Tally, plan: Plan) -> None:
         """Decide the spool transition (relayd/delivery/transition.py) and carry it out."""
         now = self._now()
+        available = self._health.available_at((s.name for s in plan.hosts), now)
         transition = settle(entry, tally, now=now, retry=self.cfg.retry, max_age=self.cfg.max_age,
-                            hosts_available_at=self._hosts_available_at(now),
-                            clock_skew=self._clock_skew)
+                            hosts_available_at=available, clock_skew=self._clock_skew,
+                            route=plan.label)
         if isinstance(transition, Complete):
             self.spool.complete_later(entry.id)
             for line in transition.lines:
@@ -516,6 +595,6 @@ class QueueManager:
             self.alerts.fire("message_failed", entry.id, f"message {entry.id} failed: {reason}")
 
     def _log(self, entry: Entry, o: RecipientOutcome, relay: str, attempts: int, *,
-             delays: Delays | None = None) -> None:
+             delays: Delays | None = None, route: str | None = None) -> None:
         log.info("%s", logline.outcome_line(entry.id, entry.created, o, relay, attempts, self._now(),
-                                            delays=delays))
+                                            delays=delays, route=route))

@@ -58,7 +58,7 @@ class Tally:
     ``history`` this attempt's entries so far (suppressed, sent and failed recipients).
     ``tried``: a smarthost was asked, so the attempt counts (SPEC "attempts").
     ``reached_any``: a smarthost took part in a transaction, so the message's own backoff
-    applies rather than the wait for a smarthost to come back.
+    applies rather than the wait for a smarthost to come back (unless ``wait_until`` says).
     """
 
     remaining: tuple[str, ...]
@@ -71,6 +71,10 @@ class Tally:
     tried: bool = False
     reached_any: bool = False
     delays: Mapping[str, Delays] = field(default_factory=dict)
+    # Set by a reply rule or a smarthost's own cap or rate: when the message is due again,
+    # instead of its backoff. ``throttled``: a rule called the reply throttling.
+    wait_until: float | None = None
+    throttled: bool = False
 
     # The mappings are fresh dicts that no one else holds; ``add`` never changes them in place.
     # (Built directly rather than with dataclasses.replace: this runs once per smarthost
@@ -85,7 +89,8 @@ class Tally:
                                           else self.last_error)
             deferred = {**self.deferred, **{o.recipient: o for o in result.outcomes}}
             return Tally(self.remaining, self.sent, self.failed, deferred, self.history,
-                         last_error, result.relay, True, self.reached_any, split)
+                         last_error, result.relay, True, self.reached_any, split,
+                         self.wait_until, self.throttled)
         # A recipient the smarthost accepted is delivered, whatever happened afterwards to
         # the rest of the transaction: never send it twice.
         sent, failed, history = list(self.sent), list(self.failed), list(self.history)
@@ -106,4 +111,4 @@ class Tally:
                 remaining.append(o.recipient)
                 last_error = str(o.reply)
         return Tally(tuple(remaining), tuple(sent), tuple(failed), deferred, tuple(history),
-                     last_error, result.relay, True, True, split)
+                     last_error, result.relay, True, True, split, self.wait_until, self.throttled)

@@ -54,12 +54,17 @@ Transition = Complete | Fail | Requeue
 
 def settle(entry: Entry, tally: Tally, *, now: float, retry: RetryConfig, max_age: float,
            hosts_available_at: float, clock_skew: float = 0.0,
-           rng: random.Random | None = None) -> Transition:
+           rng: random.Random | None = None, route: str | None = None) -> Transition:
     """The spool transition after one attempt on ``entry`` that ended with ``tally``.
 
     ``hosts_available_at`` is when the first paused smarthost may be tried again (``now``
     if one is available); ``clock_skew`` the sum of wall-clock jumps seen, which expiry
-    ignores (max_age counts real time); ``rng`` draws the backoff's jitter.
+    ignores (max_age counts real time); ``rng`` draws the backoff's jitter; ``route`` the
+    route named in the log lines (with ``routes`` configured).
+
+    A throttled attempt (a reply rule's ``slow_down`` or ``pause_smarthost``) counts in
+    ``attempts`` like any other (SPEC), and in ``throttled``: the backoff counts only the
+    others, so throttling never lengthens the message's later waits.
     """
     if not tally.remaining and not tally.failed and not entry.meta.failed_rcpts:
         return Complete((logline.removed_line(entry.id),))  # the common case, first
@@ -71,10 +76,14 @@ def settle(entry: Entry, tally: Tally, *, now: float, retry: RetryConfig, max_ag
         return Fail(meta, tally.last_error or "permanent failure")
     # Waiting behind paused smarthosts without being tried keeps the count (SPEC "attempts").
     attempts = entry.attempts + (1 if tally.tried else 0)
+    throttled = entry.meta.throttled + (1 if tally.tried and tally.throttled else 0)
     if is_expired(entry.age_base, now - clock_skew, max_age):
-        return _expire(entry, tally, now, max_age, attempts, failed_rcpts, history)
-    if tally.reached_any:
-        due = now + backoff_delay(attempts, retry, rng)
+        return _expire(entry, tally, now, max_age, attempts, failed_rcpts, history, route)
+    if tally.wait_until is not None:
+        # The provider said when (a reply rule), or a smarthost's own cap or rate did.
+        due = max(now, tally.wait_until)
+    elif tally.reached_any:
+        due = now + backoff_delay(attempts - throttled, retry, rng)
     else:
         # Every smarthost was paused or failed as a whole: wait for the first to come back
         # (the message's own backoff would only add tries that meet the same fault).
@@ -86,16 +95,18 @@ def settle(entry: Entry, tally: Tally, *, now: float, retry: RetryConfig, max_ag
         if o is None:
             continue  # not tried this time: nothing to log or record
         lines.append(logline.outcome_line(entry.id, entry.created, o, tally.last_relay, attempts, now,
-                                          deferred_until=due, delays=tally.delays.get(rcpt)))
+                                          deferred_until=due, delays=tally.delays.get(rcpt),
+                                          route=route))
         deferrals.append(Attempt(now, rcpt, Status.DEFERRED, tally.last_relay, str(o.reply), o.dsn))
     meta = replace(entry.meta, pending=tally.remaining, failed_rcpts=failed_rcpts,
                    history=(history + tuple(deferrals))[-HISTORY_KEPT:], attempts=attempts,
-                   last_error=tally.last_error, next_attempt=due)
+                   last_error=tally.last_error, next_attempt=due, throttled=throttled)
     return Requeue(meta, due, tuple(lines))
 
 
 def _expire(entry: Entry, tally: Tally, now: float, max_age: float, attempts: int,
-            failed_rcpts: tuple[str, ...], history: tuple[Attempt, ...]) -> Fail:
+            failed_rcpts: tuple[str, ...], history: tuple[Attempt, ...],
+            route: str | None = None) -> Fail:
     """Older than ``spool.max_age``: every remaining recipient fails with the reason."""
     reason = f"expired after {max_age / 86400:g} days in the queue"
     lines: list[str] = []
@@ -105,7 +116,7 @@ def _expire(entry: Entry, tally: Tally, now: float, max_age: float, attempts: in
         reply = o.reply if o is not None else Reply(0, tally.last_error or "")
         lines.append(logline.outcome_line(entry.id, entry.created,
                                           RecipientOutcome(rcpt, Status.FAILED, reply, reply.dsn),
-                                          "none", attempts, now, note=reason))
+                                          "none", attempts, now, note=reason, route=route))
         expired.append(Attempt(now, rcpt, Status.FAILED, "none", f"{reason}: {reply}"))
     last_error = f"{reason}; last error: {tally.last_error}"
     meta = replace(entry.meta, pending=(), failed_rcpts=failed_rcpts + tally.remaining,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from relayd.config.schema import Config, SuppressAction
 from relayd.model import Message, Reply
+from relayd.policy.by_route import route_policy, split_by_route
 from relayd.policy.pipeline import build_policy, rcpt_decision, run_pipeline
 from relayd.policy.records import PipelineResult, Policy, PolicyContext
 from relayd.policy.suppressions import SuppressionStore
@@ -53,6 +54,9 @@ class AcceptancePolicy:
     def apply(self, cfg: Config, *, dkim_keys: dict[str, bytes]) -> None:
         """(Re)build from a validated config."""
         self.policy: Policy = build_policy(cfg, dkim_keys)
+        self.routes = cfg.routes
+        self._route_policies = {r.name: route_policy(self.policy, r) for r in cfg.routes
+                                if r.changes_content}
 
     # Called in a worker thread: SQLite and MIME work.
     def check_recipient(self, mail_from: str, rcpt: str, now: float) -> Reply | None:
@@ -66,4 +70,6 @@ class AcceptancePolicy:
         """Run the pipeline (pure) against the current do-not-email list."""
         ctx = PolicyContext(now=now, suppressed=self.store.snapshot())
         result = run_pipeline(self.policy, message, ctx)
+        if self.routes:  # without routes, nothing more per message
+            result = split_by_route(self.routes, self._route_policies, message, ctx, result)
         return Accepted(outputs=result.outputs, suppressed=result.suppressed, result=result)

@@ -62,6 +62,8 @@ class Policy:
     unsubscribe: UnsubscribeConfig | None
     unsubscribe_secret: bytes | None = field(repr=False)
     dkim: tuple[DkimSigner, ...]
+    # A route's ``dkim`` choice: the one signer in ``dkim`` signs whatever the From domain.
+    dkim_forced: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ def signer_for(policy: Policy, content: bytes) -> tuple[DkimSigner | None, str |
     if addr is None:
         return None, None
     domain = _mime.domain_of(addr)
+    if policy.dkim_forced and policy.dkim:
+        return policy.dkim[0], domain  # a route chose the signer (routes[].dkim)
     for s in policy.dkim:
         if s.domain == domain:
             return s, domain

@@ -98,7 +98,10 @@ class Intake:
         log.info("%s: client=[%s]%s, helo=<%s>, from=<%s>, size=%d, nrcpt=%d, %s", queue_id,
                  envelope.client, sasl, envelope.helo, envelope.mail_from, len(content),
                  len(envelope.rcpt_tos), log_summary(accepted.result))
-        if len(stored) > 1:
+        if any(m.envelope.route for _, m in stored):
+            log.info("%s: routes: %s", queue_id,
+                     ", ".join(f"{q} route={m.envelope.route}" for q, m in stored))
+        elif len(stored) > 1:
             log.info("%s: one copy per recipient (personal unsubscribe token): %s", queue_id,
                      ", ".join(q for q, _ in stored))
         for rcpt in accepted.suppressed:

@@ -52,6 +52,9 @@ class Meta:
     history: tuple[Attempt, ...] = ()
     recoveries: int = 0
     retried_at: float | None = None
+    # Of ``attempts``, those a reply rule called throttling (slow_down, pause_smarthost): they
+    # count as attempts (SPEC) but do not lengthen the message's backoff.
+    throttled: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,10 +135,14 @@ def valid_id(queue_id: str) -> bool:
 
 
 def envelope_to_json(env: Envelope) -> dict[str, Any]:
-    return {"mail_from": env.mail_from, "rcpt_tos": list(env.rcpt_tos), "client": env.client,
-            "helo": env.helo, "received_at": env.received_at, "smtputf8": env.smtputf8,
-            "priority": env.priority} | ({"user": env.user, "auth_method": env.auth_method}
-                                           if env.user else {})
+    d: dict[str, Any] = {"mail_from": env.mail_from, "rcpt_tos": list(env.rcpt_tos),
+                         "client": env.client, "helo": env.helo, "received_at": env.received_at,
+                         "smtputf8": env.smtputf8, "priority": env.priority}
+    if env.user:  # only for authenticated submission mail
+        d["user"], d["auth_method"] = env.user, env.auth_method
+    if env.route:  # only with routes: files without routing stay as they were
+        d["route"] = env.route
+    return d
 
 
 def envelope_from_json(d: dict[str, Any]) -> Envelope:
@@ -143,7 +150,8 @@ def envelope_from_json(d: dict[str, Any]) -> Envelope:
                     client=str(d.get("client", "")), helo=str(d.get("helo", "")),
                     received_at=float(d.get("received_at", 0.0)),
                     smtputf8=bool(d.get("smtputf8", False)), priority=bool(d.get("priority", False)),
-                    user=str(d.get("user", "")), auth_method=str(d.get("auth_method", "")))
+                    user=str(d.get("user", "")), auth_method=str(d.get("auth_method", "")),
+                    route=str(d.get("route", "")))
 
 
 def meta_to_json(m: Meta) -> dict[str, Any]:
@@ -151,6 +159,7 @@ def meta_to_json(m: Meta) -> dict[str, Any]:
             "last_error": m.last_error, "pending": None if m.pending is None else list(m.pending),
             "failed_rcpts": list(m.failed_rcpts), "recoveries": m.recoveries,
             "retried_at": m.retried_at,
+            **({"throttled": m.throttled} if m.throttled else {}),
             "history": [{"at": a.at, "recipient": a.recipient, "status": a.status.value, "relay": a.relay,
                          "reply": a.reply, "dsn": a.dsn} for a in m.history]}
 
@@ -169,6 +178,7 @@ def meta_from_json(d: dict[str, Any]) -> Meta:
                       for a in d.get("history", [])),
         recoveries=int(d.get("recoveries", 0)),
         retried_at=None if d.get("retried_at") is None else float(d["retried_at"]),
+        throttled=int(d.get("throttled", 0)),
     )
 
 

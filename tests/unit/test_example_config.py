@@ -62,6 +62,13 @@ ALL_KEYS = {
     "submission[].key_file", "submission[].allowed_clients", "submission[].auth_failure_delay",
     "submission[].auth_failure_limit", "submission[].auth_failure_window",
     "submission[].auth_lockout", "users_file",
+    "smarthosts[].daily_cap", "smarthosts[].rate",
+    "routes", "routes[].name", "routes[].match", "routes[].match.from",
+    "routes[].match.from_header_domain", "routes[].match.to_domain", "routes[].match.user",
+    "routes[].match.priority", "routes[].smarthosts", "routes[].on_cap",
+    "routes[].envelope_from", "routes[].sender", "routes[].dkim",
+    "reply_rules", "reply_rules[].match", "reply_rules[].action", "reply_rules[].duration",
+    "reply_rules[].rate",
 }
 
 # Defaults written as words ("the value of hostname") rather than a YAML value.
@@ -149,7 +156,8 @@ def _stated_defaults() -> list[tuple[str, str]]:
         default = d.fields.get("Default", "none")
         if default.startswith("none") or d.path in DESCRIBED_DEFAULTS:
             continue
-        if d.path.startswith(("priority", "dkim", "smarthosts[].auth.oauth.", "submission")):
+        if d.path.startswith(("priority", "dkim", "smarthosts[].auth.oauth.", "submission",
+                              "routes", "reply_rules")):
             continue  # list items that need other keys; oauth needs a whole xoauth2 set-up
                       # (the submission keys' defaults: tests/unit/test_submission_config.py)
         out.append((d.path, default))
