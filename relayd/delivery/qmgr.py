@@ -219,7 +219,7 @@ class QueueManager:
             # Removed or renamed by a reload: match again, on what is stored (the sender as
             # rewritten, the From header, the first pending recipient's domain).
             facts = Facts(entry.envelope.mail_from, header_from_domain(content),
-                          priority=entry.envelope.priority)
+                          user=entry.envelope.user or None, priority=entry.envelope.priority)
             choice = choose(self._routes, facts, entry.pending[0] if entry.pending else "")
             log.info("%s: route %s is no longer configured; %s", entry.id, name, choice.why)
             name, route = choice.name, choice.route

@@ -53,8 +53,7 @@ def split_by_route(routes: tuple[Route, ...], policies: Mapping[str, Policy], me
         return result
     # Submission (the authenticating listener) records the user on the envelope; local mail
     # has none, so a ``user`` match never fits it.
-    user = getattr(message.envelope, "user", None)
-    facts = facts_of(result, user if isinstance(user, str) else None)
+    facts = facts_of(result, message.envelope.user or None)
     survivors = tuple(r for out in result.outputs for r in out.envelope.rcpt_tos)
     outputs: list[Message] = []
     notes = list(result.steps)

@@ -398,3 +398,33 @@ async def test_check_config_refuses_auth_without_tls(tmp_path: Path) -> None:
     assert result.code == 1
     assert "submission[0].tls: must be starttls or implicit" in result.out
     assert "users_file: is required with submission" in result.out
+
+
+async def test_a_route_by_user_takes_that_users_mail_only(tmp_path: Path) -> None:
+    """routes[].match.user (issue 19) matches the user that authenticated on the submission
+    listener (issue 18); local mail and other users' mail take the default route."""
+    cron_box = tmp_path / "cron-outbox"
+    sub = Submission(tmp_path, smarthosts=[{"name": "cronbox", "outbox": str(cron_box)}],
+                     routes=[{"name": "cron", "match": {"user": ["cron"]}, "smarthosts": ["cronbox"]}])
+    await sub.add_user("alice", "--allowed-from", "@example.com")
+    await sub.add_user("cron", "--allowed-from", "@example.com")
+    await sub.op.start()
+    try:
+        def send(user: str) -> None:
+            s = sub.smtp(login=(user, PASSWORD))
+            s.sendmail(f"{user}@example.com", ["user@example.net"], MESSAGE)
+            s.quit()
+        await sub.in_thread(send, "cron")
+        await sub.in_thread(send, "alice")
+        await sub.op.send(sender="local@example.com")  # the loopback listener: no user
+        await wait_until(lambda: len(list(cron_box.glob("*.eml"))) == 1, 20, "cron's mail")
+        await _delivered(sub, 2)
+        def routes() -> list[str]:
+            return sorted(line.split("route=")[1].split(",")[0] for line in sub.op.log().splitlines()
+                          if ": to=<" in line)
+        # The .eml file is written before the delivery line is logged: wait for the lines.
+        await wait_until(lambda: len(routes()) == 3, 20, "three delivery lines")
+        assert routes() == ["cron", "default", "default"]
+        assert b"cron@example.com" in next(cron_box.glob("*.eml")).read_bytes()
+    finally:
+        assert await sub.op.stop() == 0

@@ -56,8 +56,9 @@ class Submission:
                     "auth_failure_limit": 3, "auth_failure_window": "1m", "auth_lockout": "1m"}
         listener.update(extra.pop("listener", {}))
         self.users_file = tmp_path / "users.yaml"
+        smarthosts = [{"name": "box", "outbox": str(self.outbox)}, *extra.pop("smarthosts", [])]
         self.op = Operator(
-            tmp_path, [{"name": "box", "outbox": str(self.outbox)}],
+            tmp_path, smarthosts,
             submission=[{"listen": f"127.0.0.1:{self.starttls_port}", "tls": "starttls", **listener},
                         {"listen": f"127.0.0.1:{self.implicit_port}", "tls": "implicit", **listener}],
             users_file=str(self.users_file), **extra)
