@@ -115,7 +115,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
     known = {"hostname", "local_domain", "listen", "allowed_clients", "max_message_size",
              "max_recipients", "max_sessions", "spool", "smarthosts", "sender", "headers",
              "priority", "do_not_email", "unsubscribe", "limits", "alerts", "dkim", "state_dir",
-             "secrets", "metrics", "logging"}
+             "secrets", "metrics", "logging", "shared_state"}
     r.unknown_keys("", root, known)
     secrets = s.secrets_section(r, root.get("secrets"))
     r.set_key_file(secrets.key_file)
@@ -149,6 +149,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
         secrets=secrets,
         metrics=s.metrics_section(r, root.get("metrics")),
         logging=s.logging_section(r, root.get("logging")),
+        shared_state=s.shared_state_section(r, root.get("shared_state"), hostname),
         source=source,
         warnings=tuple(r.warnings),
     )

@@ -58,12 +58,16 @@ ALL_KEYS = {
     "dkim", "dkim[].domain", "dkim[].selector", "dkim[].private_key_file",
     "state_dir", "secrets", "secrets.key_file", "metrics", "metrics.listen",
     "logging", "logging.level", "logging.format", "logging.smtp_transcripts",
+    "shared_state", "shared_state.url", "shared_state.password", "shared_state.password_file",
+    "shared_state.password_env", "shared_state.sslmode", "shared_state.ca_file",
+    "shared_state.node",
 }
 
 # Defaults written as words ("the value of hostname") rather than a YAML value.
 DESCRIBED_DEFAULTS = {"hostname", "local_domain", "alerts.events", "do_not_email.auto_add",
                       "smarthosts[].name", "smarthosts[].port", "smarthosts[].ca_file",
-                      "smarthosts[].helo", "smarthosts[].auth.method"}
+                      "smarthosts[].helo", "smarthosts[].auth.method",
+                      "shared_state.sslmode", "shared_state.node"}
 
 def _installed_text(tmp_path: Path) -> str:
     """The example with /etc/relayd, /var/spool/relayd and /var/lib/relayd moved under
