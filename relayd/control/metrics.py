@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from relayd.model import State, Status
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, Gauge
 
 
 class Recorder:
@@ -44,6 +44,9 @@ class Recorder:
 
     def set_token_expiry(self, smarthost: str, seconds: float) -> None:
         """Seconds until the smarthost's cached OAuth access token expires."""
+
+    def set_shared_state_up(self, up: bool) -> None:
+        """With shared_state: whether the fleet's database answered this node last time."""
 
 
 class Metrics(Recorder):
@@ -80,6 +83,7 @@ class Metrics(Recorder):
         self._token_expiry = Gauge("relayd_oauth_token_expiry_seconds",
                                    "Seconds until the cached access token expires",
                                    ["smarthost"], registry=r)
+        self._shared_up: Gauge | None = None
 
     def declare_smarthosts(self, names: Iterable[str]) -> None:
         """Create every smarthost's series at zero so dashboards and alerts see them before the
@@ -115,6 +119,15 @@ class Metrics(Recorder):
 
     def set_token_expiry(self, smarthost: str, seconds: float) -> None:
         self._token_expiry.labels(smarthost=smarthost).set(seconds)
+
+    def set_shared_state_up(self, up: bool) -> None:
+        # Created on first use: the series exists only where shared_state is configured.
+        if self._shared_up is None:
+            from prometheus_client import Gauge  # lazy: see __init__
+
+            self._shared_up = Gauge("relayd_shared_state_up", "1 when the fleet's shared "
+                                    "state (PostgreSQL) answered this node", registry=self.registry)
+        self._shared_up.set(1 if up else 0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

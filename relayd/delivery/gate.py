@@ -12,12 +12,12 @@ import logging
 from dataclasses import replace
 
 from relayd.config.schema import Config, LimitsConfig
-from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter, limited
+from relayd.delivery.limits import WINDOW, Cap, CapFactory, RateLimiter, limited, local_cap
 from relayd.delivery.outcomes import is_hard_bounce
 from relayd.model import Envelope, Reply
 from relayd.policy.pipeline import build_policy, recheck_at_delivery
 from relayd.policy.records import Policy, PolicyContext
-from relayd.policy.suppressions import SuppressionStore
+from relayd.policy.suppressions import SuppressionList
 from relayd.spool.records import Entry
 
 log = logging.getLogger("relayd.policy")
@@ -26,10 +26,13 @@ log = logging.getLogger("relayd.policy")
 class DeliveryGate:
     """The queue manager's ``Gate``: suppression recheck, daily cap and rate."""
 
-    def __init__(self, cfg: Config, store: SuppressionStore, *, cap_window: float = WINDOW) -> None:
+    def __init__(self, cfg: Config, store: SuppressionList, *, cap_window: float = WINDOW,
+                 cap_factory: CapFactory | None = None) -> None:
         self.store = store
         self._cap_window = cap_window  # 24 h; tests use a short window instead of waiting a day
-        self._cap: DailyCap | None = None
+        # The node's own count under state_dir, or the fleet's (the assembly decides).
+        self._cap_factory = cap_factory or local_cap(cfg.state_dir)
+        self._cap: Cap | None = None
         self._grants: dict[str, int] = {}
         self.apply(cfg)
 
@@ -44,10 +47,9 @@ class DeliveryGate:
                 self._cap.close()
             self._cap = None
         elif self._cap is None or self._cap.cap != cap:
-            if self._cap is not None:
-                self._cap.close()
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            self._cap = DailyCap(cap, cfg.state_dir, window=self._cap_window)
+            old, self._cap = self._cap, self._cap_factory(cap, self._cap_window)
+            if old is not None and old is not self._cap:
+                old.close()
         self.rate = RateLimiter(cfg.limits.rate) if cfg.limits.rate is not None else None
 
     def close(self) -> None:
@@ -61,7 +63,8 @@ class DeliveryGate:
 
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
         """0 when the message may go now (its recipients are reserved against the cap), else
-        how long to wait. Mail over the cap waits in the spool; it is never bounced."""
+        how long to wait. Mail over the cap waits in the spool; it is never bounced. Raises
+        StateUnavailable when a shared cap cannot be asked (the message waits too)."""
         cap = self._cap
         if cap is None or count <= 0:
             return 0.0

@@ -38,7 +38,7 @@ from relayd.delivery.health import Alerter, Health
 from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
-from relayd.errors import SpoolError
+from relayd.errors import SpoolError, StateUnavailable
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.spool.batching import Hops
 from relayd.spool.records import Attempt, Claimed, Entry
@@ -50,6 +50,9 @@ _T = TypeVar("_T")
 RESCAN_INTERVAL = 30.0
 RESCAN_BATCH = 1000  # IDs per thread hop of a rescan (and per stretch on the event loop)
 POKE_INTERVAL = 1.0
+# While the fleet's shared state cannot be asked, a message that needs the cap is tried again
+# this often: it resumes within a second or two of the database coming back.
+STATE_RETRY = 1.0
 # A disagreement this large between the wall clock and the monotonic clock over one loop tick
 # is a clock jump (NTP step, VM resume, operator), not elapsed time.
 CLOCK_JUMP = 60.0
@@ -74,7 +77,8 @@ class Gate(Protocol):
         """(still allowed, now suppressed) among ``rcpts``."""
 
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
-        """Seconds this message must wait for the daily cap (0: may go now)."""
+        """Seconds this message must wait for the daily cap (0: may go now); raises
+        StateUnavailable when a shared cap cannot be asked."""
 
     async def wait_rate(self, entry: Entry, count: int) -> None:
         """Pace deliveries to ``limits.rate``."""
@@ -382,12 +386,14 @@ class QueueManager:
             if verdict is None:
                 verdict = await self._io(self._gate_check, entry, entry.pending, now)
             if verdict.wait > 0:
-                # Over the daily cap: the message waits in the spool, no attempt is spent.
+                # Over the daily cap (or the shared cap cannot be asked): the message waits in
+                # the spool, no attempt is spent.
                 meta = replace(entry.meta, pending=verdict.allowed, next_attempt=now + verdict.wait,
-                               last_error="waiting for limits.daily_cap to free up")
+                               last_error=verdict.waiting_for
+                               or "waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
                 self._push(entry.id, self._now() + verdict.wait, entry.envelope.priority)
-                if self.alerts:
+                if self.alerts and not verdict.waiting_for:
                     self.alerts.fire("daily_cap_reached", "daily_cap",
                                      "limits.daily_cap reached: mail waits in the queue")
                 return
@@ -412,7 +418,11 @@ class QueueManager:
         """Worker thread: the gate's verdict on ``pending`` (see GateVerdict)."""
         assert self.gate is not None
         allowed, suppressed = self.gate.recheck(entry, pending)
-        wait = self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+        try:
+            wait = self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+        except StateUnavailable as exc:
+            return GateVerdict(allowed, suppressed, STATE_RETRY,
+                               f"waiting for the shared state (limits.daily_cap): {exc}")
         return GateVerdict(allowed, suppressed, wait)
 
     def _gate_settle(self, entry: Entry, count: int) -> asyncio.Future[None]:

@@ -23,6 +23,8 @@ class GateVerdict:
     allowed: tuple[str, ...]
     suppressed: tuple[str, ...] = ()
     wait: float = 0.0
+    # What the message waits for when it is not the daily cap (the shared state is down).
+    waiting_for: str = ""
 
 
 @dataclass(frozen=True, slots=True)
