@@ -14,6 +14,7 @@ from dataclasses import replace
 from relayd.config.schema import Config, LimitsConfig
 from relayd.delivery.limits import WINDOW, Cap, CapFactory, RateLimiter, limited, local_cap
 from relayd.delivery.outcomes import is_hard_bounce
+from relayd.errors import StateUnavailable
 from relayd.model import Envelope, Reply
 from relayd.policy.pipeline import build_policy, recheck_at_delivery
 from relayd.policy.records import Policy, PolicyContext
@@ -98,7 +99,13 @@ class DeliveryGate:
     def hard_bounce(self, rcpt: str, reply: Reply) -> None:
         """``do_not_email.auto_add: [hard_bounce]``: a 5.1.x "no such user" joins the list."""
         if "hard_bounce" in self.auto_add and is_hard_bounce(reply):
-            self.store.add([rcpt], "hard_bounce")
+            try:
+                self.store.add([rcpt], "hard_bounce")
+            except StateUnavailable as exc:
+                # The fleet's list cannot be written now; the bounce itself is final anyway.
+                log.warning("could not add <%s> to the do-not-email list after a hard bounce: %s",
+                            rcpt, exc)
+                return
             log.info("added <%s> to the do-not-email list after a hard bounce (%s)", rcpt, reply)
 
     def cap_remaining(self, now: float) -> int | None:

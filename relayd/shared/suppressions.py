@@ -118,8 +118,11 @@ class SharedSuppressions:
         return int(str(row[0])) if row else 0
 
     def snapshot(self) -> frozenset[str]:
-        """The last list this node saw (never blocks on the database: a thread keeps it)."""
+        """The last list this node saw. The first call reads it (at most the connect
+        timeout while the database is down), so a process's first message is checked
+        against the current list; after that a thread keeps it and this never blocks."""
         if self._thread is None:
+            self.refresh()
             self._start()
         return self._snapshot
 
