@@ -66,6 +66,11 @@ def _suppress(args: argparse.Namespace, io: IO) -> int:
     return suppress.main(args, io)
 
 
+def _shared_state(args: argparse.Namespace, io: IO) -> int:
+    from relayd.commands import shared_state  # lazy: each command loads only its own modules
+    return shared_state.main(args, io)
+
+
 def _secret(args: argparse.Namespace, io: IO) -> int:
     from relayd.commands import secret  # lazy: each command loads only its own modules
     return secret.main(args, io)
@@ -102,6 +107,7 @@ HANDLERS: dict[str, Handler] = {
     "send-test": _send_test,
     "queue": _queue,
     "suppress": _suppress,
+    "shared-state": _shared_state,
     "secret": _secret,
     "oauth": _oauth,
     "explain": _explain,
@@ -159,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_parser("remove").add_argument("addresses", nargs="+", metavar="ADDR")
     s.add_parser("list").add_argument("--json", action="store_true")
     s.add_parser("import").add_argument("file", metavar="FILE")
+
+    st = sub.add_parser("shared-state", help="the fleet's PostgreSQL database (shared_state)"
+                        ).add_subparsers(dest="shared_state_command", metavar="ACTION")
+    st.required = True
+    st.add_parser("migrate", help="create or upgrade relayd's tables")
+    st.add_parser("import", help="copy this node's embedded do-not-email list and counters in")
 
     sec = sub.add_parser("secret", help="encrypt secrets for the config").add_subparsers(
         dest="secret_command", metavar="ACTION")

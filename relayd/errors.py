@@ -50,3 +50,8 @@ class OAuthError(RelaydError):
         super().__init__(message)
         self.hint = hint
         self.permanent = permanent
+
+
+class StateUnavailable(RelaydError):
+    """The fleet's shared state (``shared_state``, PostgreSQL) cannot be reached or has a
+    schema this relayd does not know; the message says which. Deliveries that need it wait."""

@@ -18,6 +18,7 @@ from tests.support.oauth_server import TokenServers
 
 if TYPE_CHECKING:
     from tests.support.config_builder import ConfigBuilder
+    from tests.support.postgres import Cluster
     from tests.support.upstream import Upstreams
 
 
@@ -54,3 +55,25 @@ async def upstream() -> AsyncIterator[Upstreams]:
     upstreams = Upstreams()
     yield upstreams
     await upstreams.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL cluster for the session (tests/support/postgres.py), stopped
+    by PID at the end."""
+    from tests.support.postgres import start_cluster
+
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg(pg_cluster: Cluster) -> Cluster:
+    """The session's cluster with an empty ``relayd`` database (no tables yet) and running."""
+    if pg_cluster.pid() is None:  # a test stopped it
+        pg_cluster.start()
+    pg_cluster.reset()
+    return pg_cluster

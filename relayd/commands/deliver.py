@@ -40,8 +40,8 @@ from relayd.daemon.pipe import (
     read_first_line,
     read_lines,
 )
+from relayd.daemon.state import build_state
 from relayd.errors import ConfigError
-from relayd.policy.suppressions import SuppressionStore
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -75,9 +75,9 @@ async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> 
     recorder.declare_smarthosts(s.name for s in cfg.smarthosts)
     # It runs under the accepting process's spool lock, which also recovered the spool.
     spool = Spool(cfg.spool.path)
-    store = SuppressionStore(cfg.state_dir)
+    state = build_state(cfg)
     executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="relayd-io")
-    delivering = Delivering(cfg, spool=spool, executor=executor, metrics=recorder, store=store)
+    delivering = Delivering(cfg, spool=spool, executor=executor, metrics=recorder, state=state)
     loop = asyncio.get_running_loop()
     background = Background(loop)
     stop = asyncio.Event()
@@ -106,7 +106,7 @@ async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> 
         await serve_alone(delivering, spool, stop)
     finally:
         background.cancel()
-        store.close()
+        state.close()
         executor.shutdown(wait=False)
         events.close()
     return 0

@@ -22,7 +22,7 @@ from relayd.daemon.background import Background
 from relayd.daemon.child import split_enabled
 from relayd.daemon.logsetup import setup_logging
 from relayd.daemon.sdnotify import Notifier, listen_fds, run_watchdog
-from relayd.errors import ConfigError, SpoolError
+from relayd.errors import ConfigError, RelaydError, SpoolError
 from relayd.policy.acceptance import read_dkim_keys
 
 if TYPE_CHECKING:
@@ -92,9 +92,32 @@ async def run_daemon(args: argparse.Namespace, io: IO, cfg: Config) -> int:
     return 0
 
 
+def shared_state_refuses(cfg: Config, io: IO) -> bool:
+    """With shared_state: True (after saying why) when the database's schema is not this
+    relayd's. An unreachable database does not stop the start: mail is accepted into the
+    local spool and deliveries that need the fleet's cap wait for it."""
+    if cfg.shared_state is None:
+        return False
+    # lazy: psycopg (and libpq) only for a relay in a fleet
+    from relayd.shared.db import probe
+    from relayd.shared.schema import SchemaMismatch
+
+    try:
+        probe(cfg.shared_state)
+    except SchemaMismatch as exc:
+        print(f"relayd: cannot start: shared_state: {exc}", file=io.err)
+        return True
+    except RelaydError as exc:
+        log.warning("shared_state: %s; starting anyway: mail is accepted, deliveries that need "
+                    "limits.daily_cap wait for the database", exc)
+    return False
+
+
 def main(args: argparse.Namespace, io: IO) -> int:
     cfg = io.config(args)
     _setup_logging(cfg)
     for warning in cfg.warnings:
         log.warning("config: %s", warning)
+    if shared_state_refuses(cfg, io):
+        return 1
     return int(uvloop.run(run_daemon(args, io, cfg)))

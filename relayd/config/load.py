@@ -117,7 +117,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
              "max_recipients", "max_sessions", "spool", "smarthosts", "sender", "headers",
              "priority", "do_not_email", "unsubscribe", "limits", "alerts", "dkim", "state_dir",
              "secrets", "metrics", "logging", "submission", "users_file",
-             "routes", "reply_rules"}
+             "routes", "reply_rules", "shared_state"}
     r.unknown_keys("", root, known)
     secrets = s.secrets_section(r, root.get("secrets"))
     r.set_key_file(secrets.key_file)
@@ -156,6 +156,7 @@ def _build(r: Reader, data: Any, source: Path | None) -> Config | None:
         users_file=r.optional_path("users_file", root.get("users_file")),
         routes=route_sections.routes_section(r, root.get("routes"), smarthosts, dkim, listen),
         reply_rules=route_sections.reply_rules_section(r, root.get("reply_rules")),
+        shared_state=s.shared_state_section(r, root.get("shared_state"), hostname),
         source=source,
     )
     s.check_unsubscribes_take_effect(r, cfg.do_not_email, cfg.unsubscribe)

@@ -58,6 +58,13 @@ class SuppressAction(enum.StrEnum):
     REJECT = "reject"
 
 
+class SslMode(enum.StrEnum):
+    DISABLE = "disable"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+
 class LogFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -80,7 +87,9 @@ class ReplyAction(enum.StrEnum):
 
 
 ALERT_EVENTS = ("smarthost_down", "auth_failed", "token_refresh_failed",
-                "daily_cap_reached", "message_failed", "queue_age", "user_limit_reached")
+                "daily_cap_reached", "message_failed", "queue_age", "user_limit_reached",
+                # fires only where shared_state is configured (SPEC)
+                "shared_state_down")
 AUTO_ADD_KINDS = ("hard_bounce", "unsubscribe")
 
 
@@ -314,6 +323,17 @@ class SubmissionListener:
 
 
 @dataclass(frozen=True)
+class SharedStateConfig:
+    """``shared_state``: the PostgreSQL database a fleet of relays shares (docs/fleet.md)."""
+
+    url: str
+    password: Secret | None = None
+    sslmode: SslMode = SslMode.VERIFY_FULL
+    ca_file: Path | None = None
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``warnings`` are non-fatal notes for check-config."""
 
@@ -337,6 +357,7 @@ class Config:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    shared_state: SharedStateConfig | None = None
     max_sessions: int = 100
     submission: tuple[SubmissionListener, ...] = ()
     users_file: Path | None = None

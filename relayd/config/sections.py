@@ -34,8 +34,10 @@ from relayd.config.schema import (
     RewriteMode,
     SecretsConfig,
     SenderConfig,
+    SharedStateConfig,
     Smarthost,
     SpoolConfig,
+    SslMode,
     SubmissionListener,
     SuppressAction,
     TlsMode,
@@ -476,3 +478,56 @@ def check_submission_users(r: Reader, listeners: tuple[SubmissionListener, ...],
     if listeners and users_file is None:
         r.fail("users_file", "is required with submission (the users that may authenticate; "
                "create it with `relayd user add NAME`)")
+
+
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_LOOPBACK = ("", "localhost", "127.0.0.1", "::1")
+
+
+def shared_state_section(r: Reader, value: Any, hostname: str) -> SharedStateConfig | None:
+    """``shared_state`` (absent: the embedded SQLite store). The password never sits in the
+    URL, where it would be printed with it; sslmode defaults to verify-full except for a
+    database on this machine (a loopback address or a Unix socket), where it is disable."""
+    p = "shared_state"
+    if value is None:
+        return None
+    known = {"url", "password", "password_file", "password_env", "sslmode", "ca_file", "node"}
+    m = r.section(p, value, known)
+    if m is None:
+        return None
+    url = r.string(f"{p}.url", m.get("url"))
+    host = ""
+    if url is None:
+        if m.get("url") is None:
+            r.fail(f"{p}.url", "is required (postgresql://USER@HOST:PORT/DBNAME)")
+    else:
+        parts = _split(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            r.fail(f"{p}.url", "must be a postgresql://USER@HOST:PORT/DBNAME URL")
+        elif parts.password is not None or "password=" in parts.query:
+            r.fail(f"{p}.url", "must not hold the password: use shared_state.password_file, "
+                   "password_env or an enc: password")
+        elif parts.path.strip("/") == "":
+            r.fail(f"{p}.url", "must name the database (postgresql://USER@HOST:PORT/DBNAME)")
+        elif "sslmode=" in parts.query or "sslrootcert=" in parts.query:
+            r.fail(f"{p}.url", "must not set sslmode or sslrootcert: use shared_state.sslmode "
+                   "and shared_state.ca_file")
+        else:
+            try:
+                host = parts.hostname or ""
+                _ = parts.port
+            except ValueError:
+                r.fail(f"{p}.url", "has an invalid port")
+    default_mode = SslMode.DISABLE if host in _LOOPBACK else SslMode.VERIFY_FULL
+    node = m.get("node", hostname[:63])
+    if "node" in m and (not isinstance(node, str) or not _NODE.match(node)):
+        r.fail(f"{p}.node", "must be 1 to 63 letters, digits, '.', '_' or '-' "
+               f"(got {node!r})")
+        node = hostname
+    return SharedStateConfig(
+        url=url or "",
+        password=r.secret(p, m, "password", max_len=MAX_CREDENTIAL),
+        sslmode=r.choice(f"{p}.sslmode", m.get("sslmode"), SslMode, default_mode),
+        ca_file=r.optional_path(f"{p}.ca_file", m.get("ca_file")),
+        node=node,
+    )

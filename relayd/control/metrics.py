@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from relayd.model import State, Status
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry, Counter
+    from prometheus_client import CollectorRegistry, Counter, Gauge
 
 AUTH_RESULTS = ("success", "failure", "locked_out", "malformed")
 
@@ -55,6 +55,9 @@ class Recorder:
     def auth(self, result: str) -> None:
         """One AUTH attempt on a submission listener: success, failure, locked_out or
         malformed."""
+
+    def set_shared_state_up(self, up: bool) -> None:
+        """With shared_state: whether the fleet's database answered this node last time."""
 
 
 class Metrics(Recorder):
@@ -97,6 +100,8 @@ class Metrics(Recorder):
                                    "Seconds until the cached access token expires",
                                    ["smarthost"], registry=r)
         self._auth: Counter | None = None
+
+        self._shared_up: Gauge | None = None
 
     def declare_smarthosts(self, names: Iterable[str]) -> None:
         """Create every smarthost's series at zero so dashboards and alerts see them before the
@@ -149,6 +154,15 @@ class Metrics(Recorder):
     def auth(self, result: str) -> None:
         if self._auth is not None:
             self._auth.labels(result=result).inc()
+
+    def set_shared_state_up(self, up: bool) -> None:
+        # Created on first use: the series exists only where shared_state is configured.
+        if self._shared_up is None:
+            from prometheus_client import Gauge  # lazy: see __init__
+
+            self._shared_up = Gauge("relayd_shared_state_up", "1 when the fleet's shared "
+                                    "state (PostgreSQL) answered this node", registry=self.registry)
+        self._shared_up.set(1 if up else 0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

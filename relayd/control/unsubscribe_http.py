@@ -19,7 +19,7 @@ import re
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from relayd.config.schema import UnsubscribeConfig
-from relayd.policy.suppressions import SuppressionStore, normalize
+from relayd.policy.suppressions import SuppressionList, normalize
 from relayd.policy.unsubscribe import verify_token
 
 log = logging.getLogger("relayd.unsubscribe")
@@ -80,7 +80,7 @@ class UnsubscribeServer:
     recorded breaks CAN-SPAM and RFC 8058).
     """
 
-    def __init__(self, cfg: UnsubscribeConfig, store: SuppressionStore) -> None:
+    def __init__(self, cfg: UnsubscribeConfig, store: SuppressionList) -> None:
         if cfg.url is None or cfg.http_listen is None:
             raise ValueError("unsubscribe.url and unsubscribe.http_listen are required")
         self.cfg = cfg
@@ -176,7 +176,7 @@ class UnsubscribeServer:
             # The address stays out of the log (it is the recipient's, and logs travel).
             log.error("unsubscribe: cannot record a one-click request in the do-not-email "
                       "list %s (%s); answered 503, so nothing was acknowledged",
-                      self.store.path, exc)
+                      self.store.location, exc)
             return 503, _page("Try again later", "<p>Your request could not be recorded. "
                               "Please try again later.</p>")
         log.info("unsubscribe: one-click request for a recipient accepted and recorded")
@@ -205,7 +205,7 @@ class UnsubscribeServer:
             '<button type="submit">Unsubscribe</button></form>'))
 
 
-async def serve_unsubscribe(cfg: UnsubscribeConfig, store: SuppressionStore, *,
+async def serve_unsubscribe(cfg: UnsubscribeConfig, store: SuppressionList, *,
                             ready: asyncio.Event | None = None) -> None:
     """Run the endpoint until cancelled; ``ready`` is set once it listens."""
     server = UnsubscribeServer(cfg, store)

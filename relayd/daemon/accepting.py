@@ -19,7 +19,7 @@ from relayd.config.schema import Config
 from relayd.control.metrics import Metrics, Recorder
 from relayd.control.metrics_http import MetricsServer
 from relayd.policy.acceptance import AcceptancePolicy
-from relayd.policy.suppressions import SuppressionStore
+from relayd.policy.suppressions import SuppressionList
 from relayd.smtpd.intake import Intake
 from relayd.smtpd.listener import Listener, ListenerSettings
 from relayd.spool.store import Spool
@@ -35,7 +35,7 @@ class Accepting:
     """Takes mail from local apps and stores it durably; hands each stored ID to ``enqueue``."""
 
     def __init__(self, config: Config, *, spool: Spool, executor: Executor, metrics: Recorder,
-                 store: SuppressionStore, dkim_keys: dict[str, bytes], clock: Callable[[], float],
+                 store: SuppressionList, dkim_keys: dict[str, bytes], clock: Callable[[], float],
                  enqueue: Callable[[str, bool], None], sockets: Sequence[Any] = ()) -> None:
         self.config = config
         self.spool = spool
@@ -124,7 +124,7 @@ def _submission(cfg: Config, intake: Intake, executor: Executor,
     return Submission(cfg, intake, executor=executor, metrics=metrics)
 
 
-def _unsubscribe_server(cfg: Config, store: SuppressionStore) -> UnsubscribeServer | None:
+def _unsubscribe_server(cfg: Config, store: SuppressionList) -> UnsubscribeServer | None:
     unsub = cfg.unsubscribe
     if unsub is None or unsub.http_listen is None or unsub.url is None:
         return None

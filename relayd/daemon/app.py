@@ -24,9 +24,9 @@ from relayd.config.schema import Config, Smarthost
 from relayd.control.metrics import Metrics, Recorder
 from relayd.daemon.accepting import Accepting
 from relayd.daemon.child import DeliveryProcess
+from relayd.daemon.state import StateBackend, build_state
 from relayd.model import State
 from relayd.policy.acceptance import read_dkim_keys
-from relayd.policy.suppressions import SuppressionStore
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -73,13 +73,13 @@ class Hooks:
 @dataclass(frozen=True)
 class Parts:
     """What both halves share in one process: the spool, the I/O threads, the metrics, the
-    do-not-email list."""
+    state beyond the spool (the do-not-email list, the daily cap's count)."""
 
     config: Config
     spool: Spool
     executor: ThreadPoolExecutor
     metrics: Recorder
-    store: SuppressionStore
+    state: StateBackend
 
     @classmethod
     def build(cls, config: Config, *, keep_recent: bool, metrics: Recorder | None = None) -> Parts:
@@ -91,7 +91,7 @@ class Parts:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         return cls(config, Spool(config.spool.path, keep_recent=keep_recent),
                    ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="relayd-io"),
-                   metrics, SuppressionStore(config.state_dir))
+                   metrics, build_state(config))
 
 
 class Daemon(Generic[D]):
@@ -105,10 +105,10 @@ class Daemon(Generic[D]):
         self.spool = parts.spool
         self.metrics = parts.metrics
         self.executor = parts.executor
-        self._store = parts.store
+        self._state = parts.state
         self.delivery = delivery
         self.accepting = Accepting(parts.config, spool=parts.spool, executor=parts.executor,
-                                   metrics=parts.metrics, store=parts.store,
+                                   metrics=parts.metrics, store=parts.state.store,
                                    dkim_keys=read_dkim_keys(parts.config), clock=clock,
                                    enqueue=delivery.enqueue, sockets=sockets)
         self._housekeeping_interval = housekeeping_interval
@@ -150,7 +150,7 @@ class Daemon(Generic[D]):
             # Off the loop: it waits for the removal thread and removes the delivered
             # content kept in free/ (spool/free.py).
             await asyncio.get_running_loop().run_in_executor(self.executor, self.spool.close)
-            self._store.close()
+            self._state.close()
             self.executor.shutdown(wait=False)
         log.info("relayd stopped")
 
@@ -191,7 +191,7 @@ def single_process(config: Config, *, pool_factory: Callable[[Smarthost], Pool] 
     # Just-stored messages are kept in memory: the queue manager here reads them back.
     parts = Parts.build(config, keep_recent=True)
     delivering = Delivering(config, spool=parts.spool, executor=parts.executor,
-                            metrics=parts.metrics, store=parts.store, clock=clock,
+                            metrics=parts.metrics, state=parts.state, clock=clock,
                             pool_factory=pool_factory, cap_window=cap_window)
     return Daemon(parts, delivering, sockets=sockets, clock=clock,
                   housekeeping_interval=housekeeping_interval)

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 from relayd.config.schema import Config, Smarthost
 from relayd.control.alerts import Alerts
 from relayd.control.metrics import Recorder
+from relayd.daemon.state import StateBackend
 from relayd.delivery.gate import DeliveryGate
 from relayd.delivery.per_host import HostLimits
 from relayd.delivery.qmgr import Pool, QueueManager
-from relayd.policy.suppressions import SuppressionStore
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -34,16 +34,18 @@ class Delivering:
     """Schedules and performs deliveries for one spool, and tells the operator when they stall."""
 
     def __init__(self, config: Config, *, spool: Spool, executor: Executor, metrics: Recorder,
-                 store: SuppressionStore, clock: Callable[[], float] = time.time,
+                 state: StateBackend, clock: Callable[[], float] = time.time,
                  pool_factory: Callable[[Smarthost], Pool] | None = None,
                  cap_window: float = 86400.0) -> None:
         self.config = config
         self.clock = clock
         self.metrics = metrics
+        self.state = state
         self.alerts = Alerts(config.alerts, hostname=config.hostname,
                              send_email=self.send_alert_email, clock=clock)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.gate = DeliveryGate(config, store, cap_window=cap_window, alert=self._alert_soon)
+        self.gate = DeliveryGate(config, state.store, cap_window=cap_window,
+                                 cap_factory=state.daily_cap, alert=self._alert_soon)
         # Each smarthost's own daily_cap and rate (routing); nothing per send without them.
         self.host_limits = HostLimits(config.state_dir, clock, cap_window=cap_window)
         self.qmgr = QueueManager(spool, config.spool, config.smarthosts,
@@ -114,8 +116,20 @@ class Delivering:
         self.gate.apply(new)
 
     def housekeeping(self, oldest_age: float) -> None:
-        """Every few seconds: the queue_age alert and the daily cap's gauge."""
+        """Every few seconds: the queue_age alert, the daily cap's gauge and, in a fleet, the
+        shared state's."""
         self.alerts.check_queue_age(oldest_age)
+        health = self.state.health()
+        if health is not None:
+            up, problem = health
+            self.metrics.set_shared_state_up(up)
+            if up:
+                self.alerts.clear("shared_state_down", "shared_state",
+                                  "shared_state: the database is reachable again")
+            else:
+                self.alerts.fire("shared_state_down", "shared_state",
+                                 f"shared_state: {problem}; mail is accepted, deliveries that "
+                                 "need limits.daily_cap wait")
         remaining = self.gate.cap_remaining(self.clock())
         self.metrics.set_daily_cap_remaining(remaining)
         if remaining:

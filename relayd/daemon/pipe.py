@@ -30,7 +30,7 @@ from relayd.model import Status
 CONFIG_LINE = b"config "  # notify-pipe line carrying the accepted config text (base64)
 # The Recorder methods the delivery process may call in the accepting process.
 FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_expiry",
-                       "set_daily_cap_remaining"})
+                       "set_daily_cap_remaining", "set_shared_state_up"})
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,9 @@ class EventMetrics(Recorder):
 
     def set_daily_cap_remaining(self, remaining: int | None) -> None:
         self._send("set_daily_cap_remaining", remaining)
+
+    def set_shared_state_up(self, up: bool) -> None:
+        self._send("set_shared_state_up", up)
 
 
 async def open_events(fd: int) -> Batcher:

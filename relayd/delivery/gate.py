@@ -16,12 +16,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from relayd.config.schema import Config, LimitsConfig
-from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter, limited
+from relayd.delivery.limits import WINDOW, Cap, CapFactory, RateLimiter, limited, local_cap
 from relayd.delivery.outcomes import is_hard_bounce
+from relayd.errors import StateUnavailable
 from relayd.model import Envelope, Reply
 from relayd.policy.pipeline import build_policy, recheck_at_delivery
 from relayd.policy.records import Policy, PolicyContext
-from relayd.policy.suppressions import SuppressionStore
+from relayd.policy.suppressions import SuppressionList
 from relayd.spool.records import Entry
 
 if TYPE_CHECKING:
@@ -33,11 +34,14 @@ log = logging.getLogger("relayd.policy")
 class DeliveryGate:
     """The queue manager's ``Gate``: suppression recheck, daily cap and rate."""
 
-    def __init__(self, cfg: Config, store: SuppressionStore, *, cap_window: float = WINDOW,
-                 alert: Callable[[str, str, str], None] | None = None) -> None:
+    def __init__(self, cfg: Config, store: SuppressionList, *, cap_window: float = WINDOW,
+                 alert: Callable[[str, str, str], None] | None = None,
+                 cap_factory: CapFactory | None = None) -> None:
         self.store = store
         self._cap_window = cap_window  # 24 h; tests use a short window instead of waiting a day
-        self._cap: DailyCap | None = None
+        # The node's own count under state_dir, or the fleet's (the assembly decides).
+        self._cap_factory = cap_factory or local_cap(cfg.state_dir)
+        self._cap: Cap | None = None
         self._grants: dict[str, int] = {}
         self._alert = alert
         self._users: UserLimits | None = None
@@ -55,10 +59,9 @@ class DeliveryGate:
                 self._cap.close()
             self._cap = None
         elif self._cap is None or self._cap.cap != cap:
-            if self._cap is not None:
-                self._cap.close()
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            self._cap = DailyCap(cap, cfg.state_dir, window=self._cap_window)
+            old, self._cap = self._cap, self._cap_factory(cap, self._cap_window)
+            if old is not None and old is not self._cap:
+                old.close()
         self.rate = RateLimiter(cfg.limits.rate) if cfg.limits.rate is not None else None
         self._apply_users(cfg)
 
@@ -87,7 +90,8 @@ class DeliveryGate:
 
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
         """0 when the message may go now (its recipients are reserved against the cap), else
-        how long to wait. Mail over the cap waits in the spool; it is never bounced."""
+        how long to wait. Mail over the cap waits in the spool; it is never bounced. Raises
+        StateUnavailable when a shared cap cannot be asked (the message waits too)."""
         user = entry.envelope.user
         if self._users is not None and user and count > 0:
             # The user's own limits first: they apply to priority mail too (they are there
@@ -141,7 +145,13 @@ class DeliveryGate:
     def hard_bounce(self, rcpt: str, reply: Reply) -> None:
         """``do_not_email.auto_add: [hard_bounce]``: a 5.1.x "no such user" joins the list."""
         if "hard_bounce" in self.auto_add and is_hard_bounce(reply):
-            self.store.add([rcpt], "hard_bounce")
+            try:
+                self.store.add([rcpt], "hard_bounce")
+            except StateUnavailable as exc:
+                # The fleet's list cannot be written now; the bounce itself is final anyway.
+                log.warning("could not add <%s> to the do-not-email list after a hard bounce: %s",
+                            rcpt, exc)
+                return
             log.info("added <%s> to the do-not-email list after a hard bounce (%s)", rcpt, reply)
 
     def cap_remaining(self, now: float) -> int | None:

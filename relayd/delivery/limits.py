@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from relayd.config.schema import LimitsConfig
 from relayd.units import Rate
@@ -31,6 +31,38 @@ DB_NAME = "daily_cap.sqlite3"
 def limited(limits: LimitsConfig, priority: bool) -> bool:
     """True when cap and rate apply to this message (not priority mail with priority_exempt)."""
     return not (priority and limits.priority_exempt)
+
+
+class Cap(Protocol):
+    """The daily cap as the delivery gate uses it: ``DailyCap`` below (this node's count in
+    SQLite) or ``relayd.shared.cap.SharedDailyCap`` (the fleet's, in PostgreSQL; its
+    ``acquire`` raises ``StateUnavailable`` while the database cannot be reached)."""
+
+    cap: int
+
+    def acquire(self, n: int, now: float) -> int: ...
+
+    def settle(self, granted: int, delivered: int, now: float) -> None: ...
+
+    def record(self, n: int, now: float) -> None: ...
+
+    def next_free_at(self, now: float, n: int = 1) -> float | None: ...
+
+    def remaining(self, now: float) -> int: ...
+
+    def close(self) -> None: ...
+
+
+# How the gate gets its cap for a ``limits.daily_cap`` and a window (the assemblies choose).
+CapFactory = Callable[[int, float], Cap]
+
+
+def local_cap(state_dir: Path) -> CapFactory:
+    """This node's own cap, counted in ``state_dir`` (the default, without shared_state)."""
+    def make(cap: int, window: float) -> Cap:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return DailyCap(cap, state_dir, window=window)
+    return make
 
 
 @dataclass(frozen=True)

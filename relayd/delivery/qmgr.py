@@ -40,7 +40,7 @@ from relayd.delivery.per_host import HostLimits, Wait, host_gate, obey
 from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
-from relayd.errors import SpoolError
+from relayd.errors import SpoolError, StateUnavailable
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.routing.match import Facts, choose, header_from_domain, smarthosts_of
 from relayd.routing.rules import Verdict
@@ -54,6 +54,9 @@ _T = TypeVar("_T")
 RESCAN_INTERVAL = 30.0
 RESCAN_BATCH = 1000  # IDs per thread hop of a rescan (and per stretch on the event loop)
 POKE_INTERVAL = 1.0
+# While the fleet's shared state cannot be asked, a message that needs the cap is tried again
+# this often: it resumes within a second or two of the database coming back.
+STATE_RETRY = 1.0
 # A disagreement this large between the wall clock and the monotonic clock over one loop tick
 # is a clock jump (NTP step, VM resume, operator), not elapsed time.
 CLOCK_JUMP = 60.0
@@ -78,7 +81,8 @@ class Gate(Protocol):
         """(still allowed, now suppressed) among ``rcpts``."""
 
     def hold_for(self, entry: Entry, count: int, now: float) -> float:
-        """Seconds this message must wait for the daily cap (0: may go now)."""
+        """Seconds this message must wait for the daily cap (0: may go now); raises
+        StateUnavailable when a shared cap cannot be asked."""
 
     def hold_reason(self, entry: Entry) -> str | None:
         """What the last wait of ``hold_for`` is for when not the daily cap (a user's limit)."""
@@ -433,13 +437,13 @@ class QueueManager:
             if verdict is None:
                 verdict = await self._io(self._gate_check, entry, entry.pending, now)
             if verdict.wait > 0:
-                # Over the daily cap (or a user's limit): the message waits in the spool, no
-                # attempt is spent.
+                # Over the daily cap (or a user's limit, or the shared cap cannot be asked):
+                # the message waits in the spool, no attempt is spent.
                 meta = replace(entry.meta, pending=verdict.allowed, next_attempt=now + verdict.wait,
                                last_error=verdict.reason or "waiting for limits.daily_cap to free up")
                 await self._io(self.spool.requeue, entry.id, meta)
                 self._push(entry.id, self._now() + verdict.wait, entry.envelope.priority)
-                if self.alerts and verdict.reason is None:  # a user's limit alerts by itself
+                if self.alerts and verdict.reason is None:  # the others alert by themselves
                     self.alerts.fire("daily_cap_reached", "daily_cap",
                                      "limits.daily_cap reached: mail waits in the queue")
                 return
@@ -465,7 +469,11 @@ class QueueManager:
         """Worker thread: the gate's verdict on ``pending`` (see GateVerdict)."""
         assert self.gate is not None
         allowed, suppressed = self.gate.recheck(entry, pending)
-        wait = self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+        try:
+            wait = self.gate.hold_for(entry, len(allowed), now) if allowed else 0.0
+        except StateUnavailable as exc:
+            return GateVerdict(allowed, suppressed, STATE_RETRY,
+                               f"waiting for the shared state (limits.daily_cap): {exc}")
         reason = self.gate.hold_reason(entry) if wait > 0 else None
         return GateVerdict(allowed, suppressed, wait, reason)
 

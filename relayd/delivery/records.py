@@ -19,7 +19,8 @@ from relayd.spool.records import Attempt
 class GateVerdict:
     """The delivery-time policy's answer for one message: the recipients still allowed, those
     now on the do-not-email list, and the seconds to wait for the daily cap (0: go now);
-    ``reason`` says what else the wait is for (a submission user's cap or rate)."""
+    ``reason`` says what else the wait is for (a submission user's cap or rate, or the
+    shared state that cannot be asked)."""
 
     allowed: tuple[str, ...]
     suppressed: tuple[str, ...] = ()

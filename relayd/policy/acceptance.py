@@ -17,7 +17,7 @@ from relayd.model import Message, Reply
 from relayd.policy.by_route import route_policy, split_by_route
 from relayd.policy.pipeline import build_policy, rcpt_decision, run_pipeline
 from relayd.policy.records import PipelineResult, Policy, PolicyContext
-from relayd.policy.suppressions import SuppressionStore
+from relayd.policy.suppressions import SuppressionList
 
 log = logging.getLogger("relayd.policy")
 
@@ -47,7 +47,7 @@ class Accepted:
 class AcceptancePolicy:
     """The listener's policy: RCPT-time refusals and the pipeline run on every message."""
 
-    def __init__(self, cfg: Config, store: SuppressionStore, *, dkim_keys: dict[str, bytes]) -> None:
+    def __init__(self, cfg: Config, store: SuppressionList, *, dkim_keys: dict[str, bytes]) -> None:
         self.store = store
         self.apply(cfg, dkim_keys=dkim_keys)
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from relayd.model import RecipientOutcome, Status
 from relayd.units import is_address
@@ -54,6 +54,50 @@ class ImportResult:
     invalid: tuple[tuple[int, str], ...]
 
 
+class SuppressionList(Protocol):
+    """The do-not-email list as its users see it: in SQLite under ``state_dir``
+    (``SuppressionStore``) or shared by a fleet in PostgreSQL
+    (``relayd.shared.suppressions.SharedSuppressions``). Every method may block: call them
+    off the event loop."""
+
+    @property
+    def location(self) -> str:
+        """Where the list is kept, for log lines (never a password)."""
+
+    def add(self, addresses: Iterable[str], reason: str = "manual") -> int: ...
+
+    def remove(self, addresses: Iterable[str]) -> int: ...
+
+    def import_lines(self, lines: Iterable[str], reason: str = "import") -> ImportResult: ...
+
+    def import_file(self, path: Path) -> ImportResult: ...
+
+    def contains(self, address: str) -> bool: ...
+
+    def list(self) -> builtins.list[str]: ...
+
+    def snapshot(self) -> frozenset[str]:
+        """The whole list, cheap to call per message (a cached set)."""
+
+    def close(self) -> None: ...
+
+
+def parse_import(lines: Iterable[str]) -> tuple[builtins.list[str], builtins.list[tuple[int, str]]]:
+    """One address per line; ``#`` comments and blank lines ignored (SPEC): the unique
+    normalized addresses, and the (line number, text) of lines that are not addresses."""
+    good: builtins.list[str] = []
+    bad: builtins.list[tuple[int, str]] = []
+    for no, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if is_address(normalize(text)):
+            good.append(text)
+        else:
+            bad.append((no, text))
+    return list(dict.fromkeys(normalize(a) for a in good)), bad
+
+
 def normalize(address: str) -> str:
     """The form stored and compared: stripped, angle brackets removed, lower-cased."""
     return address.strip().strip("<>").strip().lower()
@@ -81,6 +125,10 @@ class SuppressionStore:
         else:
             os.close(fd)
             self._give_to_owner()
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -187,17 +235,7 @@ class SuppressionStore:
 
     def import_lines(self, lines: Iterable[str], reason: str = "import") -> ImportResult:
         """One address per line; ``#`` comments and blank lines ignored (SPEC)."""
-        good: list[str] = []
-        bad: list[tuple[int, str]] = []
-        for no, line in enumerate(lines, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            if is_address(normalize(text)):
-                good.append(text)
-            else:
-                bad.append((no, text))
-        unique = list(dict.fromkeys(normalize(a) for a in good))
+        unique, bad = parse_import(lines)
         added = self.add(unique, reason)
         return ImportResult(added=added, present=len(unique) - added, invalid=tuple(bad))
 

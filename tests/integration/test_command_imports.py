@@ -26,6 +26,8 @@ print(json.dumps(sorted(sys.modules)))
 
 DAEMON = ["relayd.daemon", "relayd.smtpd", "relayd.delivery", "relayd.control",
           "relayd.commands.run", "aiosmtpd", "aiosmtplib", "uvloop"]
+# A fleet's database driver: only with shared_state, never for a single relay.
+SHARED = ["relayd.shared", "psycopg", "psycopg_binary"]
 
 
 def _loaded(tmp_path: Path, *argv: str) -> set[str]:
@@ -39,7 +41,8 @@ def _loaded(tmp_path: Path, *argv: str) -> set[str]:
 
 
 @pytest.mark.parametrize(("argv", "absent"), [
-    (["queue", "list"], [*DAEMON, "relayd.policy", "relayd.oauth", "cryptography"]),
+    (["queue", "list"], [*DAEMON, *SHARED, "relayd.policy", "relayd.oauth", "cryptography"]),
+    (["suppress", "list"], [*SHARED, "relayd.smtpd", "relayd.oauth", "aiosmtpd", "aiosmtplib"]),
     (["check-config"], [*DAEMON, "relayd.spool", "relayd.policy", "relayd.oauth", "cryptography"]),
     (["sendmail", "-i", "a@example.org"],
      [*DAEMON, "relayd.spool", "relayd.policy", "relayd.oauth", "cryptography"]),

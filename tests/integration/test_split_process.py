@@ -131,6 +131,8 @@ async def test_without_keys_neither_process_loads_cryptography(tmp_path: Path) -
                 assert "libpython" in maps or "python" in maps  # the right process
                 assert "_rust.abi3" not in maps, f"pid {pid} loaded cryptography"
                 assert "libsqlite3" not in maps, f"pid {pid} loaded SQLite"
+                # and PostgreSQL's driver without shared_state
+                assert "libpq" not in maps and "psycopg" not in maps, f"pid {pid} loaded psycopg"
             assert (tmp_path / "state" / "suppressions.sqlite3").stat().st_size == 0
         finally:
             assert proc.stop() == 0

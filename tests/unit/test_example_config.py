@@ -69,12 +69,16 @@ ALL_KEYS = {
     "routes[].envelope_from", "routes[].sender", "routes[].dkim",
     "reply_rules", "reply_rules[].match", "reply_rules[].action", "reply_rules[].duration",
     "reply_rules[].rate",
+    "shared_state", "shared_state.url", "shared_state.password", "shared_state.password_file",
+    "shared_state.password_env", "shared_state.sslmode", "shared_state.ca_file",
+    "shared_state.node",
 }
 
 # Defaults written as words ("the value of hostname") rather than a YAML value.
 DESCRIBED_DEFAULTS = {"hostname", "local_domain", "alerts.events", "do_not_email.auto_add",
                       "smarthosts[].name", "smarthosts[].port", "smarthosts[].ca_file",
-                      "smarthosts[].helo", "smarthosts[].auth.method"}
+                      "smarthosts[].helo", "smarthosts[].auth.method",
+                      "shared_state.sslmode", "shared_state.node"}
 
 def _installed_text(tmp_path: Path) -> str:
     """The example with /etc/relayd, /var/spool/relayd and /var/lib/relayd moved under

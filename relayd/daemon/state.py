@@ -1,0 +1,55 @@
+"""Where a node keeps what is not its spool: the do-not-email list and the daily cap's count.
+
+``build_state`` chooses once, from the config, for the assemblies: the embedded SQLite files
+under ``state_dir`` (``LocalState``, a single relay) or the fleet's PostgreSQL database
+(``relayd.shared.backend.SharedState``, with ``shared_state``). Nothing else asks which.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from relayd.config.schema import Config
+from relayd.delivery.limits import Cap, local_cap
+from relayd.policy.suppressions import SuppressionList, SuppressionStore
+
+
+class StateBackend(Protocol):
+    @property
+    def store(self) -> SuppressionList:
+        """The do-not-email list."""
+
+    def daily_cap(self, cap: int, window: float) -> Cap:
+        """The count behind ``limits.daily_cap`` (the gate's cap factory)."""
+
+    def health(self) -> tuple[bool, str] | None:
+        """None without shared state; else (reachable, why not)."""
+
+    def close(self) -> None: ...
+
+
+class LocalState:
+    """The embedded default: SQLite under ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.store: SuppressionStore = SuppressionStore(state_dir)
+        self._cap = local_cap(state_dir)
+
+    def daily_cap(self, cap: int, window: float) -> Cap:
+        return self._cap(cap, window)
+
+    def health(self) -> tuple[bool, str] | None:
+        return None
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def build_state(config: Config) -> StateBackend:
+    if config.shared_state is None:
+        return LocalState(config.state_dir)
+    # lazy: psycopg (and libpq) only for a relay in a fleet (test_command_imports.py checks)
+    from relayd.shared.backend import SharedState
+
+    return SharedState(config.shared_state, config.state_dir)
