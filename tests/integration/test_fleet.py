@@ -117,7 +117,10 @@ async def test_a_listing_on_one_node_stops_mail_through_another_within_a_second(
 async def test_a_listing_on_one_node_stops_delivery_of_mail_already_queued_on_another(
         tmp_path: Path, pg: Cluster, upstream: Upstreams) -> None:
     up = await upstream(replies={"mail": "451 4.3.0 try later"})
-    nodes = await _fleet(tmp_path, pg, up, ["relay-a", "relay-b"])
+    # An hour's backoff: the next attempt is the operator's retry, not one that may come
+    # first on its own (and find the message gone by the time the retry runs).
+    nodes = await _fleet(tmp_path, pg, up, ["relay-a", "relay-b"],
+                         spool={"retry": {"initial": "1h", "max_interval": "2h"}})
     a, b = nodes
     try:
         qid = await b.send(_message(1, "dave@example.net"), rcpts=("dave@example.net",))

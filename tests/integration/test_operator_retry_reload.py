@@ -149,6 +149,8 @@ async def test_a_refused_reload_changes_nothing_across_retries_and_a_restart(tmp
             slow = await op.send(rcpts=("slow@example.net",))
             await wait_until(lambda: any(m.rcpt_tos == ["slow@example.net"] for m in up.messages),
                              timeout=20, what="delivery after two retry cycles")
+            # The smarthost has the message before relayd logs its 250: wait for the line.
+            await wait_until(lambda: len(op.delivery_lines(slow)) == 3, what="the third line")
             assert [line.split("attempts=")[1].split(",")[0] for line in op.delivery_lines(slow)] == ["1", "2", "3"]
 
             # The delivery process dies while the file on disk is invalid: its successor runs
