@@ -56,6 +56,8 @@ async def test_rejected_client_secret_makes_mail_wait_and_alerts(
         qid = await relay.send(MSG)
         await wait_until(lambda: ("token_refresh_failed", "primary") in relay.daemon.delivery.alerts.active,
                          what="token_refresh_failed alert")
+        # The alert fires as the attempt fails; the attempt is written to the spool just after.
+        await wait_until(lambda: relay.daemon.spool.get(qid).attempts >= 1, what="the attempt recorded")
         entry = relay.daemon.spool.get(qid)
     assert up.messages == []
     # It waits, never bounces; the attempt that found no token counts (SPEC "attempts"; this
