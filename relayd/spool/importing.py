@@ -46,7 +46,7 @@ from relayd.spool.records import (
     parse_file,
     valid_id,
 )
-from relayd.spool.store import MAX_RECOVERIES
+from relayd.spool.store import MAX_RECOVERIES, Spool
 
 IMPORT_DIR = "import"
 # Where each source directory's messages go here (tmp/ and active/ as start-up recovery would).
@@ -119,6 +119,7 @@ def import_spool(dest: Path, source: Path, *, now: float, fsync: bool = True) ->
         raise SpoolError(f"{source} is this node's own spool")
     if not any((source / d).is_dir() for d, _ in _SOURCES):
         raise SpoolError(f"{source} is not a relayd spool (no queued/, active/, held/, failed/)")
+    Spool(dest).ensure_dirs()  # a missing meta/ or queued/ must fail a rename, not skip it
     jdir = dest / IMPORT_DIR
     jdir.mkdir(mode=0o700, exist_ok=True)
     io = _Durable(dest, fsync)
@@ -144,9 +145,16 @@ def _finish_interrupted(dest: Path, io: _Durable) -> int:
     jdir = dest / IMPORT_DIR
     names = os.listdir(jdir)
     finished = 0
-    for name in names:
+    for name in list(names):
         if name.endswith(".from"):
-            record = json.loads((jdir / name).read_text(encoding="utf-8"))
+            try:
+                record = json.loads((jdir / name).read_text(encoding="utf-8"))
+            except ValueError:
+                # Torn by a crash before it was flushed: never committed, so the source still
+                # has the message and none of it was renamed here. Its files go below.
+                (jdir / name).unlink()
+                names.remove(name)
+                continue
             _finish(dest, io, name.removesuffix(".from"), record)
             finished += 1
     for name in names:
@@ -210,10 +218,12 @@ def _finish(dest: Path, io: _Durable, new: str, record: dict[str, str]) -> None:
     """Steps 3-5 for the committed message ``new`` (each one safe to repeat)."""
     jdir = dest / IMPORT_DIR
     state = record["state"]
-    with contextlib.suppress(FileNotFoundError):
+    # Only a file already moved (by the interrupted run) is skipped: any other failure
+    # raises before the source is touched.
+    if os.path.exists(jdir / f"{new}.json"):
         os.rename(jdir / f"{new}.json", dest / "meta" / f"{new}.json")
         io.sync_dir(dest / "meta")
-    with contextlib.suppress(FileNotFoundError):
+    if os.path.exists(jdir / f"{new}.msg"):
         os.rename(jdir / f"{new}.msg", dest / state / f"{new}.msg")
         io.sync_dir(dest / state)
     for path in (Path(record["source"]), Path(record["source_meta"])):
