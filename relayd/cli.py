@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = q.add_parser("retry", help="make messages due now (failed ones go back to queued)")
     p.add_argument("ids", nargs="*", metavar="ID")
     p.add_argument("--all", action="store_true")
+    p = q.add_parser("import", help="move another (stopped) node's spool into this one")
+    p.add_argument("dir", metavar="DIR", help="the other node's spool directory")
     for name, text in (("hold", "take messages out of delivery"),
                        ("release", "put held messages back into delivery"),
                        ("delete", "remove messages")):

@@ -3,7 +3,9 @@
 Reads one message (file or stdin), runs the same pure pipeline the daemon runs at acceptance
 and prints every decision, a header diff of the rewrites, the cap state from the persisted
 counter and the delivery plan. It sends nothing and writes nothing (the do-not-email list and
-the cap counter are opened read-only). No secret is printed: auth shows the method only.
+the cap counter are opened read-only). With ``shared_state`` the list and the cap are the
+fleet's, read from its database (``relayd.shared``, imported only then). No secret is
+printed: auth shows the method only.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import sqlite3
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from relayd.commands.io import IO
 from relayd.config.schema import AuthMethod, Config, Smarthost
 from relayd.delivery.limits import DailyCap, limited
+from relayd.errors import StateUnavailable
 from relayd.model import Envelope, Message
 from relayd.policy import _mime
 from relayd.policy.by_route import route_policy, split_by_route
@@ -25,6 +29,9 @@ from relayd.policy.pipeline import build_policy, run_pipeline
 from relayd.policy.records import PipelineResult, PolicyContext
 from relayd.policy.suppressions import read_snapshot
 from relayd.routing.match import find, smarthosts_of
+
+if TYPE_CHECKING:  # the type only: psycopg is imported for a relay in a fleet only
+    from relayd.shared.db import SharedDB
 
 
 def _read_input(args: argparse.Namespace, io: IO) -> bytes:
@@ -122,8 +129,9 @@ def _fmt_time(ts: float) -> str:
 
 
 def render(cfg: Config, message: Message, result: PipelineResult, now: float,
-           problems: list[str]) -> list[str]:
-    """The explain report as lines (pure; ``main`` reads the inputs and prints)."""
+           problems: list[str], fleet: SharedDB | None = None) -> list[str]:
+    """The explain report as lines (``main`` reads the inputs and prints); the daily cap's
+    count is read here, from ``fleet`` (the fleet's database) with ``shared_state``."""
     env = message.envelope
     out = [f"message: {len(message.content)} bytes, from=<{env.mail_from}>, "
            f"to={', '.join(f'<{r}>' for r in env.rcpt_tos) or '(none)'}"]
@@ -143,7 +151,7 @@ def render(cfg: Config, message: Message, result: PipelineResult, now: float,
             out.append(f"  ... and {len(result.outputs) - 10} more copies")
     else:
         out.append("nothing to deliver: every recipient is suppressed or rejected")
-    out += _limits(cfg, result, now)
+    out += _limits(cfg, result, now, fleet)
     if not cfg.routes:
         return out + _plan(cfg.smarthosts, "delivery plan (tried in order):")
     for name in dict.fromkeys(m.envelope.route for m in result.outputs):
@@ -155,13 +163,15 @@ def render(cfg: Config, message: Message, result: PipelineResult, now: float,
     return out
 
 
-def _limits(cfg: Config, result: PipelineResult, now: float) -> list[str]:
+def _limits(cfg: Config, result: PipelineResult, now: float, fleet: SharedDB | None) -> list[str]:
     lim = cfg.limits
     out: list[str] = []
     exempt = not limited(lim, result.priority)
     rcpts = sum(len(m.envelope.rcpt_tos) for m in result.outputs)
     if lim.daily_cap is None:
         out.append("daily cap: none")
+    elif fleet is not None:
+        out.append(_fleet_cap(fleet, lim.daily_cap, rcpts, exempt, now))
     else:
         try:
             cap = DailyCap(lim.daily_cap, cfg.state_dir, readonly=True)
@@ -186,6 +196,28 @@ def _limits(cfg: Config, result: PipelineResult, now: float) -> list[str]:
         out.append(f"rate: {lim.rate.per_second:g}/s (burst {max(1.0, lim.rate.per_second):g})"
                    + ("; priority mail is exempt" if exempt else ""))
     return out
+
+
+def _fleet_cap(db: SharedDB, cap: int, rcpts: int, exempt: bool, now: float) -> str:
+    """The daily cap's line in a fleet: the whole fleet's count, from its database."""
+    # lazy: psycopg only for a relay in a fleet (test_command_imports.py checks)
+    from relayd.delivery.limits import WINDOW
+    from relayd.shared.cap import SharedDailyCap
+
+    try:
+        used, in_flight, at = SharedDailyCap(db, cap, window=WINDOW).state(now, rcpts)
+    except StateUnavailable as exc:
+        return (f"daily cap: {cap} for the fleet (shared_state: {exc}); deliveries that need "
+                "the cap would wait in the spool until the database answers")
+    remaining = max(0, cap - used - in_flight)
+    line = (f"daily cap: {used} of {cap} used by the fleet in the last 24 h"
+            + (f", {in_flight} held for deliveries under way" if in_flight else "")
+            + f", {remaining} remaining (shared_state, node {db.node})")
+    if exempt:
+        return line + "; priority mail is exempt (priority_exempt)"
+    if remaining >= rcpts:
+        return line + f"; these {rcpts} recipient(s) would go now"
+    return line + "; would wait in the spool" + (f" until about {_fmt_time(at)}" if at is not None else "")
 
 
 def _plan(smarthosts: tuple[Smarthost, ...], head: str) -> list[str]:
@@ -215,11 +247,44 @@ def main(args: argparse.Namespace, io: IO) -> int:
     now = time.time()
     problems: list[str] = []
     keys = _dkim_keys(cfg, problems)
+    fleet = None
+    if cfg.shared_state is not None:
+        # lazy: psycopg only for a relay in a fleet (test_command_imports.py checks)
+        from relayd.shared.db import SharedDB as FleetDB
+
+        fleet = FleetDB(cfg.shared_state)
     try:
-        suppressed = read_snapshot(cfg.state_dir)
-    except sqlite3.Error as exc:
-        problems.append(f"do-not-email list unreadable: {exc}")
-        suppressed = frozenset()
+        suppressed = _suppressed(cfg, fleet, problems)
+        return _report(cfg, args, io, content, now, problems, keys, suppressed, fleet)
+    finally:
+        if fleet is not None:
+            fleet.close()
+
+
+def _suppressed(cfg: Config, fleet: SharedDB | None, problems: list[str]) -> frozenset[str]:
+    """The do-not-email list the relay would check: the fleet's with ``shared_state`` (or,
+    while its database cannot be reached, this node's last copy of it, as the daemon does)."""
+    if fleet is None:
+        try:
+            return read_snapshot(cfg.state_dir)
+        except sqlite3.Error as exc:
+            problems.append(f"do-not-email list unreadable: {exc}")
+            return frozenset()
+    # lazy: see main
+    from relayd.shared.suppressions import SharedSuppressions
+
+    listed = SharedSuppressions(fleet, cache_dir=cfg.state_dir)
+    try:
+        return frozenset(listed.list())
+    except StateUnavailable as exc:
+        problems.append(f"do-not-email list: shared_state: {exc}; this node's last copy of the "
+                        "fleet's list is used")
+        return listed.last_seen()
+
+
+def _report(cfg: Config, args: argparse.Namespace, io: IO, content: bytes, now: float,
+            problems: list[str], keys: dict[str, bytes], suppressed: frozenset[str],
+            fleet: SharedDB | None) -> int:
     message = Message(_envelope(args, content, now), content)
     if getattr(args, "user", None):
         lines, message = _user_lines(cfg, args.user, message)
@@ -231,6 +296,6 @@ def main(args: argparse.Namespace, io: IO) -> int:
     if cfg.routes:
         policies = {r.name: route_policy(policy, r) for r in cfg.routes if r.changes_content}
         result = split_by_route(cfg.routes, policies, message, ctx, result)
-    for line in render(cfg, message, result, now, problems):
+    for line in render(cfg, message, result, now, problems, fleet):
         print(line, file=io.out)
     return 0

@@ -3,7 +3,8 @@
 ``token`` fetches a fresh access token now for each xoauth2 smarthost (or the one named) and
 reports the account and expiry, never the token; on failure it explains what to do.
 ``authorize`` runs the one-time interactive consent (Microsoft device code, Google code paste)
-and stores the refresh token encrypted under ``state_dir``.
+and stores the refresh token encrypted under ``state_dir``. With ``shared_state`` both also
+write the fleet's copy (docs/fleet.md), so a sign-in or a refresh on one node serves all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ from relayd.commands.io import IO
 from relayd.config.schema import AuthMethod, Config, OAuthProvider, Smarthost
 from relayd.errors import OAuthError
 from relayd.oauth.source import build_token_source, oauth_config
-from relayd.oauth.store import OAuthStore
+from relayd.oauth.store import OAuthStore, SharedCopies
+
+
+def _fleet(cfg: Config) -> SharedCopies | None:
+    """The fleet's copy of the OAuth records, with ``shared_state`` only."""
+    if cfg.shared_state is None:
+        return None
+    # lazy: psycopg only for a relay in a fleet
+    from relayd.shared.db import SharedDB
+    from relayd.shared.oauth import SharedOAuth
+
+    return SharedOAuth(SharedDB(cfg.shared_state))
 
 
 def _targets(cfg: Config, name: str | None, io: IO) -> list[Smarthost] | None:
@@ -55,7 +67,8 @@ def _explain(name: str, exc: OAuthError, io: IO) -> None:
 
 
 async def _token(cfg: Config, host: Smarthost, io: IO) -> bool:
-    source = build_token_source(host, state_dir=cfg.state_dir, key_file=cfg.secrets.key_file)
+    source = build_token_source(host, state_dir=cfg.state_dir, key_file=cfg.secrets.key_file,
+                                shared=_fleet(cfg))
     try:
         token = await source.token(force=True)
     except OAuthError as exc:
@@ -68,7 +81,7 @@ async def _token(cfg: Config, host: Smarthost, io: IO) -> bool:
 
 def _authorize(cfg: Config, host: Smarthost, io: IO) -> bool:
     oauth = oauth_config(host)
-    store = OAuthStore(cfg.state_dir, host.name, cfg.secrets.key_file)
+    store = OAuthStore(cfg.state_dir, host.name, cfg.secrets.key_file, _fleet(cfg))
     try:
         if oauth.provider is OAuthProvider.AZURE:
             from relayd.oauth import azure as oauth_azure  # lazy: MSAL only for Entra ID

@@ -1,4 +1,4 @@
-"""``relayd queue list|show|retry|hold|release|delete``: the spool from the command line.
+"""``relayd queue list|show|retry|hold|release|delete|import``: the spool from the command line.
 
 Works while the daemon runs: every change is a rename in the spool plus a "poke" file the
 daemon picks up within a second. Output never includes secrets (the spool holds none) and
@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from relayd.commands.io import IO
@@ -154,6 +155,8 @@ def run(cfg: Config, args: argparse.Namespace, io: IO) -> int:
         print(f"relayd: no spool at {spool.path} (has relayd run yet?)", file=io.err)
         return 1 if args.queue_command != "list" else _empty(args, io)
     cmd = args.queue_command
+    if cmd == "import":
+        return _import(spool, args, io)
     if cmd == "list":
         return _list(spool, args, io)
     if cmd == "show":
@@ -169,6 +172,32 @@ def run(cfg: Config, args: argparse.Namespace, io: IO) -> int:
             return 64
         return _each(spool, ids, "retry", io, listed=listed)
     return _each(spool, list(args.ids), cmd, io)
+
+
+def _import(spool: Spool, args: argparse.Namespace, io: IO) -> int:
+    """Another node's spool moved into this one (relayd/spool/importing.py)."""
+    # lazy: only this action needs it
+    from relayd.spool.importing import import_spool
+
+    source = Path(args.dir)
+    try:
+        done = import_spool(spool.path, source, now=time.time())
+    except SpoolError as exc:
+        print(f"relayd: {exc}", file=io.err)
+        return 1
+    except OSError as exc:
+        print(f"relayd: cannot import from {source}: {exc.strerror or exc}", file=io.err)
+        return 1
+    if done.finished:
+        print(f"finished {done.finished} message(s) an interrupted import had begun", file=io.out)
+    for old, new, state in done.messages:
+        renamed = f" as {new}" if new != old else ""
+        print(f"{old}: imported{renamed} ({state.value})", file=io.out)
+    for path, why in done.skipped:
+        print(f"relayd: {path}: not imported: {why}", file=io.err)
+    print(f"-- {len(done.messages)} message(s) imported from {source} into {spool.path}"
+          + (f", {len(done.skipped)} left there" if done.skipped else ""), file=io.out)
+    return 1 if done.skipped else 0
 
 
 def _empty(args: argparse.Namespace, io: IO) -> int:

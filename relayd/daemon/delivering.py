@@ -69,7 +69,8 @@ class Delivering:
             from relayd.oauth.source import build_token_source
 
             token_source = build_token_source(sh, state_dir=cfg.state_dir, key_file=cfg.secrets.key_file,
-                                              clock=self.clock, on_status=self._token_status)
+                                              clock=self.clock, on_status=self._token_status,
+                                              shared=self.state.oauth_copies())
         return SmarthostPool(sh, hostname=cfg.hostname, token_source=token_source,
                              transcripts=cfg.logging.smtp_transcripts)
 

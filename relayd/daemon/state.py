@@ -1,4 +1,5 @@
-"""Where a node keeps what is not its spool: the do-not-email list and the daily cap's count.
+"""Where a node keeps what is not its spool: the do-not-email list, the daily cap's count and
+(in a fleet) the OAuth token cache's shared copy.
 
 ``build_state`` chooses once, from the config, for the assemblies: the embedded SQLite files
 under ``state_dir`` (``LocalState``, a single relay) or the fleet's PostgreSQL database
@@ -8,11 +9,14 @@ under ``state_dir`` (``LocalState``, a single relay) or the fleet's PostgreSQL d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relayd.config.schema import Config
 from relayd.delivery.limits import Cap, local_cap
 from relayd.policy.suppressions import SuppressionList, SuppressionStore
+
+if TYPE_CHECKING:  # only the type: the store loads cryptography, which this process may not need
+    from relayd.oauth.store import SharedCopies
 
 
 class StateBackend(Protocol):
@@ -25,6 +29,9 @@ class StateBackend(Protocol):
 
     def health(self) -> tuple[bool, str] | None:
         """None without shared state; else (reachable, why not)."""
+
+    def oauth_copies(self) -> SharedCopies | None:
+        """The fleet's copy of the OAuth token cache; None for a single relay."""
 
     def close(self) -> None: ...
 
@@ -40,6 +47,9 @@ class LocalState:
         return self._cap(cap, window)
 
     def health(self) -> tuple[bool, str] | None:
+        return None
+
+    def oauth_copies(self) -> SharedCopies | None:
         return None
 
     def close(self) -> None:

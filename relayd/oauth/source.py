@@ -5,7 +5,8 @@
 RFC 6749) and wraps it in ``OAuthTokenSource``, which owns the lifecycle the SPEC asks for:
 
 * the token is cached in memory and encrypted on disk (``relayd.oauth.store``), so a restart
-  reuses it;
+  reuses it; in a fleet also in the database, and a node that waited for another's refresh
+  takes its token instead of asking the endpoint again;
 * it is refreshed ahead of expiry: 10 minutes before, or half its lifetime for short-lived ones;
 * one refresh at a time however many deliveries wait (an ``asyncio.Lock``), and after a failure
   callers get the same error without a new request until a short back-off has passed;
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from relayd.config.schema import OAuthConfig, OAuthProvider, Smarthost
 from relayd.errors import OAuthError
-from relayd.oauth.store import OAuthStore, fingerprint
+from relayd.oauth.store import OAuthStore, SharedCopies, fingerprint
 from relayd.oauth.token import REFRESH_MARGIN, Fetcher, Token
 from relayd.secrets import Secret
 
@@ -78,6 +79,7 @@ class OAuthTokenSource:
         self._on_status = on_status
         self._lock = asyncio.Lock()
         self._token: Token | None = None
+        self._rejected = ""  # digest of the token the server refused: never taken from a cache
         self._loaded = store is None
         self._failure: OAuthError | None = None
         self._retry_at = 0.0
@@ -95,6 +97,7 @@ class OAuthTokenSource:
             log.info("oauth: smarthost %s: token rejected by the server; will fetch a new one",
                      self.smarthost)
             self._token = None
+            self._rejected = fingerprint((token,))
             self._stats = replace(self._stats, expires_at=None)
 
     def forget_failure(self) -> None:
@@ -119,7 +122,7 @@ class OAuthTokenSource:
             if self._failure is not None and now < self._retry_at and not force:
                 raise self._failure
             try:
-                token = await asyncio.to_thread(self._fetch_and_save, now)
+                fresh, fetched = await asyncio.to_thread(self._fetch_and_save, now, force)
             except OAuthError as exc:
                 self._failed(exc, now)
                 raise
@@ -130,8 +133,8 @@ class OAuthTokenSource:
                                  f"--smarthost {self.smarthost}' to check", permanent=False)
                 self._failed(err, now)
                 raise err from exc
-            self._succeeded(token)
-            return token
+            self._succeeded(fresh, fetched)
+            return fresh
 
     def statistics(self) -> TokenStatistics:
         """A snapshot for metrics and alerts (expiry, last error, counts)."""
@@ -147,31 +150,46 @@ class OAuthTokenSource:
     def _load(self) -> None:
         """Read the encrypted cache left by a previous run (blocking; in a thread)."""
         self._loaded = True
-        assert self._store is not None
+        token = self._read_cached()
+        if token is not None:
+            self._token = token
+            self._stats = replace(self._stats, account=token.account, expires_at=token.expires_at)
+
+    def _read_cached(self) -> Token | None:
+        """The stored token for these settings (in a fleet, the fleet's), or None."""
+        if self._store is None:
+            return None
         try:
             data = self._store.read("token")
         except (OAuthError, OSError) as exc:
             log.warning("oauth: smarthost %s: token cache not used: %s", self.smarthost, exc)
             self._store = None
-            return
+            return None
         if not data or data.get("settings") != self._digest:
-            return
+            return None
         try:
-            token = Token(Secret(str(data["access_token"])), float(data["expires_at"]),
-                          float(data["issued_at"]), str(data.get("account", "")))
+            return Token(Secret(str(data["access_token"])), float(data["expires_at"]),
+                         float(data["issued_at"]), str(data.get("account", "")))
         except (KeyError, TypeError, ValueError):
-            return
-        self._token = token
-        self._stats = replace(self._stats, account=token.account, expires_at=token.expires_at)
+            return None
 
-    def _fetch_and_save(self, now: float) -> Token:
-        """Fetch a token and persist it (blocking; in a thread, under the cross-process lock)."""
-        if self._store is None:
-            return self._fetcher.fetch(now)
-        with self._store.lock():
+    def _fetch_and_save(self, now: float, force: bool = False) -> tuple[Token, bool]:
+        """Fetch a token and persist it (blocking; in a thread, under the cross-process lock);
+        (the token, whether this node fetched it)."""
+        store = self._store
+        if store is None:
+            return self._fetcher.fetch(now), True
+        with store.lock():
+            if store.shared is not None and not force:
+                # In a fleet another node may have refreshed while this one waited for the
+                # lock: its token serves here too (one request to the endpoint for all).
+                cached = self._read_cached()
+                if (cached is not None and now < cached.refresh_at(self._margin)
+                        and fingerprint((cached.access_token.reveal(),)) != self._rejected):
+                    return cached, False
             token = self._fetcher.fetch(now)
             try:
-                self._store.write("token", {
+                store.write("token", {
                     "version": 1, "settings": self._digest,
                     "access_token": token.access_token.reveal(), "expires_at": token.expires_at,
                     "issued_at": token.issued_at, "account": token.account})
@@ -179,17 +197,23 @@ class OAuthTokenSource:
                 # The token is good; only the restart cache is lost. Say so once.
                 log.warning("oauth: smarthost %s: cannot write the token cache: %s",
                             self.smarthost, exc)
-        return token
+        return token, True
 
-    def _succeeded(self, token: Token) -> None:
+    def _succeeded(self, token: Token, fetched: bool = True) -> None:
         self._token = token
         self._failure = None
         self._backoff = FAILURE_BACKOFF[0]
         self._stats = replace(self._stats, account=token.account, expires_at=token.expires_at,
-                              refreshed_at=token.issued_at, refreshes=self._stats.refreshes + 1,
+                              refreshed_at=token.issued_at,
+                              refreshes=self._stats.refreshes + (1 if fetched else 0),
                               last_error=None, last_error_permanent=False, hint="")
-        log.info("oauth: smarthost %s: new access token for %s, valid for %d s",
-                 self.smarthost, token.account, int(token.expires_at - token.issued_at))
+        if fetched:
+            log.info("oauth: smarthost %s: new access token for %s, valid for %d s",
+                     self.smarthost, token.account, int(token.expires_at - token.issued_at))
+        else:
+            log.info("oauth: smarthost %s: using the access token for %s that another node of "
+                     "the fleet fetched, valid for %d s more", self.smarthost, token.account,
+                     int(token.expires_at - self._clock()))
         self._notify()
 
     def _failed(self, exc: OAuthError, now: float) -> None:
@@ -260,16 +284,18 @@ class _Unusable:
 
 def build_token_source(smarthost: Smarthost, *, state_dir: Path, key_file: Path,
                        clock: Callable[[], float] = time.time,
-                       on_status: StatusCallback | None = None) -> OAuthTokenSource:
+                       on_status: StatusCallback | None = None,
+                       shared: SharedCopies | None = None) -> OAuthTokenSource:
     """The token source for an ``auth.method: xoauth2`` smarthost.
 
     Does no I/O and never raises for bad settings: key and cache files are read, and setting
     problems reported as OAuthError, on the first ``get_token``. ``on_status`` is called after
     every refresh attempt with ``statistics()`` (for the ``token_refresh_failed`` alert and the
-    expiry metric).
+    expiry metric). ``shared`` is the fleet's copy of the records (with ``shared_state``): one
+    node's refresh then serves every node.
     """
     oauth = oauth_config(smarthost)
-    store = OAuthStore(state_dir, smarthost.name, key_file)
+    store = OAuthStore(state_dir, smarthost.name, key_file, shared)
     fetcher: Fetcher
     try:
         fetcher = build_fetcher(smarthost, store)

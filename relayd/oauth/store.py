@@ -5,6 +5,12 @@ the key ring at ``secrets.key_file`` (so a backup or a copied state directory do
 token). Writes are atomic (temp file, fsync, rename) and a per-smarthost ``flock`` keeps the
 daemon and ``relayd oauth token``/``authorize`` from rotating the same refresh token at once.
 Everything here blocks: callers run it in ``asyncio.to_thread``.
+
+In a fleet (``shared_state``) each record also has a copy in the database (``SharedCopies``,
+relayd/shared/oauth.py), encrypted the same way, so one node's refresh serves every node
+(all of them need the same key file). The fleet's copy is read first and written after the
+node's own file; while the database is down the node reads and writes its own files, and
+``lock`` is only this node's: mail never waits for the database because of a token.
 """
 
 from __future__ import annotations
@@ -13,19 +19,35 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cryptography.fernet import InvalidToken, MultiFernet
 
 from relayd import secrets as sec
-from relayd.errors import OAuthError
+from relayd.errors import OAuthError, StateUnavailable
 
 KINDS = ("token", "refresh", "msal")
+T = TypeVar("T")
+log = logging.getLogger("relayd.oauth")
+
+
+class SharedCopies(Protocol):
+    """The fleet's copy of the encrypted records (relayd.shared.oauth.SharedOAuth); every
+    method raises StateUnavailable when the database cannot be used."""
+
+    def read(self, name: str) -> bytes | None: ...
+
+    def write(self, name: str, blob: bytes) -> None: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]: ...
 
 
 def _slug(name: str) -> str:
@@ -44,12 +66,15 @@ def fingerprint(parts: tuple[object, ...]) -> str:
 class OAuthStore:
     """The encrypted files of one smarthost under ``state_dir/oauth``."""
 
-    def __init__(self, state_dir: Path, smarthost: str, key_file: Path) -> None:
+    def __init__(self, state_dir: Path, smarthost: str, key_file: Path,
+                 shared: SharedCopies | None = None) -> None:
         self.directory = state_dir / "oauth"
         self.smarthost = smarthost
         self.key_file = key_file
+        self.shared = shared
         self._slug = _slug(smarthost)
         self._ring: MultiFernet | None = None
+        self._shared_problem = ""  # said once per outage, not once per record
 
     def path(self, kind: str) -> Path:
         assert kind in KINDS
@@ -75,19 +100,22 @@ class OAuthStore:
         A record still readable only with an older key of the ring is re-encrypted with the
         current key, so removing the old key after a rotation loses nothing.
         """
-        p = self.path(kind)
-        try:
-            blob = p.read_bytes()
-        except FileNotFoundError:
-            return None
+        blob = self._shared_read(kind)
+        data = None if blob is None else self._decrypt(blob)
+        if data is None:
+            if blob is not None:
+                log.warning("oauth: smarthost %s: the fleet's copy of its %s record cannot be "
+                            "decrypted with %s: every node needs the same secrets.key_file",
+                            self.smarthost, kind, self.key_file)
+            try:
+                blob = self.path(kind).read_bytes()
+            except FileNotFoundError:
+                return None
+            data = self._decrypt(blob)
+            if data is None:
+                return None
+        assert blob is not None
         ring = self.keyring()
-        try:
-            clear = ring.decrypt(blob)
-            data = json.loads(clear.decode("utf-8"))
-        except (InvalidToken, ValueError):
-            return None
-        if not isinstance(data, dict):
-            return None
         primary = ring._fernets[0]  # MultiFernet encrypts with the first key
         try:
             primary.decrypt(blob)
@@ -95,9 +123,21 @@ class OAuthStore:
             self.write(kind, data)
         return data
 
+    def _decrypt(self, blob: bytes) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.keyring().decrypt(blob).decode("utf-8"))
+        except (InvalidToken, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
     def write(self, kind: str, data: dict[str, Any]) -> None:
-        """Atomically replace the record (mode 0600)."""
+        """Atomically replace the record (mode 0600), then the fleet's copy."""
         blob = self.keyring().encrypt(json.dumps(data).encode("utf-8"))
+        self._write_file(kind, blob)
+        if self.shared is not None:
+            self._shared(lambda s: s.write(self._name(kind), blob))
+
+    def _write_file(self, kind: str, blob: bytes) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         final = self.path(kind)
         tmp = final.with_name(final.name + ".tmp")
@@ -117,24 +157,53 @@ class OAuthStore:
     def delete(self, kind: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(kind).unlink()
+        if self.shared is not None:
+            self._shared(lambda s: s.delete(self._name(kind)))
+
+    # -- the fleet's copy ----------------------------------------------------------------------
+    def _name(self, kind: str) -> str:
+        assert kind in KINDS
+        return f"{self._slug}.{kind}"
+
+    def _shared_read(self, kind: str) -> bytes | None:
+        if self.shared is None:
+            return None
+        return self._shared(lambda s: s.read(self._name(kind)))
+
+    def _shared(self, work: Callable[[SharedCopies], T]) -> T | None:
+        """``work(shared)``, or None when the database cannot be used (said once)."""
+        assert self.shared is not None
+        try:
+            result = work(self.shared)
+        except StateUnavailable as exc:
+            if str(exc) != self._shared_problem:
+                log.warning("oauth: smarthost %s: the fleet's token cache is not available "
+                            "(%s); this node uses and refreshes its own", self.smarthost, exc)
+            self._shared_problem = str(exc)
+            return None
+        self._shared_problem = ""
+        return result
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """An exclusive lock across processes for one refresh (flock on a lock file).
 
-        Without a writable state directory there is nothing to protect: run unlocked.
+        Without a writable state directory there is nothing to protect: run unlocked. In a
+        fleet it is also the fleet's lock for this smarthost, so that one node refreshes while
+        the others wait and then read its token; without the database, this node's only.
         """
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.directory / f"{self._slug}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
+        with contextlib.ExitStack() as stack:
+            try:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self.directory / f"{self._slug}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                pass
+            else:
+                stack.callback(os.close, fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.shared is not None:
+                self._shared(lambda s: stack.enter_context(s.lock(self._name("token"))))
             yield
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The shared state as the assemblies use it: one connection per process, the fleet's
-do-not-email list and daily cap over it, and its health for the metric and the alert.
+do-not-email list, daily cap and OAuth token copies over it, and its health for the metric
+and the alert.
 
 It has the shape of ``relayd.daemon.state.StateBackend``; ``LocalState`` there is the
 embedded (SQLite) one.
@@ -12,6 +13,7 @@ from pathlib import Path
 from relayd.config.schema import SharedStateConfig
 from relayd.shared.cap import SharedDailyCap
 from relayd.shared.db import SharedDB
+from relayd.shared.oauth import SharedOAuth
 from relayd.shared.suppressions import SharedSuppressions
 
 
@@ -23,6 +25,7 @@ class SharedState:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = SharedSuppressions(self.db, cache_dir=state_dir)
         self._cap: SharedDailyCap | None = None
+        self._oauth = SharedOAuth(self.db)
 
     def daily_cap(self, cap: int, window: float) -> SharedDailyCap:
         """One cap object per process whatever reloads change: it holds this node's pending
@@ -34,6 +37,9 @@ class SharedState:
 
     def health(self) -> tuple[bool, str] | None:
         return self.db.up, self.db.problem
+
+    def oauth_copies(self) -> SharedOAuth:
+        return self._oauth
 
     def close(self) -> None:
         self.store.close()

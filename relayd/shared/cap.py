@@ -109,6 +109,16 @@ class SharedDailyCap:
             if self._pending:
                 self._run(max(at for _, _, at in self._pending), 0)
 
+    def state(self, now: float, need: int) -> tuple[int, int, float | None]:
+        """(recipients the fleet delivered in the window, units every node holds for
+        deliveries under way, when ``need`` more units free up or None) as the database has
+        them now. Reads only, takes no lock: for ``relayd explain``."""
+        def work(conn: Conn) -> tuple[int, int, float | None]:
+            used, in_flight = self._count(conn, now)
+            short = need - (self.cap - used - in_flight)
+            return used, in_flight, self._free_at(conn, now, short) if short > 0 else None
+        return self.db.run(work)
+
     # -- the Cap interface ----------------------------------------------------------------
     def acquire(self, n: int, now: float) -> int:
         """Grant up to ``n`` units now; raises StateUnavailable while the database is down."""

@@ -16,10 +16,12 @@ from relayd.errors import StateUnavailable
 if TYPE_CHECKING:
     import psycopg
 
-SCHEMA_VERSION = 1
 # pg_advisory_xact_lock keys (any two constants; they only need to differ from each other).
 MIGRATE_LOCK = 0x72656C6179640001
 CAP_LOCK = 0x72656C6179640002
+# The OAuth refresh lock uses the two-int form (this class, hashtext(record name)): one lock per
+# smarthost, in a key space PostgreSQL keeps apart from the one-bigint locks above.
+OAUTH_LOCK_CLASS = 0x72640003
 
 _V1: tuple[LiteralString, ...] = (
     "CREATE TABLE relayd_schema (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
@@ -52,8 +54,19 @@ _V1: tuple[LiteralString, ...] = (
     "addresses integer NOT NULL, deliveries integer NOT NULL)",
 )
 
-MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1),)
-assert MIGRATIONS[-1][0] == SCHEMA_VERSION
+# The fleet's OAuth token cache (relayd/shared/oauth.py): each record of relayd/oauth/store.py
+# (access token, rotated refresh token, MSAL cache) as the same Fernet-encrypted bytes the
+# node would write to state_dir/oauth/, so the database never holds a token in clear.
+# Self-contained (it only creates its own table), so that it can be renumbered at a merge.
+_V2_OAUTH: tuple[LiteralString, ...] = (
+    "CREATE TABLE relayd_oauth (name text PRIMARY KEY, blob bytea NOT NULL, "
+    "node text NOT NULL, updated timestamptz NOT NULL DEFAULT now())",
+)
+
+# Each entry applies on its own in version order: a new one is appended with the next number.
+MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1), (2, _V2_OAUTH))
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+assert [v for v, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
 
 class SchemaMismatch(StateUnavailable):

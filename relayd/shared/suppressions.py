@@ -126,6 +126,11 @@ class SharedSuppressions:
             self._start()
         return self._snapshot
 
+    def last_seen(self) -> frozenset[str]:
+        """The list as this node last saw it (kept in its state_dir), without asking the
+        database: what the daemon checks while the database cannot be reached."""
+        return self._snapshot
+
     # -- keeping the snapshot current -----------------------------------------------------
     def _start(self) -> None:
         with self._lock:

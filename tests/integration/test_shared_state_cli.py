@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relayd.shared.schema import SCHEMA_VERSION
 from tests.support.operator import run_cli
 from tests.support.postgres import PASSWORD, Cluster
 from tests.support.relay import ROOT, free_port, write_config
@@ -34,10 +35,10 @@ def test_migrate_creates_then_finds_current_and_a_second_node_agrees(tmp_path: P
     b = _config(tmp_path / "b", pg.url, node="relay-b")
     first = run_cli(a, "shared-state", "migrate")
     assert first.code == 0, first.err
-    assert first.out == f"migrated {pg.url} from schema version 0 to 1\n"
+    assert first.out == f"migrated {pg.url} from schema version 0 to {SCHEMA_VERSION}\n"
     again = run_cli(b, "shared-state", "migrate")
-    assert (again.code, again.out) == (0, f"schema version 1 is current in {pg.url}\n")
-    assert pg.psql("SELECT version FROM relayd_schema") == "1"
+    assert (again.code, again.out) == (0, f"schema version {SCHEMA_VERSION} is current in {pg.url}\n")
+    assert pg.psql("SELECT version FROM relayd_schema") == str(SCHEMA_VERSION)
     _no_password(first.out, first.err, again.out, again.err)
 
 
@@ -55,14 +56,14 @@ def test_migrate_and_run_refuse_a_newer_schema(tmp_path: Path, pg: Cluster) -> N
     pg.psql("UPDATE relayd_schema SET version = 99")
     result = run_cli(cfg, "shared-state", "migrate")
     assert result.code == 1
-    assert "schema is version 99, newer than this relayd knows (1)" in result.err
+    assert f"schema is version 99, newer than this relayd knows ({SCHEMA_VERSION})" in result.err
     run = subprocess.run([sys.executable, "-m", "relayd", "-c", str(cfg), "run"],
                          capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 1
     assert ("relayd: cannot start: shared_state: the database's relayd schema is version 99, "
-            "newer than this relayd knows (1): a newer relayd migrated it; upgrade relayd on "
-            "this node") in run.stderr
+            f"newer than this relayd knows ({SCHEMA_VERSION}): a newer relayd migrated it; "
+            "upgrade relayd on this node") in run.stderr
     _no_password(result.err, run.stderr, run.stdout)
 
 
