@@ -31,7 +31,7 @@ from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
     from relayd.daemon.delivering import Delivering
-    from relayd.delivery.qmgr import Pool
+    from relayd.delivery.ports import Pool
 
 log = logging.getLogger("relayd")
 

@@ -21,7 +21,8 @@ from relayd.control.metrics import Recorder
 from relayd.daemon.state import StateBackend
 from relayd.delivery.gate import DeliveryGate
 from relayd.delivery.per_host import HostLimits
-from relayd.delivery.qmgr import Pool, QueueManager
+from relayd.delivery.ports import Pool
+from relayd.delivery.qmgr import QueueManager
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ class Delivering:
                              send_email=self.send_alert_email, clock=clock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gate = DeliveryGate(config, state.store, cap_window=cap_window,
-                                 cap_factory=state.daily_cap, alert=self._alert_soon)
+                                 cap_factory=state.daily_cap, rate_factory=state.rate,
+                                 alert=self._alert_soon)
         # Each smarthost's own daily_cap and rate (routing); nothing per send without them.
         self.host_limits = HostLimits(config.state_dir, clock, cap_window=cap_window)
         self.qmgr = QueueManager(spool, config.spool, config.smarthosts,
@@ -129,7 +131,7 @@ class Delivering:
             else:
                 self.alerts.fire("shared_state_down", "shared_state",
                                  f"shared_state: {problem}; mail is accepted, deliveries that "
-                                 "need limits.daily_cap wait")
+                                 "need limits.daily_cap or limits.rate wait")
         remaining = self.gate.cap_remaining(self.clock())
         self.metrics.set_daily_cap_remaining(remaining)
         if remaining:

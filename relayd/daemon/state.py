@@ -1,4 +1,5 @@
-"""Where a node keeps what is not its spool: the do-not-email list and the daily cap's count.
+"""Where a node keeps what is not its spool: the do-not-email list, the daily cap's count and
+the rate's pace.
 
 ``build_state`` chooses once, from the config, for the assemblies: the embedded SQLite files
 under ``state_dir`` (``LocalState``, a single relay) or the fleet's PostgreSQL database
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 from relayd.config.schema import Config
-from relayd.delivery.limits import Cap, local_cap
+from relayd.delivery.limits import Cap, Pacer, RateLimiter, local_cap
 from relayd.policy.suppressions import SuppressionList, SuppressionStore
+from relayd.units import Rate
 
 
 class StateBackend(Protocol):
@@ -22,6 +24,9 @@ class StateBackend(Protocol):
 
     def daily_cap(self, cap: int, window: float) -> Cap:
         """The count behind ``limits.daily_cap`` (the gate's cap factory)."""
+
+    def rate(self, rate: Rate) -> Pacer:
+        """The pace behind ``limits.rate`` (the gate's pacer factory)."""
 
     def health(self) -> tuple[bool, str] | None:
         """None without shared state; else (reachable, why not)."""
@@ -38,6 +43,9 @@ class LocalState:
 
     def daily_cap(self, cap: int, window: float) -> Cap:
         return self._cap(cap, window)
+
+    def rate(self, rate: Rate) -> Pacer:
+        return RateLimiter(rate)
 
     def health(self) -> tuple[bool, str] | None:
         return None

@@ -185,6 +185,18 @@ class DailyCap:
                              remaining=self.remaining(now), next_free_at=self.next_free_at(now))
 
 
+class Pacer(Protocol):
+    """``limits.rate`` as the delivery gate uses it: ``RateLimiter`` below (this node's token
+    bucket) or ``relayd.shared.rate.SharedRate`` (the fleet's, in PostgreSQL; its ``wait``
+    raises ``StateUnavailable`` while the database cannot be reached)."""
+
+    async def wait(self, n: int = 1) -> None: ...
+
+
+# How the gate gets its pacer for a ``limits.rate`` (the assemblies choose).
+PacerFactory = Callable[[Rate], Pacer]
+
+
 class RateLimiter:
     """Token bucket: ``rate.per_second`` tokens a second, burst of one second's worth (SPEC).
 

@@ -1,5 +1,5 @@
 """The shared state as the assemblies use it: one connection per process, the fleet's
-do-not-email list and daily cap over it, and its health for the metric and the alert.
+do-not-email list, daily cap and rate over it, and its health for the metric and the alert.
 
 It has the shape of ``relayd.daemon.state.StateBackend``; ``LocalState`` there is the
 embedded (SQLite) one.
@@ -12,7 +12,9 @@ from pathlib import Path
 from relayd.config.schema import SharedStateConfig
 from relayd.shared.cap import SharedDailyCap
 from relayd.shared.db import SharedDB
+from relayd.shared.rate import SharedRate
 from relayd.shared.suppressions import SharedSuppressions
+from relayd.units import Rate
 
 
 class SharedState:
@@ -23,6 +25,7 @@ class SharedState:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = SharedSuppressions(self.db, cache_dir=state_dir)
         self._cap: SharedDailyCap | None = None
+        self._rate: SharedRate | None = None
 
     def daily_cap(self, cap: int, window: float) -> SharedDailyCap:
         """One cap object per process whatever reloads change: it holds this node's pending
@@ -31,6 +34,14 @@ class SharedState:
             self._cap = SharedDailyCap(self.db, cap, window=window)
         self._cap.cap, self._cap.window = cap, window
         return self._cap
+
+    def rate(self, rate: Rate) -> SharedRate:
+        """One pacer per process (the slots it holds stay valid across a reload)."""
+        if self._rate is None:
+            self._rate = SharedRate(self.db, rate)
+        else:
+            self._rate.update(rate)
+        return self._rate
 
     def health(self) -> tuple[bool, str] | None:
         return self.db.up, self.db.problem

@@ -16,7 +16,7 @@ from relayd.errors import StateUnavailable
 if TYPE_CHECKING:
     import psycopg
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock keys (any two constants; they only need to differ from each other).
 MIGRATE_LOCK = 0x72656C6179640001
 CAP_LOCK = 0x72656C6179640002
@@ -52,7 +52,13 @@ _V1: tuple[LiteralString, ...] = (
     "addresses integer NOT NULL, deliveries integer NOT NULL)",
 )
 
-MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1),)
+# Version 2: the fleet's rate (one row per one-second window: the slots the nodes took).
+_V2: tuple[LiteralString, ...] = (
+    "CREATE TABLE relayd_rate_windows (second bigint PRIMARY KEY, used integer NOT NULL, "
+    "last_grant integer NOT NULL)",
+)
+
+MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1), (2, _V2))
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 
 

@@ -34,11 +34,31 @@ def test_migrate_creates_then_finds_current_and_a_second_node_agrees(tmp_path: P
     b = _config(tmp_path / "b", pg.url, node="relay-b")
     first = run_cli(a, "shared-state", "migrate")
     assert first.code == 0, first.err
-    assert first.out == f"migrated {pg.url} from schema version 0 to 1\n"
+    assert first.out == f"migrated {pg.url} from schema version 0 to 2\n"
     again = run_cli(b, "shared-state", "migrate")
-    assert (again.code, again.out) == (0, f"schema version 1 is current in {pg.url}\n")
-    assert pg.psql("SELECT version FROM relayd_schema") == "1"
+    assert (again.code, again.out) == (0, f"schema version 2 is current in {pg.url}\n")
+    assert pg.psql("SELECT version FROM relayd_schema") == "2"
     _no_password(first.out, first.err, again.out, again.err)
+
+
+def test_migrate_upgrades_a_version_1_database_and_run_refuses_it_before(tmp_path: Path,
+                                                                        pg: Cluster) -> None:
+    cfg = _config(tmp_path, pg.url)
+    assert run_cli(cfg, "shared-state", "migrate").code == 0
+    # What relayd's schema version 1 left: no table for the fleet's rate yet
+    pg.psql("DROP TABLE relayd_rate_windows; UPDATE relayd_schema SET version = 1")
+    pg.psql("INSERT INTO relayd_suppressions (address, reason, node) "
+            "VALUES ('kept@example.net', 'manual', 'relay-a')")
+    run = subprocess.run([sys.executable, "-m", "relayd", "-c", str(cfg), "run"],
+                         capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 1
+    assert ("the database's relayd schema is version 1, older than this relayd's (2): run "
+            "'relayd shared-state migrate'") in run.stderr
+    result = run_cli(cfg, "shared-state", "migrate")
+    assert (result.code, result.out) == (0, f"migrated {pg.url} from schema version 1 to 2\n")
+    assert pg.psql("SELECT count(*) FROM relayd_rate_windows") == "0"
+    assert pg.psql("SELECT address FROM relayd_suppressions") == "kept@example.net"
 
 
 def test_migrate_exits_1_when_the_database_is_unreachable(tmp_path: Path) -> None:
@@ -55,13 +75,13 @@ def test_migrate_and_run_refuse_a_newer_schema(tmp_path: Path, pg: Cluster) -> N
     pg.psql("UPDATE relayd_schema SET version = 99")
     result = run_cli(cfg, "shared-state", "migrate")
     assert result.code == 1
-    assert "schema is version 99, newer than this relayd knows (1)" in result.err
+    assert "schema is version 99, newer than this relayd knows (2)" in result.err
     run = subprocess.run([sys.executable, "-m", "relayd", "-c", str(cfg), "run"],
                          capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 1
     assert ("relayd: cannot start: shared_state: the database's relayd schema is version 99, "
-            "newer than this relayd knows (1): a newer relayd migrated it; upgrade relayd on "
+            "newer than this relayd knows (2): a newer relayd migrated it; upgrade relayd on "
             "this node") in run.stderr
     _no_password(result.err, run.stderr, run.stdout)
 
