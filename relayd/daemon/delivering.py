@@ -43,7 +43,8 @@ class Delivering:
         self.metrics = metrics
         self.state = state
         self.alerts = Alerts(config.alerts, hostname=config.hostname,
-                             send_email=self.send_alert_email, clock=clock)
+                             send_email=self.send_alert_email, clock=clock,
+                             fleet=state.alert_fleet())
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gate = DeliveryGate(config, state.store, cap_window=cap_window,
                                  cap_factory=state.daily_cap, rate_factory=state.rate,

@@ -1,5 +1,5 @@
-"""Where a node keeps what is not its spool: the do-not-email list, the daily cap's count and
-the rate's pace.
+"""Where a node keeps what is not its spool: the do-not-email list, the daily cap's count,
+the rate's pace and who sends an alert.
 
 ``build_state`` chooses once, from the config, for the assemblies: the embedded SQLite files
 under ``state_dir`` (``LocalState``, a single relay) or the fleet's PostgreSQL database
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from relayd.config.schema import Config
+from relayd.control.alerts import Fleet
 from relayd.delivery.limits import Cap, Pacer, RateLimiter, local_cap
 from relayd.policy.suppressions import SuppressionList, SuppressionStore
 from relayd.units import Rate
@@ -27,6 +28,9 @@ class StateBackend(Protocol):
 
     def rate(self, rate: Rate) -> Pacer:
         """The pace behind ``limits.rate`` (the gate's pacer factory)."""
+
+    def alert_fleet(self) -> Fleet | None:
+        """None without shared state; else who of the fleet sends an alert."""
 
     def health(self) -> tuple[bool, str] | None:
         """None without shared state; else (reachable, why not)."""
@@ -46,6 +50,9 @@ class LocalState:
 
     def rate(self, rate: Rate) -> Pacer:
         return RateLimiter(rate)
+
+    def alert_fleet(self) -> Fleet | None:
+        return None
 
     def health(self) -> tuple[bool, str] | None:
         return None

@@ -1,5 +1,5 @@
 """The shared state as the assemblies use it: one connection per process, the fleet's
-do-not-email list, daily cap and rate over it, and its health for the metric and the alert.
+do-not-email list, daily cap, rate and alerts over it, and its health for the metric and the alert.
 
 It has the shape of ``relayd.daemon.state.StateBackend``; ``LocalState`` there is the
 embedded (SQLite) one.
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from relayd.config.schema import SharedStateConfig
+from relayd.shared.alerts import FleetAlerts
 from relayd.shared.cap import SharedDailyCap
 from relayd.shared.db import SharedDB
 from relayd.shared.rate import SharedRate
@@ -26,6 +27,7 @@ class SharedState:
         self.store = SharedSuppressions(self.db, cache_dir=state_dir)
         self._cap: SharedDailyCap | None = None
         self._rate: SharedRate | None = None
+        self._alerts = FleetAlerts(self.db)
 
     def daily_cap(self, cap: int, window: float) -> SharedDailyCap:
         """One cap object per process whatever reloads change: it holds this node's pending
@@ -42,6 +44,9 @@ class SharedState:
         else:
             self._rate.update(rate)
         return self._rate
+
+    def alert_fleet(self) -> FleetAlerts:
+        return self._alerts
 
     def health(self) -> tuple[bool, str] | None:
         return self.db.up, self.db.problem

@@ -52,10 +52,15 @@ _V1: tuple[LiteralString, ...] = (
     "addresses integer NOT NULL, deliveries integer NOT NULL)",
 )
 
-# Version 2: the fleet's rate (one row per one-second window: the slots the nodes took).
+# Version 2: the fleet's rate (one row per one-second window: the slots the nodes took) and
+# its alerts (per active (event, key): the nodes that see it now, those that saw it, and the
+# node that sent the notice).
 _V2: tuple[LiteralString, ...] = (
     "CREATE TABLE relayd_rate_windows (second bigint PRIMARY KEY, used integer NOT NULL, "
     "last_grant integer NOT NULL)",
+    "CREATE TABLE relayd_alerts (event text NOT NULL, key text NOT NULL, "
+    "since double precision NOT NULL, nodes text[] NOT NULL, seen text[] NOT NULL, "
+    "notifier text, PRIMARY KEY (event, key))",
 )
 
 MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1), (2, _V2))

@@ -45,8 +45,8 @@ def test_migrate_upgrades_a_version_1_database_and_run_refuses_it_before(tmp_pat
                                                                         pg: Cluster) -> None:
     cfg = _config(tmp_path, pg.url)
     assert run_cli(cfg, "shared-state", "migrate").code == 0
-    # What relayd's schema version 1 left: no table for the fleet's rate yet
-    pg.psql("DROP TABLE relayd_rate_windows; UPDATE relayd_schema SET version = 1")
+    # What relayd's schema version 1 left: no tables for the fleet's rate and alerts yet
+    pg.psql("DROP TABLE relayd_rate_windows, relayd_alerts; UPDATE relayd_schema SET version = 1")
     pg.psql("INSERT INTO relayd_suppressions (address, reason, node) "
             "VALUES ('kept@example.net', 'manual', 'relay-a')")
     run = subprocess.run([sys.executable, "-m", "relayd", "-c", str(cfg), "run"],
@@ -58,6 +58,7 @@ def test_migrate_upgrades_a_version_1_database_and_run_refuses_it_before(tmp_pat
     result = run_cli(cfg, "shared-state", "migrate")
     assert (result.code, result.out) == (0, f"migrated {pg.url} from schema version 1 to 2\n")
     assert pg.psql("SELECT count(*) FROM relayd_rate_windows") == "0"
+    assert pg.psql("SELECT count(*) FROM relayd_alerts") == "0"
     assert pg.psql("SELECT address FROM relayd_suppressions") == "kept@example.net"
 
 
