@@ -59,6 +59,7 @@ class Delivering:
                                 priority_exempt=config.limits.priority_exempt)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._refreshing: asyncio.Future[None] | None = None
 
     def make_pool(self, sh: Smarthost) -> Pool:
         """A smarthost pool for ``sh`` with the current settings (and its OAuth token source)."""
@@ -126,6 +127,7 @@ class Delivering:
         if health is not None:
             up, problem = health
             self.metrics.set_shared_state_up(up)
+            self._refresh_cap()
             if up:
                 self.alerts.clear("shared_state_down", "shared_state",
                                   "shared_state: the database is reachable again")
@@ -137,6 +139,13 @@ class Delivering:
         self.metrics.set_daily_cap_remaining(remaining)
         if remaining:
             self.alerts.clear("daily_cap_reached", "daily_cap", "limits.daily_cap has room again")
+
+    def _refresh_cap(self) -> None:
+        """In a fleet the others' deliveries change the cap: re-read it in a worker thread
+        (the database is never asked on the loop), for the gauge of the next housekeeping."""
+        if self._loop is None or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        self._refreshing = self._loop.run_in_executor(None, self.gate.refresh_cap, self.clock())
 
     async def stop(self, grace: float = 60.0) -> None:
         """In-flight deliveries finish or go back to the queue; then the alerts flush."""

@@ -10,6 +10,7 @@ It compiles the policy without DKIM keys: delivery never signs (acceptance did).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -167,6 +168,15 @@ class DeliveryGate:
                             rcpt, exc)
                 return
             log.info("added <%s> to the do-not-email list after a hard bounce (%s)", rcpt, reply)
+
+    def refresh_cap(self, now: float) -> None:
+        """Worker thread: re-read a shared cap's count for the gauge (kept as it was while
+        the database cannot be reached)."""
+        cap = self._cap
+        if cap is not None:
+            # While down: relayd_shared_state_up and the alert say so; the gauge keeps the last.
+            with contextlib.suppress(StateUnavailable):
+                cap.refresh(now)
 
     def cap_remaining(self, now: float) -> int | None:
         return None if self._cap is None else self._cap.remaining(now)

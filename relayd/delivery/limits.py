@@ -50,6 +50,9 @@ class Cap(Protocol):
 
     def remaining(self, now: float) -> int: ...
 
+    def refresh(self, now: float) -> None:
+        """Re-read the count where other processes change it (blocking; the fleet's)."""
+
     def close(self) -> None: ...
 
 
@@ -179,6 +182,9 @@ class DailyCap:
             if self._db is not None:
                 self._db.execute("INSERT INTO deliveries (at, n) VALUES (?, ?)", (now, n))
                 self._db.execute("DELETE FROM deliveries WHERE at <= ?", (now - self.window,))
+
+    def refresh(self, now: float) -> None:
+        """Nothing to re-read: this node's count is in memory."""
 
     def statistics(self, now: float) -> CapStatistics:
         return CapStatistics(cap=self.cap, used=self.used(now), in_flight=self._in_flight,
