@@ -23,6 +23,11 @@ Usage: ``python bench/relay_bench.py`` (as root, for Postfix; ``--only relayd`` 
 ``--baseline DIR`` also runs the relayd of another checkout (``git worktree add DIR REV``) as
 ``relayd-base``, alternating with this one in every round: a before/after of a change measured
 side by side in one run (``--only relayd --baseline DIR`` skips Postfix).
+``--shared-state URL`` also runs the same relayd with ``shared_state`` (a fleet of one node on
+that PostgreSQL database, password from ``$RELAYD_BENCH_PG_PASSWORD``, tables migrated first)
+as ``relayd-shared``, alternating with ``relayd`` in every round: the cost of the shared state.
+``--daily-cap N`` and ``--rate R`` set ``limits`` for every relayd (so that the cap and rate go
+through the database in ``relayd-shared``).
 ``--json FILE`` also writes every measurement; ``--profile DIR`` records relayd with py-spy
 (``pip install py-spy``) into ``DIR/<scenario>.svg``/``.txt``.
 """
@@ -178,7 +183,7 @@ class Relayd:
 
     def __init__(self, workdir: Path, sink_port: int, connections: int,
                  profile: Path | None = None, profile_name: str = "", log_level: str = "info",
-                 tree: Path = ROOT, name: str = "relayd") -> None:
+                 tree: Path = ROOT, name: str = "relayd", extra_config: str = "") -> None:
         self.name = name
         self.tree = tree  # the checkout whose relayd runs (another one for --baseline)
         self.workdir = workdir
@@ -187,7 +192,7 @@ class Relayd:
         (workdir / "state").mkdir(parents=True, exist_ok=True)
         self.config.write_text(RELAYD_CONFIG.format(
             port=self.port, spool=workdir / "spool", state=workdir / "state", sink_port=sink_port,
-            connections=connections, log_level=log_level))
+            connections=connections, log_level=log_level) + extra_config)
         self.log = workdir / "relayd.log"
         self.profile = profile
         self.profile_name = profile_name
@@ -196,6 +201,9 @@ class Relayd:
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(self.tree)}
+        if "shared_state:" in self.config.read_text():
+            subprocess.run([sys.executable, "-m", "relayd", "-c", str(self.config), "shared-state",
+                            "migrate"], env=env, cwd=self.tree, check=True, capture_output=True)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "-c", str(self.config),
                                           "run"], stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -523,6 +531,11 @@ def report(results: list[Measurement], scenarios: list[Scenario]) -> str:
             shown = ", ".join(f"{r.e2e_rate / b.e2e_rate:.2f}x"
                               for r, b in zip(rel, base, strict=False))
             lines.append(f"{sc.name}: relayd / relayd-base end to end = {shown}")
+        shared = [m for m in results if m.scenario == sc.name and m.system == "relayd-shared"]
+        if rel and shared and all(r.e2e_rate for r in rel):
+            shown = ", ".join(f"{s.e2e_rate / r.e2e_rate:.2f}x"
+                              for s, r in zip(shared, rel, strict=False))
+            lines.append(f"{sc.name}: relayd-shared / relayd end to end = {shown}")
     return "\n".join(lines)
 
 
@@ -550,7 +563,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, help="py-spy relayd into this directory")
     p.add_argument("--baseline", type=Path,
                    help="also run the relayd of this checkout as relayd-base (before/after)")
+    p.add_argument("--shared-state", metavar="URL",
+                   help="also run relayd with shared_state on this database as relayd-shared")
+    p.add_argument("--daily-cap", type=int, help="limits.daily_cap for every relayd")
+    p.add_argument("--rate", help="limits.rate for every relayd (e.g. 100000/s)")
     a = p.parse_args(argv)
+    limits = "".join(f"  {k}: {v}\n" for k, v in (("daily_cap", a.daily_cap), ("rate", a.rate))
+                     if v is not None)
+    limits = f"limits:\n{limits}" if limits else ""
 
     scenarios = [Scenario("1KB", 1024, a.count_1k), Scenario("100KB", 100 * 1024, a.count_100k)]
     if a.latency_rate:
@@ -560,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     systems = ["relayd", "postfix"] if a.only is None else [a.only]
     if a.baseline is not None:
         systems.insert(1, "relayd-base")
+    if a.shared_state is not None:
+        systems.insert(1, "relayd-shared")
     if "postfix" in systems and (why := available()):
         print(f"Postfix cannot run here: {why}; use --only relayd", file=sys.stderr)
         return 2
@@ -590,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
                         system: Relayd | Postfix = (
                             Relayd(wd, sink_port, a.relayd_connections, a.profile, tag,
                                    a.relayd_log_level,
-                                   tree=a.baseline if name == "relayd-base" else ROOT, name=name)
+                                   tree=a.baseline if name == "relayd-base" else ROOT, name=name,
+                                   extra_config=limits + (shared_config(a.shared_state)
+                                                          if name == "relayd-shared" else ""))
                             if name != "postfix" else Postfix(wd, sink_port))
                         m = measure(system, sink, sc, a.sessions, a.warmup)
                         results.append(m)
@@ -611,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps([asdict(m) for m in results], indent=1))
     return 0
+
+
+def shared_config(url: str) -> str:
+    """relayd-shared's ``shared_state`` (a local database: no TLS)."""
+    return (f"shared_state:\n  url: {url}\n  password_env: RELAYD_BENCH_PG_PASSWORD\n"
+            "  sslmode: disable\n  node: bench\n")
 
 
 def compile_bytecode(*trees: Path) -> None:

@@ -6,6 +6,12 @@ sends one alert, not one per message or per retry: a (event, key) pair that is a
 is only re-notified after ``renotify_after`` (default 6 h), and its end sends one recovery
 notice. Delivery runs in a background task fed by a bounded queue, so ``fire``/``clear`` never
 block or raise into the caller; a webhook or mail failure is logged and dropped.
+
+In a fleet (``shared_state``) the events about what the nodes share (a smarthost, the daily
+cap: ``FLEET_EVENTS``) go through the fleet's table before they are sent
+(relayd/shared/alerts.py): the first node to fire notifies, naming the nodes that saw the
+outage, and the last to clear sends the one recovery. The sender asks the database in a worker
+thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from relayd.config.schema import AlertsConfig
+from relayd.errors import StateUnavailable
 
 log = logging.getLogger("relayd.alerts")
 
@@ -40,6 +48,26 @@ HTTP_TIMEOUT = 10.0
 EVENT_BURST = 5
 EVENT_WINDOW = 3600.0
 MAX_TRACKED = 10_000
+# The events about what a fleet's nodes share: one notice per outage for the fleet.
+FLEET_EVENTS = frozenset({"smarthost_down", "auth_failed", "daily_cap_reached"})
+# The node that notifies waits this long first, so that the nodes meeting the same outage at
+# the same moment are named in the one notice.
+FLEET_GATHER = 3.0
+
+
+class Fleet(Protocol):
+    """Who notifies in a fleet (relayd.shared.alerts.FleetAlerts); blocking calls that raise
+    StateUnavailable while the database cannot be reached."""
+
+    node: str
+
+    def fire(self, event: str, key: str, since: float, repeat: bool) -> tuple[bool, tuple[str, ...]]: ...
+
+    def clear(self, event: str, key: str) -> tuple[bool, tuple[str, ...]]: ...
+
+    def seen(self, event: str, key: str) -> tuple[str, ...]: ...
+
+    def leave(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -54,11 +82,13 @@ class Notice:
     since: float
     repeat: bool = False
     suppressed: int = 0  # notifications of this event held back by the per-event limit
+    nodes: tuple[str, ...] = ()  # in a fleet: the nodes that saw it
 
     def payload(self, hostname: str) -> dict[str, object]:
         """The webhook's JSON object (documented in docs/operations.md)."""
         word = "FIRING" if self.state == "firing" else "RESOLVED"
-        return {
+        seen = f" (seen by {', '.join(self.nodes)})" if self.nodes else ""
+        payload: dict[str, object] = {
             "source": "relayd",
             "host": hostname,
             "event": self.event,
@@ -70,9 +100,12 @@ class Notice:
             "repeat": self.repeat,
             "suppressed": self.suppressed,
             # Slack/Mattermost-compatible incoming webhooks show "text" as is.
-            "text": f"[relayd {hostname}] {word} {self.event} {self.key}: {self.message}"
+            "text": f"[relayd {hostname}] {word} {self.event} {self.key}: {self.message}{seen}"
                     + (f" (+{self.suppressed} similar not sent)" if self.suppressed else ""),
         }
+        if self.nodes:   # only in a fleet: a single relay's payload is unchanged
+            payload["nodes"] = list(self.nodes)
+        return payload
 
 
 def _iso(ts: float) -> str:
@@ -87,7 +120,8 @@ class Alerts:
                  renotify_after: float = DEFAULT_RENOTIFY,
                  ssl_context: ssl.SSLContext | None = None,
                  queue_size: int = QUEUE_SIZE, event_burst: int = EVENT_BURST,
-                 event_window: float = EVENT_WINDOW) -> None:
+                 event_window: float = EVENT_WINDOW, fleet: Fleet | None = None,
+                 gather: float = FLEET_GATHER) -> None:
         self._cfg = cfg
         self._hostname = hostname
         self._send_email = send_email
@@ -102,6 +136,9 @@ class Alerts:
         # event -> (window start, notifications in window, held back since last notification)
         self._budget: dict[str, tuple[float, int, int]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._fleet = fleet
+        self._gather = gather
+        self._notified: set[tuple[str, str]] = set()  # fleet alerts this node announced
         self.sent = 0      # notifications delivered to at least one channel (for tests/metrics)
         self.dropped = 0   # notifications lost to a full queue
 
@@ -168,8 +205,11 @@ class Alerts:
         else:
             self.clear("queue_age", "queue", "no queued message is older than alerts.queue_age")
 
+    def _channels(self) -> bool:
+        return bool(self._cfg.webhook or (self._cfg.email and self._send_email))
+
     def _enqueue(self, notice: Notice) -> None:
-        if not (self._cfg.webhook or (self._cfg.email and self._send_email)):
+        if not self._channels():
             return
         try:
             self._queue.put_nowait(notice)
@@ -184,6 +224,11 @@ class Alerts:
 
     async def run(self) -> None:
         """Deliver queued notices forever (run it in the daemon's TaskGroup or via start())."""
+        if self._fleet is not None and self._channels():
+            try:
+                await asyncio.to_thread(self._fleet.leave)
+            except StateUnavailable as exc:
+                log.warning("alerts: cannot tell the fleet this node started: %s", exc)
         while True:
             notice = await self._queue.get()
             try:
@@ -206,7 +251,44 @@ class Alerts:
             await self._task
         self._task = None
 
+    async def _through_fleet(self, fleet: Fleet, notice: Notice) -> Notice | None:
+        """The notice as this node sends it in a fleet, or None when another node does."""
+        k = (notice.event, notice.key)
+        try:
+            if notice.state == "firing":
+                notify, nodes = await asyncio.to_thread(fleet.fire, notice.event, notice.key,
+                                                        notice.since, notice.repeat)
+                if not notify:
+                    log.info("alert %s %s: notified by another node of the fleet", *k)
+                    return None
+                self._notified.add(k)
+                if not notice.repeat and self._gather > 0:
+                    await asyncio.sleep(self._gather)
+                    nodes = await asyncio.to_thread(fleet.seen, notice.event, notice.key) or nodes
+            else:
+                last, nodes = await asyncio.to_thread(fleet.clear, notice.event, notice.key)
+                self._notified.discard(k)
+                if not last:
+                    return None
+        except StateUnavailable as exc:
+            # Alone: an alert sent by two nodes beats one that nobody sends. A recovery only
+            # from a node that announced the outage.
+            log.warning("alerts: the fleet cannot be asked who notifies (%s); notifying alone", exc)
+            if notice.state == "firing":
+                self._notified.add(k)
+            elif k not in self._notified:
+                return None
+            else:
+                self._notified.discard(k)
+            nodes = (fleet.node,)
+        return dataclasses.replace(notice, nodes=tuple(nodes))
+
     async def _deliver(self, notice: Notice) -> None:
+        if self._fleet is not None and notice.event in FLEET_EVENTS:
+            fleet_notice = await self._through_fleet(self._fleet, notice)
+            if fleet_notice is None:
+                return
+            notice = fleet_notice
         ok = False
         if self._cfg.webhook:
             try:
@@ -236,6 +318,8 @@ class Alerts:
         msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies to alerts
         body = [notice.message, "", f"event: {notice.event}", f"key: {notice.key}",
                 f"state: {notice.state}", f"since: {_iso(notice.since)}", f"host: {self._hostname}"]
+        if notice.nodes:
+            body.append(f"nodes: {', '.join(notice.nodes)}")
         msg.set_content("\n".join(body) + "\n")
         return msg.as_bytes(policy=SMTP)
 

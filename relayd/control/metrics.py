@@ -59,6 +59,9 @@ class Recorder:
     def set_shared_state_up(self, up: bool) -> None:
         """With shared_state: whether the fleet's database answered this node last time."""
 
+    def set_node(self, node: str) -> None:
+        """With shared_state: this node's name in the fleet (``relayd_node_info``)."""
+
 
 class Metrics(Recorder):
     """The SPEC's metric names, registered in a private registry."""
@@ -102,6 +105,7 @@ class Metrics(Recorder):
         self._auth: Counter | None = None
 
         self._shared_up: Gauge | None = None
+        self._node_info: Gauge | None = None
 
     def declare_smarthosts(self, names: Iterable[str]) -> None:
         """Create every smarthost's series at zero so dashboards and alerts see them before the
@@ -163,6 +167,18 @@ class Metrics(Recorder):
             self._shared_up = Gauge("relayd_shared_state_up", "1 when the fleet's shared "
                                     "state (PostgreSQL) answered this node", registry=self.registry)
         self._shared_up.set(1 if up else 0)
+
+    def set_node(self, node: str) -> None:
+        # Only in a fleet, and a series of its own: the node is not a label of the other
+        # metrics (each node serves its own /metrics; Prometheus's instance label tells them
+        # apart), so a join on this one shows the name.
+        if self._node_info is None:
+            from prometheus_client import Gauge  # lazy: see __init__
+
+            self._node_info = Gauge("relayd_node_info", "This relay's shared_state.node name "
+                                    "in the fleet (always 1)", ["node"], registry=self.registry)
+        self._node_info.clear()
+        self._node_info.labels(node=node).set(1)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -31,7 +31,7 @@ from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
     from relayd.daemon.delivering import Delivering
-    from relayd.delivery.qmgr import Pool
+    from relayd.delivery.ports import Pool
 
 log = logging.getLogger("relayd")
 
@@ -88,6 +88,8 @@ class Parts:
         if metrics is None:
             metrics = Metrics() if config.metrics.listen is not None else Recorder()
         metrics.declare_smarthosts(s.name for s in config.smarthosts)
+        if config.shared_state is not None:
+            metrics.set_node(config.shared_state.node)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         return cls(config, Spool(config.spool.path, keep_recent=keep_recent),
                    ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="relayd-io"),
@@ -173,6 +175,8 @@ class Daemon(Generic[D]):
         if self.hooks.on_reloading:
             self.hooks.on_reloading()
         self.config = new
+        if new.shared_state is not None:
+            self.metrics.set_node(new.shared_state.node)
         self.accepting.reload(new, read_dkim_keys(new) if dkim_keys is None else dkim_keys)
         self.delivery.reload(new)
         log.info("configuration reloaded")

@@ -21,7 +21,8 @@ from relayd.control.metrics import Recorder
 from relayd.daemon.state import StateBackend
 from relayd.delivery.gate import DeliveryGate
 from relayd.delivery.per_host import HostLimits
-from relayd.delivery.qmgr import Pool, QueueManager
+from relayd.delivery.ports import Pool
+from relayd.delivery.qmgr import QueueManager
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -42,10 +43,12 @@ class Delivering:
         self.metrics = metrics
         self.state = state
         self.alerts = Alerts(config.alerts, hostname=config.hostname,
-                             send_email=self.send_alert_email, clock=clock)
+                             send_email=self.send_alert_email, clock=clock,
+                             fleet=state.alert_fleet())
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gate = DeliveryGate(config, state.store, cap_window=cap_window,
-                                 cap_factory=state.daily_cap, alert=self._alert_soon)
+                                 cap_factory=state.daily_cap, rate_factory=state.rate,
+                                 alert=self._alert_soon)
         # Each smarthost's own daily_cap and rate (routing); nothing per send without them.
         self.host_limits = HostLimits(config.state_dir, clock, cap_window=cap_window)
         self.qmgr = QueueManager(spool, config.spool, config.smarthosts,
@@ -56,6 +59,7 @@ class Delivering:
                                 priority_exempt=config.limits.priority_exempt)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._refreshing: asyncio.Future[None] | None = None
 
     def make_pool(self, sh: Smarthost) -> Pool:
         """A smarthost pool for ``sh`` with the current settings (and its OAuth token source)."""
@@ -124,17 +128,25 @@ class Delivering:
         if health is not None:
             up, problem = health
             self.metrics.set_shared_state_up(up)
+            self._refresh_cap()
             if up:
                 self.alerts.clear("shared_state_down", "shared_state",
                                   "shared_state: the database is reachable again")
             else:
                 self.alerts.fire("shared_state_down", "shared_state",
                                  f"shared_state: {problem}; mail is accepted, deliveries that "
-                                 "need limits.daily_cap wait")
+                                 "need limits.daily_cap or limits.rate wait")
         remaining = self.gate.cap_remaining(self.clock())
         self.metrics.set_daily_cap_remaining(remaining)
         if remaining:
             self.alerts.clear("daily_cap_reached", "daily_cap", "limits.daily_cap has room again")
+
+    def _refresh_cap(self) -> None:
+        """In a fleet the others' deliveries change the cap: re-read it in a worker thread
+        (the database is never asked on the loop), for the gauge of the next housekeeping."""
+        if self._loop is None or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        self._refreshing = self._loop.run_in_executor(None, self.gate.refresh_cap, self.clock())
 
     async def stop(self, grace: float = 60.0) -> None:
         """In-flight deliveries finish or go back to the queue; then the alerts flush."""

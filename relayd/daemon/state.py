@@ -1,5 +1,5 @@
-"""Where a node keeps what is not its spool: the do-not-email list, the daily cap's count and
-(in a fleet) the OAuth token cache's shared copy.
+"""Where a node keeps what is not its spool: the do-not-email list, the daily cap's count,
+the rate's pace, who sends an alert and (in a fleet) the OAuth token cache's shared copy.
 
 ``build_state`` chooses once, from the config, for the assemblies: the embedded SQLite files
 under ``state_dir`` (``LocalState``, a single relay) or the fleet's PostgreSQL database
@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from relayd.config.schema import Config
-from relayd.delivery.limits import Cap, local_cap
+from relayd.control.alerts import Fleet
+from relayd.delivery.limits import Cap, Pacer, RateLimiter, local_cap
 from relayd.policy.suppressions import SuppressionList, SuppressionStore
+from relayd.units import Rate
 
 if TYPE_CHECKING:  # only the type: the store loads cryptography, which this process may not need
     from relayd.oauth.store import SharedCopies
@@ -26,6 +28,12 @@ class StateBackend(Protocol):
 
     def daily_cap(self, cap: int, window: float) -> Cap:
         """The count behind ``limits.daily_cap`` (the gate's cap factory)."""
+
+    def rate(self, rate: Rate) -> Pacer:
+        """The pace behind ``limits.rate`` (the gate's pacer factory)."""
+
+    def alert_fleet(self) -> Fleet | None:
+        """None without shared state; else who of the fleet sends an alert."""
 
     def health(self) -> tuple[bool, str] | None:
         """None without shared state; else (reachable, why not)."""
@@ -45,6 +53,12 @@ class LocalState:
 
     def daily_cap(self, cap: int, window: float) -> Cap:
         return self._cap(cap, window)
+
+    def rate(self, rate: Rate) -> Pacer:
+        return RateLimiter(rate)
+
+    def alert_fleet(self) -> Fleet | None:
+        return None
 
     def health(self) -> tuple[bool, str] | None:
         return None

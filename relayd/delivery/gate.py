@@ -10,13 +10,23 @@ It compiles the policy without DKIM keys: delivery never signs (acceptance did).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from relayd.config.schema import Config, LimitsConfig
-from relayd.delivery.limits import WINDOW, Cap, CapFactory, RateLimiter, limited, local_cap
+from relayd.delivery.limits import (
+    WINDOW,
+    Cap,
+    CapFactory,
+    Pacer,
+    PacerFactory,
+    RateLimiter,
+    limited,
+    local_cap,
+)
 from relayd.delivery.outcomes import is_hard_bounce
 from relayd.errors import StateUnavailable
 from relayd.model import Envelope, Reply
@@ -36,11 +46,14 @@ class DeliveryGate:
 
     def __init__(self, cfg: Config, store: SuppressionList, *, cap_window: float = WINDOW,
                  alert: Callable[[str, str, str], None] | None = None,
-                 cap_factory: CapFactory | None = None) -> None:
+                 cap_factory: CapFactory | None = None,
+                 rate_factory: PacerFactory | None = None) -> None:
         self.store = store
         self._cap_window = cap_window  # 24 h; tests use a short window instead of waiting a day
         # The node's own count under state_dir, or the fleet's (the assembly decides).
         self._cap_factory = cap_factory or local_cap(cfg.state_dir)
+        # The node's own token bucket, or the fleet's rate (the assembly decides).
+        self._rate_factory: PacerFactory = rate_factory or RateLimiter
         self._cap: Cap | None = None
         self._grants: dict[str, int] = {}
         self._alert = alert
@@ -62,7 +75,8 @@ class DeliveryGate:
             old, self._cap = self._cap, self._cap_factory(cap, self._cap_window)
             if old is not None and old is not self._cap:
                 old.close()
-        self.rate = RateLimiter(cfg.limits.rate) if cfg.limits.rate is not None else None
+        self.rate: Pacer | None = (self._rate_factory(cfg.limits.rate)
+                                   if cfg.limits.rate is not None else None)
         self._apply_users(cfg)
 
     def _apply_users(self, cfg: Config) -> None:
@@ -124,6 +138,7 @@ class DeliveryGate:
         return max(1.0, (free_at - now) if free_at is not None else 5.0)
 
     async def wait_rate(self, entry: Entry, count: int = 1) -> None:
+        """Pace ``limits.rate``; StateUnavailable when the fleet's rate cannot be asked."""
         if self.rate is not None and limited(self.limits, entry.envelope.priority):
             await self.rate.wait(max(1, count))
 
@@ -153,6 +168,15 @@ class DeliveryGate:
                             rcpt, exc)
                 return
             log.info("added <%s> to the do-not-email list after a hard bounce (%s)", rcpt, reply)
+
+    def refresh_cap(self, now: float) -> None:
+        """Worker thread: re-read a shared cap's count for the gauge (kept as it was while
+        the database cannot be reached)."""
+        cap = self._cap
+        if cap is not None:
+            # While down: relayd_shared_state_up and the alert say so; the gauge keeps the last.
+            with contextlib.suppress(StateUnavailable):
+                cap.refresh(now)
 
     def cap_remaining(self, now: float) -> int | None:
         return None if self._cap is None else self._cap.remaining(now)

@@ -50,6 +50,9 @@ class Cap(Protocol):
 
     def remaining(self, now: float) -> int: ...
 
+    def refresh(self, now: float) -> None:
+        """Re-read the count where other processes change it (blocking; the fleet's)."""
+
     def close(self) -> None: ...
 
 
@@ -180,9 +183,24 @@ class DailyCap:
                 self._db.execute("INSERT INTO deliveries (at, n) VALUES (?, ?)", (now, n))
                 self._db.execute("DELETE FROM deliveries WHERE at <= ?", (now - self.window,))
 
+    def refresh(self, now: float) -> None:
+        """Nothing to re-read: this node's count is in memory."""
+
     def statistics(self, now: float) -> CapStatistics:
         return CapStatistics(cap=self.cap, used=self.used(now), in_flight=self._in_flight,
                              remaining=self.remaining(now), next_free_at=self.next_free_at(now))
+
+
+class Pacer(Protocol):
+    """``limits.rate`` as the delivery gate uses it: ``RateLimiter`` below (this node's token
+    bucket) or ``relayd.shared.rate.SharedRate`` (the fleet's, in PostgreSQL; its ``wait``
+    raises ``StateUnavailable`` while the database cannot be reached)."""
+
+    async def wait(self, n: int = 1) -> None: ...
+
+
+# How the gate gets its pacer for a ``limits.rate`` (the assemblies choose).
+PacerFactory = Callable[[Rate], Pacer]
 
 
 class RateLimiter:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from relayd import faults
 from relayd.config.schema import DEFAULT_ROUTE, OnCap, ReplyAction, ReplyRule, Route, Smarthost, SpoolConfig
@@ -37,6 +37,7 @@ from relayd.delivery.backoff import backoff_delay
 from relayd.delivery.health import Alerter, Health
 from relayd.delivery.outcomes import apply_rules
 from relayd.delivery.per_host import HostLimits, Wait, host_gate, obey
+from relayd.delivery.ports import Gate, Pool
 from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
@@ -60,44 +61,6 @@ STATE_RETRY = 1.0
 # A disagreement this large between the wall clock and the monotonic clock over one loop tick
 # is a clock jump (NTP step, VM resume, operator), not elapsed time.
 CLOCK_JUMP = 60.0
-
-
-class Pool(Protocol):
-    """One smarthost's connection pool (relayd.delivery.smtp.pool.SmarthostPool)."""
-
-    async def deliver(self, queue_id: str, content: bytes, mail_from: str, rcpts: Sequence[str],
-                      *, smtputf8: bool = False) -> DeliveryResult: ...
-
-    def retry_now(self) -> None:
-        """The operator asked for delivery now: drop any wait of the pool's own."""
-
-    async def aclose(self) -> None: ...
-
-
-class Gate(Protocol):
-    """Delivery-time policy: suppression recheck, daily cap and rate (relayd.policy glue)."""
-
-    def recheck(self, entry: Entry, rcpts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(still allowed, now suppressed) among ``rcpts``."""
-
-    def hold_for(self, entry: Entry, count: int, now: float) -> float:
-        """Seconds this message must wait for the daily cap (0: may go now); raises
-        StateUnavailable when a shared cap cannot be asked."""
-
-    def hold_reason(self, entry: Entry) -> str | None:
-        """What the last wait of ``hold_for`` is for when not the daily cap (a user's limit)."""
-
-    async def wait_rate(self, entry: Entry, count: int) -> None:
-        """Pace deliveries to ``limits.rate``."""
-
-    def delivered(self, entry: Entry, count: int, now: float) -> None:
-        """Count delivered recipients against the cap (called after every gated attempt)."""
-
-    def counts_deliveries(self) -> bool:
-        """False when delivered() has nothing to record (no daily cap): no thread hop then."""
-
-    def hard_bounce(self, rcpt: str, reply: Reply) -> None:
-        """A 5.1.x-class failure (for do_not_email.auto_add: hard_bounce)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,12 +400,8 @@ class QueueManager:
             if verdict is None:
                 verdict = await self._io(self._gate_check, entry, entry.pending, now)
             if verdict.wait > 0:
-                # Over the daily cap (or a user's limit, or the shared cap cannot be asked):
-                # the message waits in the spool, no attempt is spent.
-                meta = replace(entry.meta, pending=verdict.allowed, next_attempt=now + verdict.wait,
-                               last_error=verdict.reason or "waiting for limits.daily_cap to free up")
-                await self._io(self.spool.requeue, entry.id, meta)
-                self._push(entry.id, self._now() + verdict.wait, entry.envelope.priority)
+                # Over the daily cap (or a user's limit, or the shared cap cannot be asked).
+                await self._wait_in_spool(entry, verdict, now)
                 if self.alerts and verdict.reason is None:  # the others alert by themselves
                     self.alerts.fire("daily_cap_reached", "daily_cap",
                                      "limits.daily_cap reached: mail waits in the queue")
@@ -450,6 +409,12 @@ class QueueManager:
             if verdict.allowed:
                 try:
                     await self.gate.wait_rate(entry, len(verdict.allowed))
+                except StateUnavailable as exc:  # the fleet's rate cannot be asked
+                    await asyncio.shield(self._gate_settle(entry, 0))
+                    await self._wait_in_spool(entry, replace(
+                        verdict, wait=STATE_RETRY,
+                        reason=f"waiting for the shared state (limits.rate): {exc}"), now)
+                    return
                 except BaseException:
                     await asyncio.shield(self._gate_settle(entry, 0))
                     raise
@@ -464,6 +429,13 @@ class QueueManager:
             if self.gate is not None:
                 # Shielded: a shutdown must not lose the count of what was already delivered.
                 await asyncio.shield(self._gate_settle(entry, len(sent)))
+
+    async def _wait_in_spool(self, entry: Entry, verdict: GateVerdict, now: float) -> None:
+        """The message waits in the spool for ``verdict.wait``; no attempt is spent."""
+        meta = replace(entry.meta, pending=verdict.allowed, next_attempt=now + verdict.wait,
+                       last_error=verdict.reason or "waiting for limits.daily_cap to free up")
+        await self._io(self.spool.requeue, entry.id, meta)
+        self._push(entry.id, self._now() + verdict.wait, entry.envelope.priority)
 
     def _gate_check(self, entry: Entry, pending: tuple[str, ...], now: float) -> GateVerdict:
         """Worker thread: the gate's verdict on ``pending`` (see GateVerdict)."""

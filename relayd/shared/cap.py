@@ -143,6 +143,16 @@ class SharedDailyCap:
         """As computed by the last reservation that fell short."""
         return now if self.remaining(now) >= min(n, self.cap) else self._next_free
 
+    def refresh(self, now: float) -> None:
+        """Re-read the fleet's count (the housekeeping's gauge, also while this node sends
+        nothing); StateUnavailable while the database cannot be reached."""
+        used, in_flight = self.db.run(lambda conn: self._count(conn, now))
+        with self._lock:
+            # What this node settled but could not write yet is not in the database's count.
+            delivered = sum(d for _, d, _ in self._pending)
+            given_back = sum(g for g, _, _ in self._pending)
+            self._used, self._in_flight = used + delivered, max(0, in_flight - given_back)
+
     def remaining(self, now: float) -> int:
         """The fleet's remaining units as of this node's last transaction (no query: the
         housekeeping gauge reads it on the event loop)."""

@@ -54,17 +54,28 @@ _V1: tuple[LiteralString, ...] = (
     "addresses integer NOT NULL, deliveries integer NOT NULL)",
 )
 
+# Version 2: the fleet's rate (one row per one-second window: the slots the nodes took) and
+# its alerts (per active (event, key): the nodes that see it now, those that saw it, and the
+# node that sent the notice).
+_V2: tuple[LiteralString, ...] = (
+    "CREATE TABLE relayd_rate_windows (second bigint PRIMARY KEY, used integer NOT NULL, "
+    "last_grant integer NOT NULL)",
+    "CREATE TABLE relayd_alerts (event text NOT NULL, key text NOT NULL, "
+    "since double precision NOT NULL, nodes text[] NOT NULL, seen text[] NOT NULL, "
+    "notifier text, PRIMARY KEY (event, key))",
+)
+
 # The fleet's OAuth token cache (relayd/shared/oauth.py): each record of relayd/oauth/store.py
 # (access token, rotated refresh token, MSAL cache) as the same Fernet-encrypted bytes the
 # node would write to state_dir/oauth/, so the database never holds a token in clear.
 # Self-contained (it only creates its own table), so that it can be renumbered at a merge.
-_V2_OAUTH: tuple[LiteralString, ...] = (
+_V3_OAUTH: tuple[LiteralString, ...] = (
     "CREATE TABLE relayd_oauth (name text PRIMARY KEY, blob bytea NOT NULL, "
     "node text NOT NULL, updated timestamptz NOT NULL DEFAULT now())",
 )
 
 # Each entry applies on its own in version order: a new one is appended with the next number.
-MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1), (2, _V2_OAUTH))
+MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3_OAUTH))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 assert [v for v, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 

@@ -21,7 +21,7 @@ from relayd.config.load import load_config
 from relayd.config.schema import Smarthost
 from relayd.daemon.app import Daemon
 from relayd.daemon.delivering import Delivering
-from relayd.delivery.qmgr import Pool
+from relayd.delivery.ports import Pool
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, Envelope, Message, State
 from relayd.spool.store import Spool

@@ -42,6 +42,30 @@ def test_migrate_creates_then_finds_current_and_a_second_node_agrees(tmp_path: P
     _no_password(first.out, first.err, again.out, again.err)
 
 
+def test_migrate_upgrades_a_version_1_database_and_run_refuses_it_before(tmp_path: Path,
+                                                                        pg: Cluster) -> None:
+    cfg = _config(tmp_path, pg.url)
+    assert run_cli(cfg, "shared-state", "migrate").code == 0
+    # What relayd's schema version 1 left: no tables for the fleet's rate, alerts and tokens yet
+    pg.psql("DROP TABLE relayd_rate_windows, relayd_alerts, relayd_oauth; "
+            "UPDATE relayd_schema SET version = 1")
+    pg.psql("INSERT INTO relayd_suppressions (address, reason, node) "
+            "VALUES ('kept@example.net', 'manual', 'relay-a')")
+    run = subprocess.run([sys.executable, "-m", "relayd", "-c", str(cfg), "run"],
+                         capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 1
+    assert ("the database's relayd schema is version 1, older than this relayd's "
+            f"({SCHEMA_VERSION}): run 'relayd shared-state migrate'") in run.stderr
+    result = run_cli(cfg, "shared-state", "migrate")
+    assert (result.code, result.out) == (
+        0, f"migrated {pg.url} from schema version 1 to {SCHEMA_VERSION}\n")
+    assert pg.psql("SELECT count(*) FROM relayd_rate_windows") == "0"
+    assert pg.psql("SELECT count(*) FROM relayd_alerts") == "0"
+    assert pg.psql("SELECT count(*) FROM relayd_oauth") == "0"
+    assert pg.psql("SELECT address FROM relayd_suppressions") == "kept@example.net"
+
+
 def test_migrate_exits_1_when_the_database_is_unreachable(tmp_path: Path) -> None:
     cfg = _config(tmp_path, f"postgresql://relayd@127.0.0.1:{free_port()}/relayd")
     result = run_cli(cfg, "shared-state", "migrate")

@@ -61,8 +61,9 @@ import hmac
 import json
 import ssl
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ class Received:
     auth_mechanism: str | None
     auth_login: str | None
     connection: int
+    at: float = field(default_factory=time.time)  # when the final dot was accepted
 
 
 @dataclass
