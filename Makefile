@@ -17,7 +17,8 @@ run: $(STAMP)
 	$(BIN)/relayd -c etc/relayd.dev.yaml run
 
 # Debian packages the tests use: postfix (interop smarthost), systemd (systemd-analyze),
-# php-cli (real mail() through relayd-sendmail). Installed only when missing.
+# php-cli (real mail() through relayd-sendmail), opendkim-tools (DKIM verifier), opendkim
+# (benchmark milter). Installed only when missing.
 sysdeps:
 	@bash tests/support/install-sysdeps.sh
 

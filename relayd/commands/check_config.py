@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from relayd.commands.io import EX_FAIL, EX_OK, IO
+from relayd.config.schema import Config
 from relayd.errors import ConfigError
+from relayd.policy.dkim import DkimKeyError, load_private_key
 
 if TYPE_CHECKING:
     import argparse
@@ -23,7 +25,29 @@ def main(args: argparse.Namespace, io: IO) -> int:
         for problem in exc.problems:
             print(str(problem), file=io.out)
         return EX_FAIL
+    key_problems = dkim_key_problems(cfg)
+    if key_problems:
+        for line in key_problems:
+            print(line, file=io.out)
+        return EX_FAIL
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=io.out)
     print("config OK", file=io.out)
     return EX_OK
+
+
+def dkim_key_problems(cfg: Config) -> list[str]:
+    """``dkim[i].private_key_file: why`` for each key file that exists but cannot sign with its
+    entry's algorithm. A file that is not there yet is left to the daemon, which logs it at
+    start and sends that domain's mail unsigned (keys are often installed after the config)."""
+    problems = []
+    for i, k in enumerate(cfg.dkim):
+        try:
+            pem = k.private_key_file.read_bytes()
+        except OSError:
+            continue
+        try:
+            load_private_key(pem, k.algorithm)
+        except DkimKeyError as exc:
+            problems.append(f"dkim[{i}].private_key_file: {exc}")
+    return problems

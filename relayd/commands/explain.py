@@ -19,6 +19,7 @@ from relayd.config.schema import AuthMethod, Config
 from relayd.delivery.limits import DailyCap, limited
 from relayd.model import Envelope, Message
 from relayd.policy import _mime
+from relayd.policy.acceptance import load_dkim_keys
 from relayd.policy.pipeline import build_policy, run_pipeline
 from relayd.policy.records import PipelineResult, PolicyContext
 from relayd.policy.suppressions import read_snapshot
@@ -45,13 +46,8 @@ def _envelope(args: argparse.Namespace, content: bytes, now: float) -> Envelope:
 
 
 def _dkim_keys(cfg: Config, problems: list[str]) -> dict[str, bytes]:
-    keys: dict[str, bytes] = {}
-    for i, k in enumerate(cfg.dkim):
-        try:
-            keys[k.domain] = k.private_key_file.read_bytes()
-        except OSError as exc:
-            problems.append(f"dkim[{i}]: cannot read {k.private_key_file}: "
-                            f"{exc.strerror or exc}")
+    keys, found = load_dkim_keys(cfg)
+    problems.extend(found)
     return keys
 
 

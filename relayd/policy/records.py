@@ -8,6 +8,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relayd.config.schema import (
     DoNotEmailConfig,
@@ -17,6 +18,9 @@ from relayd.config.schema import (
     UnsubscribeConfig,
 )
 from relayd.model import Envelope, Message
+
+if TYPE_CHECKING:
+    from relayd.policy.dkim import PrivateKey
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,12 @@ class CompiledRule:
 
 @dataclass(frozen=True)
 class DkimSigner:
-    """One ``dkim`` entry with its private key already read (PEM bytes)."""
+    """One ``dkim`` entry with its private key already loaded (``relayd.policy.dkim``)."""
 
     domain: str
     selector: str
-    key: bytes = field(repr=False)
+    algorithm: str
+    key: PrivateKey = field(repr=False)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ need=()
 [ -x /usr/sbin/postfix ] || need+=(postfix)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v php >/dev/null 2>&1 || need+=(php-cli)
+# opendkim-testmsg: the independent verifier of relayd's DKIM signatures (tests/support/opendkim.py);
+# opendkim: the milter of the Postfix + OpenDKIM benchmark peer (bench/postfix.py).
+[ -x /usr/sbin/opendkim-testmsg ] || need+=(opendkim-tools)
+[ -x /usr/sbin/opendkim ] || need+=(opendkim)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "install-sysdeps: missing ${need[*]} and not root; run: sudo apt-get install ${need[*]}" >&2
