@@ -37,11 +37,11 @@ def covered(fields: list[bytes]) -> tuple[str, ...]:
 
 def sign_bytes(signers: tuple[DkimSigner, ...], content: bytes, now: float) -> bytes:
     """Prepend one DKIM-Signature field per signer to ``content``."""
-    header, body = _mime.split_message(content)
-    fields = _mime.parse_fields(header)
+    fields = _mime.header_fields(content)
+    body_at = _mime.body_offset(content)
     names = covered(fields)
-    sigs = [dkim.signature_field(s.key, s.algorithm, s.domain, s.selector, fields, body, names,
-                                 int(now))
+    sigs = [dkim.signature_field(s.key, s.algorithm, s.domain, s.selector, fields, content,
+                                 body_at, names, int(now))
             for s in signers]
     return b"".join(sigs) + content
 
@@ -52,7 +52,7 @@ def sign(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
         return draft.note("dkim", "not configured")
     if not draft.copies:
         return draft
-    fields = _mime.parse_fields(_mime.split_message(draft.copies[0].content)[0])
+    fields = _mime.header_fields(draft.copies[0].content)
     signers, domain = signers_for(policy, fields)
     if not signers:
         why = "no From header" if domain is None else f"no dkim entry for From domain {domain}"

@@ -169,11 +169,19 @@ def test_generated_messages_verify(content: bytes, algorithm: str) -> None:
     assert verifies(out)
 
 
-@pytest.mark.parametrize("body", [b"", b"\r\n", b"\r\n\r\n", b"a\r\n", b"a \t \r\n\r\n",
-                                  b"a\nb\n", b"x  y\t\tz\r\n \r\n"])
+# Bodies arrive with CRLF line ends (the listener turns bare CR and LF into CRLF).
+@pytest.mark.parametrize("body", [b"", b"\r\n", b"\r\n\r\n", b"a\r\n", b"a", b"a \t \r\n\r\n",
+                                  b"x  y\t\tz\r\n \r\n", b"\r\n\r\nx\r\n\r\n"])
 def test_edge_bodies_hash_as_dkimpy_hashes_them(body: bytes) -> None:
     content = b"From: a@example.com\r\n\r\n" + body
     assert body_hash(body) == dkimpy_bh(content, ("from",))
+    assert body_hash(content, len(content) - len(body)) == body_hash(body)
+
+
+def test_whitespace_at_the_end_of_an_unterminated_last_line_is_ignored() -> None:
+    # RFC 6376 §3.4.4 ignores WSP at the end of every line; dkimpy keeps one SP when the last
+    # line has no CRLF (it adds the CRLF after stripping). SMTP content always ends in CRLF.
+    assert body_hash(b"a  ") == body_hash(b"a\r\n") == body_hash(b"a \t\r\n")
 
 
 # -- keys --------------------------------------------------------------------------------------
