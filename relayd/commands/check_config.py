@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from relayd.commands.io import EX_FAIL, EX_OK, IO
 from relayd.config.schema import Config
 from relayd.errors import ConfigError
-from relayd.policy.dkim import DkimKeyError, load_private_key
 
 if TYPE_CHECKING:
     import argparse
@@ -40,6 +39,12 @@ def dkim_key_problems(cfg: Config) -> list[str]:
     """``dkim[i].private_key_file: why`` for each key file that exists but cannot sign with its
     entry's algorithm. A file that is not there yet is left to the daemon, which logs it at
     start and sends that domain's mail unsigned (keys are often installed after the config)."""
+    if not cfg.dkim:
+        return []
+    # lazy: check-config loads neither the policy nor cryptography (~5 MB, slower start)
+    # unless there are keys to check (tests/integration/test_command_imports.py).
+    from relayd.policy.dkim import DkimKeyError, load_private_key
+
     problems = []
     for i, k in enumerate(cfg.dkim):
         try:
