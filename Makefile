@@ -18,7 +18,8 @@ run: $(STAMP)
 
 # Debian packages the tests use: postfix (interop smarthost), systemd (systemd-analyze),
 # php-cli (real mail() through relayd-sendmail), swaks (AUTH over TLS against the submission
-# listener), postgresql (the fleet tests' throwaway cluster). Installed only when missing.
+# listener), postgresql (the fleet tests' throwaway cluster), opendkim-tools (DKIM verifier),
+# opendkim (benchmark milter). Installed only when missing.
 sysdeps:
 	@bash tests/support/install-sysdeps.sh
 

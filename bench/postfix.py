@@ -23,6 +23,7 @@ What the configuration does, and why:
 - durability is Postfix's default: ``cleanup`` fsyncs the queue file before smtpd answers
   250 (there is no switch to turn that off short of a RAM disk). Concurrency, connection
   caching, ``in_flow_delay`` and the rest are left at Postfix's defaults.
+- with ``milter=``, ``smtpd_milters`` (OpenDKIM for the policy scenario, ``bench/opendkim.py``).
 - TLS off both ways (``smtpd_tls_security_level = none``, ``smtp_tls_security_level = none``),
   as relayd's ``tls: none`` to the sink.
 
@@ -77,6 +78,14 @@ maillog_file = {maillog}
 maillog_file_prefixes = {workdir}
 """
 
+# A milter on smtpd (OpenDKIM signing); a milter that fails tempfails the message rather than
+# letting it through unsigned, so every counted message was signed.
+MILTER_CF = """\
+smtpd_milters = {milter}
+non_smtpd_milters =
+milter_default_action = tempfail
+"""
+
 # service type private unpriv chroot wakeup maxproc command
 MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
@@ -124,8 +133,10 @@ def available() -> str | None:
 class PostfixRelay:
     """One private Postfix instance relaying to the sink."""
 
-    def __init__(self, workdir: Path, sink_port: int, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, sink_port: int, port: int | None = None,
+                 milter: str | None = None) -> None:
         self.workdir = Path(workdir)
+        self.milter = milter  # e.g. inet:127.0.0.1:PORT of bench/opendkim.py
         self.sink_port = sink_port
         self.port = port or free_port()
         self.etc = self.workdir / "etc"
@@ -147,7 +158,8 @@ class PostfixRelay:
         shutil.chown(data, "postfix")
         (self.etc / "main.cf").write_text(MAIN_CF.format(
             queue=self.queue, data=data, sink_port=self.sink_port, maillog=self.maillog,
-            workdir=self.workdir))
+            workdir=self.workdir)
+            + (MILTER_CF.format(milter=self.milter) if self.milter else ""))
         (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port))
         # postfix-files and dynamicmaps.cf are read from config_directory by `postfix check`.
         for name in ("postfix-files", "dynamicmaps.cf"):

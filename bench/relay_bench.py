@@ -28,6 +28,10 @@ that PostgreSQL database, password from ``$RELAYD_BENCH_PG_PASSWORD``, tables mi
 as ``relayd-shared``, alternating with ``relayd`` in every round: the cost of the shared state.
 ``--daily-cap N`` and ``--rate R`` set ``limits`` for every relayd (so that the cap and rate go
 through the database in ``relayd-shared``).
+``--set plain|policy`` picks the plain relay and/or the ``policy`` scenario (default both: relayd
+with the sending policy and DKIM of ``bench/systems.py``, Postfix with OpenDKIM as a milter,
+``bench/opendkim.py``); ``--load smtp-source`` uses Postfix's load generator instead of
+``bench/load.py`` for the as-fast-as-accepted scenarios.
 ``--json FILE`` also writes every measurement; ``--profile DIR`` records relayd with py-spy
 (``pip install py-spy``) into ``DIR/<scenario>.svg``/``.txt``.
 """
@@ -39,7 +43,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -56,25 +59,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from postfix import PostfixRelay, available, free_port  # noqa: E402
+from opendkim import available as opendkim_available  # noqa: E402
+from postfix import available, free_port  # noqa: E402
+from systems import Postfix, Relayd, dkim_key  # noqa: E402
 
-RELAYD_CONFIG = """\
-hostname: relayd.bench.example
-listen: ["127.0.0.1:{port}"]
-allowed_clients: ["127.0.0.0/8"]
-max_message_size: 25MB
-spool: {{path: {spool}}}
-state_dir: {state}
-secrets: {{key_file: {state}/secret.key}}
-smarthosts:
-  - name: sink
-    host: 127.0.0.1
-    port: {sink_port}
-    tls: none
-    auth: {{method: none}}
-    max_connections: {connections}
-logging: {{level: {log_level}, format: text}}
-"""
+SMTP_SOURCE = "/usr/sbin/smtp-source"
 
 
 @dataclass(frozen=True)
@@ -83,6 +72,7 @@ class Scenario:
     size: int
     count: int
     rate: float = 0.0
+    policy: bool = False  # relayd with POLICY_CONFIG, Postfix with OpenDKIM (bench/systems.py)
 
 
 @dataclass
@@ -162,198 +152,6 @@ def sink_process() -> Iterator[int]:
         proc.wait(10)
 
 
-# -- the systems under test --------------------------------------------------------------------
-
-def wait_banner(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the relay exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
-            s.settimeout(5)
-            if s.recv(100).startswith(b"220"):
-                s.sendall(b"QUIT\r\n")
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing answered on port {port}")
-
-
-class Relayd:
-    name = "relayd"
-
-    def __init__(self, workdir: Path, sink_port: int, connections: int,
-                 profile: Path | None = None, profile_name: str = "", log_level: str = "info",
-                 tree: Path = ROOT, name: str = "relayd", extra_config: str = "") -> None:
-        self.name = name
-        self.tree = tree  # the checkout whose relayd runs (another one for --baseline)
-        self.workdir = workdir
-        self.port = free_port()
-        self.config = workdir / "relayd.yaml"
-        (workdir / "state").mkdir(parents=True, exist_ok=True)
-        self.config.write_text(RELAYD_CONFIG.format(
-            port=self.port, spool=workdir / "spool", state=workdir / "state", sink_port=sink_port,
-            connections=connections, log_level=log_level) + extra_config)
-        self.log = workdir / "relayd.log"
-        self.profile = profile
-        self.profile_name = profile_name
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.spy: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(self.tree)}
-        if "shared_state:" in self.config.read_text():
-            subprocess.run([sys.executable, "-m", "relayd", "-c", str(self.config), "shared-state",
-                            "migrate"], env=env, cwd=self.tree, check=True, capture_output=True)
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "-c", str(self.config),
-                                          "run"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=self.tree)
-        wait_banner(self.port, proc=self.proc)
-
-    def start_profile(self) -> None:
-        if self.profile is None or self.proc is None:
-            return
-        self.profile.mkdir(parents=True, exist_ok=True)
-        out = self.profile / f"{self.profile_name}.txt"
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads", "--subprocesses",
-                                     "--rate", "100", *os.environ.get("BENCH_PYSPY_ARGS", "").split(), "--format", "raw", "--output", str(out)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop_profile(self) -> None:
-        if self.spy is not None:
-            self.spy.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.spy.wait(30)
-            self.spy = None
-
-    def pids(self) -> list[int]:
-        """relayd run and its delivery process (relayd/daemon/child.py), if it has one."""
-        assert self.proc is not None
-        try:
-            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except OSError:
-            kids = []
-        return [self.proc.pid, *map(int, kids)]
-
-    def proc_status(self, pid: int | None = None) -> dict[str, str]:
-        assert self.proc is not None
-        out = {}
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid or self.proc.pid}/status").read_text().splitlines():
-                k, _, v = line.partition(":")
-                out[k] = v.strip()
-        return out
-
-    @staticmethod
-    def _ticks(path: str) -> tuple[int, int]:
-        try:
-            fields = Path(path).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0, 0
-        return int(fields[11]), int(fields[12])
-
-    def cpu_seconds(self) -> float:
-        """Both processes (a process's stat counts all its threads)."""
-        return sum(sum(self._ticks(f"/proc/{pid}/stat")) for pid in self.pids()) / os.sysconf("SC_CLK_TCK")
-
-    def main_thread_cpu_seconds(self) -> float:
-        """CPU of the event-loop threads alone (the spool's I/O threads excluded)."""
-        return sum(sum(self._ticks(f"/proc/{pid}/task/{pid}/stat"))
-                   for pid in self.pids()) / os.sysconf("SC_CLK_TCK")
-
-    def cpu_split(self) -> dict[str, float]:
-        """User and system CPU seconds of the loop threads and of all other threads."""
-        out = {"loop_user": 0.0, "loop_sys": 0.0, "threads_user": 0.0, "threads_sys": 0.0}
-        tck = os.sysconf("SC_CLK_TCK")
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    user, system = self._ticks(f"/proc/{pid}/task/{tid}/stat")
-                    who = "loop" if int(tid) == pid else "threads"
-                    out[f"{who}_user"] += user / tck
-                    out[f"{who}_sys"] += system / tck
-        return out
-
-    def rss_mb(self) -> float:
-        """Resident memory of both processes now."""
-        return sum(int(self.proc_status(pid).get("VmRSS", "0 kB").split()[0]) for pid in self.pids()) / 1024
-
-    def peak_rss_mb(self) -> float:
-        """Sum of each process's peak (VmHWM): an upper bound of the peak of the sum."""
-        return sum(int(self.proc_status(pid).get("VmHWM", "0 kB").split()[0]) for pid in self.pids()) / 1024
-
-    def memory_now(self) -> dict[str, dict[str, float]]:
-        """Each process's resident (RSS) and proportional (PSS) memory now, in MB. PSS counts a
-        page shared by the two processes (libraries, the interpreter) half in each, so the sum
-        of PSS is the memory the pair occupies; the sum of RSS counts shared pages twice."""
-        out: dict[str, dict[str, float]] = {}
-        for i, pid in enumerate(self.pids()):
-            fields: dict[str, float] = {}
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                    k, _, v = line.partition(":")
-                    if k in ("Rss", "Pss"):
-                        fields[k.lower()] = int(v.split()[0]) / 1024
-            out["accepting" if i == 0 else "delivery"] = fields
-        return out
-
-    def queue_left(self) -> int:
-        n = 0
-        for state in ("queued", "active"):
-            with contextlib.suppress(FileNotFoundError):
-                n += len(os.listdir(self.workdir / "spool" / state))
-        return n
-
-    def stop(self) -> None:
-        self.stop_profile()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Postfix:
-    name = "postfix"
-
-    def __init__(self, workdir: Path, sink_port: int) -> None:
-        self.relay = PostfixRelay(workdir, sink_port)
-        self.port = self.relay.port
-
-    def start(self) -> None:
-        self.relay.start()
-
-    def start_profile(self) -> None:
-        pass
-
-    def stop_profile(self) -> None:
-        pass
-
-    def cpu_seconds(self) -> float:
-        return 0.0
-
-    def main_thread_cpu_seconds(self) -> float:
-        return 0.0
-
-    def cpu_split(self) -> dict[str, float]:
-        return {}
-
-    def peak_rss_mb(self) -> float:
-        return 0.0
-
-    def memory_now(self) -> dict[str, dict[str, float]]:
-        return {}
-
-    def queue_left(self) -> int:
-        return self.relay.queue_size()
-
-    def stop(self) -> None:
-        self.relay.stop()
-
-
 # -- one measurement -----------------------------------------------------------------------------
 
 def machine_cpu_seconds() -> float:
@@ -363,7 +161,13 @@ def machine_cpu_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def run_load(port: int, sessions: int, size: int, count: int, rate: float) -> dict[str, Any]:
+def run_load(port: int, sessions: int, size: int, count: int, rate: float,
+             generator: str = "ours") -> dict[str, Any]:
+    """Send ``count`` messages; ``generator`` is ``ours`` (bench/load.py: acceptance latency,
+    offered rates) or ``smtp-source`` (Postfix's load generator, as its users measure: the
+    rate only). An offered rate always uses ours."""
+    if generator == "smtp-source" and not rate:
+        return run_smtp_source(port, sessions, size, count)
     cmd = [sys.executable, str(HERE / "load.py"), "--port", str(port), "--sessions", str(sessions),
            "--size", str(size), "--count", str(count)]
     if rate:
@@ -371,6 +175,23 @@ def run_load(port: int, sessions: int, size: int, count: int, rate: float) -> di
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
+
+
+def run_smtp_source(port: int, sessions: int, size: int, count: int) -> dict[str, Any]:
+    """``smtp-source -d``: ``sessions`` connections, each reused for many messages, ``size``
+    bytes of payload after its From/To/Date/Message-Id headers. It reports nothing but its
+    exit status, so the rate is counted over its whole run."""
+    cmd = [SMTP_SOURCE, "-d", "-s", str(sessions), "-l", str(size), "-m", str(count),
+           "-f", "load@bench.example", "-t", "sink@sink.example", "-S", "bench message",
+           f"127.0.0.1:{port}"]
+    start = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    end = time.monotonic()
+    ok = r.returncode == 0
+    return {"accepted": count if ok else 0, "rejected": 0, "errors": 0 if ok else 1,
+            "accept_rate": count / (end - start) if ok else 0.0, "start": start,
+            "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0,
+            "first_rejection": "" if ok else (r.stderr or r.stdout).strip()[:200]}
 
 
 class MemorySampler:
@@ -412,20 +233,21 @@ class MemorySampler:
 
 
 def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: int,
-            warmup: int) -> Measurement:
+            warmup: int, generator: str = "ours") -> Measurement:
     m = Measurement(system=system.name, scenario=sc.name)
+    m.extra["generator"] = "ours" if sc.rate else generator
     system.start()
     try:
         if warmup:
             sink.reset()
-            w = run_load(system.port, sessions, sc.size, warmup, 0.0)
+            w = run_load(system.port, sessions, sc.size, warmup, 0.0, generator)
             sink.wait_for(int(w["accepted"]))
         sink.reset()
         system.start_profile()
         cpu0, own0 = machine_cpu_seconds(), system.cpu_seconds()
         main0, split0 = system.main_thread_cpu_seconds(), system.cpu_split()
         with MemorySampler(system) as mem:
-            r = run_load(system.port, sessions, sc.size, sc.count, sc.rate)
+            r = run_load(system.port, sessions, sc.size, sc.count, sc.rate, generator)
             delivered, last = sink.wait_for(int(r["accepted"]))
         cpu1, own1 = machine_cpu_seconds(), system.cpu_seconds()
         main1, split1 = system.main_thread_cpu_seconds(), system.cpu_split()
@@ -505,27 +327,31 @@ def measure_backlog(workdir: Path, count: int, sessions: int) -> dict[str, float
 
 # -- report --------------------------------------------------------------------------------------
 
+def is_relayd(m: Measurement) -> bool:
+    return m.system.startswith("relayd")
+
+
 def report(results: list[Measurement], scenarios: list[Scenario]) -> str:
     lines = []
-    hdr = (f"{'scenario':<22}{'system':<12}{'e2e/s':>8}{'acc/s':>8}{'p50ms':>8}{'p99ms':>8}"
+    hdr = (f"{'scenario':<20}{'system':<18}{'e2e/s':>8}{'acc/s':>8}{'p50ms':>8}{'p99ms':>8}"
            f"{'e2e p99':>9}{'cpu ms/msg':>11}{'own cpu':>9}{'RSS MB':>8}")
     lines.append(hdr)
     for sc in scenarios:
         for m in (x for x in results if x.scenario == sc.name):
-            lines.append(f"{sc.name:<22}{m.system:<12}{m.e2e_rate:>8.0f}{m.accept_rate:>8.0f}"
+            lines.append(f"{sc.name:<20}{m.system:<18}{m.e2e_rate:>8.0f}{m.accept_rate:>8.0f}"
                          f"{m.p50_ms:>8.1f}{m.p99_ms:>8.1f}{m.e2e_p99_ms:>9.1f}"
                          f"{m.cpu_ms_per_msg:>11.2f}"
-                         f"{(f'{m.relay_cpu_ms_per_msg:.2f}' if m.system != 'postfix' else '-'):>9}"
-                         f"{(f'{m.peak_rss_mb:.0f}' if m.system != 'postfix' else '-'):>8}"
+                         f"{(f'{m.relay_cpu_ms_per_msg:.2f}' if is_relayd(m) else '-'):>9}"
+                         f"{(f'{m.peak_rss_mb:.0f}' if is_relayd(m) else '-'):>8}"
                          + (f"  ({m.note})" if m.note else ""))
     lines.append("")
     for sc in scenarios:
         rel = [m for m in results if m.scenario == sc.name and m.system == "relayd"]
-        pfx = [m for m in results if m.scenario == sc.name and m.system == "postfix"]
+        pfx = [m for m in results if m.scenario == sc.name and not is_relayd(m)]
         if rel and pfx and all(p.e2e_rate for p in pfx):
             ratios = [r.e2e_rate / p.e2e_rate for r, p in zip(rel, pfx, strict=False)]
             shown = ", ".join(f"{x:.2f}x" for x in ratios)
-            lines.append(f"{sc.name}: relayd / Postfix end to end = {shown}")
+            lines.append(f"{sc.name}: relayd / {pfx[0].system} end to end = {shown}")
         base = [m for m in results if m.scenario == sc.name and m.system == "relayd-base"]
         if rel and base and all(b.e2e_rate for b in base):
             shown = ", ".join(f"{r.e2e_rate / b.e2e_rate:.2f}x"
@@ -551,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="repeat every pair (order alternates)")
     p.add_argument("--only", choices=("relayd", "postfix"))
     p.add_argument("--scenario", action="append", help="run only these scenarios (by name)")
+    p.add_argument("--set", action="append", choices=("plain", "policy"), dest="sets",
+                   help="plain relay and/or the policy scenario (default: both); policy "
+                        "scenarios are named policy-1KB, policy-100KB, policy-1KB@500/s")
+    p.add_argument("--load", choices=("ours", "smtp-source"), default="ours",
+                   help="load generator for the as-fast-as-accepted scenarios (offered-rate "
+                        "scenarios always use bench/load.py)")
     p.add_argument("--relayd-connections", type=int, default=20,
                    help="smarthost max_connections for relayd (Postfix's default concurrency is 20)")
     p.add_argument("--relayd-log-level", default="info",
@@ -561,20 +393,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--profile", type=Path, help="py-spy relayd into this directory")
-    p.add_argument("--baseline", type=Path,
-                   help="also run the relayd of this checkout as relayd-base (before/after)")
     p.add_argument("--shared-state", metavar="URL",
                    help="also run relayd with shared_state on this database as relayd-shared")
     p.add_argument("--daily-cap", type=int, help="limits.daily_cap for every relayd")
     p.add_argument("--rate", help="limits.rate for every relayd (e.g. 100000/s)")
+    p.add_argument("--baseline", type=Path,
+                   help="also run the relayd of this checkout as relayd-base (before/after)")
     a = p.parse_args(argv)
-    limits = "".join(f"  {k}: {v}\n" for k, v in (("daily_cap", a.daily_cap), ("rate", a.rate))
-                     if v is not None)
-    limits = f"limits:\n{limits}" if limits else ""
 
-    scenarios = [Scenario("1KB", 1024, a.count_1k), Scenario("100KB", 100 * 1024, a.count_100k)]
+    plain = [Scenario("1KB", 1024, a.count_1k), Scenario("100KB", 100 * 1024, a.count_100k)]
     if a.latency_rate:
-        scenarios.append(Scenario(f"1KB@{a.latency_rate:g}/s", 1024, a.latency_count, a.latency_rate))
+        plain.append(Scenario(f"1KB@{a.latency_rate:g}/s", 1024, a.latency_count, a.latency_rate))
+    scenarios = [s for s in plain if "plain" in (a.sets or ["plain"])]
+    if "policy" in (a.sets or ["policy"]):
+        scenarios += [Scenario(f"policy-{s.name}", s.size, s.count, s.rate, policy=True)
+                      for s in plain]
     if a.scenario:
         scenarios = [s for s in scenarios if s.name in a.scenario]
     systems = ["relayd", "postfix"] if a.only is None else [a.only]
@@ -582,8 +415,17 @@ def main(argv: list[str] | None = None) -> int:
         systems.insert(1, "relayd-base")
     if a.shared_state is not None:
         systems.insert(1, "relayd-shared")
+    limits = "".join(f"  {k}: {v}\n" for k, v in (("daily_cap", a.daily_cap), ("rate", a.rate))
+                     if v is not None)
+    limits = f"limits:\n{limits}" if limits else ""
     if "postfix" in systems and (why := available()):
         print(f"Postfix cannot run here: {why}; use --only relayd", file=sys.stderr)
+        return 2
+    if "postfix" in systems and any(s.policy for s in scenarios) and (why := opendkim_available()):
+        print(f"OpenDKIM cannot run here: {why}; use --only relayd", file=sys.stderr)
+        return 2
+    if a.load == "smtp-source" and not os.path.exists(SMTP_SOURCE):
+        print(f"{SMTP_SOURCE} not found (apt-get install postfix)", file=sys.stderr)
         return 2
     base = a.workdir or Path(tempfile.mkdtemp(prefix="relayd-bench-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -598,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: list[Measurement] = []
     compile_bytecode(*([a.baseline] if a.baseline is not None else []))
-    print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, work dir {base}", flush=True)
+    key = dkim_key(base / "dkim.pem") if any(s.policy for s in scenarios) else None
+    print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, load {a.load}, work dir {base}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     try:
         with sink_process() as sink_port:
             sink = SinkClient(sink_port)
@@ -609,16 +453,19 @@ def main(argv: list[str] | None = None) -> int:
                         wd = base / f"{name}-{sc.name.replace('/', '_')}-{rnd}"
                         wd.mkdir(parents=True, exist_ok=True)
                         tag = f"{name}-{sc.name.replace('/', '_')}-{rnd}"
+                        pkey = key if sc.policy else None
                         system: Relayd | Postfix = (
                             Relayd(wd, sink_port, a.relayd_connections, a.profile, tag,
                                    a.relayd_log_level,
                                    tree=a.baseline if name == "relayd-base" else ROOT, name=name,
+                                   policy_key=pkey,
                                    extra_config=limits + (shared_config(a.shared_state)
                                                           if name == "relayd-shared" else ""))
-                            if name != "postfix" else Postfix(wd, sink_port))
-                        m = measure(system, sink, sc, a.sessions, a.warmup)
+                            if name != "postfix" else Postfix(wd, sink_port, dkim_key=pkey))
+                        m = measure(system, sink, sc, a.sessions, a.warmup, a.load)
+                        m.extra["load_average"] = round(os.getloadavg()[0], 2)
                         results.append(m)
-                        print(f"{sc.name:<14} {name:<11} e2e {m.e2e_rate:7.0f}/s  accept "
+                        print(f"{sc.name:<18} {m.system:<16} e2e {m.e2e_rate:7.0f}/s  accept "
                               f"{m.accept_rate:7.0f}/s  p50 {m.p50_ms:6.1f} ms  p99 {m.p99_ms:6.1f} ms"
                               + (f"  rss {m.peak_rss_mb:.0f} MB"
                                  f" (pss {m.extra.get('memory', {}).get('pss_sum_max_mb', 0):.0f})"
@@ -626,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f" (loop threads {m.extra.get('main_thread_cpu_ms_per_msg', 0):.2f},"
                                  f" busy {m.extra.get('main_thread_busy', 0):.0%})"
                                  if name != "postfix" else "")
+                              + f"  load {m.extra['load_average']:.2f}"
                               + (f"  [{m.note}]" if m.note else ""), flush=True)
     finally:
         if a.workdir is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from relayd.commands.io import EX_FAIL, EX_OK, IO
+from relayd.config.schema import Config
 from relayd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def main(args: argparse.Namespace, io: IO) -> int:
         for problem in exc.problems:
             print(str(problem), file=io.out)
         return EX_FAIL
-    files = submission_problems(cfg)
+    files = submission_problems(cfg) + dkim_key_problems(cfg)
     if files:
         for line in files:
             print(line, file=io.out)
@@ -57,3 +58,26 @@ def submission_problems(cfg: Config) -> list[str]:
             out.append(f"submission[{i}].cert_file: cannot load {sub.cert_file} with "
                        f"{sub.key_file}: {exc}")
     return out
+
+
+def dkim_key_problems(cfg: Config) -> list[str]:
+    """``dkim[i].private_key_file: why`` for each key file that exists but cannot sign with its
+    entry's algorithm. A file that is not there yet is left to the daemon, which logs it at
+    start and sends that domain's mail unsigned (keys are often installed after the config)."""
+    if not cfg.dkim:
+        return []
+    # lazy: check-config loads neither the policy nor cryptography (~5 MB, slower start)
+    # unless there are keys to check (tests/integration/test_command_imports.py).
+    from relayd.policy.dkim import DkimKeyError, load_private_key
+
+    problems = []
+    for i, k in enumerate(cfg.dkim):
+        try:
+            pem = k.private_key_file.read_bytes()
+        except OSError:
+            continue
+        try:
+            load_private_key(pem, k.algorithm)
+        except DkimKeyError as exc:
+            problems.append(f"dkim[{i}].private_key_file: {exc}")
+    return problems

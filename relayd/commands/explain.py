@@ -24,6 +24,7 @@ from relayd.delivery.limits import DailyCap, limited
 from relayd.errors import StateUnavailable
 from relayd.model import Envelope, Message
 from relayd.policy import _mime
+from relayd.policy.acceptance import load_dkim_keys
 from relayd.policy.by_route import route_policy, split_by_route
 from relayd.policy.pipeline import build_policy, run_pipeline
 from relayd.policy.records import PipelineResult, PolicyContext
@@ -86,13 +87,8 @@ def _user_lines(cfg: Config, name: str, message: Message) -> tuple[list[str], Me
 
 
 def _dkim_keys(cfg: Config, problems: list[str]) -> dict[str, bytes]:
-    keys: dict[str, bytes] = {}
-    for i, k in enumerate(cfg.dkim):
-        try:
-            keys[k.domain] = k.private_key_file.read_bytes()
-        except OSError as exc:
-            problems.append(f"dkim[{i}]: cannot read {k.private_key_file}: "
-                            f"{exc.strerror or exc}")
+    keys, found = load_dkim_keys(cfg)
+    problems.extend(found)
     return keys
 
 

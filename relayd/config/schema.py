@@ -53,6 +53,13 @@ class RewriteMode(enum.StrEnum):
     ALWAYS = "always"
 
 
+class DkimAlgorithm(enum.StrEnum):
+    """The a= of a DKIM signature: RSA (RFC 6376) or Ed25519 (RFC 8463)."""
+
+    RSA_SHA256 = "rsa-sha256"
+    ED25519_SHA256 = "ed25519-sha256"
+
+
 class SuppressAction(enum.StrEnum):
     DROP = "drop"
     REJECT = "reject"
@@ -225,6 +232,7 @@ class DkimKey:
     domain: str
     selector: str
     private_key_file: Path
+    algorithm: DkimAlgorithm = DkimAlgorithm.RSA_SHA256
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from relayd.config.schema import (
     AlertsConfig,
     AuthConfig,
     AuthMethod,
+    DkimAlgorithm,
     DkimKey,
     DoNotEmailConfig,
     HeadersConfig,
@@ -390,7 +391,7 @@ def dkim_section(r: Reader, value: Any) -> tuple[DkimKey, ...]:
     keys: list[DkimKey] = []
     for i, item in enumerate(r.sequence("dkim", value) or []):
         p = f"dkim[{i}]"
-        m = r.section(p, item, {"domain", "selector", "private_key_file"})
+        m = r.section(p, item, {"domain", "selector", "private_key_file", "algorithm"})
         if m is None:
             continue
         missing = [k for k in ("domain", "selector", "private_key_file") if m.get(k) is None]
@@ -401,8 +402,11 @@ def dkim_section(r: Reader, value: Any) -> tuple[DkimKey, ...]:
         domain = r.hostname(f"{p}.domain", m["domain"])
         selector = r.string(f"{p}.selector", m["selector"], header=True)
         key_file = r.path(f"{p}.private_key_file", m["private_key_file"])
+        algorithm = r.choice(f"{p}.algorithm", m.get("algorithm"), DkimAlgorithm,
+                             DkimAlgorithm.RSA_SHA256)
         if domain and selector:
-            keys.append(DkimKey(domain=domain.lower(), selector=selector, private_key_file=key_file))
+            keys.append(DkimKey(domain=domain.lower(), selector=selector, private_key_file=key_file,
+                                algorithm=algorithm))
     return tuple(keys)
 
 

@@ -65,7 +65,40 @@ def field_value(field: bytes) -> str:
     """The unfolded value of a raw field (undecoded; 8-bit bytes read as UTF-8)."""
     _, _, raw = field.partition(b":")
     text = raw.decode("utf-8", "replace")
+    if "\r\n" not in text[:-2]:  # not folded: nothing to unfold
+        return text.strip()
     return re.sub(r"\r\n(?=[ \t])", "", text).strip()
+
+
+def body_offset(data: bytes) -> int:
+    """Where ``split_message(data)[1]`` begins in ``data``, found without copying."""
+    if data.startswith(CRLF):
+        return 2
+    idx = data.find(b"\r\n\r\n")
+    return len(data) if idx < 0 else idx + 4
+
+
+def header_fields(data: bytes) -> list[bytes]:
+    """The raw header fields of a message, without copying its body."""
+    if data.startswith(CRLF):
+        return []
+    end = data.find(b"\r\n\r\n")
+    return parse_fields(data if end < 0 else data[:end + 2])
+
+
+def edit_header(data: bytes, edit: Callable[[Headers], Headers]) -> bytes:
+    """``data`` with its header block replaced by ``edit(header)``. The body is copied once,
+    into the result, and not at all when the edit changes nothing: a 100 KB body used to be
+    sliced out and joined back in by every step."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or data.startswith(CRLF):  # no header or no body: the general path
+        header, body = split_message(data)
+        return join_message(edit(Headers.parse(header)).to_bytes(), body)
+    before = Headers.parse(data[:end + 2])
+    after = edit(before)
+    if after.fields == before.fields:
+        return data  # parse_fields + to_bytes is the identity on an unchanged block
+    return b"".join((after.to_bytes(), CRLF, memoryview(data)[end + 4:]))
 
 
 @dataclass(frozen=True)
@@ -176,7 +209,14 @@ def all_addresses(values: Iterable[str]) -> list[str]:
     return [addr for _, addr in getaddresses(list(values)) if addr and "@" in addr]
 
 
+_SIMPLE_ADDRESS = re.compile(r"[^\s\"\\()<>\[\],;:@]+@[A-Za-z0-9.-]+")
+
+
 def domain_of(address: str) -> str:
+    if _SIMPLE_ADDRESS.fullmatch(address):
+        # The common case, without the full RFC 5322 parser (a third of the DKIM step's
+        # Python time before this).
+        return address.rpartition("@")[2].lower()
     try:
         return Address(addr_spec=address).domain.lower()
     except (ValueError, IndexError, TypeError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from relayd.config.schema import Config, SuppressAction
 from relayd.model import Message, Reply
 from relayd.policy.by_route import route_policy, split_by_route
+from relayd.policy.dkim import DkimKeyError, load_private_key
 from relayd.policy.pipeline import build_policy, rcpt_decision, run_pipeline
 from relayd.policy.records import PipelineResult, Policy, PolicyContext
 from relayd.policy.suppressions import SuppressionList
@@ -22,16 +23,34 @@ from relayd.policy.suppressions import SuppressionList
 log = logging.getLogger("relayd.policy")
 
 
-def read_dkim_keys(cfg: Config) -> dict[str, bytes]:
-    """Read every ``dkim[].private_key_file`` (blocking); unreadable keys are logged and
-    skipped, so mail still flows (unsigned) instead of bouncing."""
+def load_dkim_keys(cfg: Config) -> tuple[dict[str, bytes], list[str]]:
+    """Read and check every ``dkim[].private_key_file`` (blocking): the PEM of each usable key
+    by its file name, and one ``dkim[i].private_key_file: why`` line per unusable one (never
+    any of the key's bytes)."""
     keys: dict[str, bytes] = {}
+    problems: list[str] = []
     for i, k in enumerate(cfg.dkim):
+        where = f"dkim[{i}].private_key_file"
         try:
-            keys[k.domain] = Path(k.private_key_file).read_bytes()
+            pem = Path(k.private_key_file).read_bytes()
         except OSError as exc:
-            log.error("dkim[%d].private_key_file: cannot read %s (%s); mail from %s goes out unsigned",
-                      i, k.private_key_file, exc.strerror or exc, k.domain)
+            problems.append(f"{where}: cannot read {k.private_key_file} ({exc.strerror or exc})")
+            continue
+        try:
+            load_private_key(pem, k.algorithm)
+        except DkimKeyError as exc:
+            problems.append(f"{where}: {k.private_key_file} {exc}")
+            continue
+        keys[str(k.private_key_file)] = pem
+    return keys, problems
+
+
+def read_dkim_keys(cfg: Config) -> dict[str, bytes]:
+    """``load_dkim_keys`` for the daemon: unusable keys are logged and skipped, so mail still
+    flows (unsigned by that key) instead of bouncing."""
+    keys, problems = load_dkim_keys(cfg)
+    for problem in problems:
+        log.error("%s; mail is not signed with it", problem)
     return keys
 
 

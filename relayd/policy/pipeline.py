@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 from relayd.config.schema import Config, SuppressAction
 from relayd.model import Envelope, Message, Reply
+from relayd.policy.dkim import DkimKeyError, load_private_key
 from relayd.policy.records import (
     CompiledRule,
     Copy,
@@ -51,10 +52,11 @@ def steps_in_order() -> tuple[tuple[str, Step], ...]:
 
 
 def build_policy(config: Config, dkim_keys: Mapping[str, bytes]) -> Policy:
-    """Compile the policy slices of ``config``; ``dkim_keys`` maps a dkim domain to its PEM.
+    """Compile the policy slices of ``config``; ``dkim_keys`` maps a ``dkim[].private_key_file``
+    (as a string) to its PEM, or, where a domain has one entry, the domain to its PEM.
 
-    Entries of ``config.dkim`` without a key in ``dkim_keys`` are left out (the caller reads
-    the key files and reports unreadable ones).
+    Entries of ``config.dkim`` without a usable key in ``dkim_keys`` are left out (the caller
+    reads the key files and reports unreadable or unsuitable ones: ``read_dkim_keys``).
     """
     rules = tuple(
         CompiledRule(
@@ -67,11 +69,19 @@ def build_policy(config: Config, dkim_keys: Mapping[str, bytes]) -> Policy:
     )
     unsub = config.unsubscribe
     secret = unsub.secret.reveal().encode("utf-8") if unsub and unsub.secret else None
-    signers = tuple(DkimSigner(k.domain.lower(), k.selector, dkim_keys[k.domain])
-                    for k in config.dkim if k.domain in dkim_keys)
+    signers: list[DkimSigner] = []
+    for k in config.dkim:
+        pem = dkim_keys.get(str(k.private_key_file), dkim_keys.get(k.domain))
+        if pem is None:
+            continue
+        try:
+            key = load_private_key(pem, k.algorithm)
+        except DkimKeyError:
+            continue
+        signers.append(DkimSigner(k.domain.lower(), k.selector, str(k.algorithm), key))
     return Policy(sender=config.sender, headers=config.headers, rules=rules,
                   do_not_email=config.do_not_email, unsubscribe=unsub,
-                  unsubscribe_secret=secret, dkim=signers)
+                  unsubscribe_secret=secret, dkim=tuple(signers))
 
 
 def run_pipeline(policy: Policy, message: Message, ctx: PolicyContext) -> PipelineResult:

@@ -4,10 +4,10 @@ the draft between steps and the final result. Data only, no behaviour beyond sma
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relayd.config.schema import (
     DoNotEmailConfig,
@@ -17,6 +17,9 @@ from relayd.config.schema import (
     UnsubscribeConfig,
 )
 from relayd.model import Envelope, Message
+
+if TYPE_CHECKING:
+    from relayd.policy.dkim import PrivateKey
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,12 @@ class CompiledRule:
 
 @dataclass(frozen=True)
 class DkimSigner:
-    """One ``dkim`` entry with its private key already read (PEM bytes)."""
+    """One ``dkim`` entry with its private key already loaded (``relayd.policy.dkim``)."""
 
     domain: str
     selector: str
-    key: bytes = field(repr=False)
+    algorithm: str
+    key: PrivateKey = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ class Copy:
 
 @dataclass(frozen=True)
 class Draft:
-    """The message between steps. Steps return a new Draft via ``dataclasses.replace``."""
+    """The message between steps. Steps return a new Draft (``dataclasses.replace``,
+    ``note``, ``map_content``)."""
 
     envelope: Envelope
     copies: tuple[Copy, ...]
@@ -103,11 +108,16 @@ class Draft:
     notes: tuple[Note, ...] = ()
 
     def note(self, step: str, text: str) -> Draft:
-        return dataclasses.replace(self, notes=(*self.notes, Note(step, text)))
+        return self._with(self.copies, (*self.notes, Note(step, text)))
 
     def map_content(self, fn: Callable[[bytes], bytes]) -> Draft:
-        return dataclasses.replace(self, copies=tuple(Copy(c.rcpts, fn(c.content))
-                                                      for c in self.copies))
+        return self._with(tuple(Copy(c.rcpts, fn(c.content)) for c in self.copies), self.notes)
+
+    def _with(self, copies: tuple[Copy, ...], notes: tuple[Note, ...]) -> Draft:
+        # What dataclasses.replace does, spelled out: it runs several times per message and
+        # replace() inspects the fields on every call.
+        return Draft(self.envelope, copies, self.priority, self.why_priority, self.rejected,
+                     self.suppressed, notes)
 
 
 @dataclass(frozen=True)

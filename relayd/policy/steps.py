@@ -15,24 +15,14 @@ PRIORITY_HEADER = "X-Relayd-Priority"
 CONCEAL = ("Sender", "Return-Path", "X-Sender", "X-Original-From", "X-Original-Sender")
 
 
-def _headers(content: bytes) -> tuple[_mime.Headers, bytes]:
-    header, body = _mime.split_message(content)
-    return _mime.Headers.parse(header), body
-
-
-def _with_headers(h: _mime.Headers, body: bytes) -> bytes:
-    return _mime.join_message(h.to_bytes(), body)
-
-
 def classify(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
     """Priority: ``X-Relayd-Priority: high`` (always removed) or the first matching rule."""
-    content = draft.copies[0].content
-    h, _ = _headers(content)
+    h = _mime.Headers(tuple(_mime.header_fields(draft.copies[0].content)))
     why: str | None = None
     marker = h.get(PRIORITY_HEADER)
     if marker is not None and marker.strip().lower() == "high":
         why = f"{PRIORITY_HEADER}: high"
-    if why is None:
+    if why is None and policy.rules:
         subject = _mime.decoded_header(h.get("Subject") or "")
         sender = draft.envelope.mail_from
         for rule in policy.rules:
@@ -54,8 +44,7 @@ def classify(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
 
 
 def _strip(content: bytes, name: str) -> bytes:
-    h, body = _headers(content)
-    return _with_headers(h.remove(name), body)
+    return _mime.edit_header(content, lambda h: h.remove(name))
 
 
 def suppress(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
@@ -96,8 +85,7 @@ def rewrite(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
     cfg = policy.sender
     notes: list[str] = []
 
-    def edit(content: bytes) -> bytes:
-        h, body = _headers(content)
+    def edit_fields(h: _mime.Headers) -> _mime.Headers:
         if cfg.from_ is not None:
             # These would reveal the concealed original: Sender (RFC 5322 §3.6.2), and a
             # Return-Path that should not be in transit anyway (RFC 5321 §4.4).
@@ -106,10 +94,10 @@ def rewrite(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
         if cfg.reply_to is not None:
             h, note = _rewrite_one(h, "Reply-To", cfg.reply_to)
             notes.append(note)
-        return _with_headers(h, body)
+        return h
 
     if cfg.from_ is not None or cfg.reply_to is not None:
-        draft = draft.map_content(edit)
+        draft = draft.map_content(lambda c: _mime.edit_header(c, edit_fields))
     env = draft.envelope
     new_from = env.mail_from
     if env.mail_from == "":
@@ -133,14 +121,13 @@ def edit_headers(draft: Draft, policy: Policy, ctx: PolicyContext) -> Draft:
     if not cfg.add and not cfg.remove:
         return draft.note("headers", "nothing to add or remove")
 
-    def edit(content: bytes) -> bytes:
-        h, body = _headers(content)
+    def edit_fields(h: _mime.Headers) -> _mime.Headers:
         h = h.remove(*cfg.remove)
         for name, value in cfg.add:
             h = h.add(name, _mime.encode_unstructured(value))
-        return _with_headers(h, body)
+        return h
 
-    draft = draft.map_content(edit)
+    draft = draft.map_content(lambda c: _mime.edit_header(c, edit_fields))
     parts = []
     if cfg.remove:
         parts.append("removed " + ", ".join(cfg.remove))

@@ -9,6 +9,10 @@ command -v php >/dev/null 2>&1 || need+=(php-cli)
 command -v swaks >/dev/null 2>&1 || need+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 # PostgreSQL's server binaries (initdb, pg_ctl) for the fleet tests' throwaway cluster
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+# opendkim-testmsg: the independent verifier of relayd's DKIM signatures (tests/support/opendkim.py);
+# opendkim: the milter of the Postfix + OpenDKIM benchmark peer (bench/postfix.py).
+[ -x /usr/sbin/opendkim-testmsg ] || need+=(opendkim-tools)
+[ -x /usr/sbin/opendkim ] || need+=(opendkim)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "install-sysdeps: missing ${need[*]} and not root; run: sudo apt-get install ${need[*]}" >&2

@@ -55,7 +55,7 @@ ALL_KEYS = {
     "unsubscribe.footer_html", "unsubscribe.skip_priority", "unsubscribe.http_listen",
     "limits", "limits.daily_cap", "limits.rate", "limits.priority_exempt",
     "alerts", "alerts.webhook", "alerts.email", "alerts.queue_age", "alerts.events",
-    "dkim", "dkim[].domain", "dkim[].selector", "dkim[].private_key_file",
+    "dkim", "dkim[].domain", "dkim[].selector", "dkim[].private_key_file", "dkim[].algorithm",
     "state_dir", "secrets", "secrets.key_file", "metrics", "metrics.listen",
     "logging", "logging.level", "logging.format", "logging.smtp_transcripts",
     "submission", "submission[].listen", "submission[].tls", "submission[].cert_file",
