@@ -18,7 +18,9 @@ smarthosts:
   - {name: ses, host: email-smtp.eu-west-1.amazonaws.com}
   - {name: mg, host: smtp.mailgun.org}
   - {name: self, host: 127.0.0.1, port: 2525, tls: none}
-dkim: [{domain: example.com, selector: s, private_key_file: /dev/null}]
+# A key not installed yet: check-config checks key files that exist (an empty /dev/null is no
+# key, and check-config says so since DKIM keys are checked there).
+dkim: [{domain: example.com, selector: s, private_key_file: /nonexistent/relayd-test-dkim.pem}]
 """
 
 BROKEN = [
