@@ -115,10 +115,13 @@ async def test_three_providers_two_internal_domains(tmp_path: Path, upstream: Up
         line = next(ln for ln in log.splitlines() if f"{split_id}: routes: " in ln)
         ids = dict(part.split(" route=") for part in line.split(": routes: ")[1].split(", "))
         assert sorted(ids.values()) == ["billing", "internal"]
+        # The smarthost has a message before relayd logs its 250: wait for the lines.
+        await wait_until(lambda: all(any("status=sent" in ln for ln in op.delivery_lines(q))
+                                     for q in ids), what="the delivery lines")
         for qid, route in ids.items():
             (sent,) = [ln for ln in op.delivery_lines(qid) if "status=sent" in ln]
             assert f", route={route}, delay=" in sent
-        assert "route=default" in log
+        assert "route=default" in op.log()
 
         result = await op.cli("route", "test", "--from", "pay@billing.example.com", "--to",
                               "x@gmail.com", "y@lab.example.com", "--json")
@@ -237,6 +240,8 @@ async def test_a_reload_changes_the_route_of_queued_mail(tmp_path: Path,
         await wait_until(lambda: len(fakes["exchange"].messages) == 1, timeout=20,
                          what="the queued message through the changed route")
         assert not fakes["ses"].messages
+        await wait_until(lambda: any("status=sent" in ln for ln in op.delivery_lines(qid)),
+                         what="the sent line")
         sent = [ln for ln in op.delivery_lines(qid) if "status=sent" in ln]
         assert sent and "relay=exchange[" in sent[0] and "route=billing" in sent[0]
     finally:
