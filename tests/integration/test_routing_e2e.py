@@ -121,7 +121,7 @@ async def test_three_providers_two_internal_domains(tmp_path: Path, upstream: Up
         for qid, route in ids.items():
             (sent,) = [ln for ln in op.delivery_lines(qid) if "status=sent" in ln]
             assert f", route={route}, delay=" in sent
-        assert "route=default" in op.log()
+        await wait_until(lambda: "route=default" in op.log(), what="unmatched mail's route=default")
 
         result = await op.cli("route", "test", "--from", "pay@billing.example.com", "--to",
                               "x@gmail.com", "y@lab.example.com", "--json")
