@@ -103,7 +103,25 @@ def normalize(address: str) -> str:
     return address.strip().strip("<>").strip().lower()
 
 
-class SuppressionStore:
+class ImportsLines:
+    """``suppress import`` over a store's ``add`` (the same for the node's list and the
+    fleet's)."""
+
+    def add(self, addresses: Iterable[str], reason: str = "manual") -> int:
+        raise NotImplementedError
+
+    def import_lines(self, lines: Iterable[str], reason: str = "import") -> ImportResult:
+        """One address per line; ``#`` comments and blank lines ignored (SPEC)."""
+        unique, bad = parse_import(lines)
+        added = self.add(unique, reason)
+        return ImportResult(added=added, present=len(unique) - added, invalid=tuple(bad))
+
+    def import_file(self, path: Path) -> ImportResult:
+        with path.open(encoding="utf-8") as fh:
+            return self.import_lines(fh)
+
+
+class SuppressionStore(ImportsLines):
     """The do-not-email list (thread-safe; one instance per process is enough)."""
 
     def __init__(self, state_dir: Path, *, busy_timeout: float = 5.0) -> None:
@@ -232,16 +250,6 @@ class SuppressionStore:
             self._local_writes += 1
             self._give_to_owner()
             return db.total_changes - before
-
-    def import_lines(self, lines: Iterable[str], reason: str = "import") -> ImportResult:
-        """One address per line; ``#`` comments and blank lines ignored (SPEC)."""
-        unique, bad = parse_import(lines)
-        added = self.add(unique, reason)
-        return ImportResult(added=added, present=len(unique) - added, invalid=tuple(bad))
-
-    def import_file(self, path: Path) -> ImportResult:
-        with path.open(encoding="utf-8") as fh:
-            return self.import_lines(fh)
 
     # -- reads ---------------------------------------------------------------------------
     def contains(self, address: str) -> bool:

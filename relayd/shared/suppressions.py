@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from relayd.errors import StateUnavailable
-from relayd.policy.suppressions import ImportResult, normalize, parse_import
+from relayd.policy.suppressions import ImportsLines, normalize
 from relayd.shared.db import Conn, SharedDB
 
 log = logging.getLogger("relayd")
@@ -31,7 +31,7 @@ POLL = 0.25
 CACHE_NAME = "shared-suppressions.cache"
 
 
-class SharedSuppressions:
+class SharedSuppressions(ImportsLines):
     """The do-not-email list of the fleet (thread-safe)."""
 
     def __init__(self, db: SharedDB, *, cache_dir: Path | None = None, poll: float = POLL) -> None:
@@ -91,15 +91,6 @@ class SharedSuppressions:
         removed = self.db.run(delete)
         self._wake.set()
         return removed
-
-    def import_lines(self, lines: Iterable[str], reason: str = "import") -> ImportResult:
-        unique, bad = parse_import(lines)
-        added = self.add(unique, reason)
-        return ImportResult(added=added, present=len(unique) - added, invalid=tuple(bad))
-
-    def import_file(self, path: Path) -> ImportResult:
-        with path.open(encoding="utf-8") as fh:
-            return self.import_lines(fh)
 
     # -- reads ---------------------------------------------------------------------------
     def contains(self, address: str) -> bool:
