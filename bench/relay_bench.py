@@ -30,7 +30,8 @@ as ``relayd-shared``, alternating with ``relayd`` in every round: the cost of th
 through the database in ``relayd-shared``).
 ``--set plain|policy`` picks the plain relay and/or the ``policy`` scenario (default both: relayd
 with the sending policy and DKIM of ``bench/systems.py``, Postfix with OpenDKIM as a milter,
-``bench/opendkim.py``); ``--load smtp-source`` uses Postfix's load generator instead of
+``bench/opendkim.py``; the policy set also has ``policy-ed25519-1KB`` and ``policy-dual-1KB``,
+relayd signing Ed25519 alone or beside RSA against the same RSA peer); ``--load smtp-source`` uses Postfix's load generator instead of
 ``bench/load.py`` for the as-fast-as-accepted scenarios.
 ``--json FILE`` also writes every measurement; ``--profile DIR`` records relayd with py-spy
 (``pip install py-spy``) into ``DIR/<scenario>.svg``/``.txt``.
@@ -61,7 +62,7 @@ sys.path.insert(0, str(HERE))
 
 from opendkim import available as opendkim_available  # noqa: E402
 from postfix import available, free_port  # noqa: E402
-from systems import Postfix, Relayd, dkim_key  # noqa: E402
+from systems import Postfix, Relayd, dkim_key, ed25519_key  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
@@ -73,6 +74,9 @@ class Scenario:
     count: int
     rate: float = 0.0
     policy: bool = False  # relayd with POLICY_CONFIG, Postfix with OpenDKIM (bench/systems.py)
+    # relayd's dkim entries: rsa (the issue's), ed25519 or dual. Only rsa runs the peer; the
+    # other two are compared with the same round's rsa peer (OpenDKIM signs RSA).
+    dkim: str = "rsa"
 
 
 @dataclass
@@ -347,7 +351,8 @@ def report(results: list[Measurement], scenarios: list[Scenario]) -> str:
     lines.append("")
     for sc in scenarios:
         rel = [m for m in results if m.scenario == sc.name and m.system == "relayd"]
-        pfx = [m for m in results if m.scenario == sc.name and not is_relayd(m)]
+        peer_of = sc.name if sc.dkim == "rsa" else f"policy-{sc.name.rsplit('-', 1)[1]}"
+        pfx = [m for m in results if m.scenario == peer_of and not is_relayd(m)]
         if rel and pfx and all(p.e2e_rate for p in pfx):
             ratios = [r.e2e_rate / p.e2e_rate for r, p in zip(rel, pfx, strict=False)]
             shown = ", ".join(f"{x:.2f}x" for x in ratios)
@@ -379,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", action="append", help="run only these scenarios (by name)")
     p.add_argument("--set", action="append", choices=("plain", "policy"), dest="sets",
                    help="plain relay and/or the policy scenario (default: both); policy "
-                        "scenarios are named policy-1KB, policy-100KB, policy-1KB@500/s")
+                        "scenarios are named policy-1KB, policy-100KB, policy-1KB@500/s, and "
+                        "policy-ed25519-1KB, policy-dual-1KB (relayd signing Ed25519 alone "
+                        "or beside RSA; compared with the RSA peer)")
     p.add_argument("--load", choices=("ours", "smtp-source"), default="ours",
                    help="load generator for the as-fast-as-accepted scenarios (offered-rate "
                         "scenarios always use bench/load.py)")
@@ -408,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     if "policy" in (a.sets or ["policy"]):
         scenarios += [Scenario(f"policy-{s.name}", s.size, s.count, s.rate, policy=True)
                       for s in plain]
+        one_kb = plain[0]
+        scenarios += [Scenario(f"policy-{kind}-{one_kb.name}", one_kb.size, one_kb.count,
+                               policy=True, dkim=kind) for kind in ("ed25519", "dual")]
     if a.scenario:
         scenarios = [s for s in scenarios if s.name in a.scenario]
     systems = ["relayd", "postfix"] if a.only is None else [a.only]
@@ -441,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Measurement] = []
     compile_bytecode(*([a.baseline] if a.baseline is not None else []))
     key = dkim_key(base / "dkim.pem") if any(s.policy for s in scenarios) else None
+    ed_key = (ed25519_key(base / "dkim-ed25519.pem")
+              if any(s.dkim != "rsa" for s in scenarios) else None)
     print(f"# {os.cpu_count()} CPUs, {a.sessions} sessions, load {a.load}, work dir {base}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     try:
@@ -450,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                 for sc in scenarios:
                     order = systems if rnd % 2 == 0 else systems[::-1]
                     for name in order:
+                        if name == "postfix" and sc.dkim != "rsa":
+                            continue  # compared with this round's policy peer (report())
                         wd = base / f"{name}-{sc.name.replace('/', '_')}-{rnd}"
                         wd.mkdir(parents=True, exist_ok=True)
                         tag = f"{name}-{sc.name.replace('/', '_')}-{rnd}"
@@ -458,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                             Relayd(wd, sink_port, a.relayd_connections, a.profile, tag,
                                    a.relayd_log_level,
                                    tree=a.baseline if name == "relayd-base" else ROOT, name=name,
-                                   policy_key=pkey,
+                                   policy_key=pkey, dkim=sc.dkim, ed25519_key=ed_key,
                                    extra_config=limits + (shared_config(a.shared_state)
                                                           if name == "relayd-shared" else ""))
                             if name != "postfix" else Postfix(wd, sink_port, dkim_key=pkey))

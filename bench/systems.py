@@ -56,8 +56,31 @@ headers:
   add: {{X-Relayd-Bench: policy}}
   remove: [X-Mailer]
 dkim:
-  - {{domain: bench.example, selector: bench, private_key_file: {key}}}
-"""
+{dkim}"""
+
+# ``dkim:`` entries by scenario: the issue's RSA-2048, Ed25519 alone (RFC 8463) and both side
+# by side (dual signing, as providers recommend while receivers adopt Ed25519).
+DKIM_RSA = "  - {{domain: bench.example, selector: bench, private_key_file: {key}}}\n"
+DKIM_ED25519 = ("  - {{domain: bench.example, selector: bench-ed, algorithm: ed25519-sha256, "
+                "private_key_file: {key}}}\n")
+
+
+def dkim_entries(kind: str, rsa: Path, ed25519: Path | None) -> str:
+    """The ``dkim:`` list for ``kind``: rsa, ed25519 or dual."""
+    out = DKIM_RSA.format(key=rsa) if kind in ("rsa", "dual") else ""
+    if kind in ("ed25519", "dual"):
+        assert ed25519 is not None
+        out += DKIM_ED25519.format(key=ed25519)
+    return out
+
+
+def ed25519_key(path: Path) -> Path:
+    """A fresh Ed25519 key (PEM, 0600) at ``path``."""
+    if not path.exists():
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(path)],
+                       check=True, capture_output=True)
+        path.chmod(0o600)
+    return path
 
 
 def dkim_key(path: Path) -> Path:
@@ -91,6 +114,7 @@ class Relayd:
     def __init__(self, workdir: Path, sink_port: int, connections: int,
                  profile: Path | None = None, profile_name: str = "", log_level: str = "info",
                  tree: Path = ROOT, name: str = "relayd", policy_key: Path | None = None,
+                 dkim: str = "rsa", ed25519_key: Path | None = None,
                  extra_config: str = "") -> None:
         self.name = name
         self.tree = tree  # the checkout whose relayd runs (another one for --baseline)
@@ -101,7 +125,8 @@ class Relayd:
         self.config.write_text(RELAYD_CONFIG.format(
             port=self.port, spool=workdir / "spool", state=workdir / "state", sink_port=sink_port,
             connections=connections, log_level=log_level)
-            + (POLICY_CONFIG.format(key=policy_key) if policy_key is not None else "")
+            + (POLICY_CONFIG.format(dkim=dkim_entries(dkim, policy_key, ed25519_key))
+               if policy_key is not None else "")
             + extra_config)
         self.log = workdir / "relayd.log"
         self.profile = profile
