@@ -27,9 +27,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -307,6 +304,11 @@ class Alerts:
             self.sent += 1
 
     def _email(self, notice: Notice) -> bytes:
+        # lazy: the email package is ~2.5 MB per process, and only alert emails need it.
+        from email.message import EmailMessage
+        from email.policy import SMTP
+        from email.utils import format_datetime, make_msgid
+
         assert self._cfg.email is not None
         msg = EmailMessage()
         word = "FIRING" if notice.state == "firing" else "RESOLVED"
