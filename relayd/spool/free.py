@@ -63,7 +63,7 @@ from relayd import faults
 log = logging.getLogger("relayd.spool")
 
 FREE_FILES_MAX = 1000  # about one second of mail at the rates relayd reaches
-KEEP_CONTENT_MAX = 64 * 1024  # so free/ holds at most ~64 MB of delivered mail
+KEEP_CONTENT_MAX = 128 * 1024  # so free/ holds at most ~128 MB of delivered mail
 REFILL_PAUSE = 0.05
 RECOUNT_INTERVAL = 1.0
 FULL_RECOUNT_PAUSE = 0.05
