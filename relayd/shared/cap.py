@@ -16,11 +16,30 @@ NTP).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 from relayd.errors import StateUnavailable
 from relayd.shared.db import Conn, SharedDB
 from relayd.shared.schema import CAP_LOCK
+
+
+def minute_of(at: float) -> int:
+    """The minute a delivery at epoch time ``at`` counts in. It is taken to happen at the end
+    of that minute, so it leaves the rolling window up to 60 s late, never early."""
+    return math.floor(at / 60)
+
+
+def first_minute(now: float, window: float) -> int:
+    """The oldest minute still in the window ending at ``now``: minute m counts while its end,
+    (m + 1) * 60, is after ``now - window``."""
+    return math.floor((now - window) / 60)
+
+
+def _add_minute(conn: Conn, node: str, minute: int, n: int) -> None:
+    conn.execute("INSERT INTO relayd_cap_minutes (minute, node, n) VALUES (%s, %s, %s) "
+                 "ON CONFLICT (minute, node) DO UPDATE SET n = relayd_cap_minutes.n + EXCLUDED.n",
+                 (minute, node, n))
 
 
 class SharedDailyCap:
@@ -49,21 +68,19 @@ class SharedDailyCap:
             row = conn.execute("SELECT n, since FROM relayd_cap_in_flight WHERE node = %s",
                                (node,)).fetchone()
             if row is not None and int(str(row[0])) > 0:
-                conn.execute("INSERT INTO relayd_cap_deliveries (at, n, node) VALUES (%s, %s, %s)",
-                             (max(now, float(str(row[1]))), int(str(row[0])), node))
+                _add_minute(conn, node, minute_of(max(now, float(str(row[1])))), int(str(row[0])))
                 conn.execute("UPDATE relayd_cap_in_flight SET n = 0 WHERE node = %s", (node,))
         for granted, delivered, at in items:
             if granted:
                 conn.execute("UPDATE relayd_cap_in_flight SET n = greatest(0, n - %s) "
                              "WHERE node = %s", (granted, node))
             if delivered > 0:
-                conn.execute("INSERT INTO relayd_cap_deliveries (at, n, node) VALUES (%s, %s, %s)",
-                             (at, delivered, node))
+                _add_minute(conn, node, minute_of(at), delivered)
 
     def _count(self, conn: Conn, now: float) -> tuple[int, int]:
         row = conn.execute(
-            "SELECT (SELECT coalesce(sum(n), 0) FROM relayd_cap_deliveries WHERE at > %s), "
-            "(SELECT coalesce(sum(n), 0) FROM relayd_cap_in_flight)", (now - self.window,)
+            "SELECT (SELECT coalesce(sum(n), 0) FROM relayd_cap_minutes WHERE minute >= %s), "
+            "(SELECT coalesce(sum(n), 0) FROM relayd_cap_in_flight)", (first_minute(now, self.window),)
         ).fetchone()
         assert row is not None
         return int(str(row[0])), int(str(row[1]))
@@ -99,10 +116,12 @@ class SharedDailyCap:
     def _free_at(self, conn: Conn, now: float, need: int) -> float | None:
         """When ``need`` more units leave the window (None: only in-flight ones block)."""
         row = conn.execute(
-            "SELECT at FROM (SELECT at, sum(n) OVER (ORDER BY at, id) AS freed "
-            "FROM relayd_cap_deliveries WHERE at > %s) s WHERE freed >= %s ORDER BY at LIMIT 1",
-            (now - self.window, need)).fetchone()
-        return None if row is None else float(str(row[0])) + self.window
+            "SELECT minute FROM (SELECT minute, sum(sum(n)) OVER (ORDER BY minute) AS freed "
+            "FROM relayd_cap_minutes WHERE minute >= %s GROUP BY minute) s "
+            "WHERE freed >= %s ORDER BY minute LIMIT 1",
+            (first_minute(now, self.window), need)).fetchone()
+        # A minute's deliveries count as made at its end (see minute_of).
+        return None if row is None else (int(str(row[0])) + 1) * 60.0 + self.window
 
     def _flush_only(self) -> None:
         with self._lock:
