@@ -30,6 +30,14 @@ they are counted as delivered at that moment: some of those deliveries may have 
 counting them late is the safe side of "at most daily_cap". Times are the nodes' clocks (keep
 them in NTP).
 
+A node not seen for ``STALE_AFTER`` seconds (it writes ``seen``, the database's clock, with
+every write and every housekeeping refresh while it holds units, i.e. every few seconds)
+is taken for dead: the next reservation or refresh of any node counts the units it held as
+delivered at that moment (they may have been sent) and zeroes them, so a node that never
+comes back does not hold the fleet's units for ever. A partitioned node that comes back
+later sets its row to what it holds again and counts what it then delivers: those units
+are counted twice (over, never under: the cap still holds).
+
 Everything here blocks: ``acquire``, ``settle`` (memory only), ``refresh`` and ``close`` are
 called from worker threads (the queue manager's executor), never on the event loop.
 """
@@ -39,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +68,10 @@ BATCH_SHARE = 16
 FLUSH_AFTER = 0.5   # seconds: an unwritten count is written at the latest this late
 LEASE_IDLE = 1.0    # seconds: a lease nobody spent for this long goes back to the fleet
 RETRY = 1.0         # seconds between the flusher's attempts while the database is down
+# A node that wrote nothing for this long is dead (far longer than the 5 s between a live
+# node's refreshes). Tests shorten it with this environment variable; it is not a setting.
+STALE_AFTER = 300.0
+STALE_ENV = "RELAYD_CAP_STALE_AFTER"
 
 _WRITE_MINUTES = (
     "INSERT INTO relayd_cap_minutes (minute, node, n) "
@@ -92,6 +105,36 @@ def _add_minute(conn: Conn, node: str, minute: int, n: int) -> None:
                  (minute, node, n))
 
 
+def _stale_after() -> float:
+    try:
+        return float(os.environ.get(STALE_ENV, STALE_AFTER))
+    except ValueError:
+        return STALE_AFTER
+
+
+def _any_dead(conn: Conn, node: str, stale_after: float) -> bool:
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM relayd_cap_in_flight WHERE node <> %s AND n > 0 "
+        "AND seen < extract(epoch FROM now()) - %s)", (node, stale_after)).fetchone()
+    return bool(row and row[0])
+
+
+def _count_the_dead(conn: Conn, node: str, stale_after: float, now: float) -> list[tuple[str, int]]:
+    """Hold the cap's lock. Units held by nodes not seen for ``stale_after`` seconds count
+    as delivered now; the (node, units) converted."""
+    # FOR UPDATE: a dead node that writes meanwhile (it was only cut off) is seen again and
+    # skipped; RETURNING gives the units it held (an UPDATE's own RETURNING gives the new 0).
+    rows = conn.execute(
+        "WITH dead AS (SELECT node, n FROM relayd_cap_in_flight WHERE node <> %s AND n > 0 "
+        "AND seen < extract(epoch FROM now()) - %s FOR UPDATE) "
+        "UPDATE relayd_cap_in_flight f SET n = 0 FROM dead WHERE f.node = dead.node "
+        "RETURNING f.node, dead.n", (node, stale_after)).fetchall()
+    dead = [(str(other), int(str(n))) for other, n in rows]
+    for other, n in dead:
+        _add_minute(conn, other, minute_of(now), n)
+    return dead
+
+
 def _count(conn: Conn, first: int, exclude: str | None) -> tuple[int, int]:
     """(recipients the fleet delivered from minute ``first`` on, units held by the nodes other
     than ``exclude``), in one statement, so one snapshot."""
@@ -117,10 +160,11 @@ class SharedDailyCap:
     """At most ``cap`` delivered recipients per rolling ``window`` seconds, for the fleet."""
 
     def __init__(self, db: SharedDB, cap: int, *, window: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, stale_after: float | None = None) -> None:
         self.db = db
         self.cap = cap
         self.window = window
+        self.stale_after = _stale_after() if stale_after is None else stale_after
         self._clock = clock   # epoch seconds, for the flusher's writes (callers pass ``now``)
         self._tx = threading.Lock()      # one transaction of this cap at a time
         self._lock = threading.Lock()    # the counts below; never held across a transaction
@@ -260,29 +304,37 @@ class SharedDailyCap:
             return 0
         node, first = self.db.node, first_minute(now, self.window)
 
+        dead: list[tuple[str, int]] = []
+
         def work(conn: Conn) -> tuple[int, int, int, float | None]:
-            if reserve is not None:
+            # Every write of another node's rows (a reservation, a dead node's units) is
+            # under the cap's lock, taken first; a refresh takes it only to count the dead.
+            locked = reserve is not None or (count and _any_dead(conn, node, self.stale_after))
+            if locked:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (CAP_LOCK,))
             if not recovered:
                 self._recover(conn, now)
+            # A refresh also says that this node is alive while it holds units (``seen``).
+            # Written before the minutes, in the order a count of the dead writes them.
+            if reserve is None and (held != self._written or not recovered or (count and held > 0)):
+                conn.execute(_WRITE_HELD, (node, held, now))
             if minutes:
                 conn.execute(_WRITE_MINUTES, (node, list(minutes), list(minutes.values())))
+            if locked:
+                dead[:] = _count_the_dead(conn, node, self.stale_after, now)
             used, others = _count(conn, first, node)
-            grant, free_at = 0, None
-            if reserve is not None:
-                free = self.cap - used - others - held
-                grant = max(0, min(reserve, free))
-                if free > reserve:
-                    grant += min(BATCH_MAX, (free - reserve) // BATCH_SHARE)
-                elif grant < reserve:
-                    free_at = _free_at(conn, first, self.window, reserve - grant)
-                if self._pruned != first:   # rows that left the window: once a minute
-                    conn.execute("DELETE FROM relayd_cap_minutes WHERE minute < %s", (first,))
-                    self._pruned = first
-            # A refresh also says that this node is alive when it holds units (``seen``).
-            if (reserve is not None or held + grant != self._written or not recovered
-                    or (count and held > 0)):
-                conn.execute(_WRITE_HELD, (node, held + grant, now))
+            if reserve is None:
+                return used, others, 0, None
+            free = self.cap - used - others - held
+            grant, free_at = max(0, min(reserve, free)), None
+            if free > reserve:
+                grant += min(BATCH_MAX, (free - reserve) // BATCH_SHARE)
+            elif grant < reserve:
+                free_at = _free_at(conn, first, self.window, reserve - grant)
+            if self._pruned != first:   # rows that left the window: once a minute
+                conn.execute("DELETE FROM relayd_cap_minutes WHERE minute < %s", (first,))
+                self._pruned = first
+            conn.execute(_WRITE_HELD, (node, held + grant, now))
             return used, others, grant, free_at
 
         try:
@@ -292,6 +344,9 @@ class SharedDailyCap:
                 self._lease += returned
             raise
         self.db.in_flight_recovered = True
+        for other, n in dead:
+            log.warning("shared state: node %s was not seen for %.0fs: the %d unit(s) of the "
+                        "daily cap it held now count as delivered", other, self.stale_after, n)
         mine = min(grant, reserve or 0)
         with self._lock:
             for minute, n in minutes.items():

@@ -6,20 +6,24 @@ counts of version 3 when it moves them into minutes."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from relayd.config.schema import SharedStateConfig, SslMode
 from relayd.secrets import Secret
 from relayd.shared import schema
-from relayd.shared.cap import BATCH_MAX, SharedDailyCap
+from relayd.shared.cap import BATCH_MAX, STALE_ENV, SharedDailyCap
 from relayd.shared.db import Conn, SharedDB, connect
+from tests.integration.test_fleet import WAITING, _message, _node
 from tests.support.postgres import PASSWORD, Cluster
-from tests.support.waiting import wait_until_sync
+from tests.support.upstream import Upstreams
+from tests.support.waiting import wait_until, wait_until_sync
 
 DAY = 86400.0
 
@@ -192,6 +196,80 @@ def test_a_node_restarted_counts_what_it_held_as_delivered(
         assert _delivered(pg) == held + 1 and _held(pg) == 0
     finally:
         again.close()
+
+
+def test_a_node_not_seen_for_a_while_has_its_units_counted_over_never_under(
+        nodes: tuple[Counting, Counting], pg: Cluster) -> None:
+    a, b = nodes
+    cap_a = SharedDailyCap(a, 10, window=DAY)
+    cap_b = SharedDailyCap(b, 10, window=DAY, stale_after=1.0)
+    assert cap_a.acquire(2, time.time()) == 2
+    assert _held(pg, "relay-a") == 2
+    # relay-a writes nothing more (partitioned): relay-b's refresh, a second later, counts
+    # the units it held as delivered
+    def counted() -> bool:
+        cap_b.refresh(time.time())
+        return _held(pg, "relay-a") == 0
+    wait_until_sync(counted, 10, "relay-b to count relay-a's units")
+    assert _delivered(pg) == 2
+    assert cap_b.acquire(10, time.time()) == 8
+    cap_b.settle(8, 0, time.time())
+    # relay-a comes back and delivers both: counted again (4 for 2 sent), never fewer
+    cap_a.settle(2, 2, time.time())
+    cap_a.close()
+    cap_b.close()
+    assert _delivered(pg) == 4 and _held(pg) == 0
+
+
+async def test_a_killed_node_that_never_returns_has_its_units_counted_by_another(
+        tmp_path: Path, pg: Cluster, upstream: Upstreams) -> None:
+    slow = await upstream(hang_at="data")
+    fast = await upstream()
+    a = _node(tmp_path, "relay-a", pg, slow, limits={"daily_cap": 6})
+    a.write(a.config.read_text().replace("timeout: 2s", "timeout: 60s"))
+    b = _node(tmp_path, "relay-b", pg, fast, limits={"daily_cap": 6})
+    # A live node refreshes every 5 s: 8 s without a word means dead (300 s outside tests)
+    b.relay.env = {**b.relay.env, STALE_ENV: "8"}
+    assert (await a.cli("shared-state", "migrate")).code == 0
+    await asyncio.gather(a.start(), b.start())
+    try:
+        for i in range(3):
+            await a.send(_message(i, f"a{i}@example.net"), rcpts=(f"a{i}@example.net",))
+        # relay-a's deliveries hang in DATA, holding three units; then it dies for good
+        await wait_until(lambda: pg.psql("SELECT n FROM relayd_cap_in_flight "
+                                         "WHERE node = 'relay-a'") == "3", 20,
+                         "relay-a to hold three units", interval=0.1)
+        await asyncio.to_thread(a.relay.kill9)
+        for i in range(4):
+            await b.send(_message(10 + i, f"b{i}@example.net"), rcpts=(f"b{i}@example.net",))
+        await wait_until(lambda: len(fast.messages) == 3, 20, "relay-b's three")
+        # No SQL by hand: relay-b counts relay-a's three as delivered (they may have been)
+        await wait_until(lambda: pg.psql("SELECT n FROM relayd_cap_in_flight "
+                                         "WHERE node = 'relay-a'") == "0", 40,
+                         lambda: f"relay-b to count relay-a's units: {b.log()[-2000:]}", interval=0.2)
+        assert ("node relay-a was not seen for 8s: the 3 unit(s) of the daily cap it held now "
+                "count as delivered") in b.log()
+        await wait_until(lambda: pg.psql("SELECT node, sum(n) FROM relayd_cap_minutes GROUP BY 1 "
+                                         "ORDER BY 1") == "relay-a|3\nrelay-b|3", 5,
+                         "three counted for each node")
+
+        async def fourth_waits() -> bool:
+            rows = await b.queue()
+            return len(rows) == 1 and rows[0]["last_error"] == WAITING
+        await wait_until(fourth_waits, 20, "relay-b's fourth to wait for the cap", interval=0.2)
+        assert len(fast.messages) == 3
+        # relay-a comes back after all: nothing it held is counted twice, its mail waits
+        slow.hang_at = None
+        await a.start()
+
+        async def a_waits() -> bool:
+            rows = await a.queue()
+            return len(rows) == 3 and all(r["last_error"] == WAITING for r in rows)
+        await wait_until(a_waits, 30, "relay-a's three to wait for the cap", interval=0.2)
+        assert pg.psql("SELECT sum(n) FROM relayd_cap_minutes") == "6"
+        assert len(slow.messages) + len(fast.messages) == 3
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
 
 
 def test_version_4_keeps_the_counts_of_version_3(pg: Cluster) -> None:
