@@ -30,13 +30,15 @@ they are counted as delivered at that moment: some of those deliveries may have 
 counting them late is the safe side of "at most daily_cap". Times are the nodes' clocks (keep
 them in NTP).
 
-A node not seen for ``STALE_AFTER`` seconds (it writes ``seen``, the database's clock, with
-every write and every housekeeping refresh while it holds units, i.e. every few seconds)
-is taken for dead: the next reservation or refresh of any node counts the units it held as
+A node not seen for ``STALE_AFTER`` seconds before the last word of the node looking is
+taken for dead (a node writes ``seen``, the database's clock, with every write and every
+housekeeping refresh, i.e. every few seconds; measuring from the looker's
+own last word means that an outage of the database, which silences every node at once, makes
+none dead). The next reservation or refresh of another node counts the units it held as
 delivered at that moment (they may have been sent) and zeroes them, so a node that never
 comes back does not hold the fleet's units for ever. A partitioned node that comes back
-later sets its row to what it holds again and counts what it then delivers: those units
-are counted twice (over, never under: the cap still holds).
+later sets its row to what it holds again and counts what it then delivers: those units are
+counted twice (over, never under: the cap still holds).
 
 Everything here blocks: ``acquire``, ``settle`` (memory only), ``refresh`` and ``close`` are
 called from worker threads (the queue manager's executor), never on the event loop.
@@ -112,23 +114,23 @@ def _stale_after() -> float:
         return STALE_AFTER
 
 
-def _any_dead(conn: Conn, node: str, stale_after: float) -> bool:
+def _any_dead(conn: Conn, node: str, before: float) -> bool:
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM relayd_cap_in_flight WHERE node <> %s AND n > 0 "
-        "AND seen < extract(epoch FROM now()) - %s)", (node, stale_after)).fetchone()
+        "AND seen < %s)", (node, before)).fetchone()
     return bool(row and row[0])
 
 
-def _count_the_dead(conn: Conn, node: str, stale_after: float, now: float) -> list[tuple[str, int]]:
-    """Hold the cap's lock. Units held by nodes not seen for ``stale_after`` seconds count
-    as delivered now; the (node, units) converted."""
+def _count_the_dead(conn: Conn, node: str, before: float, now: float) -> list[tuple[str, int]]:
+    """Hold the cap's lock. Units held by nodes last seen before ``before`` count as
+    delivered now; the (node, units) converted."""
     # FOR UPDATE: a dead node that writes meanwhile (it was only cut off) is seen again and
     # skipped; RETURNING gives the units it held (an UPDATE's own RETURNING gives the new 0).
     rows = conn.execute(
         "WITH dead AS (SELECT node, n FROM relayd_cap_in_flight WHERE node <> %s AND n > 0 "
-        "AND seen < extract(epoch FROM now()) - %s FOR UPDATE) "
+        "AND seen < %s FOR UPDATE) "
         "UPDATE relayd_cap_in_flight f SET n = 0 FROM dead WHERE f.node = dead.node "
-        "RETURNING f.node, dead.n", (node, stale_after)).fetchall()
+        "RETURNING f.node, dead.n", (node, before)).fetchall()
     dead = [(str(other), int(str(n))) for other, n in rows]
     for other, n in dead:
         _add_minute(conn, other, minute_of(now), n)
@@ -307,21 +309,29 @@ class SharedDailyCap:
         dead: list[tuple[str, int]] = []
 
         def work(conn: Conn) -> tuple[int, int, int, float | None]:
+            mine = conn.execute("SELECT n, since, seen FROM relayd_cap_in_flight WHERE node = %s",
+                                (node,)).fetchone()
+            # Dead: not seen for stale_after before this node's own last word, so that an
+            # outage of the database, which silences every node at once, kills none.
+            before = None if mine is None else float(str(mine[2])) - self.stale_after
             # Every write of another node's rows (a reservation, a dead node's units) is
             # under the cap's lock, taken first; a refresh takes it only to count the dead.
-            locked = reserve is not None or (count and _any_dead(conn, node, self.stale_after))
+            locked = reserve is not None or (
+                count and before is not None and _any_dead(conn, node, before))
             if locked:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (CAP_LOCK,))
-            if not recovered:
-                self._recover(conn, now)
-            # A refresh also says that this node is alive while it holds units (``seen``).
+            if not recovered and mine is not None and int(str(mine[0])) > 0:
+                # This process's first write: what an earlier one held when it died counts
+                # as delivered now (the row is then set to what this process holds).
+                _add_minute(conn, node, minute_of(max(now, float(str(mine[1])))), int(str(mine[0])))
+            # A refresh also says that this node is alive (``seen``), every few seconds.
             # Written before the minutes, in the order a count of the dead writes them.
-            if reserve is None and (held != self._written or not recovered or (count and held > 0)):
+            if reserve is None and (held != self._written or not recovered or count):
                 conn.execute(_WRITE_HELD, (node, held, now))
             if minutes:
                 conn.execute(_WRITE_MINUTES, (node, list(minutes), list(minutes.values())))
-            if locked:
-                dead[:] = _count_the_dead(conn, node, self.stale_after, now)
+            if locked and before is not None:
+                dead[:] = _count_the_dead(conn, node, before, now)
             used, others = _count(conn, first, node)
             if reserve is None:
                 return used, others, 0, None
@@ -368,15 +378,6 @@ class SharedDailyCap:
                 self._next_free = free_at
             self._wake.notify()
         return mine
-
-    def _recover(self, conn: Conn, now: float) -> None:
-        """The first write of this process: what an earlier one held when it died counts as
-        delivered now (the caller then sets the row to what this process holds)."""
-        row = conn.execute("SELECT n, since FROM relayd_cap_in_flight WHERE node = %s",
-                           (self.db.node,)).fetchone()
-        if row is not None and int(str(row[0])) > 0:
-            _add_minute(conn, self.db.node, minute_of(max(now, float(str(row[1])))),
-                        int(str(row[0])))
 
     # -- the flusher ----------------------------------------------------------------------
     def _ensure_flusher(self) -> None:

@@ -205,20 +205,42 @@ def test_a_node_not_seen_for_a_while_has_its_units_counted_over_never_under(
     cap_b = SharedDailyCap(b, 10, window=DAY, stale_after=1.0)
     assert cap_a.acquire(2, time.time()) == 2
     assert _held(pg, "relay-a") == 2
-    # relay-a writes nothing more (partitioned): relay-b's refresh, a second later, counts
-    # the units it held as delivered
+    assert cap_b.acquire(1, time.time()) == 1   # relay-b holds one: its refreshes say it lives
+    # relay-a writes nothing more (partitioned): a refresh of relay-b's, a second after
+    # relay-a's last word, counts the units relay-a held as delivered
     def counted() -> bool:
         cap_b.refresh(time.time())
         return _held(pg, "relay-a") == 0
     wait_until_sync(counted, 10, "relay-b to count relay-a's units")
     assert _delivered(pg) == 2
-    assert cap_b.acquire(10, time.time()) == 8
-    cap_b.settle(8, 0, time.time())
+    assert cap_b.acquire(10, time.time()) == 7
+    cap_b.settle(7, 0, time.time())
+    cap_b.settle(1, 0, time.time())
     # relay-a comes back and delivers both: counted again (4 for 2 sent), never fewer
     cap_a.settle(2, 2, time.time())
     cap_a.close()
     cap_b.close()
     assert _delivered(pg) == 4 and _held(pg) == 0
+
+
+def test_a_silence_of_the_whole_fleet_makes_no_node_dead(
+        nodes: tuple[Counting, Counting], pg: Cluster) -> None:
+    a, b = nodes
+    cap_a = SharedDailyCap(a, 10, window=DAY)
+    cap_b = SharedDailyCap(b, 10, window=DAY, stale_after=1.0)
+    assert cap_a.acquire(2, time.time()) == 2
+    assert cap_b.acquire(1, time.time()) == 1
+    # Neither node writes for longer than stale_after, as during an outage of the database
+    wait_until_sync(lambda: _int(pg, "SELECT count(*) FROM relayd_cap_in_flight WHERE "
+                                     "seen < extract(epoch FROM now()) - 1.5") == 2, 10,
+                    "both nodes to be silent for 1.5 s")
+    cap_b.refresh(time.time())   # relay-b's first word after the silence
+    assert _held(pg, "relay-a") == 2 and _delivered(pg) == 0
+    cap_a.settle(2, 2, time.time())
+    cap_b.settle(1, 1, time.time())
+    cap_a.close()
+    cap_b.close()
+    assert _delivered(pg) == 3 and _held(pg) == 0
 
 
 async def test_a_killed_node_that_never_returns_has_its_units_counted_by_another(
