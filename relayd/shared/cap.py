@@ -381,6 +381,8 @@ class SharedDailyCap:
 
     # -- the flusher ----------------------------------------------------------------------
     def _ensure_flusher(self) -> None:
+        if self._flusher is not None:   # the usual case, without the lock (checked again)
+            return
         with self._lock:
             if self._flusher is not None or self._closing:
                 return
