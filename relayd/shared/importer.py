@@ -3,8 +3,9 @@ database, so that it can grow into a fleet without losing an unsubscribe.
 
 The do-not-email list keeps each address's reason and time (an address already in the
 database keeps its row). The daily cap's deliveries within the window are added as this
-node's, once: ``relayd_imports`` remembers the node, so a second import adds addresses only
-(counting deliveries twice would shrink the fleet's cap for a day).
+node's (in their minutes, as the fleet counts them), once: ``relayd_imports`` remembers the
+node, so a second import adds addresses only (counting deliveries twice would shrink the
+fleet's cap for a day).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from relayd.delivery.limits import DB_NAME as CAP_DB
 from relayd.policy.suppressions import DB_NAME as LIST_DB
+from relayd.shared.cap import minute_of
 from relayd.shared.db import Conn, SharedDB
 
 
@@ -43,6 +45,11 @@ def import_embedded(db: SharedDB, state_dir: Path, now: float, window: float) ->
     listed = _rows(state_dir / LIST_DB, "SELECT address, reason, added FROM suppressed")
     deliveries = _rows(state_dir / CAP_DB, "SELECT at, n FROM deliveries")
     recent = [(float(str(at)), int(str(n))) for at, n in deliveries if float(str(at)) > now - window]
+    # The fleet counts per minute (relayd/shared/schema.py, version 4).
+    per_minute: dict[int, int] = {}
+    for at, n in recent:
+        if n > 0:
+            per_minute[minute_of(at)] = per_minute.get(minute_of(at), 0) + n
 
     def work(conn: Conn) -> Imported:
         new = 0
@@ -58,8 +65,10 @@ def import_embedded(db: SharedDB, state_dir: Path, now: float, window: float) ->
         if done.rowcount == 0:
             return Imported(len(listed), new, 0, True)
         with conn.cursor() as cur:
-            cur.executemany("INSERT INTO relayd_cap_deliveries (at, n, node) VALUES (%s, %s, %s)",
-                            [(at, n, db.node) for at, n in recent if n > 0])
-        return Imported(len(listed), new, sum(n for _, n in recent if n > 0), False)
+            cur.executemany(
+                "INSERT INTO relayd_cap_minutes (minute, node, n) VALUES (%s, %s, %s) "
+                "ON CONFLICT (minute, node) DO UPDATE SET n = relayd_cap_minutes.n + EXCLUDED.n",
+                [(minute, db.node, n) for minute, n in sorted(per_minute.items())])
+        return Imported(len(listed), new, sum(per_minute.values()), False)
 
     return db.run(work)

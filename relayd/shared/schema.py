@@ -74,8 +74,28 @@ _V3_OAUTH: tuple[LiteralString, ...] = (
     "node text NOT NULL, updated timestamptz NOT NULL DEFAULT now())",
 )
 
+# Version 4: the daily cap counts delivered recipients per (minute, node) instead of one row
+# per delivery, so that a reservation sums at most 1440 rows per node whatever the volume. A
+# delivery at epoch time t counts in minute floor(t / 60) and is taken to happen at the END of
+# that minute: it leaves the rolling window up to 60 s late, never early (the safe side of "at
+# most daily_cap"). The old rows are added up into their minutes and the old table dropped
+# (nothing reads it any more; keeping it would only invite SQL that counts the wrong table).
+# Each node's in-flight row gets ``seen`` (the database's clock when the node last wrote), so
+# that a node not seen for a long time can have its held units counted for it
+# (relayd/shared/cap.py).
+_V4_CAP_MINUTES: tuple[LiteralString, ...] = (
+    "CREATE TABLE relayd_cap_minutes (minute bigint NOT NULL, node text NOT NULL, "
+    "n bigint NOT NULL CHECK (n > 0), PRIMARY KEY (minute, node))",
+    "INSERT INTO relayd_cap_minutes (minute, node, n) "
+    "SELECT floor(at / 60)::bigint, node, sum(n) FROM relayd_cap_deliveries GROUP BY 1, 2",
+    "DROP TABLE relayd_cap_deliveries",
+    "ALTER TABLE relayd_cap_in_flight ADD COLUMN seen double precision NOT NULL "
+    "DEFAULT extract(epoch FROM now())",
+)
+
 # Each entry applies on its own in version order: a new one is appended with the next number.
-MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3_OAUTH))
+MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = (
+    (1, _V1), (2, _V2), (3, _V3_OAUTH), (4, _V4_CAP_MINUTES))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 assert [v for v, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 

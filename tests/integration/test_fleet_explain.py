@@ -25,7 +25,8 @@ def test_explain_reports_the_fleets_cap_and_list(tmp_path: Path, pg: Cluster) ->
     cfg = _config(tmp_path, pg.url)
     assert run_cli(cfg, "shared-state", "migrate").code == 0
     # What other nodes did: relay-b delivered 3 an hour ago, relay-c holds 1 for a delivery.
-    pg.psql(f"INSERT INTO relayd_cap_deliveries (at, n, node) VALUES ({time.time() - 3600}, 3, 'relay-b')")
+    pg.psql("INSERT INTO relayd_cap_minutes (minute, node, n) "
+            f"VALUES ({int((time.time() - 3600) // 60)}, 'relay-b', 3)")
     pg.psql(f"INSERT INTO relayd_cap_in_flight (node, n, since) VALUES ('relay-c', 1, {time.time()})")
     assert run_cli(cfg, "suppress", "add", "listed@example.net").code == 0
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relayd.shared.schema import SCHEMA_VERSION
+from relayd.shared.schema import MIGRATIONS, SCHEMA_VERSION
 from tests.support.operator import run_cli
 from tests.support.postgres import PASSWORD, Cluster
 from tests.support.relay import ROOT, free_port, write_config
@@ -42,12 +42,20 @@ def test_migrate_creates_then_finds_current_and_a_second_node_agrees(tmp_path: P
     _no_password(first.out, first.err, again.out, again.err)
 
 
+def schema_v1_cap_deliveries() -> str:
+    """Version 1's table of the daily cap's deliveries, as relayd/shared/schema.py created it."""
+    return "; ".join(s for s in MIGRATIONS[0][1] if "relayd_cap_deliveries" in s)
+
+
 def test_migrate_upgrades_a_version_1_database_and_run_refuses_it_before(tmp_path: Path,
                                                                         pg: Cluster) -> None:
     cfg = _config(tmp_path, pg.url)
     assert run_cli(cfg, "shared-state", "migrate").code == 0
-    # What relayd's schema version 1 left: no tables for the fleet's rate, alerts and tokens yet
-    pg.psql("DROP TABLE relayd_rate_windows, relayd_alerts, relayd_oauth; "
+    # What relayd's schema version 1 left: no tables for the fleet's rate, alerts and tokens
+    # yet, and the daily cap's deliveries one row each (version 4 counts them per minute)
+    pg.psql("DROP TABLE relayd_rate_windows, relayd_alerts, relayd_oauth, relayd_cap_minutes; "
+            "ALTER TABLE relayd_cap_in_flight DROP COLUMN seen; " + schema_v1_cap_deliveries() +
+            "; ALTER TABLE relayd_cap_deliveries OWNER TO relayd; "
             "UPDATE relayd_schema SET version = 1")
     pg.psql("INSERT INTO relayd_suppressions (address, reason, node) "
             "VALUES ('kept@example.net', 'manual', 'relay-a')")
@@ -156,9 +164,9 @@ def test_import_keeps_every_address_and_the_counters_once(tmp_path: Path, pg: Cl
     assert len(listed) == 502 and {"a@example.com", "user499@example.org"} <= set(listed)
     assert pg.psql("SELECT reason, count(*) FROM relayd_suppressions GROUP BY reason ORDER BY 1") == (
         "import|500\nmanual|2")
-    assert pg.psql("SELECT sum(n) FROM relayd_cap_deliveries WHERE node = 'relay-a'") == "7"
+    assert pg.psql("SELECT sum(n) FROM relayd_cap_minutes WHERE node = 'relay-a'") == "7"
     again = run_cli(fleet, "shared-state", "import")
     assert again.code == 0
     assert "(0 new)" in again.out and "was imported before; not counted again" in again.out
-    assert pg.psql("SELECT sum(n) FROM relayd_cap_deliveries") == "7"
+    assert pg.psql("SELECT sum(n) FROM relayd_cap_minutes") == "7"
     _no_password(result.out, result.err, again.out)
