@@ -3,12 +3,6 @@
 Answers 250 only after every copy of the message is on disk (RFC 5321 §6.1). Messages
 whose DATA ends while the previous ones are being stored go to the spool together, with
 one flush for all of them (relayd/spool/write.py).
-
-When the policy signs (``dkim``), the policy and the spool are two stages, each a batch at a
-time in its own worker thread: messages are signed while the previous batch waits for the
-disk, so a burst does not queue its signatures behind flushes (the acceptance latency at an
-offered rate, docs/performance.md). Without signing the policy costs microseconds and one
-stage does both, saving a thread hand-off per batch.
 """
 
 from __future__ import annotations
@@ -33,8 +27,6 @@ log = logging.getLogger("relayd")
 
 # One message whose DATA has ended: (queue ID, envelope, content, time of acceptance).
 _Arrival = tuple[str, Envelope, bytes, float]
-# One message through the policy: (queue ID, the decision, time of acceptance).
-_Decided = tuple[str, Accepted, float]
 
 
 class Intake:
@@ -48,47 +40,25 @@ class Intake:
         self._clock = clock
         self._metrics = metrics
         self._enqueue = enqueue
-        self._stores: Batches[_Arrival] = Batches(self._decide_and_store_batch, executor)
-        self._decisions: Batches[_Arrival] = Batches(self._decide_batch, executor)
-        self._decided: Batches[_Decided] = Batches(self._store_decided_batch, executor)
+        self._stores: Batches[_Arrival] = Batches(self._store_batch, executor)
 
     def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
         return self.policy.check_recipient(mail_from, rcpt, self._clock())
 
-    def _decide(self, arrival: _Arrival) -> Accepted | Exception:
-        _queue_id, envelope, content, now = arrival
-        try:
-            return self.policy.accept(Message(envelope, content), now)
-        except Exception as exc:  # handed to that message's session, as before batching
-            return exc
-
-    def _decide_batch(self, batch: list[_Arrival]) -> list[Outcome]:
-        """Worker thread, first stage: the policy (CPU) for each message."""
-        out: list[Outcome] = []
-        for arrival in batch:
-            decision = self._decide(arrival)
-            out.append(Err(decision) if isinstance(decision, Exception) else Ok(decision))
-        return out
-
-    def _decide_and_store_batch(self, batch: list[_Arrival]) -> list[Outcome]:
-        """Worker thread, both stages in one hop off the loop."""
-        return self._store([(qid, self._decide((qid, env, content, now)), now)
-                            for qid, env, content, now in batch])
-
-    def _store_decided_batch(self, batch: list[_Decided]) -> list[Outcome]:
-        """Worker thread, second stage: the spool writes of messages already decided."""
-        return self._store([(qid, accepted, now) for qid, accepted, now in batch])
-
-    def _store(self, batch: list[tuple[str, Accepted | Exception, float]]) -> list[Outcome]:
-        """The spool writes of all of a batch's messages with one flush. Per message:
-        Ok((Accepted, [(ID, stored copy)])) or Err(the error)."""
+    def _store_batch(self, batch: list[_Arrival]) -> list[Outcome]:
+        """Worker thread: the policy (CPU) for each message, then the spool writes of all
+        of them, one hop off the loop. Per message: Ok((Accepted, [(ID, stored copy)]))
+        or Err(the error)."""
         decisions: list[Accepted | Exception] = []
         items: list[tuple[Message, str]] = []
         owners: list[int] = []  # which message of the batch each spool item is a copy of
-        for k, (queue_id, accepted, now) in enumerate(batch):
-            decisions.append(accepted)
-            if isinstance(accepted, Exception):
+        for k, (queue_id, envelope, content, now) in enumerate(batch):
+            try:
+                accepted = self.policy.accept(Message(envelope, content), now)
+            except Exception as exc:  # handed to that message's session, as before batching
+                decisions.append(exc)
                 continue
+            decisions.append(accepted)
             for i, message in enumerate(accepted.outputs):
                 items.append((message, queue_id if i == 0 else new_queue_id(now)))
                 owners.append(k)
@@ -116,13 +86,8 @@ class Intake:
 
     async def accept(self, queue_id: str, envelope: Envelope, content: bytes) -> Reply:
         now = self._clock()
-        arrival = (queue_id, envelope, content, now)
         try:
-            if self.policy.policy.dkim:
-                decided = await self._decisions.submit(arrival)
-                accepted, stored = await self._decided.submit((queue_id, decided, now))
-            else:
-                accepted, stored = await self._stores.submit(arrival)
+            accepted, stored = await self._stores.submit((queue_id, envelope, content, now))
         except SpoolError as exc:
             log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
             return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")
