@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 WINDOW = 86400.0
 DB_NAME = "daily_cap.sqlite3"
+PRUNE_INTERVAL = 60.0  # seconds between deletions of the rows that left the window
 
 
 def limited(limits: LimitsConfig, priority: bool) -> bool:
@@ -94,7 +95,9 @@ class DailyCap:
         self.cap = cap
         self.window = window
         self._events: deque[tuple[float, int]] = deque()
+        self._used = 0  # sum of the events' counts, kept as they come and go (no re-summing)
         self._in_flight = 0
+        self._prune_at = 0.0  # when the file's expired rows are deleted next
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         if state_dir is None:
@@ -106,8 +109,7 @@ class DailyCap:
             if path.exists():
                 db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
                 try:
-                    self._events.extend(db.execute(
-                        "SELECT at, n FROM deliveries ORDER BY at").fetchall())
+                    self._load(db.execute("SELECT at, n FROM deliveries ORDER BY at").fetchall())
                 except sqlite3.OperationalError:
                     pass
                 finally:
@@ -119,7 +121,12 @@ class DailyCap:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA busy_timeout = 5000")
         self._db.execute("CREATE TABLE IF NOT EXISTS deliveries (at REAL NOT NULL, n INTEGER NOT NULL)")
-        self._events.extend(self._db.execute("SELECT at, n FROM deliveries ORDER BY at").fetchall())
+        self._db.execute("CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries (at)")
+        self._load(self._db.execute("SELECT at, n FROM deliveries ORDER BY at").fetchall())
+
+    def _load(self, rows: list[tuple[float, int]]) -> None:
+        self._events.extend(rows)
+        self._used = sum(n for _, n in rows)
 
     def close(self) -> None:
         if self._db is not None:
@@ -128,19 +135,19 @@ class DailyCap:
 
     def _expire(self, now: float) -> None:
         while self._events and self._events[0][0] <= now - self.window:
-            self._events.popleft()
+            self._used -= self._events.popleft()[1]
 
     def used(self, now: float) -> int:
         """Recipients delivered in the window ending at ``now``."""
         with self._lock:
             self._expire(now)
-            return sum(n for _, n in self._events)
+            return self._used
 
     def remaining(self, now: float) -> int:
         """How many more recipients may be delivered now (never negative)."""
         with self._lock:
             self._expire(now)
-            return max(0, self.cap - sum(n for _, n in self._events) - self._in_flight)
+            return max(0, self.cap - self._used - self._in_flight)
 
     def next_free_at(self, now: float, n: int = 1) -> float | None:
         """When ``n`` recipients (at most the cap) may go: ``now`` if already, else the time
@@ -148,7 +155,7 @@ class DailyCap:
         need = min(n, self.cap)
         with self._lock:
             self._expire(now)
-            free = self.cap - sum(c for _, c in self._events) - self._in_flight
+            free = self.cap - self._used - self._in_flight
             if free >= need:
                 return now
             for at, count in self._events:
@@ -161,7 +168,7 @@ class DailyCap:
         """Grant up to ``n`` recipients now (0 when the cap is reached); held until settle."""
         with self._lock:
             self._expire(now)
-            free = max(0, self.cap - sum(c for _, c in self._events) - self._in_flight)
+            free = max(0, self.cap - self._used - self._in_flight)
             granted = min(n, free)
             self._in_flight += granted
             return granted
@@ -179,9 +186,14 @@ class DailyCap:
             return
         with self._lock:
             self._events.append((now, n))
+            self._used += n
             if self._db is not None:
                 self._db.execute("INSERT INTO deliveries (at, n) VALUES (?, ?)", (now, n))
-                self._db.execute("DELETE FROM deliveries WHERE at <= ?", (now - self.window,))
+                # Rows that left the window only cost disk: delete them once a minute, not
+                # with every delivery (the window's count is in memory).
+                if now >= self._prune_at:
+                    self._prune_at = now + PRUNE_INTERVAL
+                    self._db.execute("DELETE FROM deliveries WHERE at <= ?", (now - self.window,))
 
     def refresh(self, now: float) -> None:
         """Nothing to re-read: this node's count is in memory."""

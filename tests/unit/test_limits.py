@@ -53,6 +53,26 @@ def test_cap_survives_restart(tmp_path: Path) -> None:
     assert DailyCap(10, tmp_path / "absent", readonly=True).used(T0) == 0
 
 
+def test_cap_counts_a_long_day_and_prunes_its_file_once_a_minute(tmp_path: Path) -> None:
+    """The window's count is kept as deliveries come and leave (not summed again per message),
+    and rows that left the window leave the file at the next delivery a minute later."""
+    import sqlite3
+
+    cap = DailyCap(10**6, tmp_path)
+    for i in range(3000):                        # one delivery every 40 s: 33 h
+        cap.record(1, T0 + 40 * i)
+    end = T0 + 40 * 2999
+    in_window = sum(1 for i in range(3000) if T0 + 40 * i > end - WINDOW)
+    assert cap.used(end) == in_window == 2160
+    assert cap.remaining(end) == 10**6 - 2160
+    cap.close()
+    rows = sqlite3.connect(tmp_path / "daily_cap.sqlite3").execute(
+        "SELECT count(*), min(at) FROM deliveries").fetchone()
+    # pruned at the last delivery at most a minute (two deliveries) before the end
+    assert in_window <= rows[0] <= in_window + 2
+    assert DailyCap(10**6, tmp_path).used(end) == in_window
+
+
 def test_priority_exempt() -> None:
     assert limited(LimitsConfig(priority_exempt=True), priority=False)
     assert not limited(LimitsConfig(priority_exempt=True), priority=True)
