@@ -14,8 +14,7 @@ import time
 from relayd.commands.io import EX_FAIL, IO
 from relayd.delivery.limits import WINDOW
 from relayd.errors import StateUnavailable
-from relayd.shared import schema
-from relayd.shared.db import SharedDB, connect, describe
+from relayd.shared.db import SharedDB, describe, migrate
 from relayd.shared.importer import import_embedded
 
 
@@ -27,11 +26,7 @@ def main(args: argparse.Namespace, io: IO) -> int:
         return EX_FAIL
     try:
         if args.shared_state_command == "migrate":
-            conn = connect(shared)
-            try:
-                before, after = schema.migrate(conn)
-            finally:
-                conn.close()
+            before, after = migrate(shared)
             if before == after:
                 print(f"schema version {after} is current in {describe(shared)}", file=io.out)
             else:

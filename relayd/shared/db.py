@@ -73,6 +73,19 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def migrate(cfg: SharedStateConfig) -> tuple[int, int]:
+    """``relayd shared-state migrate``: (schema version before, after); StateUnavailable when
+    the database cannot be reached, holds a newer schema, or refuses a statement (a missing
+    grant, a table owned by another role), with libpq's reason."""
+    conn = connect(cfg)
+    try:
+        return schema.migrate(conn)
+    except psycopg.Error as exc:
+        raise StateUnavailable(f"cannot migrate {describe(cfg)}: {_reason(exc)}") from None
+    finally:
+        conn.close()
+
+
 def probe(cfg: SharedStateConfig) -> None:
     """Connect once and check the schema (``relayd run`` before it starts): SchemaMismatch
     if relayd must not run against this database, StateUnavailable if it cannot be reached."""

@@ -82,6 +82,21 @@ def test_migrate_exits_1_when_the_database_is_unreachable(tmp_path: Path) -> Non
     _no_password(result.out, result.err)
 
 
+def test_migrate_says_what_the_database_refused_without_a_traceback(tmp_path: Path,
+                                                                   pg: Cluster) -> None:
+    """A table relayd must create already exists, owned by another role (a DBA's leftover):
+    the statement is refused; the operator gets PostgreSQL's reason on one line, exit 1."""
+    cfg = _config(tmp_path, pg.url)
+    pg.psql("CREATE TABLE relayd_suppressions (address text)")  # owned by postgres
+    result = run_cli(cfg, "shared-state", "migrate")
+    assert result.code == 1
+    assert "Traceback" not in result.err
+    assert result.err.startswith(f"relayd: shared_state: cannot migrate {pg.url}: ")
+    assert "relayd_suppressions" in result.err and len(result.err.strip().splitlines()) == 1
+    assert pg.psql("SELECT to_regclass('relayd_schema') IS NULL") == "t"   # nothing half-made
+    _no_password(result.out, result.err)
+
+
 def test_migrate_and_run_refuse_a_newer_schema(tmp_path: Path, pg: Cluster) -> None:
     cfg = _config(tmp_path, pg.url)
     assert run_cli(cfg, "shared-state", "migrate").code == 0
