@@ -3,12 +3,11 @@
 Both take the time as an argument or an injected clock, so tests drive them without sleeping.
 ``DailyCap`` counts delivered recipients (one message to 3 recipients counts 3, as provider
 quotas do) and persists each delivery in ``state_dir/daily_cap.sqlite3`` so a restart does not
-reset the window. Each delivery's row is written (``synchronous = NORMAL``: in the file's
-write-ahead log at once, so a crash of relayd loses none) and the log is flushed to the disk
-at most ``SYNC_INTERVAL`` apart, not once per delivery: a power failure can forget up to that
-much of the last deliveries, so the node may then send that many more than the cap in the
-window. ``priority_exempt`` (see ``limited``) means priority mail never waits for the
-cap or the rate, but its deliveries still count against the cap: the provider counts them too.
+reset the window. A delivery is on the disk before ``settle``/``record`` returns; deliveries
+settled at the same time share one commit (``_Rows``), and the in-memory count never waits
+for the disk, so reservations go on while a commit is under way. ``priority_exempt`` (see
+``limited``) means priority mail never waits for the cap or the rate, but its deliveries
+still count against the cap: the provider counts them too.
 """
 
 from __future__ import annotations
@@ -31,10 +30,6 @@ if TYPE_CHECKING:
 WINDOW = 86400.0
 DB_NAME = "daily_cap.sqlite3"
 PRUNE_INTERVAL = 60.0  # seconds between deletions of the rows that left the window
-# Seconds between flushes of the counts to the disk. Before, one fsync per delivery (WAL with
-# synchronous = FULL) ran in the delivery process's shared thread hop and held up the claims
-# behind it: a third less throughput at 1 KB with a daily cap (docs/performance.md).
-SYNC_INTERVAL = 1.0
 
 
 def limited(limits: LimitsConfig, priority: bool) -> bool:
@@ -105,10 +100,9 @@ class DailyCap:
         self._events: deque[tuple[float, int]] = deque()
         self._used = 0  # sum of the events' counts, kept as they come and go (no re-summing)
         self._in_flight = 0
-        self._prune_at = 0.0  # when the file's expired rows are deleted next
-        self._sync_at = 0.0   # when the write-ahead log is flushed to the disk next
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._rows: _Rows | None = None
         if state_dir is None:
             return
         import sqlite3  # lazy: only with limits.daily_cap (about 1.5 MB per process)
@@ -129,16 +123,19 @@ class DailyCap:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.execute("PRAGMA synchronous = NORMAL")  # flushed by record(), see SYNC_INTERVAL
         self._db.execute("CREATE TABLE IF NOT EXISTS deliveries (at REAL NOT NULL, n INTEGER NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries (at)")
         self._load(self._db.execute("SELECT at, n FROM deliveries ORDER BY at").fetchall())
+        self._rows = _Rows(self._db, window)
 
     def _load(self, rows: list[tuple[float, int]]) -> None:
         self._events.extend(rows)
         self._used = sum(n for _, n in rows)
 
     def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -197,18 +194,9 @@ class DailyCap:
         with self._lock:
             self._events.append((now, n))
             self._used += n
-            if self._db is not None:
-                self._db.execute("INSERT INTO deliveries (at, n) VALUES (?, ?)", (now, n))
-                # Rows that left the window only cost disk: delete them once a minute, not
-                # with every delivery (the window's count is in memory).
-                if now >= self._prune_at:
-                    self._prune_at = now + PRUNE_INTERVAL
-                    self._db.execute("DELETE FROM deliveries WHERE at <= ?", (now - self.window,))
-                if now >= self._sync_at:
-                    self._sync_at = now + SYNC_INTERVAL
-                    # A checkpoint flushes the log to the disk first (then copies it into
-                    # the database file): everything recorded so far survives a power loss.
-                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        if self._rows is not None:
+            # Outside the lock: acquire() and remaining() must not wait for the disk.
+            self._rows.write(now, n)
 
     def refresh(self, now: float) -> None:
         """Nothing to re-read: this node's count is in memory."""
@@ -216,6 +204,77 @@ class DailyCap:
     def statistics(self, now: float) -> CapStatistics:
         return CapStatistics(cap=self.cap, used=self.used(now), in_flight=self._in_flight,
                              remaining=self.remaining(now), next_free_at=self.next_free_at(now))
+
+
+class _Rows:
+    """The cap file's writes: each caller's row is committed before ``write`` returns, and
+    the rows of callers that arrive while a commit is under way go in the next one together
+    (one fsync for all of them; before, every delivery had its own under the cap's lock,
+    which held up the reservations of all other deliveries: docs/performance.md)."""
+
+    def __init__(self, db: sqlite3.Connection, window: float) -> None:
+        self._db = db
+        self._window = window
+        self._cv = threading.Condition()
+        self._pending: list[tuple[float, int]] = []
+        self._queued = 0      # rows handed to write() so far
+        self._durable = 0     # rows committed (or failed) so far
+        self._errors: list[tuple[int, int, Exception]] = []  # (first, last, error) of failed commits
+        self._writing = False
+        self._prune_at = 0.0  # when the rows that left the window are deleted next
+
+    def write(self, at: float, n: int) -> None:
+        """Commit the row (at, n); raises what the commit raised (sqlite3.Error, OSError)."""
+        with self._cv:
+            self._pending.append((at, n))
+            self._queued += 1
+            mine = self._queued
+            while self._durable < mine:
+                if self._writing:
+                    self._cv.wait()
+                    continue
+                rows, self._pending = self._pending, []
+                first, last = self._durable + 1, self._queued
+                self._writing = True
+                self._cv.release()
+                error: Exception | None = None
+                try:
+                    self._commit(rows)
+                except Exception as exc:  # each waiting caller of this batch gets it
+                    error = exc
+                finally:
+                    self._cv.acquire()
+                    self._writing = False
+                    self._durable = last
+                    if error is not None:
+                        self._errors = [*self._errors[-15:], (first, last, error)]
+                    self._cv.notify_all()
+            for first, last, error in self._errors:
+                if first <= mine <= last:
+                    raise error
+
+    def _commit(self, rows: list[tuple[float, int]]) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT INTO deliveries (at, n) VALUES (?, ?)", rows)
+            latest = max(at for at, _ in rows)
+            # Rows that left the window only cost disk: deleted once a minute, not with every
+            # delivery (the window's count is in memory).
+            if latest >= self._prune_at:
+                self._prune_at = latest + PRUNE_INTERVAL
+                db.execute("DELETE FROM deliveries WHERE at <= ?", (latest - self._window,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Wait for a commit under way (the connection is closed next)."""
+        with self._cv:
+            while self._writing:
+                self._cv.wait()
 
 
 class Pacer(Protocol):

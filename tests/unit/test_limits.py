@@ -73,6 +73,47 @@ def test_cap_counts_a_long_day_and_prunes_its_file_once_a_minute(tmp_path: Path)
     assert DailyCap(10**6, tmp_path).used(end) == in_window
 
 
+def test_reservations_do_not_wait_for_a_commit_and_concurrent_counts_all_land(
+        tmp_path: Path) -> None:
+    """A delivery's count is on disk when settle returns; while one commit waits for the
+    disk, other deliveries still reserve, and their counts join the next commit."""
+    import sqlite3
+    import threading
+
+    cap = DailyCap(1000, tmp_path)
+    rows = cap._rows
+    assert rows is not None
+    real_commit = rows._commit
+    entered, release = threading.Event(), threading.Event()
+    commits: list[int] = []
+
+    def slow_commit(batch: list[tuple[float, int]]) -> None:
+        commits.append(len(batch))
+        if len(commits) == 1:
+            entered.set()
+            release.wait(10)
+        real_commit(batch)
+
+    rows._commit = slow_commit  # type: ignore[method-assign,assignment]
+    first = threading.Thread(target=cap.settle, args=(cap.acquire(1, T0), 1, T0))
+    first.start()
+    assert entered.wait(10)
+    # The first commit hangs: reservations and the count in memory go on meanwhile.
+    assert cap.acquire(5, T0) == 5
+    assert cap.remaining(T0) == 1000 - 1 - 5
+    others = [threading.Thread(target=cap.settle, args=(1, 1, T0)) for _ in range(5)]
+    for t in others:
+        t.start()
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert commits[0] == 1 and sum(commits) == 6 and len(commits) <= 6
+    cap.close()
+    assert sqlite3.connect(tmp_path / "daily_cap.sqlite3").execute(
+        "SELECT sum(n) FROM deliveries").fetchone() == (6,)
+    assert DailyCap(1000, tmp_path).used(T0) == 6
+
+
 def test_priority_exempt() -> None:
     assert limited(LimitsConfig(priority_exempt=True), priority=False)
     assert not limited(LimitsConfig(priority_exempt=True), priority=True)
