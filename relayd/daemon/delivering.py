@@ -119,6 +119,9 @@ class Delivering:
         self.qmgr.update_routes(new.routes, new.reply_rules,
                                 priority_exempt=new.limits.priority_exempt)
         self.gate.apply(new)
+        if self._loop is not None:
+            # A replaced daily cap writes its last counts (a fleet's to the database).
+            self._loop.run_in_executor(None, self.gate.close_retired)
 
     def housekeeping(self, oldest_age: float) -> None:
         """Every few seconds: the queue_age alert, the daily cap's gauge and, in a fleet, the
@@ -162,7 +165,8 @@ class Delivering:
             if not t.done():
                 t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.gate.close()
+        # Blocking: a fleet's cap writes its last counts and gives its lease back.
+        await asyncio.to_thread(self.gate.close)
         self.host_limits.close()
 
     # -- alerts by mail ------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class DeliveryGate:
         # The node's own token bucket, or the fleet's rate (the assembly decides).
         self._rate_factory: PacerFactory = rate_factory or RateLimiter
         self._cap: Cap | None = None
+        self._retired: list[Cap] = []  # replaced by a reload, closed by close_retired()
         self._grants: dict[str, int] = {}
         self._alert = alert
         self._users: UserLimits | None = None
@@ -69,12 +70,14 @@ class DeliveryGate:
         cap = cfg.limits.daily_cap
         if cap is None:
             if self._cap is not None:
-                self._cap.close()
+                self._retired.append(self._cap)
             self._cap = None
         elif self._cap is None or self._cap.cap != cap:
             old, self._cap = self._cap, self._cap_factory(cap, self._cap_window)
             if old is not None and old is not self._cap:
-                old.close()
+                # Closing writes its last counts (a fleet's: to the database): not here,
+                # where a reload runs on the event loop, but in close_retired().
+                self._retired.append(old)
         self.rate: Pacer | None = (self._rate_factory(cfg.limits.rate)
                                    if cfg.limits.rate is not None else None)
         self._apply_users(cfg)
@@ -91,7 +94,14 @@ class DeliveryGate:
             self._users = UserLimits(path, cfg.state_dir, window=self._cap_window,
                                      alert=self._alert)
 
+    def close_retired(self) -> None:
+        """Worker thread: close the caps a reload replaced (blocking: their last writes)."""
+        while self._retired:
+            self._retired.pop().close()
+
     def close(self) -> None:
+        """Worker thread (blocking, like close_retired)."""
+        self.close_retired()
         if self._cap is not None:
             self._cap.close()
         if self._users is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -292,6 +293,36 @@ async def test_a_killed_node_that_never_returns_has_its_units_counted_by_another
         assert len(slow.messages) + len(fast.messages) == 3
     finally:
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_a_reload_that_changes_the_cap_gives_the_old_lease_back(
+        tmp_path: Path, pg: Cluster, upstream: Upstreams) -> None:
+    """SIGHUP with a new limits.daily_cap: the old cap writes its count and gives its lease
+    back (in a worker thread, not on the event loop); the node goes on under the new cap."""
+    up = await upstream()
+    a = _node(tmp_path, "relay-a", pg, up, limits={"daily_cap": 1000})
+    assert (await a.cli("shared-state", "migrate")).code == 0
+    await a.start()
+    try:
+        await a.send(_message(1, "a1@example.net"), rcpts=("a1@example.net",))
+        await wait_until(lambda: len(up.messages) == 1, 20, "the first delivery")
+        await wait_until(lambda: _int(pg, "SELECT coalesce(sum(n), 0) FROM relayd_cap_minutes") == 1,
+                         5, "the first count")
+        a.write(a.config.read_text().replace("daily_cap: 1000", "daily_cap: 500"))
+        assert "daily_cap: 500" in a.config.read_text()
+        a.relay.signal(signal.SIGHUP)
+        # Whether the old lease was still held or already idle, after the reload nothing is
+        # held and the count is kept.
+        await wait_until(lambda: _int(pg, "SELECT coalesce(sum(n), 0) FROM relayd_cap_in_flight") == 0,
+                         10, "the old cap's lease to go back", interval=0.1)
+        await a.send(_message(2, "a2@example.net"), rcpts=("a2@example.net",))
+        await wait_until(lambda: len(up.messages) == 2, 20, "a delivery under the new cap")
+        await wait_until(lambda: _int(pg, "SELECT coalesce(sum(n), 0) FROM relayd_cap_minutes") == 2,
+                         5, "both counted")
+        assert "Traceback" not in a.log()
+    finally:
+        await a.stop()
+    assert _int(pg, "SELECT coalesce(sum(n), 0) FROM relayd_cap_in_flight") == 0
 
 
 def test_version_4_keeps_the_counts_of_version_3(pg: Cluster) -> None:
