@@ -41,6 +41,8 @@ _HEADER_END = b"\r\n\r\n"
 _HAS_DATE = re.compile(rb"(?im)^date[ \t]*:")
 _HAS_MSGID = re.compile(rb"(?im)^message-id[ \t]*:")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_CRLF_DOT = re.compile(rb"\r\n\.")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_\[\]:]")
 # "<dot-atom@domain>" (RFC 5321 §4.1.2), the form nearly every MAIL / RCPT uses. aiosmtpd parses
 # each address with the email package's header parser (and defines a class per call), which
@@ -97,15 +99,20 @@ def client_allowed(peer: Any, allowed: Iterable[_IPNetwork]) -> bool:
 
 def unstuff(data: bytes) -> bytes:
     """Undo SMTP dot-stuffing (RFC 5321 §4.5.2): drop the first "." of every line."""
-    if b"\r\n." in data:
+    # The regex engine finds its literal prefix with memchr: about half the time of
+    # ``b"\r\n." in data``, whose two-byte search runs at ~1 byte/ns over a 100 KB body.
+    if _CRLF_DOT.search(data) is not None:
         data = data.replace(b"\r\n.", b"\r\n")
     return data[1:] if data[:1] == b"." else data
 
 
 def normalize_line_endings(content: bytes) -> bytes:
     """Turn bare LF and bare CR into CRLF, so stored bytes are exactly what is sent."""
-    crlf = content.count(b"\r\n")
-    if crlf == content.count(b"\n") and crlf == content.count(b"\r"):
+    # No CR without an LF after it means every CR starts a CRLF; then as many LFs as CRs
+    # means no LF without a CR before it. (One regex with a literal prefix and two one-byte
+    # counts instead of counting the two-byte CRLF, the slowest of these scans: the event
+    # loop does this for every message, docs/performance.md.)
+    if _BARE_CR.search(content) is None and content.count(b"\n") == content.count(b"\r"):
         return content
     return _LINE_ENDS.sub(b"\r\n", content)
 

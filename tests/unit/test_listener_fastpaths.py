@@ -6,12 +6,13 @@ CR.CR or other look-alikes (SMTP smuggling), and leaves what follows for the nex
 from __future__ import annotations
 
 import asyncio
+import re
 
 from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.smtpd.listener import RelaySMTP, unstuff
+from relayd.smtpd.listener import RelaySMTP, normalize_line_endings, unstuff
 
 TOKENS = [b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\n.\r\n", b"..\r\n", b"text.\r\n"]
 
@@ -90,3 +91,15 @@ def test_common_paths_and_the_local_part_limit() -> None:
 def test_unstuff_removes_exactly_one_leading_dot_per_line(data: bytes) -> None:
     # The definition: every line (after the DATA line's CRLF) loses one leading ".".
     assert unstuff(data) == (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=30).map(b"".join))
+def test_line_endings_are_normalized_exactly_where_a_cr_or_lf_is_bare(data: bytes) -> None:
+    # The definition: every CRLF, bare CR and bare LF becomes one CRLF; content whose CRs
+    # and LFs are all in CRLF pairs comes back as the same object (no copy).
+    expected = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    out = normalize_line_endings(data)
+    assert out == expected
+    if data.count(b"\r\n") == data.count(b"\r") == data.count(b"\n"):
+        assert out is data
