@@ -198,14 +198,23 @@ async def test_the_database_stopped_mid_load_loses_duplicates_and_overspends_not
         await _stop(nodes)
 
 
-async def test_a_node_killed_mid_load_delivers_its_spool_after_restart_and_the_cap_holds(
-        tmp_path: Path, pg: Cluster, upstream: Upstreams) -> None:
+async def hanging_and_fast_nodes(tmp_path: Path, pg: Cluster, upstream: Upstreams, cap: int,
+                                 ) -> tuple[Operator, Operator, FakeUpstream, FakeUpstream]:
+    """relay-a, whose smarthost hangs in DATA (so its deliveries hold cap units), and relay-b
+    with a smarthost that answers; both with ``limits.daily_cap: cap``, the schema migrated,
+    neither started."""
     slow = await upstream(hang_at="data")
     fast = await upstream()
-    a = _node(tmp_path, "relay-a", pg, slow, limits={"daily_cap": 15})
+    a = _node(tmp_path, "relay-a", pg, slow, limits={"daily_cap": cap})
     a.write(a.config.read_text().replace("timeout: 2s", "timeout: 60s"))
-    b = _node(tmp_path, "relay-b", pg, fast, limits={"daily_cap": 15})
+    b = _node(tmp_path, "relay-b", pg, fast, limits={"daily_cap": cap})
     assert (await a.cli("shared-state", "migrate")).code == 0
+    return a, b, slow, fast
+
+
+async def test_a_node_killed_mid_load_delivers_its_spool_after_restart_and_the_cap_holds(
+        tmp_path: Path, pg: Cluster, upstream: Upstreams) -> None:
+    a, b, slow, fast = await hanging_and_fast_nodes(tmp_path, pg, upstream, 15)
     await asyncio.gather(a.start(), b.start())
     try:
         ids = [await a.send(_message(i, f"a{i}@example.net"), rcpts=(f"a{i}@example.net",))

@@ -21,7 +21,7 @@ from relayd.secrets import Secret
 from relayd.shared import schema
 from relayd.shared.cap import BATCH_MAX, STALE_ENV, SharedDailyCap
 from relayd.shared.db import Conn, SharedDB, connect
-from tests.integration.test_fleet import WAITING, _message, _node
+from tests.integration.test_fleet import WAITING, _message, _node, hanging_and_fast_nodes
 from tests.support.postgres import PASSWORD, Cluster
 from tests.support.upstream import Upstreams
 from tests.support.waiting import wait_until, wait_until_sync
@@ -246,14 +246,9 @@ def test_a_silence_of_the_whole_fleet_makes_no_node_dead(
 
 async def test_a_killed_node_that_never_returns_has_its_units_counted_by_another(
         tmp_path: Path, pg: Cluster, upstream: Upstreams) -> None:
-    slow = await upstream(hang_at="data")
-    fast = await upstream()
-    a = _node(tmp_path, "relay-a", pg, slow, limits={"daily_cap": 6})
-    a.write(a.config.read_text().replace("timeout: 2s", "timeout: 60s"))
-    b = _node(tmp_path, "relay-b", pg, fast, limits={"daily_cap": 6})
+    a, b, slow, fast = await hanging_and_fast_nodes(tmp_path, pg, upstream, 6)
     # A live node refreshes every 5 s: 8 s without a word means dead (300 s outside tests)
     b.relay.env = {**b.relay.env, STALE_ENV: "8"}
-    assert (await a.cli("shared-state", "migrate")).code == 0
     await asyncio.gather(a.start(), b.start())
     try:
         for i in range(3):
