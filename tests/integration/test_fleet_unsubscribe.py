@@ -6,7 +6,6 @@ and what the smarthost received)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ from relayd.config.load import load_config
 from relayd.policy.unsubscribe import recipient_url
 from tests.support.operator import Operator
 from tests.support.postgres import PASSWORD, Cluster
-from tests.support.relay import free_port, upstream_smarthost
+from tests.support.relay import free_port, listening, upstream_smarthost
 from tests.support.upstream import FakeUpstream, Upstreams
 from tests.support.waiting import wait_until
 
@@ -40,14 +39,6 @@ def _fleet(tmp_path: Path, pg: Cluster, up: FakeUpstream, **extra: Any) -> tuple
         nodes.append(Operator(home, [upstream_smarthost(up)], shared_state=shared,
                               unsubscribe=unsub, **extra))
     return nodes[0], nodes[1], http_port
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _one_click(node: Operator, address: str) -> int:
@@ -73,7 +64,7 @@ def _message(n: int, to: str) -> bytes:
 async def _start(a: Operator, b: Operator, http_port: int) -> None:
     assert (await a.cli("shared-state", "migrate")).code == 0
     await asyncio.gather(a.start(), b.start())
-    await wait_until(lambda: _listening(http_port), 10, "relay-a's one-click endpoint")
+    await wait_until(lambda: listening(http_port), 10, "relay-a's one-click endpoint")
 
 
 async def test_an_unsubscribe_on_node_a_stops_delivery_of_mail_queued_on_node_b(

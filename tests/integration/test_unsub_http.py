@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -25,7 +24,7 @@ from relayd.policy.suppressions import DB_NAME, SuppressionStore
 from relayd.policy.unsubscribe import make_token, recipient_url
 from relayd.secrets import Secret
 from relayd.units import HostPort
-from tests.support.relay import ROOT, RelayProcess, free_port, wait_until, write_config
+from tests.support.relay import ROOT, RelayProcess, free_port, listening, wait_until, write_config
 
 SECRET = "endpoint-secret"
 
@@ -162,14 +161,6 @@ def _smallest_endpoint_config(tmp_path: Path) -> tuple[Path, int, int]:
     return cfg, smtp_port, http_port
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _post(url: str, body: bytes = ONE_CLICK) -> int:
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
@@ -205,7 +196,7 @@ async def _start(tmp_path: Path, cfg: Path, smtp_port: int, http_port: int) -> R
     proc = RelayProcess(cfg, smtp_port, tmp_path / "relayd.log")
     await asyncio.to_thread(proc.start)
     # The endpoint binds right after the SMTP listener: wait for it too, with a deadline.
-    await wait_until(lambda: _listening(http_port), what="the one-click endpoint")
+    await wait_until(lambda: listening(http_port), what="the one-click endpoint")
     return proc
 
 

@@ -34,6 +34,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` now (an HTTP endpoint
+    relayd opens after it starts)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def write_config(path: Path, smarthosts: list[dict[str, Any]], **extra: Any) -> Path:
     """Write ``path``/relayd.yaml with the test defaults (``ConfigBuilder(path).write``)."""
     return ConfigBuilder(path).write(smarthosts, **extra)
