@@ -58,6 +58,15 @@ async def _stop(nodes: list[Operator]) -> None:
     assert codes == [0] * len(nodes)
 
 
+async def refuses_at_rcpt(node: Operator, i: int, rcpt: str) -> bool:
+    """Whether ``node`` refuses ``rcpt`` at RCPT now (a probe message ``i`` otherwise goes)."""
+    try:
+        await node.send(_message(i, rcpt), rcpts=(rcpt,))
+    except aiosmtplib.SMTPRecipientsRefused:
+        return True
+    return False
+
+
 async def _waiting(nodes: list[Operator]) -> int:
     rows = [r for n in nodes for r in await n.queue()]
     return sum(1 for r in rows if r["last_error"] == WAITING)
@@ -105,14 +114,8 @@ async def test_a_listing_on_one_node_stops_mail_through_another_within_a_second(
         listed = await a.cli("suppress", "add", "carol@example.net")
         assert listed.code == 0, listed.err
         started = time.monotonic()
-
-        async def b_refuses() -> bool:
-            try:
-                await b.send(_message(2, "carol@example.net"), rcpts=("carol@example.net",))
-            except aiosmtplib.SMTPRecipientsRefused:
-                return True
-            return False
-        await wait_until(b_refuses, 1.0, "relay-b to refuse carol at RCPT", interval=0.05)
+        await wait_until(lambda: refuses_at_rcpt(b, 2, "carol@example.net"), 1.0,
+                         "relay-b to refuse carol at RCPT", interval=0.05)
         assert time.monotonic() - started < 1.0
     finally:
         await _stop(nodes)
