@@ -174,3 +174,33 @@ async def test_a_refused_reload_changes_nothing_across_retries_and_a_restart(tmp
             assert op.relay.proc is not None and op.relay.proc.poll() is None
         finally:
             assert await op.stop() == 0
+
+
+async def test_the_daily_cap_count_survives_kill_9_and_the_next_message_waits(
+        tmp_path: Path, upstream: Upstreams) -> None:
+    """limits.daily_cap: 2. Two messages go; relayd is killed with SIGKILL and started again:
+    it still knows of both, so a third waits in the queue, saying why, and is not sent."""
+    up = await upstream()
+    op = Operator(tmp_path, [upstream_smarthost(up)], limits={"daily_cap": 2})
+    await op.start()
+    try:
+        for i in range(2):
+            await op.send(sender=f"app{i}@example.com")
+        await wait_until(lambda: len(up.messages) == 2, 20, "two deliveries")
+        # The count is written just after the delivery line: wait until `relayd explain`,
+        # which reads it from state_dir, shows both (SIGKILL between the two is the window
+        # docs/policy.md names).
+        async def both_counted() -> bool:
+            explained = await op.cli("explain", "--from", "app@example.com", "--to",
+                                     "user@example.net")
+            return "daily cap: 2 of 2 used in the last 24 h, 0 remaining" in explained.out
+        await wait_until(both_counted, 20, "relayd explain to show both counted", interval=0.1)
+        await asyncio.to_thread(op.relay.kill9)
+        await op.start()
+        qid = await op.send(sender="app2@example.com")
+        row = await op.wait_entry(qid, "the third to wait for the cap",
+                                  lambda r: r["last_error"] == "waiting for limits.daily_cap to free up")
+        assert row["attempts"] == 0
+        assert len(up.messages) == 2
+    finally:
+        await op.stop()
