@@ -97,7 +97,10 @@ class DeliveryGate:
     def close_retired(self) -> None:
         """Worker thread: close the caps a reload replaced (blocking: their last writes)."""
         while self._retired:
-            self._retired.pop().close()
+            try:
+                self._retired.pop().close()
+            except Exception as exc:  # its counts stay where they were; the new cap goes on
+                log.error("could not close the daily cap a reload replaced: %s", exc)
 
     def close(self) -> None:
         """Worker thread (blocking, like close_retired)."""
