@@ -55,6 +55,7 @@ from relayd import faults
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import Message, State
 from relayd.spool.cache import RECENT_CACHE_BYTES, RecentMessages
+from relayd.spool.fileio import read_fd, read_whole
 from relayd.spool.free import FreeFiles, Reaper
 from relayd.spool.records import (
     FORMAT_VERSION,
@@ -218,8 +219,10 @@ class Spool:
             fd = os.open(self._meta_file(queue_id), os.O_RDONLY)
         except FileNotFoundError:
             return Meta()
-        with open(fd, "rb") as f:
-            raw = f.read()
+        try:
+            raw = read_fd(fd)
+        finally:
+            os.close(fd)
         return meta_from_json(json.loads(raw))
 
     def _locate(self, queue_id: str) -> tuple[State, str]:
@@ -253,8 +256,7 @@ class Spool:
         if m is not None:
             return m.content
         path = self._file(state, queue_id) if state else self._locate(queue_id)[1]
-        with open(path, "rb") as f:
-            return parse_file(f.read())[1]
+        return parse_file(read_whole(path))[1]
 
     def ids(self, state: State) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (a directory listing; cheap)."""
@@ -313,9 +315,7 @@ class Spool:
                               meta=self._read_meta(queue_id))
                 return Claimed(entry, m.content)
             # In the delivery process (relayd/daemon/child.py) nothing is in memory yet.
-            with open(self._file(State.ACTIVE, queue_id), "rb") as f:
-                data = f.read()
-            header, content = parse_file(data)
+            header, content = parse_file(read_whole(self._file(State.ACTIVE, queue_id)))
             envelope = envelope_from_json(header["envelope"])
             entry = Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
                           created=float(header["envelope"].get("received_at", 0.0)),
@@ -560,8 +560,7 @@ class Spool:
         try:
             if not name.endswith(".msg") or not valid_id(qid):
                 raise ValueError("not a message file")
-            with open(path, "rb") as f:
-                header, content = parse_file(f.read())
+            header, content = parse_file(read_whole(path))
             if "crc32" not in header:
                 raise ValueError("no checksum")
             if zlib.crc32(content) != header["crc32"]:

@@ -48,6 +48,7 @@ from relayd import faults
 from relayd.errors import SpoolError
 from relayd.model import Message
 from relayd.spool.cache import RecentMessages
+from relayd.spool.fileio import read_whole
 from relayd.spool.free import FreeFiles
 from relayd.spool.records import FORMAT_VERSION, MAGIC, envelope_to_json
 
@@ -102,8 +103,7 @@ def load_syncfs() -> Callable[[int], None] | None:
 def dirty_kb(path: str = "/proc/meminfo") -> int:
     """Data the kernel still has to write, in kB (0 when it cannot tell)."""
     try:
-        with open(path, "rb") as f:
-            text = f.read()
+        text = read_whole(path, size_hint=8192)  # procfs reports no size
     except OSError:
         return 0
     total = 0
