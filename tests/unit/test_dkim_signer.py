@@ -178,6 +178,29 @@ def test_edge_bodies_hash_as_dkimpy_hashes_them(body: bytes) -> None:
     assert body_hash(content, len(content) - len(body)) == body_hash(body)
 
 
+# Without a tab, runs of spaces and spaces at line ends take bytes.replace, not the regex
+# (relayd/policy/dkim.py); these bodies exercise that path only.
+_SPACE_LINE = st.lists(st.sampled_from(["w", "x.", " ", "  ", "   "]), max_size=10).map("".join)
+_SPACE_BODY = st.lists(_SPACE_LINE, max_size=15).map(lambda ls: "".join(f"{ln}\r\n" for ln in ls))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_SPACE_BODY)
+def test_bodies_with_spaces_but_no_tab_hash_as_dkimpy_hashes_them(body: str) -> None:
+    raw = body.encode()
+    assert body_hash(raw) == dkimpy_bh(b"From: a@example.com\r\n\r\n" + raw, ("from",))
+
+
+def test_a_flowed_body_signs_and_verifies() -> None:
+    # format=flowed (RFC 3676) ends most lines with a space: the common case of line-end WSP.
+    body = b"".join(b"line %d of a flowed paragraph, soft-broken here \r\n" % i
+                    for i in range(2000)) + b"the last line\r\n"
+    content = b"From: App <app@example.com>\r\nSubject: flowed\r\n\r\n" + body
+    assert body_hash(body) == dkimpy_bh(content, ("from", "subject"))
+    for algorithm in ("rsa-sha256", "ed25519-sha256"):
+        assert verifies(sign_bytes((signers()[algorithm],), content, time.time()))
+
+
 def test_whitespace_at_the_end_of_an_unterminated_last_line_is_ignored() -> None:
     # RFC 6376 §3.4.4 ignores WSP at the end of every line; dkimpy keeps one SP when the last
     # line has no CRLF (it adds the CRLF after stripping). SMTP content always ends in CRLF.
