@@ -64,6 +64,7 @@ async def apply_config(delivering: Delivering, text: str, source: Path) -> None:
             str(p) for p in exc.problems))
         return
     delivering.reload(new)
+    await delivering.reloaded()  # the line tells the operator the new limits are in force
     log.info("configuration reloaded")
 
 

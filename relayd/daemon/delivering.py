@@ -60,6 +60,8 @@ class Delivering:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self._refreshing: asyncio.Future[None] | None = None
+        self._reloading: set[asyncio.Task[None]] = set()
+        self._gate_reload = asyncio.Lock()
 
     def make_pool(self, sh: Smarthost) -> Pool:
         """A smarthost pool for ``sh`` with the current settings (and its OAuth token source)."""
@@ -118,10 +120,31 @@ class Delivering:
         self.qmgr.update_smarthosts(new.smarthosts, new.spool)
         self.qmgr.update_routes(new.routes, new.reply_rules,
                                 priority_exempt=new.limits.priority_exempt)
-        self.gate.apply(new)
-        if self._loop is not None:
+        if self._loop is None:  # not started: nothing runs on a loop yet
+            self.gate.apply(new)
+            return
+        # Opening a new daily cap (SQLite, or a fleet's database) and the users' limits blocks:
+        # a worker thread opens them, then the loop swaps them in. Reloads apply in order.
+        task = self._loop.create_task(self._reload_gate(new), name="reload-gate")
+        self._reloading.add(task)
+        task.add_done_callback(self._reloading.discard)
+
+    async def reloaded(self) -> None:
+        """Wait until the reloads handed to ``reload`` have reached the gate."""
+        await asyncio.gather(*self._reloading, return_exceptions=True)
+
+    async def _reload_gate(self, new: Config) -> None:
+        assert self._loop is not None
+        async with self._gate_reload:
+            try:
+                prepared = await self._loop.run_in_executor(None, self.gate.prepare, new)
+            except Exception as exc:  # the running cap and limits stay; delivery goes on
+                log.error("reload: the daily cap or the users' limits could not be opened "
+                          "(%s); the previous ones stay in force", exc)
+                return
+            self.gate.apply(new, prepared)
             # A replaced daily cap writes its last counts (a fleet's to the database).
-            self._loop.run_in_executor(None, self.gate.close_retired)
+            await self._loop.run_in_executor(None, self.gate.close_retired)
 
     def housekeeping(self, oldest_age: float) -> None:
         """Every few seconds: the queue_age alert, the daily cap's gauge and, in a fleet, the
@@ -165,6 +188,7 @@ class Delivering:
             if not t.done():
                 t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.reloaded()
         # Blocking: a fleet's cap writes its last counts and gives its lease back.
         await asyncio.to_thread(self.gate.close)
         self.host_limits.close()

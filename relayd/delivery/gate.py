@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from relayd.config.schema import Config, LimitsConfig
@@ -41,6 +41,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("relayd.policy")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What ``DeliveryGate.prepare`` opened for a config: its cap and users' limits."""
+
+    cap: Cap | None
+    users: UserLimits | None
+
+
 class DeliveryGate:
     """The queue manager's ``Gate``: suppression recheck, daily cap and rate."""
 
@@ -56,51 +64,63 @@ class DeliveryGate:
         self._rate_factory: PacerFactory = rate_factory or RateLimiter
         self._cap: Cap | None = None
         self._retired: list[Cap] = []  # replaced by a reload, closed by close_retired()
+        self._retired_users: list[UserLimits] = []
         self._grants: dict[str, int] = {}
         self._alert = alert
         self._users: UserLimits | None = None
         self._reasons: dict[str, str] = {}
         self.apply(cfg)
 
-    def apply(self, cfg: Config) -> None:
-        """(Re)build from a validated config: the list's rules, cap and rate settings."""
-        self.auto_add = cfg.do_not_email.auto_add
-        self.policy: Policy = build_policy(cfg, {})
-        self.limits: LimitsConfig = cfg.limits
-        cap = cfg.limits.daily_cap
-        if cap is None:
-            if self._cap is not None:
-                self._retired.append(self._cap)
-            self._cap = None
-        elif self._cap is None or self._cap.cap != cap:
-            old, self._cap = self._cap, self._cap_factory(cap, self._cap_window)
-            if old is not None and old is not self._cap:
-                # Closing writes its last counts (a fleet's: to the database): not here,
-                # where a reload runs on the event loop, but in close_retired().
-                self._retired.append(old)
-        self.rate: Pacer | None = (self._rate_factory(cfg.limits.rate)
-                                   if cfg.limits.rate is not None else None)
-        self._apply_users(cfg)
-
-    def _apply_users(self, cfg: Config) -> None:
+    def prepare(self, cfg: Config) -> Prepared:
+        """Blocking (a worker thread on reload): the cap and the users' limits ``cfg`` asks
+        for, the running ones where they stay the same. A new cap opens its SQLite file (or
+        a fleet's database), the users' limits theirs."""
+        cap: Cap | None = None
+        if cfg.limits.daily_cap is not None:
+            cap = (self._cap if self._cap is not None and self._cap.cap == cfg.limits.daily_cap
+                   else self._cap_factory(cfg.limits.daily_cap, self._cap_window))
+        users = self._users
         path = cfg.users_file
-        if self._users is not None and (path is None or self._users.users.path != path):
-            self._users.close()
-            self._users = None
-        if path is not None and self._users is None:
+        if users is not None and (path is None or users.users.path != path):
+            users = None
+        if path is not None and users is None:
             # lazy: the users room only where submission users are configured.
             from relayd.users.limits import UserLimits
 
-            self._users = UserLimits(path, cfg.state_dir, window=self._cap_window,
-                                     alert=self._alert)
+            users = UserLimits(path, cfg.state_dir, window=self._cap_window, alert=self._alert)
+        return Prepared(cap, users)
+
+    def apply(self, cfg: Config, prepared: Prepared | None = None) -> None:
+        """(Re)build from a validated config: the list's rules, cap and rate settings, with
+        the cap and users' limits ``prepare(cfg)`` made (made here when not given)."""
+        made = self.prepare(cfg) if prepared is None else prepared
+        self.auto_add = cfg.do_not_email.auto_add
+        self.policy: Policy = build_policy(cfg, {})
+        self.limits: LimitsConfig = cfg.limits
+        if self._cap is not None and self._cap is not made.cap:
+            # Closing writes its last counts (a fleet's: to the database): not here, where
+            # a reload runs on the event loop, but in close_retired().
+            self._retired.append(self._cap)
+        self._cap = made.cap
+        self.rate: Pacer | None = (self._rate_factory(cfg.limits.rate)
+                                   if cfg.limits.rate is not None else None)
+        if self._users is not None and self._users is not made.users:
+            self._retired_users.append(self._users)
+        self._users = made.users
 
     def close_retired(self) -> None:
-        """Worker thread: close the caps a reload replaced (blocking: their last writes)."""
+        """Worker thread: close the caps and users' limits a reload replaced (blocking:
+        their last writes)."""
         while self._retired:
             try:
                 self._retired.pop().close()
             except Exception as exc:  # its counts stay where they were; the new cap goes on
                 log.error("could not close the daily cap a reload replaced: %s", exc)
+        while self._retired_users:
+            try:
+                self._retired_users.pop().close()
+            except Exception as exc:
+                log.error("could not close the users' limits a reload replaced: %s", exc)
 
     def close(self) -> None:
         """Worker thread (blocking, like close_retired)."""

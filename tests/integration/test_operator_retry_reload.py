@@ -204,3 +204,47 @@ async def test_the_daily_cap_count_survives_kill_9_and_the_next_message_waits(
         assert len(up.messages) == 2
     finally:
         await op.stop()
+
+
+async def test_a_reload_whose_new_cap_cannot_be_opened_keeps_the_old_one_and_delivers(
+        tmp_path: Path, upstream: Upstreams) -> None:
+    """limits.daily_cap 2 -> 3 by SIGHUP while the cap's file cannot be opened: relayd says so,
+    keeps counting against 2 and keeps delivering; once the file is back, the next reload
+    applies 3 and `queue retry` sends what waited."""
+    up = await upstream()
+    op = Operator(tmp_path, [upstream_smarthost(up)], limits={"daily_cap": 2})
+    await op.start()
+    try:
+        await op.send(sender="first@example.com")
+        await wait_until(lambda: len(up.messages) == 1, 20, "the first delivery")
+        data = yaml.safe_load(op.config.read_text())
+        db = Path(data["state_dir"]) / "daily_cap.sqlite3"
+        # The running cap keeps its open file; a new one finds a directory in its place.
+        db.rename(db.with_name("moved.sqlite3"))
+        db.mkdir()
+        data["limits"]["daily_cap"] = 3
+        op.write(yaml.safe_dump(data))
+        op.relay.signal(signal.SIGHUP)
+        await wait_until(lambda: "the daily cap or the users' limits could not be opened" in op.log(),
+                         what="the reload's error line")
+        assert "the previous ones stay in force" in op.log()
+        await op.send(sender="second@example.com")
+        await wait_until(lambda: len(up.messages) == 2, 20, "the second delivery (cap 2)")
+        third = await op.send(sender="third@example.com")
+        row = await op.wait_entry(third, "the third to wait for the old cap of 2",
+                                  lambda r: r["last_error"] == "waiting for limits.daily_cap to free up")
+        assert row["attempts"] == 0 and len(up.messages) == 2
+
+        # The fault cleared: the next reload opens the cap of 3, and `queue retry` sends it.
+        db.rmdir()
+        db.with_name("moved.sqlite3").rename(db)
+        op.relay.signal(signal.SIGHUP)
+        await wait_until(lambda: op.log().count("configuration reloaded") >= 4,
+                         what="the second reload in both processes")
+        retried = await op.cli("queue", "retry", third)
+        assert retried.code == 0, retried.err
+        await wait_until(lambda: len(up.messages) == 3, 20, "the third delivery (cap 3)")
+        assert op.log().count("could not be opened") == 1
+        assert op.relay.proc is not None and op.relay.proc.poll() is None
+    finally:
+        assert await op.stop() == 0
