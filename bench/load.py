@@ -149,6 +149,7 @@ class Load:
         self.body = stuff(make_body(args.size))
         self.budget = Budget(args.count, args.duration, args.rate)
         self.latencies: list[float] = []
+        self.trace: list[tuple[float, float]] = []  # (scheduled or start time, latency)
         self.accepted = self.rejected = self.errors = 0
         self.first_rejection = ""
         self.last_reply = 0.0
@@ -209,6 +210,7 @@ class Load:
                 if ok:
                     self.accepted += 1
                     self.latencies.append(now - t0)
+                    self.trace.append((t0, now - t0))
                 else:
                     self.rejected += 1
                     self.first_rejection = self.first_rejection or line.decode(errors="replace")
@@ -252,6 +254,8 @@ class Load:
         self.budget.start()
         opened.set()
         await asyncio.gather(*tasks)
+        if self.a.trace:
+            write_trace(self.a.trace, self.budget.t0, self.trace)
         lat = sorted(self.latencies)
         n = len(lat)
 
@@ -278,10 +282,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=0.0, help="seconds (0: no limit)")
     p.add_argument("--rate", type=float, default=0.0, help="offered msgs/s, open loop (0: as fast as accepted)")
     p.add_argument("--pipelining", action="store_true", help="send MAIL, RCPT, DATA in one write")
+    p.add_argument("--trace", help="write each accepted message's start (s from the first) and "
+                                   "acceptance latency (ms) to this file, one per line")
     a = p.parse_args(argv)
     if not a.count and not a.duration:
         p.error("give --count or --duration")
     return a
+
+
+def write_trace(path: str, t0: float, rows: list[tuple[float, float]]) -> None:
+    """``<seconds since t0> <latency ms>`` per message, in the order the replies came."""
+    with open(path, "w", encoding="ascii") as f:
+        f.writelines(f"{t - t0:.6f} {lat * 1000:.3f}\n" for t, lat in rows)
 
 
 async def run_load(args: argparse.Namespace) -> Result:

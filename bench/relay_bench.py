@@ -34,7 +34,10 @@ with the sending policy and DKIM of ``bench/systems.py``, Postfix with OpenDKIM 
 relayd signing Ed25519 alone or beside RSA against the same RSA peer); ``--load smtp-source`` uses Postfix's load generator instead of
 ``bench/load.py`` for the as-fast-as-accepted scenarios.
 ``--json FILE`` also writes every measurement; ``--profile DIR`` records relayd with py-spy
-(``pip install py-spy``) into ``DIR/<scenario>.svg``/``.txt``.
+(``pip install py-spy``) into ``DIR/<scenario>.svg``/``.txt``; ``--trace DIR`` keeps each
+message's acceptance latency of the offered-rate scenarios in ``DIR/<run>.txt`` and adds to
+the JSON how the messages over 10 ms cluster in time (a tail of a few bursts after stalls,
+docs/performance.md, or an even spread).
 """
 
 from __future__ import annotations
@@ -166,7 +169,7 @@ def machine_cpu_seconds() -> float:
 
 
 def run_load(port: int, sessions: int, size: int, count: int, rate: float,
-             generator: str = "ours") -> dict[str, Any]:
+             generator: str = "ours", trace: Path | None = None) -> dict[str, Any]:
     """Send ``count`` messages; ``generator`` is ``ours`` (bench/load.py: acceptance latency,
     offered rates) or ``smtp-source`` (Postfix's load generator, as its users measure: the
     rate only). An offered rate always uses ours."""
@@ -176,9 +179,30 @@ def run_load(port: int, sessions: int, size: int, count: int, rate: float,
            "--size", str(size), "--count", str(count)]
     if rate:
         cmd += ["--rate", str(rate)]
+    if trace is not None:
+        cmd += ["--trace", str(trace)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
+
+
+def slow_clusters(trace: Path, over_ms: float = 10.0, gap_s: float = 0.1) -> dict[str, float]:
+    """How the messages slower than ``over_ms`` in a load.py trace are grouped in time: a
+    tail made of a few bursts (stalls and the backlog after them) or spread evenly."""
+    slow = []
+    for line in trace.read_text(encoding="ascii").splitlines():
+        at, lat = (float(x) for x in line.split())
+        if lat > over_ms:
+            slow.append(at)
+    slow.sort()
+    clusters = []
+    for at in slow:
+        if clusters and at - clusters[-1][-1] < gap_s:
+            clusters[-1].append(at)
+        else:
+            clusters.append([at])
+    return {"slow_messages": len(slow), "slow_clusters": len(clusters),
+            "largest_cluster": max((len(c) for c in clusters), default=0)}
 
 
 def run_smtp_source(port: int, sessions: int, size: int, count: int) -> dict[str, Any]:
@@ -237,7 +261,7 @@ class MemorySampler:
 
 
 def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: int,
-            warmup: int, generator: str = "ours") -> Measurement:
+            warmup: int, generator: str = "ours", trace: Path | None = None) -> Measurement:
     m = Measurement(system=system.name, scenario=sc.name)
     m.extra["generator"] = "ours" if sc.rate else generator
     system.start()
@@ -251,7 +275,8 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
         cpu0, own0 = machine_cpu_seconds(), system.cpu_seconds()
         main0, split0 = system.main_thread_cpu_seconds(), system.cpu_split()
         with MemorySampler(system) as mem:
-            r = run_load(system.port, sessions, sc.size, sc.count, sc.rate, generator)
+            r = run_load(system.port, sessions, sc.size, sc.count, sc.rate, generator,
+                         trace if sc.rate else None)
             delivered, last = sink.wait_for(int(r["accepted"]))
         cpu1, own1 = machine_cpu_seconds(), system.cpu_seconds()
         main1, split1 = system.main_thread_cpu_seconds(), system.cpu_split()
@@ -400,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--profile", type=Path, help="py-spy relayd into this directory")
+    p.add_argument("--trace", type=Path,
+                   help="offered-rate scenarios: each message's latency into DIR/<run>.txt, "
+                        "and how the ones over 10 ms cluster in time into the JSON")
     p.add_argument("--shared-state", metavar="URL",
                    help="also run relayd with shared_state on this database as relayd-shared")
     p.add_argument("--daily-cap", type=int, help="limits.daily_cap for every relayd")
@@ -437,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.load == "smtp-source" and not os.path.exists(SMTP_SOURCE):
         print(f"{SMTP_SOURCE} not found (apt-get install postfix)", file=sys.stderr)
         return 2
+    if a.trace is not None:
+        a.trace.mkdir(parents=True, exist_ok=True)
     base = a.workdir or Path(tempfile.mkdtemp(prefix="relayd-bench-"))
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue below it
@@ -476,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
                                    extra_config=limits + (shared_config(a.shared_state)
                                                           if name == "relayd-shared" else ""))
                             if name != "postfix" else Postfix(wd, sink_port, dkim_key=pkey))
-                        m = measure(system, sink, sc, a.sessions, a.warmup, a.load)
+                        trace = a.trace / f"{tag}.txt" if a.trace is not None else None
+                        m = measure(system, sink, sc, a.sessions, a.warmup, a.load, trace)
+                        if trace is not None and trace.exists():
+                            m.extra.update(slow_clusters(trace))
                         m.extra["load_average"] = round(os.getloadavg()[0], 2)
                         results.append(m)
                         print(f"{sc.name:<18} {m.system:<16} e2e {m.e2e_rate:7.0f}/s  accept "
