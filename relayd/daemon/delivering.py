@@ -138,10 +138,10 @@ class Delivering:
         async with self._gate_reload:
             try:
                 prepared = await self._loop.run_in_executor(None, self.gate.prepare, new)
-            except Exception as exc:  # the running cap and limits stay; delivery goes on
+            except Exception as exc:  # the rest of the config applies; delivery goes on
                 log.error("reload: the daily cap or the users' limits could not be opened "
                           "(%s); the previous ones stay in force", exc)
-                return
+                prepared = self.gate.running()
             self.gate.apply(new, prepared)
             # A replaced daily cap writes its last counts (a fleet's to the database).
             await self._loop.run_in_executor(None, self.gate.close_retired)

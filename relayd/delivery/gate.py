@@ -87,8 +87,18 @@ class DeliveryGate:
             # lazy: the users room only where submission users are configured.
             from relayd.users.limits import UserLimits
 
-            users = UserLimits(path, cfg.state_dir, window=self._cap_window, alert=self._alert)
+            try:
+                users = UserLimits(path, cfg.state_dir, window=self._cap_window, alert=self._alert)
+            except BaseException:
+                if cap is not None and cap is not self._cap:
+                    cap.close()  # opened for this config, which will not be applied
+                raise
         return Prepared(cap, users)
+
+    def running(self) -> Prepared:
+        """The cap and users' limits in force now (kept by a reload that could not open new
+        ones)."""
+        return Prepared(self._cap, self._users)
 
     def apply(self, cfg: Config, prepared: Prepared | None = None) -> None:
         """(Re)build from a validated config: the list's rules, cap and rate settings, with
