@@ -205,17 +205,24 @@ def _unfold(folded: str) -> str:
     return folded.split(":", 1)[1].replace("\r\n", "").strip()
 
 
-@functools.lru_cache(maxsize=256)
 def first_address(value: str | None) -> str | None:
-    """The bare address of the first mailbox in an address header value (cached: an
-    application sends from a few From values, and email.utils parses one in ~15 us)."""
+    """The bare address of the first mailbox in an address header value."""
     if not value:
         return None
+    # An application sends from a few From values, and email.utils parses one in ~15 us:
+    # short ones are cached (at most 256 x 512 characters held; a header can be megabytes).
+    return _short_first_address(value) if len(value) <= 512 else _first_address(value)
+
+
+def _first_address(value: str) -> str | None:
     pairs = getaddresses([value])
     for _, addr in pairs:
         if addr and "@" in addr:
             return addr
     return None
+
+
+_short_first_address = functools.lru_cache(maxsize=256)(_first_address)
 
 
 def all_addresses(values: Iterable[str]) -> list[str]:

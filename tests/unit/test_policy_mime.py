@@ -46,3 +46,21 @@ def test_headers_edit_and_split_without_body() -> None:
     assert h.remove("X-a").items() == [("Subject", "one two")]
     header, body = _mime.split_message(b"Subject: no body\r\n")
     assert (header, body) == (b"Subject: no body\r\n", b"")
+
+
+def test_the_name_and_address_caches_hold_only_short_values() -> None:
+    # A header field can be megabytes long: long ones are parsed every time, never kept.
+    long_from = "App <app@example.com>, " + "x" * 100_000
+    kept = _mime._short_first_address.cache_info().currsize
+    assert _mime.first_address(long_from) == "app@example.com"
+    assert _mime._short_first_address.cache_info().currsize == kept
+    long_field = b"X-Long: " + b"y" * 10_000 + b"\r\n"
+    kept = _mime._short_field_name.cache_info().currsize
+    assert _mime.field_name(long_field) == "x-long"
+    assert _mime._short_field_name.cache_info().currsize == kept
+    # Short ones are answered from the cache the second time, with the same result.
+    assert _mime.first_address("App <a@b.example>") == "a@b.example"
+    hits = _mime._short_first_address.cache_info().hits
+    assert _mime.first_address("App <a@b.example>") == "a@b.example"
+    assert _mime._short_first_address.cache_info().hits == hits + 1
+    assert _mime.field_name(b"Subject : x\r\n") == _mime.field_name(b"Subject : x\r\n") == "subject"
