@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("relayd.policy")
 
 
+class LimitsUnavailable(Exception):
+    """A reload's daily cap or users' limits could not be opened; the text names the key."""
+
+
 @dataclass(frozen=True)
 class Prepared:
     """What ``DeliveryGate.prepare`` opened for a config: its cap and users' limits."""
@@ -77,8 +81,13 @@ class DeliveryGate:
         a fleet's database), the users' limits theirs."""
         cap: Cap | None = None
         if cfg.limits.daily_cap is not None:
-            cap = (self._cap if self._cap is not None and self._cap.cap == cfg.limits.daily_cap
-                   else self._cap_factory(cfg.limits.daily_cap, self._cap_window))
+            if self._cap is not None and self._cap.cap == cfg.limits.daily_cap:
+                cap = self._cap
+            else:
+                try:
+                    cap = self._cap_factory(cfg.limits.daily_cap, self._cap_window)
+                except Exception as exc:
+                    raise LimitsUnavailable(f"limits.daily_cap: {exc}") from exc
         users = self._users
         path = cfg.users_file
         if users is not None and (path is None or users.users.path != path):
@@ -89,9 +98,11 @@ class DeliveryGate:
 
             try:
                 users = UserLimits(path, cfg.state_dir, window=self._cap_window, alert=self._alert)
-            except BaseException:
+            except BaseException as exc:
                 if cap is not None and cap is not self._cap:
                     cap.close()  # opened for this config, which will not be applied
+                if isinstance(exc, Exception):
+                    raise LimitsUnavailable(f"users_file {path}: {exc}") from exc
                 raise
         return Prepared(cap, users)
 

@@ -119,13 +119,19 @@ class DailyCap:
                     db.close()
             return
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=5.0, check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.execute("CREATE TABLE IF NOT EXISTS deliveries (at REAL NOT NULL, n INTEGER NOT NULL)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries (at)")
-        self._load(self._db.execute("SELECT at, n FROM deliveries ORDER BY at").fetchall())
+        try:
+            self._db = sqlite3.connect(path, timeout=5.0, check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute("CREATE TABLE IF NOT EXISTS deliveries (at REAL NOT NULL, n INTEGER NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries (at)")
+            self._load(self._db.execute("SELECT at, n FROM deliveries ORDER BY at").fetchall())
+        except sqlite3.Error as exc:
+            if self._db is not None:
+                self._db.close()
+            # SQLite's own text ("unable to open database file") does not say which file.
+            raise sqlite3.OperationalError(f"{path}: {exc}") from exc
         self._rows = _Rows(self._db, window)
 
     def _load(self, rows: list[tuple[float, int]]) -> None:

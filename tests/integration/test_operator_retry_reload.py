@@ -228,6 +228,8 @@ async def test_a_reload_whose_new_cap_cannot_be_opened_keeps_the_old_one_and_del
         await wait_until(lambda: "the daily cap or the users' limits could not be opened" in op.log(),
                          what="the reload's error line")
         assert "the previous ones stay in force" in op.log()
+        # The line names the key and the file, as a sysadmin needs to find it.
+        assert f"(limits.daily_cap: {db}: unable to open database file)" in op.log()
         await op.send(sender="second@example.com")
         await wait_until(lambda: len(up.messages) == 2, 20, "the second delivery (cap 2)")
         third = await op.send(sender="third@example.com")
