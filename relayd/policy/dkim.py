@@ -28,8 +28,8 @@ CRLF = b"\r\n"
 _WSP_RUN = re.compile(rb"[ \t]+")
 # Runs of WSP other than a single SP: the only ones relaxed body canonicalization changes.
 _WSP_TO_SP = re.compile(rb"[ \t]{2,}|\t")
-# What relaxed_body looks for first. The regex engine's literal search takes 28-57 us over a
-# 100 KB body where bytes.find takes 67-90 us for these two- and three-byte needles.
+# What relaxed_body looks for first: the regex engine's literal search is faster than
+# bytes.find for these two- and three-byte needles (docs/performance.md, fourth round).
 _SPACE_RUN = re.compile(rb"  ")
 _SPACE_AT_END = re.compile(rb" \r\n")
 _LINE_END = re.compile(rb"\r?\n")
@@ -104,8 +104,8 @@ def relaxed_body(data: bytes, start: int = 0) -> memoryview:
     CRLF there, smtpd/listener.py) and ``relayd explain`` reads files. Typical mail (single
     spaces, no WSP at line ends) then costs three substring scans in C and no regex.
     Trailing spaces (format=flowed text ends most lines with one, RFC 3676) and runs of
-    spaces are removed with ``bytes.replace``; only a body with a tab needs the regex. A
-    regex over every space of a 100 KB flowed body took 6.3 ms (docs/performance.md).
+    spaces are removed with ``bytes.replace``; only a body with a tab needs the regex, which
+    would otherwise match every single space (docs/performance.md, fourth round).
     """
     tabs = data.find(b"\t", start) >= 0  # one byte: memchr
     runs = _SPACE_RUN.search(data, start) is not None

@@ -29,6 +29,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relayd import faults
 from relayd.config.schema import Config
+from relayd.dotstuff import unstuff
 from relayd.model import Envelope, Reply
 from relayd.smtpd.lines import BARE_LINE_ENDING_REPLY, BareLineEnding, CommandLineProtocol
 from relayd.spool.records import new_queue_id
@@ -42,7 +43,6 @@ _HAS_DATE = re.compile(rb"(?im)^date[ \t]*:")
 _HAS_MSGID = re.compile(rb"(?im)^message-id[ \t]*:")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
-_CRLF_DOT = re.compile(rb"\r\n\.")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_\[\]:]")
 # "<dot-atom@domain>" (RFC 5321 §4.1.2), the form nearly every MAIL / RCPT uses. aiosmtpd parses
 # each address with the email package's header parser (and defines a class per call), which
@@ -95,15 +95,6 @@ def client_allowed(peer: Any, allowed: Iterable[_IPNetwork]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip.version == net.version and ip in net for net in allowed)
-
-
-def unstuff(data: bytes) -> bytes:
-    """Undo SMTP dot-stuffing (RFC 5321 §4.5.2): drop the first "." of every line."""
-    # The regex engine finds its literal prefix with memchr: about half the time of
-    # ``b"\r\n." in data``, whose two-byte search runs at ~1 byte/ns over a 100 KB body.
-    if _CRLF_DOT.search(data) is not None:
-        data = data.replace(b"\r\n.", b"\r\n")
-    return data[1:] if data[:1] == b"." else data
 
 
 def normalize_line_endings(content: bytes) -> bytes:

@@ -12,6 +12,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relayd.dotstuff import stuff
 from relayd.smtpd.listener import RelaySMTP, normalize_line_endings, unstuff
 
 TOKENS = [b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\n.\r\n", b"..\r\n", b"text.\r\n"]
@@ -91,6 +92,14 @@ def test_common_paths_and_the_local_part_limit() -> None:
 def test_unstuff_removes_exactly_one_leading_dot_per_line(data: bytes) -> None:
     # The definition: every line (after the DATA line's CRLF) loses one leading ".".
     assert unstuff(data) == (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=30).map(b"".join))
+def test_stuff_adds_exactly_one_leading_dot_per_line_and_unstuff_undoes_it(data: bytes) -> None:
+    # What delivery sends (relayd/dotstuff.py): every line that starts with "." gets one more.
+    assert stuff(data) == (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    assert unstuff(stuff(data)) == data
 
 
 @settings(max_examples=1000, deadline=None)

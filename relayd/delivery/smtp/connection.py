@@ -13,7 +13,6 @@ reader (``smtp_replies``), which can take a pipelined group's replies (RFC 2920,
 from __future__ import annotations
 
 import contextlib
-import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -24,12 +23,8 @@ from aiosmtplib.errors import SMTPResponseException, SMTPServerDisconnected, SMT
 from relayd.config.schema import Smarthost, TlsMode
 from relayd.delivery.smtp.auth import authenticate
 from relayd.delivery.smtp.replies import ReplyReader, check_command
+from relayd.dotstuff import stuff
 from relayd.model import Reply, TokenSource
-
-# A line that starts with a dot (RFC 5321 §4.5.2). The regex engine's search for this
-# three-byte literal takes about half the time of ``in`` over a 100 KB body (31 against
-# 66 us here), and every delivery looks once.
-_DOT_LINE = re.compile(rb"\r\n\.")
 
 REDACTED = "<redacted>"
 
@@ -234,14 +229,9 @@ class UpstreamConnection:
     async def send_body(self, content: bytes, timeout: float) -> Reply:
         """After ``354``: the dot-stuffed content and the final dot; returns the final reply.
 
-        ``content`` has CRLF line ends and is not dot-stuffed. RFC 5321 §4.5.2: a line
-        starting with "." gets one more; one ``bytes.replace`` does the whole message.
+        ``content`` has CRLF line ends and is not dot-stuffed (relayd/dotstuff.py).
         """
-        # Look first: replace() would copy the whole message even with no dots.
-        stuffed = (content.replace(b"\r\n.", b"\r\n..") if _DOT_LINE.search(content) is not None
-                   else content)
-        if stuffed[:1] == b".":
-            stuffed = b"." + stuffed
+        stuffed = stuff(content)
         end = b".\r\n" if (not stuffed or stuffed.endswith(b"\r\n")) else b"\r\n.\r\n"
         if self._record is not None:
             self._note(f"C: <message, {len(content)} bytes>")
