@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import socket
 import time
 from dataclasses import replace
 
@@ -16,6 +15,7 @@ from relayd.delivery.smtp.pool import SmarthostPool
 from relayd.errors import OAuthError
 from relayd.model import Status
 from relayd.secrets import Secret
+from tests.support.ports import free_port
 from tests.support.upstream import FakeUpstream
 from tests.support.waiting import wait_until
 
@@ -368,9 +368,7 @@ def test_final_dot_timeout_is_at_least_ten_minutes() -> None:
 
 
 async def test_refused_connection_is_a_smarthost_fault() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     sh = Smarthost(name="dead", host="127.0.0.1", port=port, tls=TlsMode.NONE, timeout=1)
     result = await deliver(sh)
     assert result.smarthost_fault and result.deferred == ("b@example.net",)

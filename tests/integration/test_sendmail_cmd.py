@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -20,6 +19,7 @@ from relayd.model import Envelope, Message
 from relayd.spool.store import Spool
 from tests.support.config_builder import ConfigBuilder
 from tests.support.ops_smtp import RecordingServer
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,11 +154,7 @@ def test_php_mail_returns_false_when_daemon_down(tmp_path, shim) -> None:
 
 
 def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return free_port()
 
 
 def test_exit_75_when_daemon_is_down(tmp_path, shim) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from relayd import cli
 from tests.support.config_builder import ConfigBuilder
 from tests.support.oauth_server import FakeTokenServer
+from tests.support.ports import free_port
 from tests.support.upstream import FakeUpstream
 
 PASSWORD = "Sup3r-Secret-pw"
@@ -112,9 +112,7 @@ async def test_failure_diagnosis(config_builder: ConfigBuilder, fake: dict[str, 
 
 
 async def test_connection_refused_suggests_port_587(config_builder: ConfigBuilder) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = config_builder.write([smarthost_entry(None, port=port)])
     code, output = await send_test(config, "--to", "ops@example.net")
     assert code == 1
@@ -122,9 +120,7 @@ async def test_connection_refused_suggests_port_587(config_builder: ConfigBuilde
 
 
 async def test_falls_back_to_the_next_smarthost(config_builder: ConfigBuilder) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     async with FakeUpstream() as up:
         config = config_builder.write([smarthost_entry(None, name="dead", port=dead),
                                        smarthost_entry(up, name="backup")])

@@ -31,7 +31,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import socketserver
 import subprocess
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.support.ports import free_port
 from tests.support.smtpclient import smtp_greets
 from tests.support.waiting import wait_until_sync
 
@@ -65,12 +65,6 @@ def require_postfix() -> None:
     except KeyError:
         pytest.fail("user 'postfix' is missing: reinstall the Debian package 'postfix'",
                     pytrace=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -117,7 +111,7 @@ class PostfixSmarthost:
         self.tls = tls
         self.credentials = credentials
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="relayd-postfix-", dir="/tmp"))
         self.root.chmod(0o755)  # postfix-owned daemons must traverse it
         self.config_dir = self.root / "etc"

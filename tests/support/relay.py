@@ -21,17 +21,12 @@ from relayd.config.schema import Config
 from relayd.daemon.app import Daemon, single_process
 from relayd.daemon.delivering import Delivering
 from tests.support.config_builder import ConfigBuilder
+from tests.support.ports import free_port as free_port  # re-exported for the tests
 from tests.support.smtpclient import smtp_greets
 from tests.support.waiting import wait_until as wait_until  # re-exported for the tests
 from tests.support.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:
