@@ -8,14 +8,16 @@ aiosmtpd sees any of it: the listener refuses it whole with 500 5.5.2 (one reply
 sent as soon as the bare CR or LF is seen) and the session goes on.
 
 Only command lines (and AUTH responses, which aiosmtpd reads as lines too) are framed here;
-message content is read by the listener's own DATA reader, which asks for its own separator.
+message content is read by the listener's own DATA reader through ``readuntil_line``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from relayd.bytescan import find_line
 
 BARE_LINE_ENDING_REPLY = "500 5.5.2 Syntax error: bare CR or LF in a command line (lines end with CRLF)"
 
@@ -31,6 +33,54 @@ class CommandLineReader(asyncio.StreamReader):
     # when the next line is asked for. The refusal goes out at once, so a client that ends
     # its commands with LF alone is told why rather than left waiting for a reply.
     _rest_refused = False
+
+    # StreamReader's own state (CPython's asyncio/streams.py, the same from 3.8 to 3.13),
+    # which readuntil_line uses as readuntil does; typeshed does not declare it.
+    _buffer: bytearray
+    _limit: int
+    _eof: bool
+    _exception: BaseException | None
+    if TYPE_CHECKING:
+        async def _wait_for_data(self, func_name: str) -> None: ...
+        def _maybe_resume_transport(self) -> None: ...
+
+    async def readuntil_line(self, rest: bytes) -> bytes:
+        """``readuntil(b"\\n" + rest)``, searching with relayd.bytescan.find_line: the DATA
+        reader looks through every byte of every message, and StreamReader's ``find`` for
+        a four-byte separator is a byte loop (bytescan's docstring has the numbers).
+
+        Same contract as readuntil: LimitOverrunError leaves the data buffered (``consumed``
+        bytes may be read without splitting a separator), IncompleteReadError at EOF."""
+        seplen = 1 + len(rest)
+        if self._exception is not None:
+            raise self._exception
+        offset = 0
+        while True:
+            buflen = len(self._buffer)
+            if buflen - offset >= seplen:
+                found = find_line(self._buffer, rest, offset)
+                if found != -1:
+                    break
+                offset = buflen + 1 - seplen
+                if offset > self._limit:
+                    raise asyncio.LimitOverrunError(
+                        "Separator is not found, and chunk exceed the limit", offset)
+            if self._eof:
+                chunk = bytes(self._buffer)
+                self._buffer.clear()
+                raise asyncio.IncompleteReadError(chunk, None)
+            await self._wait_for_data("readuntil")
+        if found > self._limit:
+            raise asyncio.LimitOverrunError("Separator is found, but chunk is longer than limit",
+                                            found)
+        end = found + seplen
+        # One copy out of the buffer (readuntil makes two); the views are released before
+        # the buffer shrinks.
+        with memoryview(self._buffer) as view, view[:end] as head:
+            chunk = bytes(head)
+        del self._buffer[:end]
+        self._maybe_resume_transport()
+        return chunk
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         if separator != b"\n":

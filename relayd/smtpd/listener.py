@@ -28,10 +28,15 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relayd import faults
+from relayd.bytescan import line_ends_ok, unstuff
 from relayd.config.schema import Config
-from relayd.dotstuff import unstuff
 from relayd.model import Envelope, Reply
-from relayd.smtpd.lines import BARE_LINE_ENDING_REPLY, BareLineEnding, CommandLineProtocol
+from relayd.smtpd.lines import (
+    BARE_LINE_ENDING_REPLY,
+    BareLineEnding,
+    CommandLineProtocol,
+    CommandLineReader,
+)
 from relayd.spool.records import new_queue_id
 from relayd.units import HostPort, is_address
 
@@ -42,7 +47,6 @@ _HEADER_END = b"\r\n\r\n"
 _HAS_DATE = re.compile(rb"(?im)^date[ \t]*:")
 _HAS_MSGID = re.compile(rb"(?im)^message-id[ \t]*:")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-_BARE_CR = re.compile(rb"\r(?!\n)")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_\[\]:]")
 # "<dot-atom@domain>" (RFC 5321 §4.1.2), the form nearly every MAIL / RCPT uses. aiosmtpd parses
 # each address with the email package's header parser (and defines a class per call), which
@@ -99,11 +103,7 @@ def client_allowed(peer: Any, allowed: Iterable[_IPNetwork]) -> bool:
 
 def normalize_line_endings(content: bytes) -> bytes:
     """Turn bare LF and bare CR into CRLF, so stored bytes are exactly what is sent."""
-    # No CR without an LF after it means every CR starts a CRLF; then as many LFs as CRs
-    # means no LF without a CR before it. (One regex with a literal prefix and two one-byte
-    # counts instead of counting the two-byte CRLF, the slowest of these scans: the event
-    # loop does this for every message, docs/performance.md.)
-    if _BARE_CR.search(content) is None and content.count(b"\n") == content.count(b"\r"):
+    if line_ends_ok(content):
         return content
     return _LINE_ENDS.sub(b"\r\n", content)
 
@@ -277,7 +277,7 @@ class RelaySMTP(SMTP, CommandLineProtocol):
         as ".."), so a message arrives in a few reads of up to the StreamReader limit however
         many of its lines end with a full stop; the byte before it must then be CR.
         """
-        reader = self._reader
+        reader = cast(CommandLineReader, self._reader)  # CommandLineProtocol made it
         # Stop buffering well past the limit (dot-stuffing can at most double a message).
         cap = 2 * self.data_size_limit + 1024 if self.data_size_limit else 0
         chunks: list[bytes] = []
@@ -300,7 +300,7 @@ class RelaySMTP(SMTP, CommandLineProtocol):
                 ended = False
             else:
                 try:
-                    piece = await reader.readuntil(b"\n.\r\n")
+                    piece = await reader.readuntil_line(b".\r\n")
                     ended = True
                 except asyncio.LimitOverrunError as exc:
                     # The last three bytes stay buffered, so a terminator is never split.

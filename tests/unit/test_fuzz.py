@@ -24,6 +24,7 @@ from relayd.errors import ConfigError
 from relayd.model import Envelope, Message
 from relayd.policy.pipeline import build_policy, run_pipeline
 from relayd.policy.records import PolicyContext
+from relayd.smtpd.lines import CommandLineReader
 from relayd.smtpd.listener import RelaySMTP
 from tests.support.policy_helpers import config, corpus, eml
 
@@ -51,9 +52,9 @@ def unstuff(raw: bytes) -> bytes:
 
 
 async def read_data(stream: bytes, cuts: list[int], limit: int, size_limit: int) -> tuple[bytes, bool, bytes]:
-    """Feed ``stream`` in pieces to a StreamReader with buffer ``limit`` and run the real
+    """Feed ``stream`` in pieces to a CommandLineReader with buffer ``limit`` and run the real
     RelaySMTP._read_data on it; returns (raw, too_big, bytes left for the next command)."""
-    reader = asyncio.StreamReader(limit=limit)
+    reader = CommandLineReader(limit=limit)  # the reader the listener gets
     fake = types.SimpleNamespace(_reader=reader, data_size_limit=size_limit, _reset_timeout=lambda: None)
 
     async def feed() -> None:

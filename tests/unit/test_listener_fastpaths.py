@@ -12,7 +12,8 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.dotstuff import stuff
+from relayd.bytescan import stuff
+from relayd.smtpd.lines import CommandLineReader
 from relayd.smtpd.listener import RelaySMTP, normalize_line_endings, unstuff
 
 TOKENS = [b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\n.\r\n", b"..\r\n", b"text.\r\n"]
@@ -23,7 +24,7 @@ class _Reader:
 
     _read_data = RelaySMTP._read_data
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int = 0) -> None:
+    def __init__(self, reader: CommandLineReader, limit: int = 0) -> None:
         self._reader = reader
         self.data_size_limit = limit
 
@@ -32,7 +33,7 @@ class _Reader:
 
 
 async def _read(stream: bytes, cuts: list[int], limit: int) -> tuple[bytes, bool, bytes]:
-    reader = asyncio.StreamReader(limit=limit)
+    reader = CommandLineReader(limit=limit)
     pos = 0
     for n in cuts:
         reader.feed_data(stream[pos:pos + n])
@@ -97,7 +98,7 @@ def test_unstuff_removes_exactly_one_leading_dot_per_line(data: bytes) -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.sampled_from(TOKENS), max_size=30).map(b"".join))
 def test_stuff_adds_exactly_one_leading_dot_per_line_and_unstuff_undoes_it(data: bytes) -> None:
-    # What delivery sends (relayd/dotstuff.py): every line that starts with "." gets one more.
+    # What delivery sends (relayd/bytescan.py): every line that starts with "." gets one more.
     assert stuff(data) == (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
     assert unstuff(stuff(data)) == data
 

@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 import aiosmtplib
 from aiosmtplib.errors import SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
 
+from relayd.bytescan import stuff
 from relayd.config.schema import Smarthost, TlsMode
 from relayd.delivery.smtp.auth import authenticate
 from relayd.delivery.smtp.replies import ReplyReader, check_command
-from relayd.dotstuff import stuff
 from relayd.model import Reply, TokenSource
 
 REDACTED = "<redacted>"
@@ -229,7 +229,7 @@ class UpstreamConnection:
     async def send_body(self, content: bytes, timeout: float) -> Reply:
         """After ``354``: the dot-stuffed content and the final dot; returns the final reply.
 
-        ``content`` has CRLF line ends and is not dot-stuffed (relayd/dotstuff.py).
+        ``content`` has CRLF line ends and is not dot-stuffed (relayd/bytescan.py).
         """
         stuffed = stuff(content)
         end = b".\r\n" if (not stuffed or stuffed.endswith(b"\r\n")) else b"\r\n.\r\n"
