@@ -12,7 +12,9 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relayd import bytescan
 from relayd.bytescan import stuff
+from relayd.smtpd import lines
 from relayd.smtpd.lines import CommandLineReader
 from relayd.smtpd.listener import RelaySMTP, normalize_line_endings, unstuff
 
@@ -56,6 +58,23 @@ def test_message_ends_at_the_first_crlf_dot_crlf(body: bytes, cuts: list[int], l
     assert not too_big
     assert data == seen[2:end + 2]
     assert rest == seen[end + 5:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.lists(st.sampled_from(TOKENS), max_size=60).map(b"".join),
+       cuts=st.lists(st.integers(1, 9), max_size=40),
+       limit=st.sampled_from([8, 16, 64, 65536]))
+def test_the_python_twin_search_ends_messages_at_the_same_place(body: bytes, cuts: list[int],
+                                                                 limit: int) -> None:
+    # An install without the C module searches with bytescan.py_find_line.
+    stream = body + b"\r\n.\r\nQUIT\r\n"
+    with_c = asyncio.run(_read(stream, cuts, limit))
+    original = lines.find_line
+    lines.find_line = bytescan.py_find_line
+    try:
+        assert asyncio.run(_read(stream, cuts, limit)) == with_c
+    finally:
+        lines.find_line = original
 
 
 def test_an_empty_message_is_just_the_dot() -> None:
