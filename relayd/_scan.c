@@ -99,6 +99,44 @@ count_dot_lines(const char *s, Py_ssize_t n)
     return count;
 }
 
+/* content with one "." added (add) or removed (!add) at the start of every line that
+ * starts with one; content itself when no line does. */
+static PyObject *
+restuff(PyObject *arg, int add, const char *type_error)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, type_error);
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    int first = n > 0 && s[0] == '.';
+    Py_ssize_t dots = count_dot_lines(s, n) + first;
+    if (dots == 0)
+        return Py_NewRef(arg);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, add ? n + dots : n - dots);
+    if (out == NULL)
+        return NULL;
+    char *o = PyBytes_AS_STRING(out);
+    const char *end = s + n, *from = s, *p = s;
+    if (first && add)
+        *o++ = '.';
+    else if (first)
+        from = s + 1;
+    while ((p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        if (dot_after_crlf(s, p, end)) {
+            memcpy(o, from, (size_t)(p + 1 - from));
+            o += p + 1 - from;
+            if (add)
+                *o++ = '.';
+            from = add ? p + 1 : p + 2;  /* when removing, past the dot */
+        }
+        p++;
+    }
+    memcpy(o, from, (size_t)(end - from));
+    return out;
+}
+
 PyDoc_STRVAR(stuff_doc,
 "stuff(content, /) -> bytes\n\n"
 "Dot-stuffing (RFC 5321 section 4.5.2): one more '.' at the start of every line that\n"
@@ -107,34 +145,7 @@ PyDoc_STRVAR(stuff_doc,
 static PyObject *
 scan_stuff(PyObject *module, PyObject *arg)
 {
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "stuff: content must be bytes");
-        return NULL;
-    }
-    const char *s = PyBytes_AS_STRING(arg);
-    Py_ssize_t n = PyBytes_GET_SIZE(arg);
-    int first = n > 0 && s[0] == '.';
-    Py_ssize_t extra = count_dot_lines(s, n) + first;
-    if (extra == 0)
-        return Py_NewRef(arg);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n + extra);
-    if (out == NULL)
-        return NULL;
-    char *o = PyBytes_AS_STRING(out);
-    const char *end = s + n, *from = s, *p = s;
-    if (first)
-        *o++ = '.';
-    while ((p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
-        if (dot_after_crlf(s, p, end)) {
-            memcpy(o, from, (size_t)(p + 1 - from));
-            o += p + 1 - from;
-            *o++ = '.';
-            from = p + 1;
-        }
-        p++;
-    }
-    memcpy(o, from, (size_t)(end - from));
-    return out;
+    return restuff(arg, 1, "stuff: content must be bytes");
 }
 
 PyDoc_STRVAR(unstuff_doc,
@@ -145,31 +156,7 @@ PyDoc_STRVAR(unstuff_doc,
 static PyObject *
 scan_unstuff(PyObject *module, PyObject *arg)
 {
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "unstuff: data must be bytes");
-        return NULL;
-    }
-    const char *s = PyBytes_AS_STRING(arg);
-    Py_ssize_t n = PyBytes_GET_SIZE(arg);
-    int first = n > 0 && s[0] == '.';
-    Py_ssize_t fewer = count_dot_lines(s, n) + first;
-    if (fewer == 0)
-        return Py_NewRef(arg);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n - fewer);
-    if (out == NULL)
-        return NULL;
-    char *o = PyBytes_AS_STRING(out);
-    const char *end = s + n, *from = s + first, *p = s;
-    while ((p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
-        if (dot_after_crlf(s, p, end)) {
-            memcpy(o, from, (size_t)(p + 1 - from));
-            o += p + 1 - from;
-            from = p + 2;  /* past the dot */
-        }
-        p++;
-    }
-    memcpy(o, from, (size_t)(end - from));
-    return out;
+    return restuff(arg, 0, "unstuff: data must be bytes");
 }
 
 static PyMethodDef scan_methods[] = {
