@@ -2,10 +2,10 @@
  *
  * Why C: each of these scans runs on the event loop for every message (the end-of-data
  * search, the line-end check, dot-stuffing both ways). CPython's bytes.find for a needle of
- * 2 to 5 bytes, bytes.count and re's literal search are byte loops (30-50 us per 100 KB
- * here), while glibc's memchr finds the next LF in a few nanoseconds; mail has one LF per
- * ~80 bytes, so stepping from LF to LF and looking at the bytes around it is ~10x faster.
- * docs/performance.md has the measurements.
+ * 2 to 5 bytes, bytes.count and re's literal search are byte loops, while glibc's memchr
+ * finds the next LF in a few nanoseconds; mail has an LF every line, so stepping from LF
+ * to LF and looking at the bytes around it is much faster (docs/performance.md, "Fifth
+ * round of the day", has the measurements).
  *
  * Every function has a pure-Python twin in relayd/bytescan.py, used when this module was
  * not built; the tests check that both give the same results.
@@ -79,7 +79,7 @@ scan_line_ends_ok(PyObject *module, PyObject *arg)
     return PyBool_FromLong(ok);
 }
 
-/* Whether the byte at p (inside s[0:n]) is a "." that starts a line after a CRLF. */
+/* Whether the LF at lf (inside s[0:end]) ends a CRLF and the next line starts with ".". */
 static inline int
 dot_after_crlf(const char *s, const char *lf, const char *end)
 {

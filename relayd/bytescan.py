@@ -4,9 +4,9 @@ receives, delivery does it on what it sends; the spool holds content that is not
 dot-stuffed).
 
 Each runs on an event loop for every message, over every byte of it. They come from the
-C module ``relayd._scan`` (relayd/_scan.c), which steps from LF to LF with memchr: about
-ten times faster on a 100 KB message than CPython's multi-byte ``bytes.find``, ``count``
-and ``re`` searches, which are byte loops (docs/performance.md). The functions below with
+C module ``relayd._scan`` (relayd/_scan.c), which steps from LF to LF with memchr instead
+of CPython's multi-byte ``bytes.find``, ``count`` and ``re`` searches, which are byte loops
+(docs/performance.md, "Fifth round of the day"). The functions below with
 a ``py_`` prefix give the same results in Python; they are used when the C module was not
 built (no compiler at install time), and the tests hold both to the same definitions.
 """
