@@ -63,6 +63,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from machine import Pressure, probe  # noqa: E402
 from opendkim import available as opendkim_available  # noqa: E402
 from postfix import available, free_port  # noqa: E402
 from systems import Postfix, Relayd, dkim_key, ed25519_key  # noqa: E402
@@ -195,7 +196,7 @@ def slow_clusters(trace: Path, over_ms: float = 10.0, gap_s: float = 0.1) -> dic
         if lat > over_ms:
             slow.append(at)
     slow.sort()
-    clusters = []
+    clusters: list[list[float]] = []
     for at in slow:
         if clusters and at - clusters[-1][-1] < gap_s:
             clusters[-1].append(at)
@@ -264,6 +265,8 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
             warmup: int, generator: str = "ours", trace: Path | None = None) -> Measurement:
     m = Measurement(system=system.name, scenario=sc.name)
     m.extra["generator"] = "ours" if sc.rate else generator
+    machine = probe(system.workdir)  # before the relay starts: nothing of the benchmark runs
+    stalls = Pressure()
     system.start()
     try:
         if warmup:
@@ -274,11 +277,13 @@ def measure(system: Relayd | Postfix, sink: SinkClient, sc: Scenario, sessions: 
         system.start_profile()
         cpu0, own0 = machine_cpu_seconds(), system.cpu_seconds()
         main0, split0 = system.main_thread_cpu_seconds(), system.cpu_split()
+        stalls.start()
         with MemorySampler(system) as mem:
             r = run_load(system.port, sessions, sc.size, sc.count, sc.rate, generator,
                          trace if sc.rate else None)
             delivered, last = sink.wait_for(int(r["accepted"]))
         cpu1, own1 = machine_cpu_seconds(), system.cpu_seconds()
+        m.extra["machine"] = {**machine, **stalls.stop()}
         main1, split1 = system.main_thread_cpu_seconds(), system.cpu_split()
         system.stop_profile()
         m.accepted, m.rejected, m.errors = int(r["accepted"]), int(r["rejected"]), int(r["errors"])
@@ -521,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f" busy {m.extra.get('main_thread_busy', 0):.0%})"
                                  if name != "postfix" else "")
                               + f"  load {m.extra['load_average']:.2f}"
+                              + machine_line(m.extra.get("machine", {}))
                               + (f"  [{m.note}]" if m.note else ""), flush=True)
     finally:
         if a.workdir is None:
@@ -530,6 +536,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps([asdict(m) for m in results], indent=1))
     return 0
+
+
+def machine_line(state: dict[str, float]) -> str:
+    """The probe and the stalls of one run, for its progress line (bench/machine.py)."""
+    if not state:
+        return ""
+    return (f"  | probe {state['cpu_probe_ms']:.0f} ms, fsync {state['fsync_p50_ms']:.2f}/"
+            f"{state['fsync_max_ms']:.2f} ms, cpu wait {state.get('cpu_some_pct', 0):.0f}%,"
+            f" io wait {state.get('io_some_pct', 0):.0f}%")
 
 
 def shared_config(url: str) -> str:

@@ -255,6 +255,7 @@ class Postfix:
     name = "postfix"
 
     def __init__(self, workdir: Path, sink_port: int, dkim_key: Path | None = None) -> None:
+        self.workdir = workdir
         self.milter = (OpenDkimMilter(workdir / "opendkim", BENCH_DOMAIN, SELECTOR, dkim_key)
                        if dkim_key is not None else None)
         if self.milter is not None:
