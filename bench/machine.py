@@ -4,9 +4,10 @@ a slow relay.
 Two kinds of figures, both recorded in each measurement's JSON (``extra["machine"]``):
 
 - a probe taken just before the relay starts, with nothing else of the benchmark running:
-  the time of a fixed pure-Python loop (the fastest of three) (CPU speed as an interpreter sees it, which is what
-  both relays' per-message work mostly is) and the latency of small-file fsyncs in the run's
-  work directory (what the spool's durability waits for, on the same file system);
+  the fastest of three runs of a fixed pure-Python loop (the CPU's speed as one thread sees
+  it; relayd's per-message work is mostly the interpreter's) and the
+  latency of small-file fsyncs in the run's work directory (what the spool's durability
+  waits for, on the same file system);
 - the kernel's pressure stall information over the load itself (``/proc/pressure``, Linux
   4.20+): the share of the wall time in which at least one task waited for a CPU
   (``cpu_some_pct``) or for I/O (``io_some_pct``). Both relays are measured the same way, so

@@ -145,7 +145,7 @@ def test_php_mail_through_relayd_sendmail(tmp_path, daemon, shim) -> None:
 
 
 def test_php_mail_returns_false_when_daemon_down(tmp_path, shim) -> None:
-    cfg = _config(tmp_path, _closed_port())
+    cfg = _config(tmp_path, free_port())
     env = dict(os.environ, RELAYD_CONFIG=str(cfg), PYTHONPATH=str(ROOT))
     r = subprocess.run(["php", "-n", "-d", f"sendmail_path={shim / 'relayd-sendmail'} -t -i", "-r",
                         "exit(mail('u@example.org', 's', 'b') ? 0 : 3);"],
@@ -153,12 +153,8 @@ def test_php_mail_returns_false_when_daemon_down(tmp_path, shim) -> None:
     assert r.returncode == 3
 
 
-def _closed_port() -> int:
-    return free_port()
-
-
 def test_exit_75_when_daemon_is_down(tmp_path, shim) -> None:
-    cfg = _config(tmp_path, _closed_port())
+    cfg = _config(tmp_path, free_port())
     r = _run(shim, cfg, ["-t", "-i"], b"To: a@example.org\n\nb\n")
     assert r.returncode == 75
     assert b"not sent, try again later" in r.stderr
@@ -240,7 +236,7 @@ def test_bs_session_like_swiftmailer(tmp_path, daemon, shim) -> None:
 
 
 def test_bs_with_daemon_down_answers_421_and_exits_75(tmp_path, shim) -> None:
-    cfg = _config(tmp_path, _closed_port())
+    cfg = _config(tmp_path, free_port())
     r = _run(shim, cfg, ["-bs"], b"EHLO x\r\n")
     assert r.returncode == 75
     assert r.stdout.startswith(b"421 4.3.0 ")
@@ -262,7 +258,7 @@ class _FakeSpool:
 
 
 def test_bp_and_q_use_the_spool(tmp_path, monkeypatch) -> None:
-    cfg = _config(tmp_path, _closed_port())
+    cfg = _config(tmp_path, free_port())
     fake = _FakeSpool(tmp_path)
     monkeypatch.setattr(sendmail, "_open_spool", lambda path: fake)
     monkeypatch.setenv("RELAYD_CONFIG", str(cfg))
@@ -307,7 +303,7 @@ def test_falls_back_to_the_next_listen_address(tmp_path, daemon, shim) -> None:
     cfg = tmp_path / "relayd.yaml"
     cfg.write_text(f"""
 hostname: host.example.com
-listen: ["127.0.0.1:{_closed_port()}", "0.0.0.0:{daemon.port}"]
+listen: ["127.0.0.1:{free_port()}", "0.0.0.0:{daemon.port}"]
 """)
     r = _run(shim, cfg, ["-i", "a@example.org"], b"Subject: s\n\nb\n")
     assert r.returncode == 0, r.stderr
@@ -351,7 +347,7 @@ def test_sendmail_and_the_daemon_agree_on_the_defaults(tmp_path, monkeypatch) ->
 def test_mailq_and_q_read_the_spool(tmp_path, shim) -> None:
     """``mailq`` and ``sendmail -q`` open the real spool (a lookup of the spool by module
     name, which a move had broken, once made them fail with a traceback)."""
-    cfg = _config(tmp_path, _closed_port())
+    cfg = _config(tmp_path, free_port())
     spool = Spool(tmp_path / "spool")
     spool.ensure_dirs()
     qid = spool.put(Message(Envelope("app@example.com", ("a@example.org",)), b"Subject: s\r\n\r\nb\r\n"))
