@@ -257,6 +257,7 @@ class RelaySMTP(SMTP, CommandLineProtocol):
         # RFC 5321 §4.5.2: remove the leading dot of every line that has one. (One pass over
         # the data, none when no line starts with a dot; the first line is looked at alone.)
         content = b"" if too_big else unstuff(raw)
+        del raw  # the session holds one copy while the message is stored (docs/performance.md)
         if too_big or (self.data_size_limit and len(content) > self.data_size_limit):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("552 5.3.4 Error: message exceeds the maximum size "
@@ -264,6 +265,7 @@ class RelaySMTP(SMTP, CommandLineProtocol):
             return
         self.envelope.original_content = content
         self.envelope.content = content
+        del content  # the handler takes it from the envelope, and lets go of the unstamped copy
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
@@ -392,6 +394,9 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         content = envelope.original_content or b""
+        # From here on only this frame holds the message as received: the stamped copy
+        # below replaces it, so a session waiting for the spool holds one copy, not three.
+        envelope.original_content = envelope.content = None
         if b"\x00" in content:
             return "554 5.6.0 Message contains NUL bytes (RFC 5322 §2.2)"
         content = normalize_line_endings(content)

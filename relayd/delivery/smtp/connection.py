@@ -238,6 +238,7 @@ class UpstreamConnection:
             self._note("C: .")
         # One write, so one send(2), for body and terminator (a copy costs less).
         self._write(stuffed + end, 1)
+        del stuffed  # not held while the reply is awaited: one copy per delivery, not two
         return await self.read_reply(timeout)
 
     async def send_lone_dot(self, timeout: float) -> Reply:
