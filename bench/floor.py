@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 
 from postfix import free_port
-from systems import Relayd, dkim_key
-
-MB = 1024.0
+from systems import Relayd, dkim_key, rollup_mb
 
 # What each probe imports and does; it then prints its own /proc/self/smaps_rollup.
 _REPORT = "import sys; sys.stdout.write(open('/proc/self/smaps_rollup').read())"
@@ -54,23 +52,10 @@ uvloop.run(asyncio.sleep(0))
 }
 
 
-def rollup(text: str) -> dict[str, float]:
-    """RSS, PSS, anonymous and file-backed resident MB from smaps_rollup's text."""
-    kb: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if value.strip().endswith("kB"):
-            kb[name] = int(value.split()[0])
-    rss = kb.get("Rss", 0)
-    anon = kb.get("Anonymous", 0)
-    return {"rss": rss / MB, "pss": kb.get("Pss", 0) / MB, "anon": anon / MB,
-            "file": (rss - anon) / MB}
-
-
 def probe(code: str) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", code + "\n" + _REPORT], check=True,
                          capture_output=True, text=True).stdout
-    return rollup(out)
+    return rollup_mb(out)
 
 
 def relayd_idle(workdir: Path) -> dict[str, dict[str, float]]:
@@ -85,7 +70,7 @@ def relayd_idle(workdir: Path) -> dict[str, dict[str, float]]:
             time.sleep(0.05)
         time.sleep(1.0)  # let both finish their first scans (not readiness: a settled reading)
         names = ("accepting", "delivery")
-        return {name: rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
+        return {name: rollup_mb(Path(f"/proc/{pid}/smaps_rollup").read_text())
                 for name, pid in zip(names, relayd.pids(), strict=True)}
     finally:
         relayd.stop()

@@ -92,6 +92,19 @@ def dkim_key(path: Path) -> Path:
     return path
 
 
+def rollup_mb(text: str) -> dict[str, float]:
+    """RSS, PSS, and the anonymous and file-backed parts of RSS, in MB, from the text of
+    ``/proc/PID/smaps_rollup``."""
+    kb: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            kb[name] = int(value.split()[0])
+    rss, anon = kb.get("Rss", 0), kb.get("Anonymous", 0)
+    return {"rss": rss / 1024, "pss": kb.get("Pss", 0) / 1024, "anon": anon / 1024,
+            "file": (rss - anon) / 1024}
+
+
 # -- the systems under test --------------------------------------------------------------------
 
 def wait_banner(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -226,10 +239,7 @@ class Relayd:
         for i, pid in enumerate(self.pids()):
             fields: dict[str, float] = {}
             with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                    k, _, v = line.partition(":")
-                    if k in ("Rss", "Pss"):
-                        fields[k.lower()] = int(v.split()[0]) / 1024
+                fields = rollup_mb(Path(f"/proc/{pid}/smaps_rollup").read_text())
             out["accepting" if i == 0 else "delivery"] = fields
         return out
 
