@@ -123,11 +123,15 @@ async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cl
     await op.start()
     try:
         qid = await op.send()
-        row = await op.wait_entry(qid, "the attempt in queue list", lambda r: r["attempts"] >= 1)
+        state = "failed" if case.failed else "queued"
+        # relayd writes the attempt's metadata first and then moves the file from active/
+        # (listed as queued) to failed/: wait for the move too, not just for the count.
+        row = await op.wait_entry(qid, f"the attempt in queue list, {state}",
+                                  lambda r: r["attempts"] >= 1 and r["state"] == state)
         # One attempt was made, it says what failed, and nothing retries on its own for an hour.
         assert row["attempts"] == 1, row
         assert re.search(case.error, row["last_error"] or "", re.IGNORECASE), row
-        assert row["state"] == ("failed" if case.failed else "queued"), row
+        assert row["state"] == state, row
         status = "failed" if case.failed else "deferred"
 
         show = await op.cli("queue", "show", qid)
