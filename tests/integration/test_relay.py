@@ -12,11 +12,17 @@ import pytest
 
 from relayd.cli import main as cli_main
 from relayd.model import Envelope, State
-from relayd.spool.records import new_queue_id
+from relayd.spool.records import Entry, new_queue_id
 from tests.support.relay import running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.upstream import FakeUpstream
 
 MSG = b"From: app@example.com\r\nTo: user@example.net\r\nSubject: hello\r\n\r\nbody line\r\n.dot line\r\n"
+
+
+def settled(entry: Entry) -> Entry | None:
+    """``entry`` once an attempt's error is recorded and its file has left active/ (the
+    metadata is written before the move), else None."""
+    return entry if entry.last_error is not None and entry.state is not State.ACTIVE else None
 
 
 async def test_accepted_message_is_delivered_and_leaves_the_queue(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -97,8 +103,10 @@ async def test_starttls_never_falls_back_to_clear_text(tmp_path: Path) -> None:
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="starttls")])
         async with running_relay(cfg) as relay:
             qid = await relay.send(MSG)
-            await wait_until(lambda: relay.daemon.spool.get(qid).last_error is not None, what="deferral")
-            entry = relay.daemon.spool.get(qid)
+            # The error is written to the metadata before the file moves from active/ back to
+            # queued/: wait for the move as well.
+            entry = await wait_until(lambda: settled(relay.daemon.spool.get(qid)), what="deferral")
+            assert entry is not None
     assert up.messages == []
     assert not any(c.upper().startswith(("MAIL", "RCPT", "DATA")) for c in up.commands)
     # The mail waits, and the attempt that met the fault counts (SPEC "attempts"; this test
@@ -144,8 +152,11 @@ async def test_queue_commands_work_while_the_daemon_runs(tmp_path: Path, capsys:
             spool = relay.daemon.spool
             qid = await relay.send(MSG)
             qid2 = await relay.send(MSG)
-            await wait_until(lambda: spool.get(qid).attempts == 1 and spool.get(qid2).attempts == 1,
-                             what="first attempts")
+            # The attempt's metadata is written before the file moves from active/ back to
+            # queued/, and hold and delete refuse a message in active/: wait for both moves.
+            await wait_until(lambda: all(spool.get(q).attempts == 1 and spool.get(q).state is State.QUEUED
+                                         for q in (qid, qid2)),
+                             what="first attempts, back in queued/")
             c = ["-c", str(cfg), "queue"]
             capsys.readouterr()
             assert cli_main([*c, "list", "--json"]) == 0
