@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import trustme
 
+from relayd.model import State
+from relayd.spool.records import Entry
 from tests.support.postfix_smarthost import Held, PostfixSmarthost
 from tests.support.relay import RunningRelay, running_relay, wait_until, write_config
 
@@ -96,6 +98,23 @@ def _assert_stored_as_sent(held: list[Held], postfix_id: str, qid: str) -> bytes
     return content.split(b"\n\n", 1)[0]  # the stored header block
 
 
+async def _logged(pf: PostfixSmarthost, pattern: str, count: int = 1) -> str:
+    """Postfix's log once ``pattern`` (a regex) is in it ``count`` times or more. Its daemons
+    log through postlogd, one datagram a line, and postlogd writes the file when it gets to
+    it: a line can land after the reply it precedes, so wait for it with a deadline."""
+    def found() -> str:
+        text = pf.log()
+        return text if len(re.findall(pattern, text)) >= count else ""
+    return await wait_until(found, 15, lambda: f"{pattern!r} x{count} in Postfix's log:\n{pf.log()[-2000:]}")
+
+
+def _settled(relay: RunningRelay, qid: str) -> Entry | None:
+    """relayd's entry once an attempt's error is recorded and the file has left active/ (the
+    metadata is written before the move), else None."""
+    entry = relay.daemon.spool.get(qid)
+    return entry if entry.last_error and entry.state is not State.ACTIVE else None
+
+
 def _not_handed_over(held: list[Held], qid: str) -> bool:
     """No message on Postfix's queue carries relayd's queue ID (in relayd's Received line)."""
     return not any(f"id {qid}".encode() in h.content for h in held)
@@ -110,7 +129,8 @@ async def test_relays_through_postfix_in_clear_text(
         qid, postfix_id = await _relay_one(relay, caplog)
     header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
     assert re.search(rb"by smarthost\.test\.example \(Postfix\) with ESMTP id " + postfix_id.encode(), header)
-    log = pf.log()
+    await _logged(pf, re.escape(f"{postfix_id}: client=localhost[127.0.0.1]"))
+    log = await _logged(pf, re.escape("helo=<relay.test.example>"))
     assert f"{postfix_id}: client=localhost[127.0.0.1]" in log
     assert "helo=<relay.test.example>" in log  # relayd's hostname as the EHLO name
 
@@ -125,7 +145,8 @@ async def test_relays_through_postfix_over_verified_starttls(
     header = _assert_stored_as_sent(await _held(pf), postfix_id, qid)
     # ESMTPS: Postfix received the message over TLS (RFC 3848); it refuses MAIL without it.
     assert re.search(rb"with ESMTPS id " + postfix_id.encode(), header)
-    assert re.search(r"TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.[23]", pf.log())
+    assert re.search(r"TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.[23]",
+                     await _logged(pf, r"TLS connection established from localhost\[127\.0\.0\.1\]"))
 
 
 async def test_certificate_from_an_unknown_ca_is_refused_and_mail_waits(
@@ -137,9 +158,8 @@ async def test_certificate_from_an_unknown_ca_is_refused_and_mail_waits(
     cfg = write_config(tmp_path, [_smarthost(pf, ca_file=str(other_ca))])
     async with running_relay(cfg) as relay:
         qid = await relay.send(MSG, rcpts=RCPTS)
-        await wait_until(lambda: bool(relay.daemon.spool.get(qid).last_error), timeout=15,
-                         what="a failed attempt")
-        entry = relay.daemon.spool.get(qid)
+        entry = await wait_until(lambda: _settled(relay, qid), timeout=15, what="a failed attempt")
+        assert entry is not None
     assert _not_handed_over(await _held(pf), qid)  # nothing sent to an unverified server
     assert entry.state.value == "queued"  # and nothing bounced: it waits for a fix
     assert "certificate" in (entry.last_error or "").lower()
@@ -165,7 +185,8 @@ async def test_relays_through_postfix_with_smtp_auth(
     # ESMTPSA: over TLS and authenticated (RFC 3848); Postfix relays only for SASL clients here.
     assert re.search(rb"with ESMTPSA id " + postfix_id.encode(), header)
     assert re.search(rf"{postfix_id}: client=localhost\[127\.0\.0\.1\], "
-                     rf"sasl_method={mechanism}, sasl_username=relay", pf.log())
+                     rf"sasl_method={mechanism}, sasl_username=relay",
+                     await _logged(pf, re.escape(f"{postfix_id}: client=localhost[127.0.0.1], ")))
     assert "s3cret" not in caplog.text
 
 
@@ -181,9 +202,8 @@ async def test_wrong_password_is_refused_by_postfix_and_mail_waits(
         "method": "plain", "username": CREDENTIALS[0], "password_env": "RELAYD_TEST_PW"})])
     async with running_relay(cfg) as relay:
         qid = await relay.send(MSG, rcpts=RCPTS)
-        await wait_until(lambda: bool(relay.daemon.spool.get(qid).last_error), timeout=15,
-                         what="a failed attempt")
-        entry = relay.daemon.spool.get(qid)
+        entry = await wait_until(lambda: _settled(relay, qid), timeout=15, what="a failed attempt")
+        assert entry is not None
     # (relayd may have retried meanwhile: the test config's backoff starts at 200 ms)
     attempts = pf.auth.attempts[before:]
     assert attempts and set(attempts) == {("PLAIN", "relay", False)}
@@ -241,6 +261,6 @@ async def test_pipelined_transactions_with_postfix(postfix_limits: PostfixSmarth
         header, body = h.content.split(b"\n\n", 1)
         assert body == MSG.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")
         assert b"\nSubject: interop\n" in header
-    log = pf.log()
+    log = await _logged(pf, re.escape("sasl_method=PLAIN, sasl_username=relay"), count=2)
     assert "improper command pipelining" not in log
     assert log.count("sasl_method=PLAIN, sasl_username=relay") == 2
