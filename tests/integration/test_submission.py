@@ -15,6 +15,7 @@ import stat
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -341,8 +342,15 @@ async def test_user_cap_mail_waits_and_is_released(tmp_path: Path) -> None:
             s.quit()
         await sub.in_thread(send, 3)
         await _delivered(sub, 2)
-        rows = await sub.op.queue()
-        row = await sub.op.wait_entry(rows[0]["id"], "the third message to wait for cron's cap",
+        # The outbox has a message's .eml before relayd logs its delivery and lets its spool
+        # file go: wait until the third is the only message left in the queue.
+        async def one_left() -> list[dict[str, Any]] | None:
+            rows = await sub.op.queue()
+            return rows if len(rows) == 1 else None
+        left: list[dict[str, Any]] = await wait_until(one_left, 20, "the two delivered to leave the queue",
+                                                      interval=0.1)
+        (third,) = left
+        row = await sub.op.wait_entry(third["id"], "the third message to wait for cron's cap",
                                       lambda r: r["last_error"] == "waiting for the daily_cap "
                                       "of user cron")
         assert row["user"] == "cron" and row["attempts"] == 0
@@ -355,7 +363,10 @@ async def test_user_cap_mail_waits_and_is_released(tmp_path: Path) -> None:
         sub.users_file.write_text(text)
         assert (await sub.op.cli("queue", "retry", row["id"])).code == 0
         await _delivered(sub, 3)
-        assert await sub.op.queue() == []
+
+        async def empty() -> bool:
+            return await sub.op.queue() == []
+        await wait_until(empty, 20, "the third to leave the queue", interval=0.1)
     finally:
         await sub.op.stop()
 
