@@ -168,7 +168,11 @@ async def test_a_refused_reload_changes_nothing_across_retries_and_a_restart(tmp
             data["smarthosts"][0]["port"] = other.port
             op.write(yaml.safe_dump(data))
             op.relay.signal(signal.SIGHUP)
-            await wait_until(lambda: "configuration reloaded" in op.log(), what="the reload")
+            # relayd run logs its line once it has handed the delivery process the new text,
+            # which applies it after parsing it in a thread (a queue ID sent meanwhile is
+            # scheduled at once): wait for the delivery process's line too.
+            await wait_until(lambda: op.log().count("configuration reloaded") >= 2,
+                             what="the reload in both processes")
             await op.send(rcpts=("new@example.net",))
             await wait_until(lambda: len(other.messages) == 1, timeout=20, what="delivery with the new settings")
             assert op.relay.proc is not None and op.relay.proc.poll() is None
