@@ -265,6 +265,9 @@ async def test_a_killed_node_that_never_returns_has_its_units_counted_by_another
         await wait_until(lambda: pg.psql("SELECT n FROM relayd_cap_in_flight "
                                          "WHERE node = 'relay-a'") == "0", 40,
                          lambda: f"relay-b to count relay-a's units: {b.log()[-2000:]}", interval=0.2)
+        # relay-b logs what it counted once its transaction has committed, a moment after
+        # the database shows it: wait for the line.
+        await wait_until(lambda: "node relay-a was not seen" in b.log(), 5, "relay-b's line")
         assert ("node relay-a was not seen for 8s: the 3 unit(s) of the daily cap it held now "
                 "count as delivered") in b.log()
         await wait_until(lambda: pg.psql("SELECT node, sum(n) FROM relayd_cap_minutes GROUP BY 1 "
