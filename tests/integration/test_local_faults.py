@@ -69,8 +69,19 @@ async def test_disk_full_answers_451_stores_nothing_and_recovers_without_restart
             assert code == 451 and "4.3.0" in text, (code, text)
             assert 2 <= len(accepted) < 40
             inside = relay.inside(spool_dir)
-            assert listing(inside / "tmp") == []  # nothing half-stored
-            assert len(listing(inside / "queued")) + len(listing(inside / "active")) == len(accepted)
+
+            def files() -> dict[str, list[str]]:
+                return {d: listing(inside / d) for d in ("tmp", "queued", "active")}
+
+            # Nothing half-stored, and every accepted message in queued/ or active/. relayd keeps
+            # trying the queued mail meanwhile: a message moves to active/ and back and its
+            # metadata passes through tmp/, so listings taken one after the other can catch it
+            # twice or not at all. Poll for one consistent picture (a timeout fails the test).
+            def stored() -> bool:
+                now = files()
+                return now["tmp"] == [] and len(now["queued"]) + len(now["active"]) == len(accepted)
+            await wait_until(stored, 10, lambda: f"nothing half-stored and the {len(accepted)} accepted "
+                             f"in queued/ or active/: {files()}")
             # Still serving (and still refusing with a temporary code while the disk is full).
             assert (await send(port, message("still-full", size)))[0] == 451
             up.replies = {}  # the smarthost is back: deliveries free the space
