@@ -13,7 +13,9 @@ import smtplib
 import ssl
 import stat
 import subprocess
+import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,12 @@ pytestmark = pytest.mark.asyncio
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _due_in(row: dict[str, Any]) -> float:
+    """Seconds until a `queue list --json` row's next attempt (0 if none)."""
+    due = row["next_attempt"]
+    return datetime.fromisoformat(due).timestamp() - time.time() if due else 0.0
 
 
 async def _delivered(sub: Submission, n: int) -> None:
@@ -358,6 +366,13 @@ async def test_user_cap_mail_waits_and_is_released(tmp_path: Path) -> None:
         assert "user:         cron (sasl_method=PLAIN)" in show.out  # smtplib's first choice
         log = sub.op.log()
         assert "user_limit_reached cron 90%" in log and "user_limit_reached cron 100%" in log
+        # relayd looks at mail waiting for its user's cap again after 5 s while the deliveries
+        # that fill the cap are under way (not counted yet), after up to 300 s once they are
+        # counted. Raise the cap only once the message is in the long wait: a look due sooner
+        # could read the raised cap and deliver it before `queue retry` does (which then finds
+        # no such message and exits 1).
+        await sub.op.wait_entry(row["id"], "the third to wait the long way for cron's cap",
+                                lambda r: r["last_error"] == row["last_error"] and _due_in(r) > 60)
         # The operator raises the cap and releases the mail.
         text = sub.users_file.read_text().replace("daily_cap: 2", "daily_cap: 10")
         sub.users_file.write_text(text)
