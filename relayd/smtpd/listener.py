@@ -4,7 +4,8 @@ Responsibilities at the boundary: client allow-list (554 at connect), a cap on c
 sessions (421), size (552) and recipient (452) limits, command lines that end with CRLF only
 (RFC 5321 §2.3.8, framed by relayd.smtpd.lines), address syntax (501, 553), strict end-of-data
 detection (only CRLF "." CRLF ends DATA: RFC 5321 §4.1.1.4, the SMTP smuggling fix), Received
-(RFC 5321 §4.4), and Date / Message-ID when the app left them out (RFC 5322 §3.6). The
+(RFC 5321 §4.4), Date / Message-ID when the app left them out (RFC 5322 §3.6), and no Bcc /
+Resent-Bcc header fields (blind recipients stay blind, as Postfix's cleanup(8) does). The
 Acceptor (the daemon) runs the policy and the spool; this module never touches either.
 
 DATA is read in large chunks rather than line by line: at 100 KB per message aiosmtpd's
@@ -46,6 +47,9 @@ _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HEADER_END = b"\r\n\r\n"
 _HAS_DATE = re.compile(rb"(?im)^date[ \t]*:")
 _HAS_MSGID = re.compile(rb"(?im)^message-id[ \t]*:")
+_HAS_BCC = re.compile(rb"(?im)^(?:resent-)?bcc[ \t]*:")
+# A whole Bcc / Resent-Bcc field: its first line and any folded continuation lines.
+_BCC_FIELD = re.compile(rb"(?im)^(?:resent-)?bcc[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_\[\]:]")
 # "<dot-atom@domain>" (RFC 5321 §4.1.2), the form nearly every MAIL / RCPT uses. aiosmtpd parses
@@ -117,12 +121,17 @@ def _rfc5322_date(second: int) -> str:
 
 def stamp(content: bytes, *, queue_id: str, envelope: Envelope, hostname: str, esmtp: bool,
           now: float) -> bytes:
-    """Prepend Received and add Date / Message-ID when missing (pure)."""
+    """Prepend Received, add Date / Message-ID when missing and drop Bcc / Resent-Bcc (pure)."""
     end = content.find(_HEADER_END)
     if content.startswith(b"\r\n"):
         block, end = b"", 0
     else:
         block = content if end < 0 else content[:end + 2]
+    if _HAS_BCC.search(block):
+        # The blind recipients are in the envelope; a Bcc field that reached the smarthost
+        # would show them to every recipient (RFC 5322 §3.6.3 leaves removal to the sender).
+        kept = _BCC_FIELD.sub(b"", block)
+        content, block = kept + content[len(block):], kept
     date = _rfc5322_date(int(now))
     helo = _HELO_SAFE.sub("?", envelope.helo)[:255] or "unknown"
     proto = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") if esmtp else "SMTP"

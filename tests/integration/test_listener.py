@@ -101,6 +101,36 @@ async def test_existing_date_and_message_id_are_kept(server: tuple[Listener, Spo
     await c.close()
 
 
+async def test_bcc_and_resent_bcc_fields_are_removed_and_the_rest_kept(
+        server: tuple[Listener, SpoolAcceptor, int]) -> None:
+    _, acc, port = server
+    c = await session(port)
+    head = (b"From: app@example.com\r\nBCC: hidden@example.net,\r\n\tother@example.net\r\n"
+            b"To: bob@example.com\r\nResent-Bcc: r@example.net\r\nX-Bcc-Note: kept\r\n"
+            b"Subject: Bcc: in the subject stays\r\n")
+    body = b"\r\nBcc: a body line that looks like a header stays\r\n"
+    _code, text = await send_data(c, head + body + b".\r\n")
+    content = acc.spool.read_content(text.rsplit(" ", 1)[1])
+    assert b"hidden@" not in content and b"other@" not in content and b"r@example" not in content
+    assert content.endswith(b"From: app@example.com\r\nTo: bob@example.com\r\nX-Bcc-Note: kept\r\n"
+                            b"Subject: Bcc: in the subject stays\r\n" + body)
+    await c.close()
+
+
+@pytest.mark.parametrize("data", [b"Bcc: x@example.net\r\n\r\nbody\r\n", b"Bcc: x@example.net\r\n"])
+async def test_a_message_whose_only_header_is_bcc_keeps_its_body_after_the_added_headers(
+        server: tuple[Listener, SpoolAcceptor, int], data: bytes) -> None:
+    _, acc, port = server
+    c = await session(port)
+    _code, text = await send_data(c, data + b".\r\n")
+    qid = text.rsplit(" ", 1)[1]
+    content = acc.spool.read_content(qid)
+    assert b"x@example.net" not in content
+    assert content.endswith(f"Message-ID: <{qid}@relay.test.example>\r\n\r\n".encode()
+                            + data.partition(b"\r\n\r\n")[2])
+    await c.close()
+
+
 @pytest.mark.parametrize("trick", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n"])
 async def test_smuggling_variants_never_end_the_message(server: tuple[Listener, SpoolAcceptor, int], trick: bytes) -> None:
     _, acc, port = server
