@@ -42,6 +42,8 @@ class SmarthostState:
     paused_until: float = 0.0
     last_error: str = ""
     up: bool = True
+    # A smarthost_down / auth_failed alert fired for this pause and not yet cleared.
+    alerted: bool = False
     # Messages deferred by this smarthost's replies since its last delivery (the breaker).
     deferred_messages: set[str] = field(default_factory=set)
 
@@ -126,6 +128,12 @@ class Health:
         h.up, h.last_error = False, error
         h.paused_until = now + seconds
         log.warning("smarthost %s paused for %.0fs by a reply rule: %s", sh.relay, seconds, error)
+        # A provider that says "stop" (a daily quota, a suspended account, SendAs denied)
+        # holds all mail for this smarthost: the operator is told, not only the log.
+        if self._alerts:
+            h.alerted = True
+            self._alerts.fire("smarthost_down", sh.name,
+                              f"smarthost {sh.relay} paused for {seconds:.0f}s by {error}")
         if self._metrics:
             self._metrics.set_smarthost(sh.name, up=False, paused=True)
 
@@ -139,6 +147,7 @@ class Health:
         log.warning("smarthost %s paused for %.0fs after %d failure(s): %s", sh.relay,
                     h.paused_until - now, h.failures, h.last_error)
         if self._alerts:
+            h.alerted = True
             event = "auth_failed" if "auth" in error.lower() else "smarthost_down"
             self._alerts.fire(event, sh.name, f"smarthost {sh.relay}: {error}")
         if self._metrics:
@@ -148,7 +157,8 @@ class Health:
         """The smarthost answered the transaction: it delivered, or refused the message."""
         if sent:
             h.deferred_messages.clear()
-        if h.failures and self._alerts:
+        if h.alerted and self._alerts:
+            h.alerted = False
             self._alerts.clear("smarthost_down", sh.name, f"smarthost {sh.relay} is reachable again")
             self._alerts.clear("auth_failed", sh.name, f"smarthost {sh.relay} accepts the login again")
         h.failures = 0

@@ -44,7 +44,6 @@ from relayd.delivery.transition import Complete, Fail, settle
 from relayd.errors import SpoolError, StateUnavailable
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.routing.match import Facts, choose, header_from_domain, smarthosts_of
-from relayd.routing.rules import Verdict
 from relayd.spool.batching import Hops
 from relayd.spool.records import Attempt, Claimed, Entry
 from relayd.spool.store import Spool
@@ -505,9 +504,8 @@ class QueueManager:
                     assert limits is not None
                     await asyncio.shield(self._io(limits.settle, sh.name, granted, 0, self._now()))
             faults.crash_point("after-upstream-250")
-            ruled: Verdict | None = None
-            if self._routes or self._reply_rules:  # without either, replies read as before
-                result, ruled = apply_rules(result, self._reply_rules)
+            # The operator's reply rules, then the shipped provider rules (relayd/routing/rules.py).
+            result, ruled = apply_rules(result, self._reply_rules)
             delays = Delays(max(0.0, now - entry.created), max(0.0, call_start - now) + result.wait_seconds,
                             result.setup_seconds, result.transfer_seconds)
             if ruled is None or ruled.action is ReplyAction.FAIL:

@@ -21,6 +21,8 @@ _HOUR = 3600.0
 SES = "https://docs.aws.amazon.com/ses/latest/dg/troubleshoot-smtp.html"
 O365 = ("https://learn.microsoft.com/en-us/office365/servicedescriptions/"
         "exchange-online-service-description/exchange-online-limits")
+O365_SEND_AS = ("https://learn.microsoft.com/en-us/exchange/mail-flow/non-delivery-reports-and-"
+                "bounce-messages/non-delivery-reports-in-exchange-online")
 GMAIL = "https://support.google.com/a/answer/3726730"
 GMAIL_RELAY = "https://support.google.com/a/answer/6140680"
 SENDGRID = ("https://www.twilio.com/docs/sendgrid/for-developers/sending-email/"
@@ -44,6 +46,10 @@ SHIPPED: tuple[ReplyRule, ...] = (
               text=r"(?i)SubmissionQuotaExceededException", source=O365),
     ReplyRule(ReplyAction.SLOW_DOWN, duration=5 * _MIN, name="o365-sender-thread-limit",
               text=r"(?i)sender thread limit exceeded", source=O365),
+    # The login may not send as this From (an Exchange permission, not the message): every
+    # message would fail alike, and Exchange throttles accounts that keep failing, so hold.
+    ReplyRule(ReplyAction.PAUSE_SMARTHOST, duration=_HOUR, name="o365-send-as-denied",
+              text=r"(?i)SendAsDenied|\b5\.7\.60\b", source=O365_SEND_AS),
     ReplyRule(ReplyAction.SLOW_DOWN, dsn="4.7.28", duration=30 * _MIN, name="gmail-rate-limited",
               source=GMAIL),
     ReplyRule(ReplyAction.PAUSE_SMARTHOST, dsn="5.4.5", duration=_HOUR,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -72,13 +73,34 @@ async def test_per_recipient_outcomes_partial_failure_kept_as_failed(tmp_path: P
 
 
 async def test_quota_reply_is_temporary(tmp_path: Path) -> None:
-    quota = "550 5.4.5 Daily user sending quota exceeded."
+    # A quota reply no shipped rule knows: read as temporary whatever its code, and retried
+    # with the spool's backoff (Gmail's own wording pauses the smarthost: the test below).
+    quota = "550 5.4.5 Sending quota exceeded for this account."
     async with FakeUpstream(replies={"dot": [quota]}) as up:
         cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
         async with running_relay(cfg) as relay:
             await relay.send(MSG)
             await wait_until(lambda: len(up.messages) >= 1 and not relay.daemon.spool.list(), what="delivered after quota")
     assert relay.daemon.spool.list(State.FAILED) == []
+
+
+async def test_gmail_daily_quota_pauses_the_smarthost_for_an_hour_and_keeps_the_mail(
+        tmp_path: Path) -> None:
+    quota = "550 5.4.5 Daily user sending quota exceeded."
+    async with FakeUpstream(replies={"dot": [quota]}) as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")])
+        async with running_relay(cfg) as relay:
+            qid = await relay.send(MSG)
+            stats = await wait_until(lambda: (s := relay.daemon.delivery.qmgr.statistics()).paused
+                                     and s, what="the smarthost paused by the shipped rule")
+            assert stats.paused == ("primary",)
+            entry = await wait_until(lambda: (e := relay.daemon.spool.get(qid)).state is State.QUEUED
+                                     and e.next_attempt is not None and e, what="the requeue")
+            assert entry.last_error is not None and "5.4.5" in entry.last_error
+            # Held for the rule's hour, not the spool's seconds of backoff (`queue retry` after
+            # such a pause: test_operator_provider_hold.py).
+            assert entry.next_attempt >= time.time() + 3000
+            assert up.commands.count("DATA") == 1 and up.messages == []
 
 
 async def test_fallback_smarthost_and_paused_primary(tmp_path: Path) -> None:

@@ -187,6 +187,8 @@ SHIPPED = {
                                         "SubmissionQuotaExceededException; Failed to process"),
     "o365-sender-thread-limit": Reply(432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit "
                                            "exceeded"),
+    "o365-send-as-denied": Reply(554, "5.2.252 SendAsDenied; app@example.com not allowed to send "
+                                      "as billing@example.com; STOREDRV.Submission.Exception"),
     "gmail-rate-limited": Reply(421, "4.7.28 Gmail has detected an unusual rate of mail"),
     "gmail-daily-sending-quota": Reply(550, "5.4.5 Daily user sending quota exceeded."),
     "gmail-daily-relay-limit": Reply(550, "5.4.5 Daily SMTP relay limit exceeded for customer."),
