@@ -8,7 +8,7 @@ Layout under ``spool.path``::
     active/    claimed by a delivery now     failed/  given up on (kept until deleted/retried)
     meta/      ID.json: attempts, history, next attempt, remaining recipients (mutable)
     poke/      empty files named by ID: "look at this one again" from `relayd queue`
-    corrupt/   unreadable files set aside by recover()
+    corrupt/   files set aside: unreadable, of another format version, or altered content
     lock       flock held by the running daemon (a second daemon refuses to start)
 
 A message file ``ID.msg`` holds one header line ``RELAYD-SPOOL 1 <n>``, ``n`` bytes of JSON
@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -67,7 +66,8 @@ from relayd.spool.records import (
     Entry,
     Meta,
     Poke,
-    check_size,
+    UnknownVersion,
+    check_header,
     envelope_from_json,
     meta_from_json,
     meta_to_json,
@@ -79,8 +79,7 @@ from relayd.spool.scan import QueuedScan, count_and_oldest, iter_ids
 from relayd.spool.write import Flush, Flusher, Writer
 
 __all__ = ["FORMAT_VERSION", "MAX_RECOVERIES", "RECENT_CACHE_BYTES", "Attempt", "Claimed", "Entry", "Meta",
-           "Poke",
-           "QueuedScan", "Spool", "new_queue_id"]
+           "Poke", "QueuedScan", "Spool", "new_queue_id"]
 
 log = logging.getLogger("relayd.spool")
 
@@ -211,7 +210,7 @@ class Spool:
         if len(raw) != n + 1 or raw[-1:] != b"\n":
             raise ValueError("truncated header")
         header = json.loads(raw[:-1])
-        check_size(header, size - want)
+        check_header(header, size - want)
         return header, want, size
 
     def _read_meta(self, queue_id: str) -> Meta:
@@ -251,7 +250,8 @@ class Spool:
         raise UnknownMessage(queue_id)
 
     def read_content(self, queue_id: str, state: State | None = None) -> bytes:
-        """The exact message bytes (without the spool header)."""
+        """The exact message bytes (without the spool header); ValueError when the file is
+        unreadable or its content is not what was accepted (records.check_content)."""
         m = self.recent.pop(queue_id)  # just stored: no disk read (and later ones read the file)
         if m is not None:
             return m.content
@@ -297,7 +297,7 @@ class Spool:
 
     def claim(self, queue_id: str) -> Claimed | None:
         """Move a queued message to active for delivery and return it with its content;
-        None if it is no longer queued (or was unreadable, and set aside).
+        None if it is no longer queued (or was unreadable or altered, and set aside).
 
         A message this Spool stored recently comes from memory (spool/cache.py) and leaves
         it: later attempts read the file. Otherwise the whole file is read once, since the
@@ -314,7 +314,8 @@ class Spool:
                               size=len(m.content), created=m.envelope.received_at,
                               meta=self._read_meta(queue_id))
                 return Claimed(entry, m.content)
-            # In the delivery process (relayd/daemon/child.py) nothing is in memory yet.
+            # In the delivery process (relayd/daemon/child.py) nothing is in memory yet. The
+            # CRC-32 is checked on this read, the one whose bytes are sent (parse_file).
             header, content = parse_file(read_whole(self._file(State.ACTIVE, queue_id)))
             envelope = envelope_from_json(header["envelope"])
             entry = Entry(id=queue_id, state=State.ACTIVE, envelope=envelope, size=len(content),
@@ -478,10 +479,11 @@ class Spool:
         self._poke(queue_id)
 
     # -- crash recovery -------------------------------------------------------------------------
-    def _set_aside(self, state: State, queue_id: str, why: str) -> None:
+    def _set_aside(self, state: State | str, queue_id: str, why: str) -> None:
         dst = self.path / "corrupt" / f"{queue_id}.msg"
+        name = state.value if isinstance(state, State) else state  # "tmp" at start-up
         with contextlib.suppress(OSError):
-            os.rename(self._file(state, queue_id), dst)
+            os.rename(f"{self._root}/{name}/{queue_id}.msg", dst)
         log.error("%s: spool file set aside in %s: %s", queue_id, dst.parent, why)
 
     def recover(self, now: float | None = None, *,
@@ -489,8 +491,8 @@ class Spool:
         """Start-up recovery after a crash; returns the IDs moved from active back to queued.
 
         - tmp/: a complete file (length and CRC-32 as its header says) may have been
-          acknowledged, its rename into queued/ lost with the crash: it is moved there. The
-          rest were never acknowledged (no fsync, no 250) and are removed.
+          acknowledged, its rename into queued/ lost with the crash: it is moved there (one
+          of another format version to corrupt/). The rest were never acknowledged: removed.
         - active/: back to queued; a message that was in flight MAX_RECOVERIES times goes to failed
           with a reason instead of crashing the relay forever (Mailman's MAX_BAK_COUNT).
         - unreadable files anywhere are moved to corrupt/ with a log line and never block others.
@@ -560,11 +562,9 @@ class Spool:
         try:
             if not name.endswith(".msg") or not valid_id(qid):
                 raise ValueError("not a message file")
-            header, content = parse_file(read_whole(path))
+            header, _ = parse_file(read_whole(path))  # checks the length and CRC-32
             if "crc32" not in header:
                 raise ValueError("no checksum")
-            if zlib.crc32(content) != header["crc32"]:
-                raise ValueError("checksum mismatch")
             if header.get("id", qid) != qid:  # a reused file not yet overwritten (spool/free.py)
                 raise ValueError("another message's file")
             if os.path.exists(self._file(State.QUEUED, qid)):
@@ -573,6 +573,8 @@ class Spool:
             self._sync_dir(State.QUEUED.value)
             log.warning("%s: recovered a completely written message from tmp/ (the crash came "
                         "before its rename); it will be delivered", qid)
+        except UnknownVersion as exc:  # a newer relayd may have acknowledged it: kept, not removed
+            self._set_aside("tmp", qid, f"unreadable: {exc}")
         except (OSError, ValueError, KeyError, TypeError):
             with contextlib.suppress(OSError):
                 os.unlink(path)
