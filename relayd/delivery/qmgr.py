@@ -41,7 +41,7 @@ from relayd.delivery.ports import Gate, Pool
 from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
-from relayd.errors import SpoolError, StateUnavailable
+from relayd.errors import StateUnavailable, UnknownMessage
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.routing.match import Facts, choose, header_from_domain, smarthosts_of
 from relayd.spool.batching import Hops
@@ -236,7 +236,17 @@ class QueueManager:
                 continue
             try:
                 entry = await self._io(self.spool.get, qid)
-            except (SpoolError, OSError, ValueError, KeyError):
+            except UnknownMessage:
+                self.forget(qid)
+                continue
+            except (ValueError, KeyError):
+                # Unreadable (damaged, or a newer relayd's format), e.g. after `queue retry`:
+                # a queued one is set aside by the scan's own read now, not at the next rescan.
+                self.forget(qid)
+                for row_id, next_attempt, priority in await self._io(self.spool.schedule_rows, [qid]):
+                    self.enqueue(row_id, next_attempt or self._now(), priority)
+                continue
+            except OSError:  # the spool cannot be read now: the next rescan looks again
                 self.forget(qid)
                 continue
             if entry.state is State.QUEUED:
