@@ -18,7 +18,7 @@ from relayd.commands.io import IO
 from relayd.config.schema import Config
 from relayd.errors import SpoolError, UnknownMessage
 from relayd.model import State
-from relayd.spool.records import Entry
+from relayd.spool.records import Entry, valid_id
 from relayd.spool.store import Spool
 
 _MAX_HEADER_BYTES = 64 * 1024
@@ -81,13 +81,29 @@ def _headers(spool: Spool, e: Entry) -> str:
     return head.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
+def _unknown(spool: Spool, qid: str) -> str:
+    """The error for an ID that is in no queue state: set aside in corrupt/, or unknown."""
+    corrupt = spool.path / "corrupt"
+    if valid_id(qid) and (corrupt / f"{qid}.msg").exists():
+        return (f"relayd: {qid} was set aside in {corrupt} (its spool file was unreadable or "
+                "altered; the log says why) and will not be delivered")
+    return f"relayd: no message with queue id {qid}"
+
+
 def _show(spool: Spool, args: argparse.Namespace, io: IO) -> int:
     try:
         e = spool.get(args.id)
+        headers = _headers(spool, e)
     except UnknownMessage:
-        print(f"relayd: no message with queue id {args.id}", file=io.err)
+        print(_unknown(spool, args.id), file=io.err)
         return 1
-    headers = _headers(spool, e)
+    except (ValueError, KeyError) as exc:  # damaged, altered, or a newer relayd's format
+        print(f"relayd: {args.id}: its spool file cannot be used: {exc}; relayd sets such "
+              f"files aside in {spool.path / 'corrupt'} and never delivers them", file=io.err)
+        return 1
+    except OSError as exc:
+        print(f"relayd: {args.id}: cannot read its spool file: {exc.strerror or exc}", file=io.err)
+        return 1
     history = [{"at": iso(a.at), "recipient": a.recipient, "status": a.status, "relay": a.relay,
                 "dsn": a.dsn, "reply": a.reply} for a in e.history]
     if getattr(args, "json", False):
@@ -136,7 +152,7 @@ def _each(spool: Spool, ids: list[str], action: str, io: IO, *, listed: frozense
             if qid in listed:
                 print(f"{qid}: no longer in the queue (delivered or deleted meanwhile)", file=io.out)
                 continue
-            print(f"relayd: no message with queue id {qid}", file=io.err)
+            print(_unknown(spool, qid), file=io.err)
             status = 1
         except SpoolError as exc:
             print(f"relayd: {exc}", file=io.err)
