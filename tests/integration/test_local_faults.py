@@ -10,6 +10,7 @@ code path on hosts without user namespaces (see test_injected_enospc_at_fsync).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from relayd.model import DeliveryResult, Envelope, Message, State
 from relayd.spool.store import Spool
 from tests.support.clock import JumpingClock
 from tests.support.crashload import KillableRelay, message
+from tests.support.operator import Operator
 from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
 from tests.support.smtpclient import RawClient
 from tests.support.upstream import FakeUpstream
@@ -226,6 +228,94 @@ async def test_corrupt_files_found_at_start_are_set_aside_and_the_rest_delivered
             await wait_until(lambda: listing(queued) == [], what="nothing left queued")
     assert sorted(m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages) == [b"s1", b"s2"]
     assert sum("spool file set aside" in r.getMessage() for r in caplog.records) == 2
+
+
+def invoice(name: str) -> bytes:
+    return (b"From: app@example.com\r\nTo: user@example.net\r\nSubject: invoice %s\r\n"
+            b"X-Load-Id: %s\r\n\r\nPay 100 EUR to account 12345\r\n" % (name.encode(), name.encode()))
+
+
+def with_version(data: bytes, version: int) -> bytes:
+    """The spool file ``data`` with its header's format version replaced (a newer relayd's)."""
+    first, rest = data.split(b"\n", 1)
+    n = int(first.rsplit(b" ", 1)[1])
+    head = json.dumps({**json.loads(rest[:n]), "version": version}).encode()
+    return b"RELAYD-SPOOL 1 %d\n%s\n%s" % (len(head), head, rest[n + 1:])
+
+
+async def test_altered_and_newer_version_spool_files_are_set_aside_never_sent(tmp_path: Path) -> None:
+    """T13 as the operator meets it: `relayd run` (two processes: the delivery process reads
+    every message from its file), a message whose content lost a bit on disk (same length)
+    and one with a newer relayd's format version. Neither goes upstream; both are set aside in
+    corrupt/ with a log line naming them and why; `queue show` and `queue retry` say so; the
+    intact message is delivered."""
+    async with FakeUpstream(replies=DOWN) as up:
+        op = Operator(tmp_path, [upstream_smarthost(up, tls="none")],
+                      spool={"retry": {"initial": "1h", "max_interval": "2h"}})
+        await op.start()
+        try:
+            ids = {name: await op.send(invoice(name)) for name in ("flipped", "newer", "intact")}
+            flipped, newer, intact = ids["flipped"], ids["newer"], ids["intact"]
+            spool = tmp_path / "spool"
+            held, corrupt = spool / "held", spool / "corrupt"
+
+            async def hold(qid: str) -> bool:  # fails while an attempt has it in active/
+                return (await op.cli("queue", "hold", qid)).code == 0
+            # Held, no delivery attempt can race the damage (the smarthost is down meanwhile).
+            for qid in (flipped, newer):
+                await wait_until(lambda q=qid: hold(q), what=f"{qid} held")
+            raw = (held / f"{flipped}.msg").read_bytes()
+            assert raw.count(b"12345") == 1
+            damaged = {flipped: raw.replace(b"12345", b"02345"),  # one bit, same length
+                       newer: with_version((held / f"{newer}.msg").read_bytes(), 9)}
+            for qid, data in damaged.items():
+                (held / f"{qid}.msg").write_bytes(data)
+            assert len(damaged[flipped]) == len(raw)
+
+            shown = await op.cli("queue", "show", flipped)
+            assert shown.code == 1 and "Traceback" not in shown.err, shown
+            assert shown.err.startswith(f"relayd: {flipped}: ") and "CRC-32" in shown.err, shown.err
+            shown = await op.cli("queue", "show", newer)
+            assert shown.code == 1 and "Traceback" not in shown.err, shown
+            assert "unknown format version 9" in shown.err, shown.err
+            # The header of the altered one is intact: listed as held until it is read in full.
+            assert (await op.entry(flipped) or {}).get("state") == "held"
+
+            for qid in (flipped, newer):
+                assert (await op.cli("queue", "release", qid)).code == 0
+            up.replies = {}  # the smarthost is back; `queue retry` lifts its pause
+            retried = await op.cli("queue", "retry", flipped, intact)
+            assert retried.code == 0, retried.err
+            await wait_until(lambda: len(up.messages) == 1, timeout=20,
+                             what=lambda: f"the intact message delivered; log: {op.log()[-2000:]}")
+            await wait_until(lambda: len(listing(corrupt)) == 2, timeout=20,
+                             what=lambda: f"both bad files set aside; log: {op.log()[-2000:]}")
+
+            async def empty() -> bool:  # the intact one leaves the spool just after its 250
+                return await op.queue() == []
+            await wait_until(empty, what="an empty queue (`queue list --json` is [])")
+            await wait_until(lambda: any("status=sent" in line for line in op.delivery_lines(intact)),
+                             what="the intact message's status=sent line")
+
+            log = op.log()
+            assert f"{flipped}: spool file set aside in {corrupt}: " in log
+            assert "content does not match the CRC-32 in its header" in log.split(f"{flipped}: spool file set aside")[1]
+            assert f"{newer}: spool file set aside in {corrupt}: " in log
+            assert "unknown format version 9" in log.split(f"{newer}: spool file set aside")[1]
+            # Set aside as they were: neither deleted nor rewritten.
+            for qid, data in damaged.items():
+                assert (corrupt / f"{qid}.msg").read_bytes() == data
+
+            # Afterwards the commands say where the message went instead of "no message".
+            for args in (("retry", flipped), ("show", newer)):
+                after = await op.cli("queue", *args)
+                assert after.code == 1 and f"{args[1]} was set aside in {corrupt}" in after.err, after
+            for qid in (flipped, newer):
+                assert not any("status=sent" in line for line in op.delivery_lines(qid))
+        finally:
+            assert await op.stop() == 0
+    assert len(up.messages) == 1 and b"X-Load-Id: intact" in up.messages[0].data
+    assert b"02345" not in up.messages[0].data
 
 
 @pytest.mark.parametrize("jump_days", [5.0, -3.0])
