@@ -38,6 +38,9 @@ _NO_SUCH_USER_TEXT = re.compile(
     r"|does not exist|recipient address rejected|invalid recipient|no mailbox",
     re.IGNORECASE,
 )
+# RFC 3463 X.3.4 "message too big for system" and X.2.3 "message length exceeds administrative
+# limit": a 552 at RCPT with one of these is about the message's size, not the recipient count.
+_TOO_BIG_DSN = frozenset({"3.4", "2.3"})
 # Replies that concern the account rather than one message: authentication refused, required
 # or disabled (RFC 4954 §6, Office 365's 5.7.57/5.7.139). Not the generic 4.7.0 "security or
 # policy" code, which greylisting and content filters also use for a single message.
@@ -63,6 +66,28 @@ def classify_reply(reply: Reply) -> Status:
     if 500 <= reply.code < 600 and not is_quota(reply):
         return Status.FAILED
     return Status.DEFERRED
+
+
+def rcpt_reply(reply: Reply) -> Reply:
+    """A reply to RCPT TO as relayd reads it: ``552`` becomes ``452`` (and its enhanced code
+    4.x.y), with the server's words kept, so the recipient waits for another transaction
+    or a later attempt instead of failing.
+
+    RFC 5321 §4.5.3.1.10: servers have used 552 for "too many recipients" and clients SHOULD
+    treat it as temporary. A 552 whose enhanced code says the message is too big (X.3.4,
+    X.2.3) stays permanent: retrying would meet the same limit for days (the reason Postfix
+    keeps every 552 permanent; smtp_proto.c).
+    """
+    if reply.code != 552:
+        return reply
+    dsn = reply.dsn
+    if dsn.split(".", 1)[1] in _TOO_BIG_DSN:
+        return reply
+    text = reply.text
+    if text.startswith(dsn):  # the server gave an enhanced code: 5.5.3 -> 4.5.3
+        text = "4" + text[1:]
+    note = "552 treated as 452, RFC 5321 section 4.5.3.1.10"
+    return Reply(452, f"{text} ({note})" if text else f"({note})")
 
 
 def is_hard_bounce(reply: Reply) -> bool:

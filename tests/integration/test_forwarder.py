@@ -213,6 +213,8 @@ async def test_mixed_recipient_outcomes() -> None:
     ("data", "554 5.5.1 no valid recipients", Status.FAILED, False),
     ("dot", "554 5.7.1 Message rejected as spam", Status.FAILED, False),
     ("dot", "451 4.3.0 Temporary failure", Status.DEFERRED, False),
+    # A 552 after the data is "message too big": permanent (only at RCPT is it read as 452).
+    ("dot", "552 5.3.4 Message size exceeds fixed maximum message size", Status.FAILED, False),
     ("dot", "550 5.4.5 Daily SMTP relay limit exceeded for user", Status.DEFERRED, True),
 ])
 async def test_message_level_replies(stage: str, reply: str, status: Status, fault: bool) -> None:
@@ -232,6 +234,32 @@ async def test_too_many_recipients_continue_in_a_new_transaction() -> None:
         assert result.delivered == ("a@example.net", "b@example.net", "c@example.net")
         assert [m.rcpt_tos for m in up.messages] == [["a@example.net"], ["b@example.net", "c@example.net"]]
 
+
+
+async def test_a_552_to_rcpt_continues_in_a_new_transaction_like_452() -> None:
+    # RFC 5321 §4.5.3.1.10: servers have answered "too many recipients" with 552.
+    async with FakeUpstream(replies={"rcpt": {"b@example.net": ["552 5.5.3 Too many recipients"]}},
+                            pipelining=False) as up:
+        result = await deliver(up.smarthost(), rcpts=("a@example.net", "b@example.net", "c@example.net"))
+        assert result.delivered == ("a@example.net", "b@example.net", "c@example.net")
+        assert [m.rcpt_tos for m in up.messages] == [["a@example.net"], ["b@example.net", "c@example.net"]]
+
+
+@pytest.mark.parametrize(("reply", "status", "dsn"), [
+    ("552 5.5.3 Too many recipients", Status.DEFERRED, "4.5.3"),
+    ("552 Too many recipients", Status.DEFERRED, "4.0.0"),
+    ("552 5.3.4 Message too big for this recipient", Status.FAILED, "5.3.4"),
+])
+async def test_a_552_to_the_first_rcpt_defers_it_unless_the_message_is_too_big(
+        reply: str, status: Status, dsn: str) -> None:
+    async with FakeUpstream(replies={"rcpt": {"a@example.net": [reply]}}) as up:
+        result = await deliver(up.smarthost(), rcpts=("a@example.net",))
+        assert [(o.status, o.dsn) for o in result.outcomes] == [(status, dsn)]
+        assert not result.smarthost_fault and up.messages == []
+        if status is Status.DEFERRED:  # the server's words stay, under the code relayd read
+            text = reply[4:].replace("5.5.3", "4.5.3")
+            assert str(result.outcomes[0].reply) == (
+                f"452 {text} (552 treated as 452, RFC 5321 section 4.5.3.1.10)")
 
 # -- content ----------------------------------------------------------------------------------
 

@@ -257,6 +257,18 @@ async def test_452_then_an_accepted_recipient_is_delivered_once() -> None:
         assert [m.rcpt_tos for m in up.messages] == [["a@example.net", "c@example.net"], ["b@example.net"]]
 
 
+
+async def test_552_in_a_group_is_read_as_452() -> None:
+    # RFC 5321 §4.5.3.1.10; the recipient the server took after the 552 stays in the first
+    # transaction, the refused one goes in the next.
+    async with FakeUpstream(pipelining=True,
+                            replies={"rcpt": {"b@example.net": ["552 5.5.3 Too many recipients"]}}) as up:
+        rcpts = ("a@example.net", "b@example.net", "c@example.net")
+        result = await deliver(up.smarthost(), rcpts)
+        assert result.delivered == rcpts
+        assert [m.rcpt_tos for m in up.messages] == [["a@example.net", "c@example.net"], ["b@example.net"]]
+        assert up.connections == 1
+
 async def test_421_mid_group_defers_everyone_and_closes() -> None:
     async with FakeUpstream(pipelining=True,
                             replies={"rcpt": {"b@example.net": ["421 4.7.0 closing"]}}) as up:

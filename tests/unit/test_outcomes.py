@@ -8,7 +8,14 @@ import pytest
 from aiosmtplib.errors import SMTPConnectError, SMTPServerDisconnected
 
 from relayd.delivery.diagnose import diagnose
-from relayd.delivery.outcomes import classify_reply, is_hard_bounce, is_quota, is_smarthost_fault, local_reply
+from relayd.delivery.outcomes import (
+    classify_reply,
+    is_hard_bounce,
+    is_quota,
+    is_smarthost_fault,
+    local_reply,
+    rcpt_reply,
+)
 from relayd.errors import OAuthError
 from relayd.model import Reply, Status
 
@@ -96,6 +103,31 @@ def test_local_reply_carries_the_dsn() -> None:
     r = local_reply("4.4.1", "connect failed: Connection refused")
     assert r.dsn == "4.4.1"
     assert classify_reply(r) is Status.DEFERRED
+
+
+@pytest.mark.parametrize(("reply", "read"), [
+    # RFC 5321 §4.5.3.1.10: 552 for "too many recipients" is temporary, like 452.
+    (Reply(552, "5.5.3 Too many recipients"),
+     Reply(452, "4.5.3 Too many recipients (552 treated as 452, RFC 5321 section 4.5.3.1.10)")),
+    (Reply(552, "Too many recipients"),
+     Reply(452, "Too many recipients (552 treated as 452, RFC 5321 section 4.5.3.1.10)")),
+    (Reply(552, "5.2.2 Mailbox full"),
+     Reply(452, "4.2.2 Mailbox full (552 treated as 452, RFC 5321 section 4.5.3.1.10)")),
+    (Reply(552, ""), Reply(452, "(552 treated as 452, RFC 5321 section 4.5.3.1.10)")),
+    # A 552 that says the message is too big stays permanent (retrying meets the same limit).
+    (Reply(552, "5.3.4 Message size exceeds fixed maximum message size"),
+     Reply(552, "5.3.4 Message size exceeds fixed maximum message size")),
+    (Reply(552, "5.2.3 Message length exceeds administrative limit"),
+     Reply(552, "5.2.3 Message length exceeds administrative limit")),
+    (Reply(550, "5.1.1 No such user"), Reply(550, "5.1.1 No such user")),
+    (Reply(452, "4.5.3 Too many recipients"), Reply(452, "4.5.3 Too many recipients")),
+])
+def test_a_552_to_rcpt_reads_as_452_unless_the_message_is_too_big(reply: Reply, read: Reply) -> None:
+    got = rcpt_reply(reply)
+    assert got == read
+    assert classify_reply(got) is (Status.FAILED if got.code >= 500 else Status.DEFERRED)
+    assert got.dsn[0] == str(got.code)[0]
+    assert not is_smarthost_fault(got, None)
 
 
 @pytest.mark.parametrize(("reply", "error", "key"), [

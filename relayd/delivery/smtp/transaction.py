@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiosmtplib.errors import SMTPServerDisconnected, SMTPTimeoutError
 
-from relayd.delivery.outcomes import classify_reply, is_smarthost_fault
+from relayd.delivery.outcomes import classify_reply, is_smarthost_fault, rcpt_reply
 from relayd.delivery.smtp.connection import UpstreamConnection
 from relayd.delivery.smtp.replies import check_command
 from relayd.model import RecipientOutcome, Reply, Status
@@ -142,7 +142,8 @@ class Transaction:
         accepted: list[str] = []
         leftover: list[str] = []
         for i, (rcpt, line) in enumerate(group):
-            reply = await (conn.read_reply() if self.pipelined else conn.command(line))
+            # RFC 5321 §4.5.3.1.10: a 552 here is read as 452 (outcomes.rcpt_reply says when not).
+            reply = rcpt_reply(await (conn.read_reply() if self.pipelined else conn.command(line)))
             if reply.code in (250, 251):
                 accepted.append(rcpt)
             elif reply.code == 452 and accepted:
