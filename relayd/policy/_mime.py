@@ -259,13 +259,15 @@ def _content_info(header: bytes) -> EmailMessage:
 
 @dataclass(frozen=True)
 class Leaf:
-    """A non-multipart part: where it sits in the message (byte offsets) and its type."""
+    """A non-multipart part: where it sits in the message (byte offsets) and its type; with
+    ``container``, a multipart entity as a whole (``walk(..., containers=True)``)."""
 
     start: int  # offset of the part's first header byte in the whole message
     end: int
     content_type: str
     disposition: str
-    path: str  # e.g. "1.2" for explain output
+    path: str  # e.g. "1.2" for explain output ("" for a multipart message itself)
+    container: bool = False
 
 
 def _boundary_spans(body: bytes, boundary: bytes) -> list[tuple[int, int]] | None:
@@ -299,10 +301,12 @@ def _boundary_spans(body: bytes, boundary: bytes) -> list[tuple[int, int]] | Non
 MAX_DEPTH = 32  # real mail nests a few levels; deeper trees are left alone (no RecursionError)
 
 
-def walk(data: bytes, offset: int = 0, path: str = "") -> Iterable[Leaf]:
+def walk(data: bytes, offset: int = 0, path: str = "", *, containers: bool = False) -> Iterable[Leaf]:
     """Yield the leaves of the MIME tree that may be decorated; multipart/signed and
     multipart/encrypted (RFC 1847) and message/* are opaque and yield nothing, and so is
-    anything nested deeper than MAX_DEPTH."""
+    anything nested deeper than MAX_DEPTH. With ``containers``, each multipart entity is
+    yielded too (``container=True``), before its parts; a signed or encrypted one as well,
+    without its parts (the 7-bit conversion at delivery needs their headers)."""
     if path.count(".") >= MAX_DEPTH:
         return
     header, body = split_message(data)
@@ -310,6 +314,8 @@ def walk(data: bytes, offset: int = 0, path: str = "") -> Iterable[Leaf]:
     ctype = info.get_content_type()
     body_offset = offset + len(header) + (2 if header or data.startswith(CRLF) else 0)
     if ctype.startswith("multipart/"):
+        if containers:
+            yield Leaf(offset, offset + len(data), ctype, "inline", path, container=True)
         if ctype in ("multipart/signed", "multipart/encrypted"):
             return
         boundary = info.get_param("boundary")
@@ -317,7 +323,8 @@ def walk(data: bytes, offset: int = 0, path: str = "") -> Iterable[Leaf]:
             return
         spans = _boundary_spans(body, boundary.encode("utf-8", "replace"))
         for i, (s, e) in enumerate(spans or []):
-            yield from walk(body[s:e], body_offset + s, f"{path}.{i + 1}" if path else str(i + 1))
+            yield from walk(body[s:e], body_offset + s, f"{path}.{i + 1}" if path else str(i + 1),
+                            containers=containers)
         return
     disposition = (info.get_content_disposition() or "inline").lower()
     yield Leaf(offset, offset + len(data), ctype, disposition, path or "1")
@@ -424,7 +431,7 @@ def decorate_part(part: bytes, text_footer: str | None, html_footer: str | None)
         new_header = _set_param(new_header, "Content-Type", "charset", charset)
     if cte == "7bit" and raw.isascii() and not new_raw.isascii():
         cte = "quoted-printable"
-        new_header = _replace_field(new_header, "Content-Transfer-Encoding", "quoted-printable")
+        new_header = replace_field(new_header, "Content-Transfer-Encoding", "quoted-printable")
     if cte in ("7bit", "8bit", "binary") and new_raw.startswith(raw):
         new_body = body + new_raw[len(raw):]  # original bytes untouched, footer appended
     else:
@@ -432,7 +439,9 @@ def decorate_part(part: bytes, text_footer: str | None, html_footer: str | None)
     return PartEdit(join_message(new_header, new_body), f"{ctype}: footer added ({charset}, {cte})")
 
 
-def _replace_field(header: bytes, name: str, value: str) -> bytes:
+def replace_field(header: bytes, name: str, value: str) -> bytes:
+    """``header`` with one ``name: value`` field where its ``name`` fields were (appended
+    when it has none)."""
     h = Headers.parse(header)
     if h.has(name):
         fields = [make_field(name, value) if field_name(f) == name.lower() else f for f in h.fields]
@@ -451,7 +460,7 @@ def _replace_field(header: bytes, name: str, value: str) -> bytes:
 def _set_param(header: bytes, name: str, param: str, value: str) -> bytes:
     info = _content_info(header)
     info.set_param(param, value, header=name)
-    return _replace_field(header, name, str(info[name]))
+    return replace_field(header, name, str(info[name]))
 
 
 def decorate(data: bytes, text_footer: str | None, html_footer: str | None,

@@ -64,3 +64,20 @@ def test_the_name_and_address_caches_hold_only_short_values() -> None:
     assert _mime.first_address("App <a@b.example>") == "a@b.example"
     assert _mime._short_first_address.cache_info().hits == hits + 1
     assert _mime.field_name(b"Subject : x\r\n") == _mime.field_name(b"Subject : x\r\n") == "subject"
+
+
+def test_walk_with_containers_yields_each_multipart_before_its_parts() -> None:
+    inner = (b"Content-Type: multipart/alternative; boundary=AA\r\n\r\n--AA\r\nContent-Type: text/plain\r\n\r\n"
+             b"t\r\n--AA\r\nContent-Type: text/html\r\n\r\n<p>h</p>\r\n--AA--\r\n")
+    signed = (b"Content-Type: multipart/signed; boundary=SS\r\n\r\n--SS\r\nContent-Type: text/plain\r\n\r\n"
+              b"s\r\n--SS\r\nContent-Type: application/pgp-signature\r\n\r\nsig\r\n--SS--\r\n")
+    data = _msg(b"--BB\r\n" + inner + b"\r\n--BB\r\n" + signed + b"\r\n--BB--\r\n")
+    nodes = list(_mime.walk(data, containers=True))
+    assert [(n.path, n.content_type, n.container) for n in nodes] == [
+        ("", "multipart/mixed", True), ("1", "multipart/alternative", True), ("1.1", "text/plain", False),
+        ("1.2", "text/html", False), ("2", "multipart/signed", True)]
+    assert (nodes[0].start, nodes[0].end) == (0, len(data))
+    assert data[nodes[1].start:nodes[1].end] == inner
+    assert data[nodes[4].start:nodes[4].end] == signed
+    # Without the flag, only the leaves that may be decorated (signed content is opaque).
+    assert [n.path for n in _mime.walk(data)] == ["1.1", "1.2"]
