@@ -124,6 +124,14 @@ RULES: tuple[Rule, ...] = (
             "verify the domain's DNS records)."),
          codes=(450, 451, 550, 554), text=r"not verified|domain (?:is )?not found|unverified|"
                                           r"identity|sandbox"),
+    Rule(_d("no-8bitmime",
+            "The smarthost does not offer 8BITMIME and the message has 8-bit data relayd cannot "
+            "convert to 7 bit without changing it (5.6.3, RFC 6152): 8-bit header fields, a "
+            "binary part, or signed content. Nothing was sent.",
+            "Send through a smarthost that offers 8BITMIME (listed in its EHLO reply above), or "
+            "make the application encode non-ASCII header fields (RFC 2047) and attachments "
+            "(base64); then 'relayd queue retry ID'."),
+         dsn="5.6.3"),
     Rule(_d("quota",
             "The provider's sending quota or rate limit is reached; the mail waits.",
             "Wait for the quota window to reset, or lower limits.rate / limits.daily_cap to "

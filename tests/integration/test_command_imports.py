@@ -52,3 +52,16 @@ def test_a_command_loads_only_its_own_modules(tmp_path: Path, argv: list[str], a
     assert f"relayd.commands.{argv[0].replace('-', '_')}" in loaded   # the probe ran it
     unwanted = sorted(m for m in loaded if any(m == a or m.startswith(a + ".") for a in absent))
     assert unwanted == []
+
+
+def test_delivery_loads_the_7bit_converter_only_when_it_converts() -> None:
+    """The conversion for a smarthost without 8BITMIME needs the email package (~1.5 MB per
+    process): the delivery process imports it on the first 8-bit message for such a server,
+    never before (relayd/delivery/smtp/transaction.py, ``seven_bit``)."""
+    probe = ("import json, sys\nimport relayd.commands.deliver, relayd.delivery.qmgr, "
+             "relayd.delivery.smtp.pool\nprint(json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True)
+    loaded = set(json.loads(out.stdout.splitlines()[-1]))
+    assert "relayd.delivery.smtp.pool" in loaded
+    assert {"relayd.delivery.smtp.sevenbit", "relayd.policy._mime", "email.parser"} & loaded == set()

@@ -278,6 +278,63 @@ async def test_content_arrives_byte_exact(content: bytes) -> None:
         assert ("BODY=8BITMIME" in up.messages[0].mail_options) is (not content.isascii())
 
 
+
+# -- a smarthost without 8BITMIME (RFC 6152 §3: convert to 7 bit, or do not deliver) ---------------
+
+EIGHT_BIT = (b"From: a@example.com\r\nTo: b@example.net\r\nSubject: hi\r\nMIME-Version: 1.0\r\n"
+             b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+             b"Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n.dot line\r\n")
+
+
+async def test_an_8bit_body_is_converted_for_a_server_without_8bitmime(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relayd.forwarder")
+    async with FakeUpstream(eightbitmime=False, size_limit=10_000, pipelining=False) as up:
+        result = await deliver(up.smarthost(), content=EIGHT_BIT, transcripts=True)
+        assert result.delivered == ("b@example.net",)
+        got = up.messages[0]
+        assert got.data.isascii() and "BODY=8BITMIME" not in got.mail_options
+        assert got.data.endswith(b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                                 b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln\r\n.dot line\r\n")
+        # SIZE announces what is sent: the converted message (RFC 1870).
+        assert f"SIZE={len(got.data)}" in got.mail_options
+        note = ("smarthost fake does not offer 8BITMIME: the 8-bit body was converted to "
+                "quoted-printable (1 MIME part; RFC 6152)")
+        assert f"relayd: {note}" in result.transcript
+        assert f"Q1: {note}" in caplog.messages
+
+
+async def test_a_7bit_body_is_sent_as_it_is_to_a_server_without_8bitmime() -> None:
+    async with FakeUpstream(eightbitmime=False) as up:
+        result = await deliver(up.smarthost(), transcripts=True)
+        assert result.delivered == ("b@example.net",)
+        assert up.messages[0].data == MSG
+        assert not any(line.startswith("relayd:") for line in result.transcript)
+
+
+async def test_8bit_headers_to_a_server_without_8bitmime_fail_5_6_3_and_nothing_is_sent() -> None:
+    content = EIGHT_BIT.replace(b"Subject: hi", b"Subject: K\xc3\xb6ln")
+    async with FakeUpstream(eightbitmime=False) as up:
+        pool = SmarthostPool(up.smarthost(), hostname="relay.test")
+        result = await pool.deliver("Q1", content, "a@example.com", ["b@example.net", "c@example.net"])
+        assert result.failed == ("b@example.net", "c@example.net")
+        assert {o.dsn for o in result.outcomes} == {"5.6.3"}
+        assert str(result.outcomes[0].reply) == (
+            "554 5.6.3 smarthost fake does not offer 8BITMIME and the message has 8-bit headers (RFC 6152)")
+        assert not result.smarthost_fault
+        assert not any(c.startswith(("MAIL", "DATA")) for c in up.commands)
+        # Nothing was started on the session: the next message uses the same connection.
+        assert (await pool.deliver("Q2", MSG, "a@example.com", ["b@example.net"])).delivered
+        assert up.connections == 1
+        await pool.aclose()
+
+
+async def test_the_size_limit_is_checked_on_the_converted_message() -> None:
+    # Quoted-printable makes 8-bit text longer: the server's SIZE decides on what would be sent.
+    async with FakeUpstream(eightbitmime=False, size_limit=len(EIGHT_BIT) + 10) as up:
+        result = await deliver(up.smarthost(), content=EIGHT_BIT)
+        assert result.failed == ("b@example.net",) and result.outcomes[0].dsn == "5.3.4"
+        assert up.messages == []
+
 async def test_null_sender_and_size_parameter() -> None:
     async with FakeUpstream(size_limit=10_000) as up:
         await deliver(up.smarthost(), mail_from="")

@@ -36,6 +36,9 @@ Constructor options (all also plain attributes, so a test may change them betwee
 - ``size_limit``: the advertised SIZE (0: no SIZE). ``smtputf8``: offer SMTPUTF8. ``port``: the port
   to listen on (0: any free one; a fixed one lets a test start the server after relayd tried it).
   ``reissue(hostname)`` serves a certificate for another name from then on.
+- ``eightbitmime``: advertise 8BITMIME (RFC 6152; default True, as aiosmtpd does). False
+  makes a 7-bit server, for the conversion relayd then owes it; the bytes received are
+  recorded as they came.
 - ``pipelining``: advertise PIPELINING (RFC 2920) in the EHLO reply, as real smarthosts do
   (default True; aiosmtpd reads pipelined commands either way). A scripted ``data`` reply starting with ``354`` is followed by a real
   read of the message up to the final dot (recorded in ``forced_data``), then the ``dot``
@@ -126,7 +129,7 @@ class FakeUpstream:
                  auth_failure: str = "535 5.7.8 Authentication credentials invalid", replies: Mapping[str, Any] | None = None,
                  drop_at: str | None = None, hang_at: str | None = None, drop_once: bool = False,
                  size_limit: int = 0, smtputf8: bool = True, pipelining: bool = True,
-                 hostname: str = "localhost", port: int = 0) -> None:
+                 eightbitmime: bool = True, hostname: str = "localhost", port: int = 0) -> None:
         self.tls = tls
         self.require_starttls = require_starttls
         self.auth = tuple(m.upper() for m in auth)
@@ -144,6 +147,7 @@ class FakeUpstream:
         self.size_limit = size_limit
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
+        self.eightbitmime = eightbitmime
         self.hostname = hostname
         self.host = "127.0.0.1"
         self.port = port  # 0: any free port
@@ -490,7 +494,8 @@ class _Handler:
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         # aiosmtpd advertises a bare "AUTH" when every mechanism is excluded; real servers don't.
-        lines = [r for r in responses if r.strip() != "250-AUTH"]
+        lines = [r for r in responses if r.strip() != "250-AUTH"
+                 and (self.fake.eightbitmime or r[4:].strip().upper() != "8BITMIME")]
         if self.fake.pipelining:
             lines.insert(1, "250-PIPELINING")
         return lines

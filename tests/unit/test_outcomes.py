@@ -149,6 +149,8 @@ def test_a_552_to_rcpt_reads_as_452_unless_the_message_is_too_big(reply: Reply, 
     (Reply(451, "4.7.4 STARTTLS not offered"), "smtp.x:587: the server does not offer STARTTLS; refusing",
      "starttls-not-offered"),
     (Reply(550, "5.4.5 Daily user sending quota exceeded"), "", "quota"),
+    (Reply(554, "5.6.3 smarthost primary does not offer 8BITMIME and the message has 8-bit headers "
+                "(RFC 6152)"), "MAIL: 554 5.6.3 smarthost primary does not offer 8BITMIME", "no-8bitmime"),
     (Reply(451, "4.7.0 server does not offer AUTH"),
      "authentication failed at x:25: the server does not offer AUTH (after TLS, if any)", "auth-not-offered"),
 ])

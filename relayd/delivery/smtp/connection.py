@@ -80,6 +80,10 @@ class UpstreamConnection:
         if self._record is not None:
             self._record(line)
 
+    def note(self, line: str) -> None:
+        """A line of relayd's own in the transcript (what it did to the message, say)."""
+        self._note(line)
+
     def _note_reply(self, reply: Reply) -> None:
         if self._record is None:
             return

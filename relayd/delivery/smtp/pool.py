@@ -36,7 +36,7 @@ from relayd.delivery.outcomes import local_reply
 from relayd.delivery.smtp.auth import AuthFailed
 from relayd.delivery.smtp.connection import TlsRequired, UpstreamConnection, build_tls_context
 from relayd.delivery.smtp.outbox import write_message
-from relayd.delivery.smtp.transaction import Stale, Transaction, TxState, commands
+from relayd.delivery.smtp.transaction import Stale, Transaction, TxState, commands, seven_bit
 from relayd.errors import OAuthError
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, Status, TokenSource
 
@@ -196,6 +196,8 @@ class SmarthostPool:
             finally:
                 self._busy -= 1
         done = time.monotonic()
+        if tx.seven_bit_note:
+            self._log.info("%s: %s", queue_id, tx.seven_bit_note)
         missing = local_reply("4.3.0", "no outcome recorded")
         outcomes = tuple(tx.outcomes.get(r) or RecipientOutcome(r, Status.DEFERRED, missing, missing.dsn)
                          for r in rcpts)
@@ -337,10 +339,16 @@ class SmarthostPool:
                                rcpts: tuple[str, ...], smtputf8: bool, tx: TxState, reused: bool) -> None:
         pending = rcpts
         first = True
+        eight_bit = not content.isascii()  # the one scan of the content for this
+        if eight_bit and not conn.supports("8bitmime"):
+            sendable = await seven_bit(conn, tx, content, rcpts)
+            if sendable is None:
+                return  # cannot be made 7-bit: every recipient failed 5.6.3, nothing sent
+            content, eight_bit = sendable, False
         while pending:
             try:
                 pending = await self._transaction(conn, content, sender, pending, smtputf8, tx,
-                                                  stale_ok=reused and first)
+                                                  eight_bit, stale_ok=reused and first)
             except (SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
                 # The outcome is unknown for everyone not answered yet: defer them (a message
                 # lost after the final dot may arrive twice; RFC 5321 §6.1 prefers that).
@@ -354,11 +362,11 @@ class SmarthostPool:
             first = False
 
     async def _transaction(self, conn: UpstreamConnection, content: bytes, sender: str,
-                           rcpts: tuple[str, ...], smtputf8: bool, tx: TxState,
+                           rcpts: tuple[str, ...], smtputf8: bool, tx: TxState, eight_bit: bool,
                            stale_ok: bool) -> tuple[str, ...]:
         """One MAIL..DATA exchange, stage by stage (relayd/delivery/smtp/transaction.py);
         returns the recipients left for another transaction (a 452 to some RCPTs)."""
-        prepared = commands(conn, tx, sender, rcpts, content, smtputf8)
+        prepared = commands(conn, tx, sender, rcpts, content, smtputf8, eight_bit)
         if prepared is None:
             return ()
         mail, group = prepared

@@ -10,12 +10,13 @@ one command at a time. The outcomes are the same either way.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiosmtplib.errors import SMTPServerDisconnected, SMTPTimeoutError
 
-from relayd.delivery.outcomes import classify_reply, is_smarthost_fault, rcpt_reply
+from relayd.delivery.outcomes import classify_reply, is_smarthost_fault, local_reply, rcpt_reply
 from relayd.delivery.smtp.connection import UpstreamConnection
 from relayd.delivery.smtp.replies import check_command
 from relayd.model import RecipientOutcome, Reply, Status
@@ -36,6 +37,10 @@ class TxState:
     fault: bool = False
     error: str = ""
     setup_seconds: float = 0.0
+    # The content made 7-bit for a server without 8BITMIME (once per delivery), and the
+    # sentence that says so in the log.
+    seven_bit: bytes | None = None
+    seven_bit_note: str = ""
 
     def settle(self, rcpts: Sequence[str], reply: Reply, stage: str) -> None:
         """``reply`` at ``stage`` decides the outcome of ``rcpts`` (the first decision stands)."""
@@ -57,10 +62,38 @@ class Recipients:
     leftover: tuple[str, ...]
 
 
+async def seven_bit(conn: UpstreamConnection, tx: TxState, content: bytes,
+                    rcpts: tuple[str, ...]) -> bytes | None:
+    """``content`` (8-bit) made 7-bit for a server that does not offer 8BITMIME
+    (relayd/delivery/smtp/sevenbit.py); None, with every recipient failed, when it cannot be."""
+    if tx.seven_bit is None:
+        # lazy: the converter needs the email package (~1.5 MB), which the delivery process
+        # loads only for an 8-bit message to a server without 8BITMIME.
+        from relayd.delivery.smtp import sevenbit
+
+        name = conn.smarthost.name
+        try:
+            # A worker thread: a large body takes a noticeable fraction of a second.
+            done = await asyncio.to_thread(sevenbit.to_7bit, content)
+        except sevenbit.Unconvertible as exc:
+            # RFC 6152 §3: convert or do not deliver; 8-bit bytes are never sent to this server.
+            tx.settle(rcpts, local_reply("5.6.3", f"smarthost {name} does not offer 8BITMIME "
+                                                  f"and {exc} (RFC 6152)"), "MAIL")
+            return None
+        tx.seven_bit = done.content
+        tx.seven_bit_note = (
+            f"smarthost {name} does not offer 8BITMIME: the 8-bit body was converted to "
+            f"quoted-printable ({done.parts} MIME part{'s' if done.parts != 1 else ''}; RFC 6152)"
+            + ("; its DKIM signature no longer verifies" if done.dkim_signed else ""))
+    conn.note(f"relayd: {tx.seven_bit_note}")
+    return tx.seven_bit
+
+
 def commands(conn: UpstreamConnection, tx: TxState, sender: str, rcpts: tuple[str, ...],
-             content: bytes, smtputf8: bool) -> tuple[bytes, list[RcptCommand]] | None:
+             content: bytes, smtputf8: bool, eight_bit: bool) -> tuple[bytes, list[RcptCommand]] | None:
     """The MAIL command and the RCPT command of each sendable recipient; None (every
-    recipient settled) when nothing can be sent to this connection's server."""
+    recipient settled) when nothing can be sent to this connection's server. ``eight_bit``:
+    ``content`` is not ASCII (the caller scanned it once)."""
     needs_utf8 = not sender.isascii() or any(not r.isascii() for r in rcpts)
     if needs_utf8 and not conn.supports("smtputf8"):
         # RFC 6531 §3.4: without SMTPUTF8 the address cannot be carried; say so, don't mangle.
@@ -76,7 +109,7 @@ def commands(conn: UpstreamConnection, tx: TxState, sender: str, rcpts: tuple[st
     mail = b"MAIL FROM:<" + sender.encode(enc) + b">"
     if conn.supports("size"):
         mail += b" SIZE=%d" % len(content)  # RFC 1870
-    if not content.isascii() and conn.supports("8bitmime"):
+    if eight_bit and conn.supports("8bitmime"):
         mail += b" BODY=8BITMIME"  # RFC 6152
     if (needs_utf8 or smtputf8) and conn.supports("smtputf8"):
         mail += b" SMTPUTF8"
