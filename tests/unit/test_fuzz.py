@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from relayd.commands.sendmail_args import Mode, UsageError, parse_args, read_message
 from relayd.config.load import parse_config
+from relayd.delivery.smtp.sevenbit import Unconvertible, to_7bit
 from relayd.errors import ConfigError
 from relayd.model import Envelope, Message
 from relayd.policy.pipeline import build_policy, run_pipeline
@@ -167,6 +168,37 @@ def test_pipeline_survives_deep_nesting_and_keeps_the_text() -> None:
             body = content.split(b"\r\n\r\n", 1)[1]
             assert out.endswith(b"\r\n\r\n" + body)  # too deep to be real mail: body left alone
 
+
+
+@FAST
+@given(seed=st.sampled_from(range(len(SEEDS))),
+       ops=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6), st.integers(1, 300)), max_size=6),
+       eight=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0x80, 0xFF)), min_size=1, max_size=4))
+def test_7bit_conversion_converts_or_refuses_damaged_mime(seed: int, ops: list[tuple[int, int, int]],
+                                                        eight: list[tuple[int, int]]) -> None:
+    # For a smarthost without 8BITMIME: a 7-bit result or Unconvertible, never another error
+    # (which would leave the message deferred until spool.max_age) and never 8-bit bytes.
+    content = bytearray(mutate(SEEDS[seed], ops) or b"x")
+    for pos, byte in eight:
+        content[pos % len(content)] = byte
+    try:
+        done = to_7bit(bytes(content))
+    except Unconvertible as exc:
+        assert str(exc)
+        return
+    assert done.content.isascii()
+
+
+def test_7bit_conversion_of_deep_nesting_ends() -> None:
+    for depth in (5, 50, 3000):
+        content = nested(depth).replace(b"MARKER-DEEP", "MARKÉR".encode())
+        try:
+            assert to_7bit(content).content.isascii()
+        except Unconvertible as exc:
+            assert depth > 32 and "nested deeper than 32 levels" in str(exc)
+    attached = b"Content-Type: message/rfc822\r\n\r\n" * 100 + "Subject: x\r\n\r\né\r\n".encode()
+    with pytest.raises(Unconvertible, match="nests messages deeper than 32 levels"):
+        to_7bit(b"MIME-Version: 1.0\r\n" + attached)
 
 # --- sendmail ---------------------------------------------------------------------------------
 
