@@ -108,10 +108,13 @@ async def test_fallback_smarthost_and_paused_primary(tmp_path: Path) -> None:
 
     dead = free_port()  # nothing listens: connection refused
     async with FakeUpstream() as up:
+        # A refused connection pauses the smarthost for the spool's first backoff. The tests'
+        # default (200 ms, +-25 %) can be over before the check below on a loaded machine
+        # (seen with 58 ms to spare under load, and once already over): an hour here.
         cfg = write_config(tmp_path, [
             {"name": "primary", "host": "127.0.0.1", "port": dead, "tls": "none", "timeout": "1s"},
             upstream_smarthost(up, name="fallback", tls="none"),
-        ])
+        ], spool={"retry": {"initial": "1h", "max_interval": "2h"}})
         async with running_relay(cfg) as relay:
             await relay.send(MSG)
             await relay.send(MSG)
