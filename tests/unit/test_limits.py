@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relayd.config.schema import LimitsConfig
-from relayd.delivery.limits import WINDOW, DailyCap, RateLimiter, limited
+from relayd.delivery.limits import FENCE, WINDOW, DailyCap, RateLimiter, limited
 from relayd.units import Rate
 from tests.support.clock import FakeClock
+from tests.support.waiting import wait_until_sync
 
 T0 = 1_800_000_000.0
 
@@ -142,3 +144,101 @@ async def test_rate_wait_sleeps_through_injected_sleep(clock: FakeClock) -> None
     for _ in range(3):
         await rl.wait()
     assert slept == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+# -- wall-clock jumps (T17/T18/T87) -------------------------------------------------------------
+DAY = 86400.0
+
+
+def stamps(state_dir: Path, name: str = "daily_cap.sqlite3") -> list[tuple[float, int]]:
+    """The rows of a cap file, oldest first."""
+    import sqlite3
+
+    db = sqlite3.connect(state_dir / name)
+    try:
+        return [(float(at), int(n)) for at, n in db.execute("SELECT at, n FROM deliveries ORDER BY at")]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("jump_days", [-3.0, 5.0])
+def test_shift_keeps_a_full_cap_on_real_time_in_memory_and_in_its_file(
+        tmp_path: Path, jump_days: float) -> None:
+    """A jump moves every stamp by as much, so the cap frees after the real 24 h: not three
+    days later (clock set back), not at once (clock forward); a restart reads the same."""
+    ticks = FakeClock(0.0)
+    cap = DailyCap(2, tmp_path, monotonic=ticks)
+    cap.record(1, T0)
+    cap.record(1, T0 + 60)
+    jump = jump_days * DAY
+    cap.shift(jump, T0 + 120 + jump)        # noticed two real minutes after the first delivery
+    ticks.advance(FENCE)                     # past the fence: readings count as given
+    now = T0 + 120 + FENCE + jump
+    assert cap.remaining(now) == 0
+    assert cap.next_free_at(now) == T0 + jump + WINDOW
+    cap.close()                              # writes the shift no delivery wrote yet
+    assert stamps(tmp_path) == [(T0 + jump, 1), (T0 + 60 + jump, 1)]
+    for again in (DailyCap(2, tmp_path), DailyCap(2, tmp_path, readonly=True)):  # restart, explain
+        assert again.remaining(now) == 0
+        assert again.remaining(T0 + jump + WINDOW - 1) == 0
+        assert again.remaining(T0 + jump + WINDOW) == 1
+        again.close()
+
+
+def test_a_reading_from_before_the_jump_neither_empties_the_cap_nor_stamps_days_off(
+        tmp_path: Path) -> None:
+    """A worker thread may still use a reading taken before the queue manager noticed the
+    jump: for a minute the cap counts on the time it was noticed plus the real time since."""
+    ticks = FakeClock(0.0)
+    cap = DailyCap(2, tmp_path, monotonic=ticks)
+    cap.record(2, T0)
+    back = -3 * DAY
+    cap.shift(back, T0 + 10 + back)
+    ticks.advance(5)
+    stale = T0 + 12                          # three days ahead of the moved stamps
+    assert cap.acquire(1, stale) == 0        # still full: the window was not emptied
+    assert cap.next_free_at(stale) == stale + WINDOW - 15   # as far from the caller's reading
+    cap.record(1, stale)                     # exempt priority mail: stamped at the real time
+    ticks.advance(FENCE)
+    assert cap.remaining(T0 + back + WINDOW - 1) == 0       # then readings count as given
+    assert cap.remaining(T0 + back + WINDOW) == 1
+    assert cap.remaining(T0 + 15 + back + WINDOW) == 2
+    cap.close()
+    assert stamps(tmp_path) == [(T0 + back, 2), (T0 + 15 + back, 1)]
+
+
+def test_rows_queued_before_a_shift_move_with_it(tmp_path: Path) -> None:
+    """The file's rows and shifts are committed in the order they were queued: a delivery
+    counted before the jump was noticed, still waiting for a commit, moves with it."""
+    import threading
+
+    cap = DailyCap(10, tmp_path, monotonic=FakeClock(0.0))
+    rows = cap._rows
+    assert rows is not None
+    real_commit = rows._commit
+    entered, release = threading.Event(), threading.Event()
+    batches: list[int] = []
+
+    def slow_commit(ops: list[Any]) -> None:
+        batches.append(len(ops))
+        if len(batches) == 1:
+            entered.set()
+            release.wait(10)
+        real_commit(ops)
+
+    rows._commit = slow_commit  # type: ignore[method-assign]
+    first = threading.Thread(target=cap.record, args=(1, T0))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=cap.record, args=(2, T0 + 1))
+    second.start()
+    wait_until_sync(lambda: len(rows._pending) == 1, what="the second row queued")
+    cap.shift(-DAY, T0 + 2 - DAY)            # queued behind it
+    release.set()
+    for t in (first, second):
+        t.join(10)
+    cap.flush()
+    assert batches == [1, 2]
+    assert cap.used(T0 + 2 - DAY) == 3
+    cap.close()
+    assert stamps(tmp_path) == [(T0 - DAY, 1), (T0 + 1 - DAY, 2)]
