@@ -223,6 +223,21 @@ class DeliveryGate:
                 return
             log.info("added <%s> to the do-not-email list after a hard bounce (%s)", rcpt, reply)
 
+    def shift(self, delta: float, now: float) -> None:
+        """The wall clock jumped by ``delta`` (noticed at ``now``): the daily cap and the users'
+        caps keep counting real time. In memory, for the event loop; ``flush`` writes them."""
+        if self._cap is not None:
+            self._cap.shift(delta, now)
+        if self._users is not None:
+            self._users.shift(delta, now)
+
+    def flush(self) -> None:
+        """Worker thread: write what ``shift`` moved to the caps' files."""
+        if self._cap is not None:
+            self._cap.flush()
+        if self._users is not None:
+            self._users.flush()
+
     def refresh_cap(self, now: float) -> None:
         """Worker thread: re-read a shared cap's count for the gauge (kept as it was while
         the database cannot be reached)."""

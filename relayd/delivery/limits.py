@@ -67,6 +67,13 @@ class Cap(Protocol):
     def refresh(self, now: float) -> None:
         """Re-read the count where other processes change it (blocking; the fleet's)."""
 
+    def shift(self, delta: float, now: float) -> None:
+        """The wall clock jumped by ``delta`` seconds, noticed at ``now``: no I/O (the event
+        loop calls it)."""
+
+    def flush(self) -> None:
+        """Write what ``shift`` changed (blocking: a worker thread)."""
+
     def close(self) -> None: ...
 
 

@@ -92,6 +92,20 @@ class HostLimits:
             cap.close()
         self._caps.clear()
 
+    def shift(self, delta: float, now: float) -> None:
+        """The wall clock jumped (relayd/delivery/qmgr.py): the caps' stamps and the slow-downs'
+        ends move with it, so both keep their real length. No I/O: ``flush`` writes the caps."""
+        for cap in self._caps.values():
+            cap.shift(delta, now)
+        with self._lock:
+            for slowed in self._slowed.values():
+                slowed.until += delta
+
+    def flush(self) -> None:
+        """Worker thread: write what ``shift`` moved to the caps' files."""
+        for cap in list(self._caps.values()):
+            cap.flush()
+
     def limits(self, name: str) -> bool:
         """Whether ``name`` has a cap, a rate or a slow-down at all (else: no work per send)."""
         return name in self._caps or name in self._rates or name in self._slowed

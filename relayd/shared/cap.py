@@ -259,6 +259,19 @@ class SharedDailyCap:
         housekeeping gauge reads it on the event loop)."""
         return max(0, self.cap - self._used - self._pending_total - self._others - self._in_use)
 
+    def shift(self, delta: float, now: float) -> None:
+        """This node's wall clock jumped: nothing moves. The rows are stamped with the minute of
+        each node's own clock, and the other nodes' clocks did not jump: moved, this node's
+        rows would lie days off for them, while this node still read theirs on its jumped
+        clock. Nor can a node tell which clock is right (an NTP step or a resumed VM brings it
+        back to the fleet's time). Only said, for the operator."""
+        log.warning("shared state: the wall clock of node %s jumped %+.0fs; the fleet's daily "
+                    "cap counts on each node's own clock, so keep every node in NTP "
+                    "(docs/fleet.md)", self.db.node, delta)
+
+    def flush(self) -> None:
+        """Nothing to write: ``shift`` moves nothing."""
+
     def close(self) -> None:
         """Stop the flusher; write what is pending and give the lease back if the database
         answers (else the units stay held and this node's next start counts them)."""

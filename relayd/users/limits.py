@@ -6,7 +6,9 @@ never bounced. The cap counts delivered recipients in a rolling window and persi
 ``state_dir/users/NAME/daily_cap.sqlite3`` (relayd.delivery.limits.DailyCap); the rate is a
 token bucket that answers how long to wait instead of sleeping, so waiting mail does not hold
 a delivery slot. ``user_limit_reached`` fires at 90 % and at 100 % of a cap, and at a rate wait.
-Called from worker threads (the gate's checks run off the loop).
+Called from worker threads (the gate's checks run off the loop), except ``shift``. Both read the
+wall clock the queue manager hands them: a jump shifts the caps' stamps (``shift``), and the
+bucket never counts a clock set back as negative time.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class _Bucket:
     def take(self, n: int, now: float) -> float:
         """0 and the tokens taken, or the seconds until ``n`` (at most a burst) are there."""
         if self.last is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate.per_second)
+            # Never less than 0: a clock set back by days would leave the bucket that deep in debt.
+            elapsed = max(0.0, now - self.last)
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate.per_second)
         self.last = now
         need = min(float(n), self.burst)
         if self.tokens >= need:
@@ -137,6 +141,19 @@ class UserLimits:
             cap = self._caps.get(name)
         if cap is not None:
             cap.settle(granted, count, now)
+
+    def shift(self, delta: float, now: float) -> None:
+        """The wall clock jumped: the users' caps count real time (in memory; ``flush`` writes)."""
+        with self._lock:
+            for cap in self._caps.values():
+                cap.shift(delta, now)
+
+    def flush(self) -> None:
+        """Worker thread: write what ``shift`` moved to the caps' files."""
+        with self._lock:
+            caps = list(self._caps.values())
+        for cap in caps:
+            cap.flush()
 
     def _fire(self, user: User, level: str, message: str) -> None:
         if self._alert is not None:

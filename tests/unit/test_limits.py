@@ -7,9 +7,12 @@ from typing import Any
 
 import pytest
 
-from relayd.config.schema import LimitsConfig
+from relayd.config.schema import LimitsConfig, Smarthost
 from relayd.delivery.limits import FENCE, WINDOW, DailyCap, RateLimiter, limited
+from relayd.delivery.per_host import HostLimits
 from relayd.units import Rate
+from relayd.users.limits import UserLimits, _Bucket
+from relayd.users.store import User, hash_password, write_users
 from tests.support.clock import FakeClock
 from tests.support.waiting import wait_until_sync
 
@@ -242,3 +245,45 @@ def test_rows_queued_before_a_shift_move_with_it(tmp_path: Path) -> None:
     assert cap.used(T0 + 2 - DAY) == 3
     cap.close()
     assert stamps(tmp_path) == [(T0 - DAY, 1), (T0 + 1 - DAY, 2)]
+
+
+def test_host_limits_shift_their_caps_and_slow_downs(tmp_path: Path) -> None:
+    """Per-smarthost caps and reply-rule slow-downs keep their real length across a jump."""
+    ses = Smarthost("ses", host="email-smtp.example.com", daily_cap=1)
+    limits = HostLimits(tmp_path, clock=lambda: T0)
+    limits.apply([ses])
+    grant = limits.reserve("ses", 1, T0)
+    limits.settle("ses", grant.count, 1, T0)
+    limits.slow_down(ses, Rate(1, 60), 600, T0)
+    back = -3 * DAY
+    limits.shift(back, T0 + 10 + back)
+    assert limits.current_rate("ses", T0 + back + 599) == Rate(1, 60)
+    assert limits.current_rate("ses", T0 + back + 601) is None   # its own rate: none
+    limits.flush()
+    limits.close()
+    again = HostLimits(tmp_path, clock=lambda: T0)
+    again.apply([ses])
+    assert again.reserve("ses", 1, T0 + back + WINDOW - 1).free_at == T0 + back + WINDOW
+    assert again.reserve("ses", 1, T0 + back + WINDOW).count == 1
+    again.close()
+
+
+def test_users_caps_shift_and_their_rate_is_not_in_debt_after_the_clock_is_set_back(
+        tmp_path: Path) -> None:
+    users_file = tmp_path / "users.yaml"
+    write_users(users_file, {"alice": User("alice", hash_password("pw"), ("*",), daily_cap=1)})
+    users = UserLimits(users_file, tmp_path, window=WINDOW)
+    assert users.hold("q1", "alice", 1, T0) == (0.0, "")
+    users.delivered("q1", 1, T0)
+    back = -3 * DAY
+    users.shift(back, T0 + 10 + back)
+    users.flush()
+    users.close()
+    again = UserLimits(users_file, tmp_path, window=WINDOW)
+    assert again.hold("q2", "alice", 1, T0 + back + WINDOW - 1)[0] > 0
+    assert again.hold("q2", "alice", 1, T0 + back + WINDOW) == (0.0, "")
+    again.close()
+    bucket = _Bucket(Rate(1, 1))             # the users' rate reads the wall clock
+    assert bucket.take(1, T0) == 0.0
+    assert bucket.take(1, T0 + back) == pytest.approx(1.0)   # not three days of debt
+    assert bucket.take(1, T0 + back + 1) == 0.0
