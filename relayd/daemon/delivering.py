@@ -54,12 +54,13 @@ class Delivering:
         self.qmgr = QueueManager(spool, config.spool, config.smarthosts,
                                  pool_factory or self.make_pool, executor=executor, clock=clock,
                                  metrics=metrics, alerts=self.alerts, gate=self.gate,
-                                 host_limits=self.host_limits)
+                                 host_limits=self.host_limits, on_clock_jump=self._clock_jumped)
         self.qmgr.update_routes(config.routes, config.reply_rules,
                                 priority_exempt=config.limits.priority_exempt)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self._refreshing: asyncio.Future[None] | None = None
+        self._saving: asyncio.Future[None] | None = None  # the caps' files after a clock jump
         self._reloading: set[asyncio.Task[None]] = set()
         self._gate_reload = asyncio.Lock()
 
@@ -99,6 +100,23 @@ class Delivering:
             self.alerts.fire(event, key, message)
         else:
             loop.call_soon_threadsafe(self.alerts.fire, event, key, message)
+
+    def _clock_jumped(self, jump: float, now: float) -> None:
+        """The queue manager saw the wall clock jump: the caps follow it like its schedule, in
+        memory at once (the next reading already counts on the moved stamps), their files in
+        a worker thread."""
+        self.gate.shift(jump, now)
+        self.host_limits.shift(jump, now)
+        if self._loop is not None:
+            self._saving = self._loop.run_in_executor(None, self._save_limits)
+
+    def _save_limits(self) -> None:
+        """Worker thread: the caps' files, after a clock jump."""
+        try:
+            self.gate.flush()
+            self.host_limits.flush()
+        except Exception as exc:  # memory counts right; a restart would read the old stamps
+            log.error("could not write the daily caps after a clock jump: %s", exc)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -162,7 +180,8 @@ class Delivering:
                 self.alerts.fire("shared_state_down", "shared_state",
                                  f"shared_state: {problem}; mail is accepted, deliveries that "
                                  "need limits.daily_cap or limits.rate wait")
-        remaining = self.gate.cap_remaining(self.clock())
+        # The queue manager's reading: a jump it has not noticed yet would empty the caps.
+        remaining = self.gate.cap_remaining(self.qmgr.now())
         self.metrics.set_daily_cap_remaining(remaining)
         if remaining:
             self.alerts.clear("daily_cap_reached", "daily_cap", "limits.daily_cap has room again")
@@ -189,6 +208,8 @@ class Delivering:
                 t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.reloaded()
+        if self._saving is not None:
+            await self._saving
         # Blocking: a fleet's cap writes its last counts and gives its lease back.
         await asyncio.to_thread(self.gate.close)
         self.host_limits.close()

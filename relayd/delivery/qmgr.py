@@ -86,7 +86,8 @@ class QueueManager:
                  pool_factory: Callable[[Smarthost], Pool], *, executor: Executor | None = None,
                  clock: Callable[[], float] = time.time, gate: Gate | None = None,
                  metrics: Recorder | None = None, alerts: Alerter | None = None,
-                 host_limits: HostLimits | None = None) -> None:
+                 host_limits: HostLimits | None = None,
+                 on_clock_jump: Callable[[float, float], None] | None = None) -> None:
         self.spool = spool
         self.cfg = spool_cfg
         self.clock = clock
@@ -112,6 +113,7 @@ class QueueManager:
         self._priority_exempt = True  # limits.priority_exempt, for the smarthosts' own limits
         self._clock_seen = (clock(), time.monotonic())
         self._clock_skew = 0.0  # sum of observed wall-clock jumps (positive: forward)
+        self._on_clock_jump = on_clock_jump  # (jump, now): the caps follow it too
 
     # -- blocking work off the loop --------------------------------------------------------
     async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
@@ -298,6 +300,10 @@ class QueueManager:
         finally:
             await self._drain()
 
+    def now(self) -> float:
+        """The wall clock as the queue manager reads it: a jump is noticed (and followed) first."""
+        return self._now()
+
     def _now(self) -> float:
         """The wall clock now; every reading goes through here. A jump (an NTP step, a VM
         resumed, an operator) shifts every scheduled time and smarthost pause by the same
@@ -310,9 +316,12 @@ class QueueManager:
         if abs(jump) < CLOCK_JUMP:
             return now
         self._clock_skew += jump
-        log.warning("the wall clock jumped %+.0fs; retry times follow it, expiry ignores it", jump)
+        log.warning("the wall clock jumped %+.0fs; retry times and daily caps follow it, "
+                    "expiry ignores it", jump)
         self._schedule.shift(jump)
         self._health.shift(jump)
+        if self._on_clock_jump is not None:
+            self._on_clock_jump(jump, now)
         return now
 
     def _done(self, qid: str, task: asyncio.Task[None]) -> None:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 import aiosmtplib
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.config.load import load_config
 from relayd.config.schema import Smarthost
@@ -25,11 +28,19 @@ from relayd.daemon.delivering import Delivering
 from relayd.delivery.ports import Pool
 from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, Envelope, Message, State
+from relayd.spool.records import Entry
 from relayd.spool.store import Spool
 from tests.support.clock import JumpingClock
 from tests.support.crashload import KillableRelay, message
 from tests.support.operator import Operator
-from tests.support.relay import free_port, running_relay, upstream_smarthost, wait_until, write_config
+from tests.support.relay import (
+    RunningRelay,
+    free_port,
+    running_relay,
+    upstream_smarthost,
+    wait_until,
+    write_config,
+)
 from tests.support.smtpclient import RawClient
 from tests.support.upstream import FakeUpstream
 
@@ -338,6 +349,55 @@ async def test_wall_clock_jump_neither_expires_nor_strands_queued_mail(
             await wait_until(lambda: len(up.messages) == 3, timeout=15,
                              what=f"delivery after a {jump_days:+} day jump")
             assert relay.daemon.spool.list(State.FAILED) == []
+
+
+def waiting_for_the_cap(relay: RunningRelay, queue_id: str) -> Entry | None:
+    """``queue_id``'s spool entry (what `queue list` shows) once it waits for the daily cap."""
+    entry = next((e for e in relay.daemon.spool.list() if e.id == queue_id), None)
+    return entry if entry is not None and "limits.daily_cap" in (entry.last_error or "") else None
+
+
+async def cap_gauge_is(port: int, value: float) -> bool:
+    """Whether /metrics says ``relayd_daily_cap_remaining`` is ``value`` (set by housekeeping)."""
+    text = (await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())).decode()
+    return any(s.name == "relayd_daily_cap_remaining" and s.value == value
+               for fam in text_string_to_metric_families(text) for s in fam.samples)
+
+
+@pytest.mark.parametrize("jump_days", [5.0, -3.0])
+async def test_wall_clock_jump_keeps_a_full_daily_cap_on_real_time(
+        tmp_path: Path, jump_days: float, caplog: pytest.LogCaptureFixture) -> None:
+    """T17/T18/T87: a full cap frees when the real window ends, whichever way the clock jumps.
+    Set back 3 days, its deliveries would stay in the window 3 more days, and the mail waiting
+    for it too; set forward 5 days, they would leave it at once: a second quota the same real
+    day at the provider, which counts real time."""
+    window = 6.0   # stands in for 24 h
+    clock, port = JumpingClock(), free_port()
+    async with FakeUpstream() as up:
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], limits={"daily_cap": 1},
+                           metrics={"listen": f"127.0.0.1:{port}"})
+        async with running_relay(cfg, clock=clock, cap_window=window, housekeeping_interval=0.2) as relay:
+            await relay.send(message("cap0"))
+            await wait_until(lambda: len(up.messages) == 1, what="the first delivery fills the cap")
+            filled = time.monotonic()
+            second = await relay.send(message("cap1"))
+            await wait_until(lambda: waiting_for_the_cap(relay, second), what="the second waits")
+            clock.advance(jump_days * 86400)
+            await wait_until(lambda: "retry times and daily caps follow it" in caplog.text,
+                             what="the jump noticed")
+            third = await relay.send(message("cap2"))
+            entry = await wait_until(lambda: waiting_for_the_cap(relay, third),
+                                     what=lambda: f"the third to wait too ({len(up.messages)} delivered)")
+            # What the operator sees: no room, and the next attempt within the real window.
+            assert len(up.messages) == 1
+            assert entry.next_attempt is not None and entry.next_attempt - clock() <= window
+            await wait_until(lambda: cap_gauge_is(port, 0), what="relayd_daily_cap_remaining 0")
+            await wait_until(lambda: len(up.messages) == 2, timeout=window + 10,
+                             what="one more delivery when the real window ends")
+            assert time.monotonic() - filled >= window - 0.5
+            # The two were due together: one went, the other waits for the cap full again.
+            assert [bool(waiting_for_the_cap(relay, q)) for q in (second, third)].count(True) == 1
 
 
 class GatedPool:
