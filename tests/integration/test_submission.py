@@ -45,7 +45,7 @@ async def _delivered(sub: Submission, n: int) -> None:
 async def test_starttls_login_and_plain_with_smtplib(tmp_path: Path) -> None:
     sub = Submission(tmp_path)
     await sub.add_user("alice", "--allowed-from", "@example.com")
-    await sub.op.start()
+    await sub.start()
     try:
         def send(mechanism: str) -> str:
             s = sub.smtp(login=None)
@@ -71,7 +71,7 @@ async def test_starttls_login_and_plain_with_smtplib(tmp_path: Path) -> None:
 async def test_implicit_tls_with_smtp_ssl(tmp_path: Path) -> None:
     sub = Submission(tmp_path)
     await sub.add_user("printer", "--allowed-from", "scanner@example.com")
-    await sub.op.start()
+    await sub.start()
     try:
         def send() -> None:
             with sub.smtps() as s:
@@ -90,7 +90,7 @@ async def test_implicit_tls_with_smtp_ssl(tmp_path: Path) -> None:
 async def test_auth_refused_before_tls_and_mail_refused_without_auth(tmp_path: Path) -> None:
     sub = Submission(tmp_path)
     await sub.add_user("alice", "--allowed-from", "*")
-    await sub.op.start()
+    await sub.start()
     try:
         def plain_text() -> tuple[str, tuple[int, bytes], tuple[int, bytes], tuple[int, bytes]]:
             s = smtplib.SMTP("127.0.0.1", sub.starttls_port, timeout=10)
@@ -116,7 +116,7 @@ async def test_wrong_password_unknown_user_and_lockout(tmp_path: Path) -> None:
     metrics_port = free_port()
     sub = Submission(tmp_path, metrics={"listen": f"127.0.0.1:{metrics_port}"})
     await sub.add_user("alice", "--allowed-from", "*")
-    await sub.op.start()
+    await sub.start()
     try:
         def attempts() -> list[int]:
             codes = []
@@ -153,7 +153,7 @@ async def test_wrong_password_unknown_user_and_lockout(tmp_path: Path) -> None:
 async def test_sender_not_owned_is_refused(tmp_path: Path) -> None:
     sub = Submission(tmp_path)
     await sub.add_user("alice", "--allowed-from", "@example.com")
-    await sub.op.start()
+    await sub.start()
     try:
         def send() -> tuple[tuple[int, bytes], int]:
             s = sub.smtp()
@@ -182,7 +182,7 @@ async def test_sender_not_owned_is_refused(tmp_path: Path) -> None:
 async def test_swaks_login_and_plain(tmp_path: Path) -> None:
     sub = Submission(tmp_path)
     await sub.add_user("alice", "--allowed-from", "@example.com")
-    await sub.op.start()
+    await sub.start()
     try:
         for mech in ("LOGIN", "PLAIN"):
             p = await sub.in_thread(lambda m=mech: subprocess.run(
@@ -226,7 +226,7 @@ async def test_php_login_over_465(tmp_path: Path) -> None:
     await sub.add_user("legacy", "--allowed-from", "app@example.com")
     script = tmp_path / "login.php"
     script.write_text(PHP_LOGIN)
-    await sub.op.start()
+    await sub.start()
     try:
         p = await sub.in_thread(lambda: subprocess.run(
             ["php", str(script), str(sub.implicit_port), str(sub.certs.ca_file), "legacy",
@@ -241,7 +241,7 @@ async def test_php_login_over_465(tmp_path: Path) -> None:
 async def test_hostile_auth_exchanges(tmp_path: Path) -> None:
     sub = Submission(tmp_path, listener={"auth_failure_limit": 100})
     await sub.add_user("alice", "--allowed-from", "*")
-    await sub.op.start()
+    await sub.start()
     try:
         def run() -> list[str]:
             out = []
@@ -289,7 +289,7 @@ async def test_hostile_auth_exchanges(tmp_path: Path) -> None:
 async def test_users_file_changes_while_running(tmp_path: Path) -> None:
     sub = Submission(tmp_path, listener={"auth_failure_limit": 100})
     await sub.add_user("alice", "--allowed-from", "*")
-    await sub.op.start()
+    await sub.start()
     try:
         await sub.add_user("bob", "--allowed-from", "*", password="bobs-password")
         await sub.in_thread(lambda: sub.smtp(login=("bob", "bobs-password")).quit())
@@ -309,7 +309,7 @@ async def test_users_file_changes_while_running(tmp_path: Path) -> None:
 async def test_sighup_swaps_the_certificate_open_sessions_finish(tmp_path: Path) -> None:
     sub = Submission(tmp_path)
     await sub.add_user("alice", "--allowed-from", "@example.com")
-    await sub.op.start()
+    await sub.start()
     try:
         def subject(sock: ssl.SSLSocket) -> str:
             cert = sock.getpeercert()
@@ -341,7 +341,7 @@ async def test_sighup_swaps_the_certificate_open_sessions_finish(tmp_path: Path)
 async def test_user_cap_mail_waits_and_is_released(tmp_path: Path) -> None:
     sub = Submission(tmp_path, alerts={"events": ["user_limit_reached"]})
     await sub.add_user("cron", "--allowed-from", "@example.com", "--daily-cap", "2")
-    await sub.op.start()
+    await sub.start()
     try:
         def send(n: int) -> None:
             s = sub.smtp(login=("cron", PASSWORD))
@@ -434,7 +434,7 @@ async def test_a_route_by_user_takes_that_users_mail_only(tmp_path: Path) -> Non
                      routes=[{"name": "cron", "match": {"user": ["cron"]}, "smarthosts": ["cronbox"]}])
     await sub.add_user("alice", "--allowed-from", "@example.com")
     await sub.add_user("cron", "--allowed-from", "@example.com")
-    await sub.op.start()
+    await sub.start()
     try:
         def send(user: str) -> None:
             s = sub.smtp(login=(user, PASSWORD))

@@ -14,8 +14,11 @@ import trustme
 
 from tests.support.operator import Operator, Result
 from tests.support.relay import free_port
+from tests.support.waiting import wait_until
 
 PASSWORD = "s3cret-pass word"
+# What relayd logs once its submission listeners are bound (relayd/daemon/accepting.py).
+LISTENING = "submission (TLS and AUTH required) on "
 MESSAGE = (b"From: App <app@example.com>\r\nTo: user@example.net\r\nSubject: report\r\n\r\n"
            b"body\r\n")
 
@@ -62,6 +65,15 @@ class Submission:
             submission=[{"listen": f"127.0.0.1:{self.starttls_port}", "tls": "starttls", **listener},
                         {"listen": f"127.0.0.1:{self.implicit_port}", "tls": "implicit", **listener}],
             users_file=str(self.users_file), **extra)
+
+    async def start(self) -> None:
+        """``relayd run``, until the submission listeners accept too. ``Operator.start``
+        returns once relayd greets on its own listener, and relayd binds the submission
+        listeners only after that one: wait for the line it logs when they are bound."""
+        before = self.op.log().count(LISTENING)
+        await self.op.start()
+        await wait_until(lambda: self.op.log().count(LISTENING) > before, 15,
+                         lambda: f"the submission listeners; log: {self.op.log()[-2000:]}")
 
     async def add_user(self, name: str, *args: str, password: str = PASSWORD) -> Result:
         result = await self.op.cli("user", "add", name, *args, stdin=password + "\n")
