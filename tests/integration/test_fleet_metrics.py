@@ -11,7 +11,7 @@ from pathlib import Path
 from relayd.control.metrics import Metrics
 from tests.integration.test_fleet import _fleet, _message, _stop
 from tests.support.postgres import Cluster
-from tests.support.relay import free_port
+from tests.support.relay import free_port, listening
 from tests.support.upstream import Upstreams
 from tests.support.waiting import wait_until
 
@@ -42,6 +42,8 @@ async def test_each_node_names_itself_and_shows_the_fleets_cap_remaining(
     b_cfg.write_text(b_cfg.read_text() + f"metrics:\n  listen: 127.0.0.1:{metrics_b}\n")
     await nodes[1].start()
     try:
+        # start() returns once relayd greets on its SMTP listener; /metrics binds after it.
+        await wait_until(lambda: listening(metrics_b), 10, "relay-b's /metrics")
         text = await asyncio.to_thread(_scrape, metrics_b)
         assert _value(text, 'relayd_node_info{node="relay-b"}') == 1.0
         assert "relay-a" not in text
