@@ -302,11 +302,8 @@ async def test_altered_and_newer_version_spool_files_are_set_aside_never_sent(tm
             await wait_until(lambda: len(listing(corrupt)) == 2, timeout=20,
                              what=lambda: f"both bad files set aside; log: {op.log()[-2000:]}")
 
-            async def empty() -> bool:  # the intact one leaves the spool just after its 250
-                return await op.queue() == []
-            await wait_until(empty, what="an empty queue (`queue list --json` is [])")
-            await wait_until(lambda: any("status=sent" in line for line in op.delivery_lines(intact)),
-                             what="the intact message's status=sent line")
+            await op.wait_empty()  # the intact one leaves the spool just after its 250
+            await op.wait_logged(intact)
 
             log = op.log()
             assert f"{flipped}: spool file set aside in {corrupt}: " in log

@@ -55,16 +55,13 @@ async def test_8bit_mime_reaches_a_7bit_smarthost_as_quoted_printable(tmp_path: 
             assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe aus K=C3=B6ln" in got.data
             assert leaves(got.data) == [("text/plain", TEXT), ("application/pdf", PDF)]
 
-            await wait_until(lambda: any("status=sent" in ln for ln in op.delivery_lines(qid)),
-                             20, "the status=sent line")
+            await op.wait_logged(qid)
             [line] = op.delivery_lines(qid)
             assert "to=<user@example.net>, relay=primary[" in line and "dsn=2.0.0, status=sent" in line
             assert (f"{qid}: smarthost primary does not offer 8BITMIME: the 8-bit body was converted "
                     f"to quoted-printable (1 MIME part; RFC 6152)") in op.log()
 
-            async def empty() -> bool:
-                return await op.queue() == []
-            await wait_until(empty, 20, "an empty queue", interval=0.1)
+            await op.wait_empty()
         finally:
             assert await op.stop() == 0
 
@@ -99,13 +96,10 @@ async def test_8bit_headers_fail_5_6_3_and_queue_retry_delivers_once_a_smarthost
             await wait_until(lambda: len(eight.messages) == 1, 20, "delivery through backup")
             assert "BODY=8BITMIME" in eight.messages[0].mail_options
             assert "Subject: Bericht für Köln".encode() in eight.messages[0].data
-            await wait_until(lambda: any("status=sent" in ln for ln in op.delivery_lines(qid)),
-                             20, "the status=sent line")
+            await op.wait_logged(qid)
             assert "relay=backup[" in op.delivery_lines(qid)[-1]
 
-            async def empty() -> bool:
-                return await op.queue() == []
-            await wait_until(empty, 20, "an empty queue", interval=0.1)
+            await op.wait_empty()
             assert seven.messages == []
         finally:
             assert await op.stop() == 0

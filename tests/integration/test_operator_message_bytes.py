@@ -59,12 +59,9 @@ async def test_a_100_kb_message_arrives_upstream_as_sent(tmp_path: Path) -> None
             assert b"Subject: bytes\r\n" in got
             # The smarthost stores the message before its 250; relayd logs the outcome and
             # lets the spool file go only once it has read that reply, so wait for both.
-            await wait_until(lambda: any("status=sent" in ln for ln in op.delivery_lines(qid)),
-                             20, "the status=sent line")
+            await op.wait_logged(qid)
             assert all("to=<user@example.net>" in ln for ln in op.delivery_lines(qid))
 
-            async def empty() -> bool:
-                return await op.queue() == []
-            await wait_until(empty, 20, "an empty queue", interval=0.1)
+            await op.wait_empty()
         finally:
             assert await op.stop() == 0

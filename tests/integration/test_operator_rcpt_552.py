@@ -36,9 +36,7 @@ async def test_recipients_refused_with_552_go_in_a_second_transaction(tmp_path: 
             assert all("attempts=1," in ln for ln in sent())
             assert not [ln for ln in op.delivery_lines(qid) if "status=sent" not in ln]
 
-            async def empty() -> bool:
-                return await op.queue() == []
-            await wait_until(empty, 20, "an empty queue", interval=0.1)
+            await op.wait_empty()
         finally:
             assert await op.stop() == 0
 
@@ -63,13 +61,10 @@ async def test_a_lone_recipient_refused_with_552_waits_and_queue_retry_delivers_
             assert (await op.cli("queue", "retry", qid)).code == 0
             await wait_until(lambda: len(up.messages) == 1, 20, "delivery after queue retry")
             assert up.messages[0].rcpt_tos == ["b@example.net"]
-            await wait_until(lambda: any("status=sent" in ln for ln in op.delivery_lines(qid)),
-                             20, "the status=sent line")
+            await op.wait_logged(qid)
             assert "attempts=2," in op.delivery_lines(qid)[-1]
 
-            async def empty() -> bool:
-                return await op.queue() == []
-            await wait_until(empty, 20, "an empty queue", interval=0.1)
+            await op.wait_empty()
             assert len(up.messages) == 1
         finally:
             assert await op.stop() == 0

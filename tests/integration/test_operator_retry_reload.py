@@ -122,9 +122,7 @@ async def test_queue_retry_all_delivers_a_thousand_messages_from_a_long_pause(
         # Both processes together; about 60 MB in the benchmark (docs/performance.md).
         assert peak < 200 * 1024, f"{peak} KiB"
 
-        async def empty() -> bool:
-            return await op.queue() == []
-        await wait_until(empty, 30, "an empty queue")
+        await op.wait_empty(30)
     finally:
         await op.stop()
 

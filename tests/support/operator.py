@@ -87,6 +87,21 @@ class Operator:
                                               start_tls=False, use_tls=False, timeout=10)
         return reply.rsplit(" ", 1)[-1]
 
+    async def wait_empty(self, timeout: float = 20.0) -> None:
+        """Poll `queue list --json` until it is empty (a delivered message's file goes just
+        after its log line)."""
+        async def empty() -> bool:
+            return await self.queue() == []
+        await wait_until(empty, timeout, "an empty queue", interval=0.1)
+
+    async def wait_logged(self, qid: str, status: str = "sent", timeout: float = 20.0) -> str:
+        """Wait for a ``status=STATUS`` delivery line of ``qid`` (written once the smarthost's
+        reply is read, so after the smarthost has the message); returns the latest such line."""
+        def line() -> str | None:
+            found = [ln for ln in self.delivery_lines(qid) if f"status={status}" in ln]
+            return found[-1] if found else None
+        return await wait_until(line, timeout, f"the status={status} line of {qid}")
+
     def log(self) -> str:
         return self.relay.log()
 
