@@ -9,13 +9,16 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import yaml
 
 from tests.support.relay import ROOT, RelayProcess, free_port, write_config
 from tests.support.waiting import wait_until
@@ -117,6 +120,17 @@ class Operator:
 
     def write(self, text: str) -> None:
         self.config.write_text(text)
+
+    async def reload(self, edit: Callable[[dict[str, Any]], object]) -> None:
+        """What an operator does to change a setting: edit the file (``edit`` changes the
+        parsed YAML in place), SIGHUP, and wait for relayd to log that it took it."""
+        data = yaml.safe_load(self.config.read_text())
+        edit(data)
+        self.write(yaml.safe_dump(data))
+        before = self.log().count("configuration reloaded")
+        self.relay.signal(signal.SIGHUP)
+        await wait_until(lambda: self.log().count("configuration reloaded") > before, 20,
+                         lambda: f"the reload; log:\n{self.log()}")
 
 
 __all__ = ["MESSAGE", "SPLIT", "Operator", "Result", "run_cli", "wait_until"]

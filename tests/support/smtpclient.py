@@ -29,6 +29,14 @@ class RawClient:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer)
 
+    @classmethod
+    async def greeted(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        """Connected, and the server's 220 greeting read (AssertionError for any other)."""
+        client = await cls.connect(host, port)
+        code, text = await client.reply()
+        assert code == 220, (code, text)
+        return client
+
     async def reply(self, timeout: float = 5.0) -> tuple[int, str]:
         lines = []
         while True:

@@ -118,3 +118,27 @@ def read_reply(sock: socket.socket) -> str:
         lines = data.split(b"\r\n")
         if len(lines) > 1 and len(lines[-2]) >= 4 and lines[-2][3:4] == b" " and data.endswith(b"\r\n"):
             return data.decode(errors="replace")
+
+
+def replies_until_closed(sock: socket.socket) -> list[str]:
+    """Every reply the server sends until it closes the connection, one string each (the
+    lines of a multi-line reply joined with "\\n"): for counting what a session answered."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ssl.SSLEOFError, ConnectionResetError):
+            break  # closed without TLS close_notify, or reset after QUIT: the end all the same
+        if not chunk:
+            break
+        data += chunk
+    replies: list[str] = []
+    lines: list[str] = []
+    for line in data.decode(errors="replace").split("\r\n")[:-1]:
+        lines.append(line)
+        if line[3:4] != "-":
+            replies.append("\n".join(lines))
+            lines = []
+    if lines:
+        replies.append("\n".join(lines))  # an unfinished reply is shown too
+    return replies

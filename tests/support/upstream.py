@@ -13,6 +13,9 @@ Constructor options (all also plain attributes, so a test may change them betwee
 - ``tls``: ``"none"`` | ``"starttls"`` (offers STARTTLS) | ``"implicit"`` (TLS from the first
   byte). Certificates come from a ``trustme`` CA for ``hostname`` ("localhost" and 127.0.0.1);
   ``up.ca_file`` is the CA to trust, ``up.other_ca_file`` a CA that did NOT sign it.
+  ``expired``: the certificate served expired yesterday (same CA, same names).
+  ``tls_versions``: (minimum, maximum) ``ssl.TLSVersion`` the server negotiates, e.g.
+  ``tls_versions.LEGACY`` for a server that only speaks TLS 1.0 and 1.1 (tests/support/tls_versions.py).
 - ``require_starttls``: commands other than EHLO/STARTTLS/QUIT get ``530 5.7.0 Must issue a
   STARTTLS command first`` before TLS (with ``tls="starttls"``).
 - ``auth``: mechanisms offered, any of ``PLAIN LOGIN CRAM-MD5 XOAUTH2`` (empty: no AUTH).
@@ -31,11 +34,14 @@ Constructor options (all also plain attributes, so a test may change them betwee
   (value a line or a list, as above); ``dot`` may also be such a mapping, keyed by the
   message's first recipient.
 - ``drop_at`` / ``hang_at``: a stage name (above, plus ``rcpt`` and ``body``; ``body`` means
-  "after 354, while the client sends the message") at which the server closes the connection
-  / stops answering forever. ``drop_once``: only the first time, then behave normally.
+  "after 354, while the client sends the message"; ``starttls`` means "after answering 220 to
+  STARTTLS", so ``hang_at="starttls"`` never takes part in the TLS handshake; ``auth``: at the
+  AUTH command) at which the server closes the connection / stops answering forever.
+  ``drop_once``: only the first time, then behave normally.
 - ``size_limit``: the advertised SIZE (0: no SIZE). ``smtputf8``: offer SMTPUTF8. ``port``: the port
   to listen on (0: any free one; a fixed one lets a test start the server after relayd tried it).
-  ``reissue(hostname)`` serves a certificate for another name from then on.
+  ``reissue(hostname, expired=False)`` serves a new certificate (for another name, or no longer
+  expired) from then on; ``serve_tls_versions(versions)`` changes ``tls_versions`` from then on.
 - ``eightbitmime``: advertise 8BITMIME (RFC 6152; default True, as aiosmtpd does). False
   makes a 7-bit server, for the conversion relayd then owes it; the bytes received are
   recorded as they came.
@@ -59,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import hmac
 import json
@@ -74,9 +81,10 @@ import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relayd.config.schema import AuthConfig, Smarthost, TlsMode
+from tests.support.tls_versions import limit_versions
 
 Script = str | list[str]
-STAGES = ("greeting", "ehlo", "mail", "rcpt", "data", "body", "dot", "rset")
+STAGES = ("greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "body", "dot", "rset")
 
 
 @dataclass
@@ -129,7 +137,9 @@ class FakeUpstream:
                  auth_failure: str = "535 5.7.8 Authentication credentials invalid", replies: Mapping[str, Any] | None = None,
                  drop_at: str | None = None, hang_at: str | None = None, drop_once: bool = False,
                  size_limit: int = 0, smtputf8: bool = True, pipelining: bool = True,
-                 eightbitmime: bool = True, hostname: str = "localhost", port: int = 0) -> None:
+                 eightbitmime: bool = True, hostname: str = "localhost", port: int = 0,
+                 expired: bool = False,
+                 tls_versions: tuple[ssl.TLSVersion, ssl.TLSVersion] | None = None) -> None:
         self.tls = tls
         self.require_starttls = require_starttls
         self.auth = tuple(m.upper() for m in auth)
@@ -162,7 +172,9 @@ class FakeUpstream:
         self._tmp = tempfile.TemporaryDirectory(prefix="fake-upstream-")
         self.ca, self.ca_file, self.other_ca_file = _make_ca_files(Path(self._tmp.name), hostname)
         self._server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ca.issue_cert(hostname, "127.0.0.1").configure_cert(self._server_ctx)
+        self.reissue(hostname, expired=expired)
+        if tls_versions is not None:
+            self.serve_tls_versions(tls_versions)
         self._server: asyncio.AbstractServer | None = None
         self._protocols: set[_ScriptedSMTP] = set()
         self._changed = asyncio.Event()
@@ -193,9 +205,19 @@ class FakeUpstream:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def reissue(self, hostname: str) -> None:
-        """Serve a certificate for ``hostname`` (and 127.0.0.1) from the same CA from now on."""
-        self.ca.issue_cert(hostname, "127.0.0.1").configure_cert(self._server_ctx)
+    def reissue(self, hostname: str, *, expired: bool = False) -> None:
+        """Serve a certificate for ``hostname`` (and 127.0.0.1) from the same CA from now on;
+        ``expired``: one whose validity ended yesterday."""
+        validity: dict[str, datetime.datetime] = {}
+        if expired:
+            now = datetime.datetime.now(datetime.UTC)
+            validity = {"not_before": now - datetime.timedelta(days=90),
+                        "not_after": now - datetime.timedelta(days=1)}
+        self.ca.issue_cert(hostname, "127.0.0.1", **validity).configure_cert(self._server_ctx)
+
+    def serve_tls_versions(self, versions: tuple[ssl.TLSVersion, ssl.TLSVersion]) -> None:
+        """Negotiate only TLS versions (minimum, maximum) in the handshakes from now on."""
+        limit_versions(self._server_ctx, versions)
 
     def smarthost(self, *, name: str = "fake", auth: AuthConfig | None = None,
                   timeout: float = 2.0, max_connections: int = 4, **overrides: Any) -> Smarthost:
@@ -340,7 +362,18 @@ class _ScriptedSMTP(SMTP):  # type: ignore[misc]
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         self.fake.commands.append("STARTTLS")
+        if self.tls_context is not None and "starttls" in (self.fake.hang_at, self.fake.drop_at):
+            await self.push("220 Ready to start TLS")
+            await self._act("starttls")  # the handshake never happens
+            return
         await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if "auth" in (self.fake.hang_at, self.fake.drop_at):
+            self.fake.commands.append(f"AUTH {arg.split(' ', 1)[0]}")  # the mechanism only
+            await self._act("auth")
+            return
+        await super().smtp_AUTH(arg)
 
     async def smtp_MAIL(self, arg: str) -> None:
         self.fake.commands.append(f"MAIL {arg}")
