@@ -156,7 +156,8 @@ RULES: tuple[Rule, ...] = (
     Rule(_d("unreachable",
             "The host name could not be resolved or the network is unreachable.",
             "Check the host spelling and DNS resolution on this machine."),
-         error=r"Name or service not known|nodename nor servname|unreachable|getaddrinfo"),
+         error=r"cannot resolve the host name|Name or service not known|nodename nor servname|"
+               r"unreachable|getaddrinfo"),
     Rule(_d("recipient-rejected",
             "The server refused the recipient address.",
             "Check the address; a 5.1.1 reply means the mailbox does not exist."),

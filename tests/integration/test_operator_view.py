@@ -47,6 +47,9 @@ class Case:
     failed: bool = False                         # a 5xx: the message is failed, not waiting
     listening: bool = True                       # False: nothing listens until cleared
     oauth: bool = False
+    logged: str | None = None                    # what the delivery log line says (regex)
+    # The operator clears the fault by changing these smarthost settings (file + SIGHUP).
+    reconfigure: dict[str, Any] = field(default_factory=dict)
 
 
 def _pop(stage: str) -> Callable[[FakeUpstream, FakeTokenServer], None]:
@@ -67,6 +70,10 @@ def _allow_client(_: FakeUpstream, server: FakeTokenServer) -> None:
 CASES = [
     Case("connection-refused", r"cannot connect to .*connection refused", lambda up, _: None,
          listening=False),
+    # T61: a smarthost name that does not resolve; the operator corrects it in the file.
+    Case("host-does-not-resolve", r"cannot connect to nonexistent\.invalid:\d+: cannot resolve the host name",
+         lambda up, _: None, smarthost={"host": "nonexistent.invalid"}, reconfigure={"host": "127.0.0.1"},
+         logged=r"status=deferred \(451 4\.4\.3 cannot resolve the host name"),
     Case("timeout-no-answer", r"timed out", _set(hang_at=None), upstream={"hang_at": "greeting"},
          smarthost={"timeout": "1s"}),
     Case("tls-name-mismatch", r"certificate verify failed.*hostname mismatch|certificate",
@@ -143,8 +150,12 @@ async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cl
         lines = op.delivery_lines(qid)
         assert len(lines) == 1, op.log()
         assert "attempts=1," in lines[0] and f"status={status}" in lines[0], lines[0]
+        if case.logged is not None:
+            assert re.search(case.logged, lines[0]), lines[0]
 
         case.clear(up, tokens)
+        if case.reconfigure:
+            await op.reload(lambda data: data["smarthosts"][0].update(case.reconfigure))
         if not case.listening:
             await up.start()
         retry = await op.cli("queue", "retry", qid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,10 @@ def _mailbox(address: str) -> str:
 
 
 def _os_reason(exc: OSError) -> str:
+    # A name lookup's errno is a getaddrinfo code (EAI_NONAME is -2), not an errno:
+    # os.strerror would make "Unknown error -2" of it. Its own text says what happened.
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror or exc})"
     # asyncio words a refused connect "Connect call failed (...)"; the errno says it plainly.
     if exc.errno:
         return os.strerror(exc.errno)
@@ -106,6 +111,8 @@ def describe_failure(exc: BaseException, smarthost: Smarthost) -> tuple[Reply, s
         return reply, f"{where} refused the session at greeting: {reply}"
     if isinstance(exc, SMTPConnectError):
         reason = _os_reason(cause) if isinstance(cause, OSError) else str(exc)
+        if isinstance(cause, socket.gaierror):  # RFC 3463 X.4.3: the name service failed
+            return local_reply("4.4.3", reason), f"cannot connect to {where}: {reason}"
         return local_reply("4.4.1", f"connect failed: {reason}"), f"cannot connect to {where}: {reason}"
     if isinstance(exc, SMTPTimeoutError):
         return (local_reply("4.4.2", "timed out"),
