@@ -19,6 +19,7 @@ import pytest
 from tests.support.oauth_server import FakeTokenServer, TokenServers
 from tests.support.operator import Operator
 from tests.support.relay import free_port, upstream_smarthost, wait_until
+from tests.support.tls_versions import LEGACY, MODERN, legacy_tls_unavailable
 from tests.support.upstream import FakeUpstream, Upstreams
 
 RCPT = "user@example.net"
@@ -48,8 +49,13 @@ class Case:
     listening: bool = True                       # False: nothing listens until cleared
     oauth: bool = False
     logged: str | None = None                    # what the delivery log line says (regex)
+    # The server stalls: the attempt gives up after the smarthost's timeout (1s), not later.
+    stalls: bool = False
+    # A TLS failure: before it is cleared nothing but EHLO and STARTTLS went over the wire.
+    tls_fault: bool = False
     # The operator clears the fault by changing these smarthost settings (file + SIGHUP).
     reconfigure: dict[str, Any] = field(default_factory=dict)
+    skip: str | None = None                      # why this machine cannot run the case
 
 
 def _pop(stage: str) -> Callable[[FakeUpstream, FakeTokenServer], None]:
@@ -67,6 +73,10 @@ def _allow_client(_: FakeUpstream, server: FakeTokenServer) -> None:
     server.clients["app1"] = SECRET
 
 
+STALL = {"timeout": "1s"}
+STARTTLS = {"tls": "starttls"}
+
+
 CASES = [
     Case("connection-refused", r"cannot connect to .*connection refused", lambda up, _: None,
          listening=False),
@@ -74,12 +84,33 @@ CASES = [
     Case("host-does-not-resolve", r"cannot connect to nonexistent\.invalid:\d+: cannot resolve the host name",
          lambda up, _: None, smarthost={"host": "nonexistent.invalid"}, reconfigure={"host": "127.0.0.1"},
          logged=r"status=deferred \(451 4\.4\.3 cannot resolve the host name"),
-    Case("timeout-no-answer", r"timed out", _set(hang_at=None), upstream={"hang_at": "greeting"},
-         smarthost={"timeout": "1s"}),
+    # T61: stalls at each step of setting up the session, cut off by the smarthost timeout:
+    # a server that accepts the connection but never greets, one that answers STARTTLS but
+    # never takes part in the handshake, one that never answers AUTH.
+    Case("timeout-no-answer", r"timed out while receiving the initial server greeting",
+         _set(hang_at=None), upstream={"hang_at": "greeting"}, smarthost=STALL, stalls=True,
+         logged=r"status=deferred \(451 4\.4\.2 timed out while receiving the initial server greeting"),
+    Case("stall-after-starttls", r"timed out while performing the TLS handshake", _set(hang_at=None),
+         upstream={"tls": "starttls", "hang_at": "starttls"}, smarthost={**STALL, **STARTTLS},
+         stalls=True, tls_fault=True,
+         logged=r"status=deferred \(451 4\.4\.2 timed out while performing the TLS handshake"),
+    Case("stall-after-auth", r"timed out after AUTH", _set(hang_at=None),
+         upstream={"tls": "starttls", "hang_at": "auth", "auth": ("PLAIN", "LOGIN"),
+                   "credentials": {"relay": "right"}, "require_auth": True},
+         smarthost={**STALL, **STARTTLS, "auth": {"method": "auto", "username": "relay", "password": "right"}},
+         stalls=True, logged=r"status=deferred \(451 4\.4\.2 timed out after AUTH"),
     Case("tls-name-mismatch", r"certificate verify failed.*hostname mismatch|certificate",
          lambda up, _: up.reissue("localhost"),
          upstream={"tls": "starttls", "hostname": "wrong.example"},
          smarthost={"host": "localhost", "tls": "starttls"}),
+    # relayd asks for TLS 1.2 or later. A server that only has 1.0 and 1.1 answers with an
+    # alert ("TLS handshake with ... failed: TLSV1_ALERT_PROTOCOL_VERSION") or, as asyncio's
+    # (the fake's) does, by closing the connection.
+    Case("tls-1.1-only", r"closed the connection while performing the TLS handshake|TLS handshake with .* failed",
+         lambda up, _: up.serve_tls_versions(MODERN),
+         upstream={"tls": "starttls", "tls_versions": LEGACY}, smarthost=STARTTLS, tls_fault=True,
+         logged=r"status=deferred \(451 4\.(4\.2 connection lost while performing the|7\.5) TLS handshake",
+         skip=legacy_tls_unavailable()),
     Case("starttls-not-offered", r"STARTTLS", _set(tls="starttls"), smarthost={"tls": "starttls"}),
     Case("auth-535", r"535", lambda up, _: up.credentials.update(relay="typo"),
          upstream={"auth": ("PLAIN", "LOGIN"), "credentials": {"relay": "right"}, "require_auth": True},
@@ -117,7 +148,19 @@ def _smarthost(up: FakeUpstream, case: Case, tokens: FakeTokenServer) -> dict[st
     return entry
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def _param(case: Case) -> Any:
+    marks = [pytest.mark.skip(reason=case.skip)] if case.skip else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+def _setup_seconds(line: str) -> float:
+    """The third of Postfix's ``delays=a/b/c/d``: connecting, TLS, EHLO and AUTH."""
+    match = re.search(r"delays=[\d.]+/[\d.]+/([\d.]+)/", line)
+    assert match, line
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cleared(
         tmp_path: Path, case: Case, token_server: TokenServers, upstream: Upstreams) -> None:
     tokens = token_server(clients={"app1": "not-the-configured-secret"})
@@ -152,6 +195,11 @@ async def test_a_failed_attempt_counts_says_why_and_queue_retry_delivers_once_cl
         assert "attempts=1," in lines[0] and f"status={status}" in lines[0], lines[0]
         if case.logged is not None:
             assert re.search(case.logged, lines[0]), lines[0]
+        if case.stalls:  # cut off by the 1 s timeout of that step, not by anything longer
+            assert 0.9 <= _setup_seconds(lines[0]) < 2.0, lines[0]
+        if case.tls_fault:  # not a word in clear text beyond EHLO and STARTTLS
+            assert {c.split()[0] for c in up.commands} <= {"EHLO", "STARTTLS", "QUIT"}, up.commands
+            assert up.auth_attempts == [] and up.messages == []
 
         case.clear(up, tokens)
         if case.reconfigure:

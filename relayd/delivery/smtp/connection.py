@@ -67,6 +67,9 @@ class UpstreamConnection:
         self.auth_mechanism: str | None = None
         self.tls = False
         self.messages = 0
+        # The step of ``open`` under way (for saying where a timeout or disconnect struck):
+        # "connect" (TCP, implicit TLS and the greeting), "EHLO", "STARTTLS" or "AUTH".
+        self.step = "connect"
         self._replies: ReplyReader | None = None
         self.opened_at = self.idle_since = time.monotonic()
 
@@ -115,9 +118,11 @@ class UpstreamConnection:
         """Connect, (STARTTLS,) EHLO and AUTH. Raises on any failure; the caller closes."""
         sh = self.smarthost
         self._note(f"connecting to {sh.host}:{sh.port} (tls: {sh.tls.value})")
+        self.step = "connect"
         greeting = await self._smtp.connect()
         self.tls = sh.tls is TlsMode.IMPLICIT
         self._note_reply(_reply(greeting))
+        self.step = "EHLO"
         await self._ehlo()
         if sh.tls is TlsMode.STARTTLS:
             if not self.supports("starttls"):
@@ -125,14 +130,17 @@ class UpstreamConnection:
                 raise TlsRequired("the server does not offer STARTTLS; refusing to send "
                                   "in clear text (tls: starttls)")
             self._note("C: STARTTLS")
+            self.step = "STARTTLS"
             resp = await self._smtp.starttls(server_hostname=sh.host)
             self._note_reply(_reply(resp))
             self.tls = True
             if self._tls_context is not None:
                 self._note(f"TLS established ({self._tls_version()})")
             # RFC 3207 §4.2: forget everything learned before TLS and EHLO again.
+            self.step = "EHLO"
             await self._ehlo()
         offered = self.extensions.get("auth", "").upper().split()
+        self.step = "AUTH"
         self.auth_mechanism = await authenticate(self.command, sh.auth, offered, token_source)
         self.take_over()
 

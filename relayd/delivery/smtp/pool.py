@@ -27,6 +27,7 @@ from aiosmtplib.errors import (
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
     SMTPException,
+    SMTPReadTimeoutError,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
@@ -82,11 +83,37 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def describe_failure(exc: BaseException, smarthost: Smarthost) -> tuple[Reply, str]:
+def _during(exc: BaseException, step: str | None) -> str | None:
+    """Where in setting up the session a timeout or a lost connection struck, in Postfix's
+    words ("timed out while receiving the initial server greeting"), or None when ``step``
+    is unknown or says nothing more than the exception does."""
+    if step == "connect":
+        # aiosmtplib times the greeting out as a connect timeout, caused by a read timeout;
+        # a TCP connect (or implicit TLS handshake) timeout is caused by a plain TimeoutError.
+        greeting = isinstance(exc, SMTPConnectTimeoutError) and isinstance(exc.__cause__, SMTPTimeoutError)
+        return "while receiving the initial server greeting" if greeting else None
+    if step == "STARTTLS" and exc.__cause__ is not None and not isinstance(exc, SMTPReadTimeoutError):
+        # The 220 came, then the handshake timed out or the server dropped it (a server that
+        # does not speak TLS 1.2 or later may just close). A missing 220 is a read timeout,
+        # or a plain close, which has no cause.
+        return "while performing the TLS handshake"
+    return f"after {step}" if step in ("EHLO", "STARTTLS", "AUTH") else None
+
+
+def describe_failure(exc: BaseException, smarthost: Smarthost,
+                     step: str | None = None) -> tuple[Reply, str]:
     """A reply (the server's when it gave one, else a local one with an RFC 3463 DSN) and a
-    plain sentence for a failure while connecting, securing or authenticating."""
+    plain sentence for a failure while connecting, securing or authenticating; ``step`` is
+    the step of setting up the session that was under way (UpstreamConnection.step)."""
     where = f"{smarthost.host}:{smarthost.port}"
     cause = exc.__cause__
+    during = _during(exc, step) if isinstance(exc, SMTPTimeoutError | SMTPServerDisconnected) else None
+    if during is not None:
+        if isinstance(exc, SMTPTimeoutError):
+            return (local_reply("4.4.2", f"timed out {during}"),
+                    f"conversation with {where} timed out {during} (timeout {smarthost.timeout:g}s)")
+        return (local_reply("4.4.2", f"connection lost {during}"),
+                f"{where} closed the connection {during}")
     if isinstance(exc, AuthFailed):
         return exc.reply, f"authentication failed at {where}: {exc}"
     if isinstance(exc, OAuthError):
@@ -292,7 +319,7 @@ class SmarthostPool:
                 if conn.is_connected:
                     await conn.quit(timeout=min(2.0, self._sh.timeout))
                 conn.close()
-            reply, error = describe_failure(exc, self._sh)
+            reply, error = describe_failure(exc, self._sh, conn.step if conn is not None else None)
             if record is not None:
                 record(f"error: {error}")
             self._log.debug("%s: %s", self._sh.relay, error)
