@@ -99,10 +99,16 @@ CASES = [
                    "credentials": {"relay": "right"}, "require_auth": True},
          smarthost={**STALL, **STARTTLS, "auth": {"method": "auto", "username": "relay", "password": "right"}},
          stalls=True, logged=r"status=deferred \(451 4\.4\.2 timed out after AUTH"),
+    # T65: certificates that do not verify, and a server without TLS 1.2: never clear text.
     Case("tls-name-mismatch", r"certificate verify failed.*hostname mismatch|certificate",
          lambda up, _: up.reissue("localhost"),
          upstream={"tls": "starttls", "hostname": "wrong.example"},
-         smarthost={"host": "localhost", "tls": "starttls"}),
+         smarthost={"host": "localhost", "tls": "starttls"}, tls_fault=True,
+         logged=r"status=deferred \(451 4\.7\.5 TLS certificate verification failed"),
+    Case("tls-certificate-expired", r"certificate verify failed.*certificate has expired",
+         lambda up, _: up.reissue("localhost"), upstream={"tls": "starttls", "expired": True},
+         smarthost={"host": "localhost", **STARTTLS}, tls_fault=True,
+         logged=r"status=deferred \(451 4\.7\.5 TLS certificate verification failed"),
     # relayd asks for TLS 1.2 or later. A server that only has 1.0 and 1.1 answers with an
     # alert ("TLS handshake with ... failed: TLSV1_ALERT_PROTOCOL_VERSION") or, as asyncio's
     # (the fake's) does, by closing the connection.
@@ -111,7 +117,8 @@ CASES = [
          upstream={"tls": "starttls", "tls_versions": LEGACY}, smarthost=STARTTLS, tls_fault=True,
          logged=r"status=deferred \(451 4\.(4\.2 connection lost while performing the|7\.5) TLS handshake",
          skip=legacy_tls_unavailable()),
-    Case("starttls-not-offered", r"STARTTLS", _set(tls="starttls"), smarthost={"tls": "starttls"}),
+    Case("starttls-not-offered", r"STARTTLS", _set(tls="starttls"), smarthost={"tls": "starttls"},
+         tls_fault=True),
     Case("auth-535", r"535", lambda up, _: up.credentials.update(relay="typo"),
          upstream={"auth": ("PLAIN", "LOGIN"), "credentials": {"relay": "right"}, "require_auth": True},
          smarthost={"auth": {"method": "auto", "username": "relay", "password": "typo"}}),
