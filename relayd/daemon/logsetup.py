@@ -107,7 +107,9 @@ def _journald(stream: TextIO, environ: Mapping[str, str]) -> bool:
         return True
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Every C0 control but LF (made a continuation line below), and DEL. TAB too: a client's TAB
+# in a HELO name would otherwise split the line for tools that read tab-separated fields.
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 
 
 class TextFormatter(logging.Formatter):

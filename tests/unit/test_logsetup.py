@@ -65,6 +65,13 @@ def test_multiline_messages_stay_one_event() -> None:
     assert out.getvalue() == "<4>warning: config refused:\n    smarthosts[0].port: bad\n"
 
 
+def test_control_characters_from_clients_are_escaped() -> None:
+    out = io.StringIO()
+    setup_logging(LoggingConfig(), stream=out, environ={"JOURNAL_STREAM": "1:1"})
+    logging.getLogger("relayd").info("Q1: helo=<a\x00b\tc\x1b[2Jd\x7fe\rf>")
+    assert out.getvalue() == "<6>Q1: helo=<a\\x00b\\x09c\\x1b[2Jd\\x7fef>\n"
+
+
 def test_json_lines_with_queue_id() -> None:
     out = io.StringIO()
     setup_logging(LoggingConfig(format=LogFormat.JSON), stream=out, environ={})
