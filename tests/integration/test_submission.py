@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import ssl
 import stat
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.support.relay import free_port
-from tests.support.submission import MESSAGE, PASSWORD, Submission, read_reply
+from tests.support.submission import MESSAGE, PASSWORD, Submission, read_reply, replies_until_closed
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -108,6 +109,44 @@ async def test_auth_refused_before_tls_and_mail_refused_without_auth(tmp_path: P
         assert auth[0] == 538 and auth[1].startswith(b"5.7.11")
         assert mail[0] == 530 and mail[1].startswith(b"5.7.0")
         assert after[0] == 530 and after[1].startswith(b"5.7.0")
+    finally:
+        await sub.op.stop()
+
+
+async def test_plain_text_pipelined_after_starttls_never_runs_inside_tls(tmp_path: Path) -> None:
+    """T43, STARTTLS command injection (CVE-2011-0411, aiosmtpd CVE-2024-34083): commands sent
+    in the same segment as STARTTLS, before the handshake, are dropped. Inside TLS exactly the
+    commands sent inside TLS are answered, and the session is the one begun inside TLS."""
+    sub = Submission(tmp_path)
+    await sub.add_user("alice", "--allowed-from", "@example.com")
+    await sub.op.start()
+    try:
+        def session() -> tuple[str, str, list[str]]:
+            raw = socket.create_connection(("127.0.0.1", sub.starttls_port), timeout=10)
+            read_reply(raw)
+            raw.sendall(b"EHLO app.test\r\n")
+            before_tls = read_reply(raw)
+            # One write, one segment: what a man in the middle appends to the client's STARTTLS.
+            raw.sendall(b"STARTTLS\r\nNOOP\r\nEHLO injected.test\r\n")
+            ready = read_reply(raw)  # all the server said in clear text after STARTTLS
+            tls = sub.certs.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
+            plain = _b64(b"\0alice\0" + PASSWORD.encode())
+            tls.sendall(b"".join(line + b"\r\n" for line in (
+                b"EHLO inside.test", b"AUTH PLAIN " + plain.encode(), b"MAIL FROM:<app@example.com>",
+                b"RCPT TO:<user@example.net>", b"DATA")))
+            tls.sendall(MESSAGE + b".\r\nQUIT\r\n")
+            inside = replies_until_closed(tls)
+            tls.close()
+            return before_tls, ready, inside
+        before_tls, ready, inside = await sub.in_thread(session)
+        assert "STARTTLS" in before_tls and "AUTH" not in before_tls  # T42: no AUTH in clear
+        assert ready.startswith("220 ") and ready.count("\r\n") == 1, ready
+        codes = [reply[:3] for reply in inside]
+        assert codes == ["250", "235", "250", "250", "354", "250", "221"], inside
+        assert inside[0].startswith("250-") and "AUTH LOGIN PLAIN" in inside[0]  # EHLO inside.test
+        await _delivered(sub, 1)
+        await wait_until(lambda: "helo=<inside.test>" in sub.op.log(), 10, "the message's log line")
+        assert "injected" not in sub.op.log()
     finally:
         await sub.op.stop()
 
