@@ -119,7 +119,7 @@ async def test_plain_text_pipelined_after_starttls_never_runs_inside_tls(tmp_pat
     commands sent inside TLS are answered, and the session is the one begun inside TLS."""
     sub = Submission(tmp_path)
     await sub.add_user("alice", "--allowed-from", "@example.com")
-    await sub.op.start()
+    await sub.start()
     try:
         def session() -> tuple[str, str, list[str]]:
             raw = socket.create_connection(("127.0.0.1", sub.starttls_port), timeout=10)
