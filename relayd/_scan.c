@@ -1,7 +1,8 @@
 /* relayd._scan: the whole-message byte scans of the SMTP paths, at memchr speed.
  *
- * Why C: each of these scans runs on the event loop for every message (the end-of-data
- * search, the line-end check, dot-stuffing both ways). CPython's bytes.find for a needle of
+ * Why C: each of these scans runs on the event loop or in the acceptance path for every
+ * message (the end-of-data search, the line-end and line-length checks, dot-stuffing both
+ * ways). CPython's bytes.find for a needle of
  * 2 to 5 bytes, bytes.count and re's literal search are byte loops, while glibc's memchr
  * finds the next LF in a few nanoseconds; mail has an LF every line, so stepping from LF
  * to LF and looking at the bytes around it is much faster (docs/performance.md, "Fifth
@@ -77,6 +78,44 @@ scan_line_ends_ok(PyObject *module, PyObject *arg)
         ok = p + 1 < end && p[1] == '\n';
     PyBuffer_Release(&data);
     return PyBool_FromLong(ok);
+}
+
+PyDoc_STRVAR(has_long_line_doc,
+"has_long_line(data, limit, /) -> bool\n\n"
+"True when a line of data is longer than limit octets. A line is what lies between LFs;\n"
+"the CR of a CRLF does not count (RFC 5322 section 2.1.1: 998 octets excluding the CRLF).");
+
+static PyObject *
+scan_has_long_line(PyObject *module, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "y*n:has_long_line", &data, &limit))
+        return NULL;
+    if (limit < 0) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "has_long_line: limit must not be negative");
+        return NULL;
+    }
+    const char *p = data.buf, *end = p + data.len;
+    int found = 0;
+    /* While what is left could hold a line over the limit: the next LF is looked for only in
+     * the next limit + 2 bytes (a longest allowed line, its CR and its LF), so a huge line is
+     * not read to its end. */
+    while (!found && end - p > limit) {
+        Py_ssize_t left = end - p;
+        size_t n = left - limit >= 2 ? (size_t)limit + 2 : (size_t)left;
+        const char *lf = memchr(p, '\n', n);
+        if (lf == NULL) {
+            found = 1;  /* more than limit + 1 bytes without an LF, or a last line over it */
+        }
+        else {
+            found = (lf - p) - (lf > p && lf[-1] == '\r') > limit;
+            p = lf + 1;
+        }
+    }
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(found);
 }
 
 /* Whether the LF at lf (inside s[0:end]) ends a CRLF and the next line starts with ".". */
@@ -162,6 +201,7 @@ scan_unstuff(PyObject *module, PyObject *arg)
 static PyMethodDef scan_methods[] = {
     {"find_line", scan_find_line, METH_VARARGS, find_line_doc},
     {"line_ends_ok", scan_line_ends_ok, METH_O, line_ends_ok_doc},
+    {"has_long_line", scan_has_long_line, METH_VARARGS, has_long_line_doc},
     {"stuff", scan_stuff, METH_O, stuff_doc},
     {"unstuff", scan_unstuff, METH_O, unstuff_doc},
     {NULL, NULL, 0, NULL},

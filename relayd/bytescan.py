@@ -1,5 +1,6 @@
 """The whole-message byte scans of the SMTP paths: the end-of-data search, the line-end
-check, and dot-stuffing both ways (RFC 5321 §4.5.2; the listener undoes it on what it
+check, the line-length check (acceptance re-encodes lines over 998 octets:
+relayd/policy/long_lines.py), and dot-stuffing both ways (RFC 5321 §4.5.2; the listener undoes it on what it
 receives, delivery does it on what it sends; the spool holds content that is not
 dot-stuffed).
 
@@ -33,6 +34,21 @@ def py_line_ends_ok(data: bytes) -> bool:
     return _BARE_CR.search(data) is None and data.count(b"\n") == data.count(b"\r")
 
 
+def py_has_long_line(data: bytes, limit: int) -> bool:
+    """Whether a line (the bytes between LFs, without the CR of a CRLF) is longer than
+    ``limit`` octets (RFC 5322 §2.1.1)."""
+    if limit < 0:
+        raise ValueError("has_long_line: limit must not be negative")
+    if len(data) <= limit:
+        return False
+    lines = data.split(b"\n")
+    if max(map(len, lines)) <= limit:  # split and len run in C: the common case is quick
+        return False
+    last = len(lines) - 1
+    return any(len(line) - (i < last and line.endswith(b"\r")) > limit
+               for i, line in enumerate(lines) if len(line) > limit)
+
+
 def py_stuff(content: bytes) -> bytes:
     """``content`` as sent after 354, without the terminator: each line that starts with "."
     gets one more (``content`` itself when none does)."""
@@ -58,5 +74,7 @@ NATIVE = _C is not None
 find_line: Callable[[bytes | bytearray, bytes, int], int] = (
     _C.find_line if _C is not None else py_find_line)
 line_ends_ok: Callable[[bytes], bool] = _C.line_ends_ok if _C is not None else py_line_ends_ok
+has_long_line: Callable[[bytes, int], bool] = (
+    _C.has_long_line if _C is not None else py_has_long_line)
 stuff: Callable[[bytes], bytes] = _C.stuff if _C is not None else py_stuff
 unstuff: Callable[[bytes], bytes] = _C.unstuff if _C is not None else py_unstuff

@@ -24,12 +24,17 @@ def main(path: str, count: int) -> None:
             data = bytes(rnd.choice(alphabet) for _ in range(size))
         else:
             data = b"line.\r\n.x\r\n" * (size // 11)
+            if rnd.random() < 0.5:  # a line of about 998 octets, for has_long_line
+                at = rnd.randrange(len(data))
+                data = data[:at] + b"a" * rnd.randint(995, 1001) + rnd.choice([b"", b"\r"]) + data[at:]
         rest = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 4)))
         start = rnd.randint(0, size + 2)
         expected = data.find(b"\n" + rest, start)
         assert scan.find_line(data, rest, start) == expected, (data, rest, start)
         assert scan.find_line(bytearray(data), rest, start) == expected, (data, rest, start)
         assert scan.line_ends_ok(data) == bytescan.py_line_ends_ok(data), data
+        limit = rnd.choice([0, 1, 2, 3, 10, 998])
+        assert scan.has_long_line(data, limit) == bytescan.py_has_long_line(data, limit), data
         assert scan.stuff(data) == bytescan.py_stuff(data), data
         assert scan.unstuff(data) == bytescan.py_unstuff(data), data
     print(f"ok {count}")

@@ -45,6 +45,43 @@ def test_line_ends_ok_means_every_cr_and_lf_is_in_a_crlf(data: bytes) -> None:
     assert bytescan.py_line_ends_ok(data) is expected
 
 
+def _has_long_line(data: bytes, limit: int) -> bool:
+    """The definition: a line is what lies between LFs, without the CR of a CRLF."""
+    lines = data.split(b"\n")
+    return any(len(line.removesuffix(b"\r") if i < len(lines) - 1 else line) > limit
+               for i, line in enumerate(lines))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(DATA, st.integers(0, 6))
+def test_has_long_line_twins_agree_with_the_definition(data: bytes, limit: int) -> None:
+    expected = _has_long_line(data, limit)
+    assert _scan.has_long_line(data, limit) is expected
+    assert bytescan.py_has_long_line(data, limit) is expected
+
+
+LONGISH = st.lists(st.tuples(st.integers(990, 1002), st.sampled_from([b"\r\n", b"\n", b"\r", b""])),
+                   max_size=4).map(lambda ls: b"".join(b"x" * n + end for n, end in ls))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(LONGISH, DATA), max_size=4).map(b"".join))
+def test_has_long_line_at_998_octets(data: bytes) -> None:
+    expected = _has_long_line(data, 998)
+    assert _scan.has_long_line(data, 998) is expected
+    assert bytescan.py_has_long_line(data, 998) is expected
+
+
+def test_has_long_line_edges() -> None:
+    for scan in (_scan.has_long_line, bytescan.py_has_long_line):
+        assert not scan(b"x" * 998 + b"\r\n" + b"y" * 998, 998)
+        assert scan(b"x" * 999 + b"\r\n", 998) and scan(b"x" * 998 + b"\r", 998)
+        assert scan(b"x" * 998 + b"\r" + b"x", 998) and not scan(b"", 0)
+        assert scan(b"a\r\n" * 10 + b"b" * 100_000 + b"\r\n", 998)
+        with pytest.raises(ValueError, match="limit"):
+            scan(b"x", -1)
+
+
 @settings(max_examples=1000, deadline=None)
 @given(DATA)
 def test_stuff_and_unstuff_twins_agree(data: bytes) -> None:
@@ -62,6 +99,9 @@ def test_any_bytes(data: bytes, rest: bytes, start: int) -> None:
     # cases on an ASan + UBSan build, for reads and writes outside the buffers.)
     assert _scan.find_line(data, rest, start) == data.find(b"\n" + rest, start)
     assert _scan.line_ends_ok(data) is bytescan.py_line_ends_ok(data)
+    for limit in (0, 1, 3, 998):
+        assert _scan.has_long_line(data, limit) is bytescan.py_has_long_line(data, limit) \
+            is _has_long_line(data, limit)
     assert _scan.stuff(data) == bytescan.py_stuff(data)
     assert _scan.unstuff(data) == bytescan.py_unstuff(data)
 
