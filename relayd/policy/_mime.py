@@ -360,13 +360,16 @@ def _decode_body(body: bytes, cte: str) -> bytes:
 
 def _encode_body(raw: bytes, cte: str) -> bytes:
     if cte == "base64":
-        enc = base64.b64encode(raw)
-        lines = [enc[i:i + 76] for i in range(0, len(enc), 76)]
-        return CRLF.join(lines) + CRLF
+        return wrap_base64(base64.b64encode(raw))
     if cte == "quoted-printable":
         return quoprimime.body_encode(raw.decode("latin-1"), maxlinelen=76,
                                       eol="\r\n").encode("latin-1")
     return raw
+
+
+def wrap_base64(encoded: bytes) -> bytes:
+    """Base64 characters in lines of 76, each ending with CRLF (RFC 2045 §6.8)."""
+    return CRLF.join([encoded[i:i + 76] for i in range(0, len(encoded), 76)]) + CRLF
 
 
 def _charset_ok(name: str) -> bool:

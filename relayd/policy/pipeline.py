@@ -2,7 +2,8 @@
 
 ``build_policy(config, dkim_keys)`` compiles the config slices once (regexes, keys);
 ``run_pipeline(policy, message, ctx)`` applies ``steps_in_order()`` in SPEC order (priority ->
-do-not-email -> rewrite -> headers -> unsubscribe -> DKIM) and returns a ``PipelineResult``.
+do-not-email -> rewrite -> headers -> unsubscribe -> long lines -> DKIM) and returns a
+``PipelineResult``.
 No step does I/O, reads the clock or logs: the time and the do-not-email snapshot come in
 ``PolicyContext``, and every decision is returned as data (``steps`` notes for explain/logs).
 """
@@ -35,11 +36,13 @@ __all__ = ["Note", "PipelineResult", "Policy", "PolicyContext", "build_policy", 
 @functools.cache
 def steps_in_order() -> tuple[tuple[str, Step], ...]:
     """The SPEC order, in one place: priority -> do-not-email -> rewrite -> headers ->
-    unsubscribe -> DKIM (DKIM last, so the signature covers every other change).
+    unsubscribe -> long lines -> DKIM (DKIM last, so the signature covers every other change,
+    including the re-encoding of lines over 998 octets, relayd/policy/long_lines.py).
 
     Imported on first use: the steps need the email package (~1.5 MB), which the delivery
     process, using only ``recheck_at_delivery``, never loads."""
-    from relayd.policy import signing, steps, unsubscribe  # lazy: the email package, see above
+    # lazy: the email package, see above
+    from relayd.policy import long_lines, signing, steps, unsubscribe
 
     return (
         ("priority", steps.classify),
@@ -47,6 +50,7 @@ def steps_in_order() -> tuple[tuple[str, Step], ...]:
         ("rewrite", steps.rewrite),
         ("headers", steps.edit_headers),
         ("unsubscribe", unsubscribe.apply),
+        (long_lines.STEP, long_lines.step),
         ("dkim", signing.sign),
     )
 

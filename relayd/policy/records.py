@@ -4,6 +4,7 @@ the draft between steps and the final result. Data only, no behaviour beyond sma
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -84,6 +85,18 @@ class Note:
 
     step: str
     text: str
+
+    @property
+    def logged(self) -> int | None:
+        """The level at which the acceptance log shows this note on a line of its own (the
+        re-encoding of long lines: relayd/policy/long_lines.py), or None."""
+        if self.step != LONG_LINES:
+            return None
+        return logging.WARNING if self.text.startswith(NOT_REENCODED) else logging.INFO
+
+
+LONG_LINES = "long_lines"  # the step's name (relayd/policy/long_lines.py)
+NOT_REENCODED = "not re-encoded, kept as received"  # its note after an unexpected error
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,10 @@ class Intake:
         log.info("%s: client=[%s]%s, helo=<%s>, from=<%s>, size=%d, nrcpt=%d, %s", queue_id,
                  envelope.client, sasl, envelope.helo, envelope.mail_from, len(content),
                  len(envelope.rcpt_tos), log_summary(accepted.result))
+        for note in accepted.result.steps:
+            level = note.logged
+            if level is not None:  # lines over 998 octets re-encoded (RFC 5322 §2.1.1)
+                log.log(level, "%s: %s", queue_id, note.text)
         if any(m.envelope.route for _, m in stored):
             log.info("%s: routes: %s", queue_id,
                      ", ".join(f"{q} route={m.envelope.route}" for q, m in stored))

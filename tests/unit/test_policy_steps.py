@@ -25,7 +25,7 @@ def headers(content: bytes) -> _mime.Headers:
 
 def test_steps_run_in_spec_order() -> None:
     assert [name for name, _ in steps_in_order()] == ["priority", "do_not_email", "rewrite", "headers",
-                                           "unsubscribe", "dkim"]
+                                           "unsubscribe", "long_lines", "dkim"]
 
 
 # -- priority ------------------------------------------------------------------------------
