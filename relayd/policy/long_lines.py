@@ -79,6 +79,9 @@ def reencode(content: bytes) -> Reencoded:
         return Reencoded(content)
     rules = _LongLines()
     out = _reencode.convert(content, rules)
+    if not rules.left and has_long_line(out, LIMIT):
+        rules.left.append("a line outside the MIME parts (a preamble or epilogue, or a part "
+                          "the MIME structure does not reach)")
     return Reencoded(out, rules.quoted_printable, rules.base64, rules.folded, tuple(rules.left))
 
 

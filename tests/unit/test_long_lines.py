@@ -151,6 +151,30 @@ def test_what_cannot_be_re_encoded_is_left_and_noted(part: bytes, reason: str) -
     assert done.notes() == [f"lines longer than 998 octets left as they are: {reason}"]
 
 
+def test_a_long_preamble_is_left_and_noted() -> None:
+    original = multipart(text_part(b"ok\r\n", cte=None), preamble=b"p" * 1200 + b"\r\n")
+    done = reencode(original)
+    assert done.content == original
+    assert done.left == ("a line outside the MIME parts (a preamble or epilogue, or a part the "
+                         "MIME structure does not reach)",)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_mime_is_converted_or_left_never_an_error(data: st.DataObject) -> None:
+    base = multipart(text_part(b"a" * 1500 + b"\r\n"), html_part(),
+                     b"Content-Type: message/rfc822\r\n\r\nSubject: x\r\n\r\n" + b"z" * 1100 + b"\r\n",
+                     ATTACHMENT.replace(b"JVBERi0xLjQK", b"QUJD" * 400))
+    content = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(content) - 1))
+        end = data.draw(st.integers(at, min(len(content), at + 300)))
+        content[at:end] = data.draw(st.sampled_from([b"", b"\r\n", b"--BB\r\n", b"--BB--", b"\r\n\r\n",
+                                                     b"Content-Type: multipart/mixed; boundary=BB\r\n"]))
+    done = reencode(bytes(content))
+    assert longest(done.content) <= LIMIT or done.left
+
+
 def test_a_message_without_long_lines_is_the_same_object() -> None:
     original = multipart(text_part(b"x" * 998 + b"\r\n"), ATTACHMENT)
     assert reencode(original).content is original
