@@ -37,6 +37,7 @@ from relayd.daemon.pipe import (
     EventMetrics,
     open_events,
     parse_config_line,
+    parse_spool_line,
     read_first_line,
     read_lines,
 )
@@ -87,6 +88,10 @@ async def run_delivery(args: DeliverArgs, cfg: Config, pending: bytes = b"") -> 
         text = parse_config_line(line)
         if text is not None:
             background.spawn(apply_config(delivering, text, args.config))
+            return
+        health = parse_spool_line(line)
+        if health is not None:
+            delivering.spool_health(health)
             return
         qid, _, priority = line.decode("ascii", "replace").partition(" ")
         if qid:

@@ -96,7 +96,9 @@ class ReplyAction(enum.StrEnum):
 ALERT_EVENTS = ("smarthost_down", "auth_failed", "token_refresh_failed",
                 "daily_cap_reached", "message_failed", "queue_age", "user_limit_reached",
                 # fires only where shared_state is configured (SPEC)
-                "shared_state_down")
+                "shared_state_down",
+                # the spool cannot store mail: every message is answered 451
+                "spool_unwritable")
 AUTO_ADD_KINDS = ("hard_bounce", "unsubscribe")
 
 

@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from relayd.config.schema import AlertsConfig
 from relayd.errors import StateUnavailable
+from relayd.spool.health import SpoolHealth
 
 log = logging.getLogger("relayd.alerts")
 
@@ -201,6 +202,16 @@ class Alerts:
                       f"old (alerts.queue_age is {limit / 60:.0f} min)")
         else:
             self.clear("queue_age", "queue", "no queued message is older than alerts.queue_age")
+
+    def spool_health(self, health: SpoolHealth) -> None:
+        """Fire ``spool_unwritable`` when a store failed, clear it when one succeeded again
+        (the intake reports both, relayd/spool/health.py)."""
+        if health.writable:
+            self.clear("spool_unwritable", "spool", f"the spool {health.path} accepts mail again")
+        else:
+            self.fire("spool_unwritable", "spool",
+                      f"the spool {health.path} cannot store mail ({health.error}); every "
+                      "message is answered 451 4.3.0 until a store succeeds")
 
     def _channels(self) -> bool:
         return bool(self._cfg.webhook or (self._cfg.email and self._send_email))

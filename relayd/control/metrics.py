@@ -59,6 +59,10 @@ class Recorder:
     def set_shared_state_up(self, up: bool) -> None:
         """With shared_state: whether the fleet's database answered this node last time."""
 
+    def set_spool_writable(self, writable: bool) -> None:
+        """Whether the last store into the spool succeeded (0 from a failed one until the
+        next one succeeds)."""
+
     def set_node(self, node: str) -> None:
         """With shared_state: this node's name in the fleet (``relayd_node_info``)."""
 
@@ -102,6 +106,9 @@ class Metrics(Recorder):
         self._token_expiry = Gauge("relayd_oauth_token_expiry_seconds",
                                    "Seconds until the cached access token expires",
                                    ["smarthost"], registry=r)
+        self._spool_writable = Gauge("relayd_spool_writable", "0 from a failed store into the "
+                                     "spool until the next store succeeds, else 1", registry=r)
+        self._spool_writable.set(1)
         self._auth: Counter | None = None
 
         self._shared_up: Gauge | None = None
@@ -158,6 +165,9 @@ class Metrics(Recorder):
     def auth(self, result: str) -> None:
         if self._auth is not None:
             self._auth.labels(result=result).inc()
+
+    def set_spool_writable(self, writable: bool) -> None:
+        self._spool_writable.set(1 if writable else 0)
 
     def set_shared_state_up(self, up: bool) -> None:
         # Created on first use: the series exists only where shared_state is configured.

@@ -22,6 +22,7 @@ from relayd.policy.acceptance import AcceptancePolicy
 from relayd.policy.suppressions import SuppressionList
 from relayd.smtpd.intake import Intake
 from relayd.smtpd.listener import Listener, ListenerSettings
+from relayd.spool.health import SpoolHealth
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -36,13 +37,14 @@ class Accepting:
 
     def __init__(self, config: Config, *, spool: Spool, executor: Executor, metrics: Recorder,
                  store: SuppressionList, dkim_keys: dict[str, bytes], clock: Callable[[], float],
-                 enqueue: Callable[[str, bool], None], sockets: Sequence[Any] = ()) -> None:
+                 enqueue: Callable[[str, bool], None], sockets: Sequence[Any] = (),
+                 on_spool: Callable[[SpoolHealth], None] | None = None) -> None:
         self.config = config
         self.spool = spool
         self._executor = executor
         self.policy = AcceptancePolicy(config, store, dkim_keys=dkim_keys)
         self.intake = Intake(self.policy, spool, executor=executor, clock=clock, metrics=metrics,
-                             enqueue=enqueue)
+                             enqueue=enqueue, on_spool=on_spool)
         self.listener = Listener(ListenerSettings.from_config(config), self.intake)
         self.submission = _submission(config, self.intake, executor, metrics)
         self.unsubscribe_server = _unsubscribe_server(config, store)

@@ -27,6 +27,7 @@ from relayd.daemon.child import DeliveryProcess
 from relayd.daemon.state import StateBackend, build_state
 from relayd.model import State
 from relayd.policy.acceptance import read_dkim_keys
+from relayd.spool.health import SpoolHealth
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ class Delivery(Protocol):
     def reload(self, new: Config) -> None: ...
 
     def housekeeping(self, oldest_age: float) -> None: ...
+
+    def spool_health(self, health: SpoolHealth) -> None:
+        """A store failed, or succeeded again after a failure (the spool_unwritable alert)."""
 
     async def stop(self, grace: float = 60.0) -> None: ...
 
@@ -112,7 +116,8 @@ class Daemon(Generic[D]):
         self.accepting = Accepting(parts.config, spool=parts.spool, executor=parts.executor,
                                    metrics=parts.metrics, store=parts.state.store,
                                    dkim_keys=read_dkim_keys(parts.config), clock=clock,
-                                   enqueue=delivery.enqueue, sockets=sockets)
+                                   enqueue=delivery.enqueue, sockets=sockets,
+                                   on_spool=delivery.spool_health)
         self._housekeeping_interval = housekeeping_interval
         self._stop = asyncio.Event()
         self.hooks = Hooks()

@@ -52,9 +52,11 @@ from relayd.daemon.pipe import (
     child_argv,
     config_line,
     read_lines,
+    spool_line,
     write_pipe,
 )
 from relayd.model import Status
+from relayd.spool.health import SpoolHealth
 from relayd.spool.store import Spool
 
 log = logging.getLogger("relayd")
@@ -87,6 +89,7 @@ class DeliveryProcess:
         self._metrics = metrics
         self._proc: asyncio.subprocess.Process | None = None
         self._notify: Batcher | None = None
+        self._spool_failure: SpoolHealth | None = None  # the outage a new child must hear of
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self.started = asyncio.Event()
@@ -109,6 +112,8 @@ class DeliveryProcess:
             os.close(events_w)
         self._notify = Batcher(await write_pipe(notify_w))
         self._notify.write(config_line(self._config_text))
+        if self._spool_failure is not None:  # a restarted child resolves the ongoing outage
+            self._notify.write(spool_line(self._spool_failure))
         await read_lines(events_r, self._on_event, lambda: None)
         log.info("delivery process started (pid %d)", self._proc.pid)
         self.started.set()
@@ -143,6 +148,12 @@ class DeliveryProcess:
 
     def housekeeping(self, oldest_age: float) -> None:
         """The delivery process keeps its own alerts and gauges."""
+
+    def spool_health(self, health: SpoolHealth) -> None:
+        """A store failed or succeeded again: the delivery process's alerts hear of it."""
+        self._spool_failure = None if health.writable else health
+        if self._notify is not None:
+            self._notify.write(spool_line(health))
 
     async def _supervise(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from relayd.delivery.gate import DeliveryGate
 from relayd.delivery.per_host import HostLimits
 from relayd.delivery.ports import Pool
 from relayd.delivery.qmgr import QueueManager
+from relayd.spool.health import SpoolHealth
 from relayd.spool.store import Spool
 
 if TYPE_CHECKING:
@@ -185,6 +186,11 @@ class Delivering:
         self.metrics.set_daily_cap_remaining(remaining)
         if remaining:
             self.alerts.clear("daily_cap_reached", "daily_cap", "limits.daily_cap has room again")
+
+    def spool_health(self, health: SpoolHealth) -> None:
+        """The intake's report on the spool (here, or over the notify pipe): the
+        spool_unwritable alert."""
+        self.alerts.spool_health(health)
 
     def _refresh_cap(self) -> None:
         """In a fleet the others' deliveries change the cap: re-read it in a worker thread

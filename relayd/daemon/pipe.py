@@ -3,8 +3,10 @@ its two pipes.
 
 - *notify*, accepting to delivery process: first ``config <base64 YAML>``, the exact text
   the accepting process validated (the delivery process never reads the config file), then
-  one line ``ID P`` per stored message (``P`` is 1 for priority mail), and a new ``config``
-  line after every reload the accepting process accepted;
+  one line ``ID P`` per stored message (``P`` is 1 for priority mail), a new ``config``
+  line after every reload the accepting process accepted, and ``spool W <base64 path>
+  <base64 reason>`` when a store failed (``W`` 0) or succeeded again after a failure
+  (``W`` 1), for the ``spool_unwritable`` alert (relayd/spool/health.py);
 - *events*, delivery to accepting process: one JSON array ``[method, args, kwargs]`` per
   line, a recording that ``/metrics`` shows, applied by the accepting process to its
   ``Metrics`` (an allow-list of methods, ``FORWARDED``; nothing else is called).
@@ -26,8 +28,10 @@ from typing import Any
 
 from relayd.control.metrics import Recorder
 from relayd.model import Status
+from relayd.spool.health import SpoolHealth
 
 CONFIG_LINE = b"config "  # notify-pipe line carrying the accepted config text (base64)
+SPOOL_LINE = b"spool "  # notify-pipe line: whether the last store succeeded (SpoolHealth)
 # The Recorder methods the delivery process may call in the accepting process.
 FORWARDED = frozenset({"delivery", "suppressed", "set_smarthost", "set_token_expiry",
                        "set_daily_cap_remaining", "set_shared_state_up"})
@@ -73,6 +77,28 @@ def parse_config_line(line: bytes) -> str | None:
         return base64.b64decode(line[len(CONFIG_LINE):], validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
+
+
+def spool_line(health: SpoolHealth) -> bytes:
+    """The notify-pipe line that hands the delivery process a ``SpoolHealth``."""
+    path = base64.b64encode(health.path.encode("utf-8", "surrogateescape"))
+    error = base64.b64encode(health.error.encode("utf-8", "replace"))
+    return b"%s%d %s %s\n" % (SPOOL_LINE, int(health.writable), path, error)
+
+
+def parse_spool_line(line: bytes) -> SpoolHealth | None:
+    """The record of a ``spool_line``, else None (another line, or damage)."""
+    if not line.startswith(SPOOL_LINE):
+        return None
+    fields = line[len(SPOOL_LINE):].split(b" ")
+    if len(fields) != 3 or fields[0] not in (b"0", b"1"):
+        return None
+    try:
+        path, error = [base64.b64decode(f, validate=True).decode("utf-8", "replace")
+                       for f in fields[1:]]
+    except binascii.Error:
+        return None
+    return SpoolHealth(fields[0] == b"1", path, error)
 
 
 def read_first_line(fd: int) -> tuple[bytes, bytes]:

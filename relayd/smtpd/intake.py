@@ -3,6 +3,12 @@
 Answers 250 only after every copy of the message is on disk (RFC 5321 §6.1). Messages
 whose DATA ends while the previous ones are being stored go to the spool together, with
 one flush for all of them (relayd/spool/write.py).
+
+A store that fails (disk full, out of inodes, read-only file system, EIO, permission denied)
+is answered 451 and reported to ``on_spool`` (the ``spool_unwritable`` alert, through the
+delivery: relayd/spool/health.py) and the ``relayd_spool_writable`` gauge; the next store
+that succeeds reports the end of the outage. While the spool stores, success costs one
+boolean test.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from relayd.model import Envelope, Message, Reply, Status
 from relayd.policy.acceptance import AcceptancePolicy, Accepted
 from relayd.policy.pipeline import log_summary
 from relayd.spool.batching import Batches, Err, Ok, Outcome
+from relayd.spool.health import SpoolHealth
 from relayd.spool.records import new_queue_id
 from relayd.spool.store import Spool
 
@@ -34,12 +41,15 @@ class Intake:
 
     def __init__(self, policy: AcceptancePolicy, spool: Spool, *, executor: Executor,
                  clock: Callable[[], float], metrics: Recorder,
-                 enqueue: Callable[[str, bool], None]) -> None:
+                 enqueue: Callable[[str, bool], None],
+                 on_spool: Callable[[SpoolHealth], None] | None = None) -> None:
         self.policy = policy
         self._spool = spool
         self._clock = clock
         self._metrics = metrics
         self._enqueue = enqueue
+        self._on_spool = on_spool
+        self._spool_failing = False  # the last store failed: the next success reports the end
         self._stores: Batches[_Arrival] = Batches(self._store_batch, executor)
 
     def check_recipient(self, mail_from: str, rcpt: str) -> Reply | None:
@@ -90,7 +100,10 @@ class Intake:
             accepted, stored = await self._stores.submit((queue_id, envelope, content, now))
         except SpoolError as exc:
             log.error("%s: not accepted, the spool failed: %s", queue_id, exc)
+            self._spool_failed(exc)
             return Reply(451, "4.3.0 Temporary local problem storing the message, try again later")
+        if self._spool_failing:
+            self._spool_stores_again()
         faults.crash_point("before-250")
         # Postfix's smtpd line: client=…, sasl_method=…, sasl_username=… for authenticated mail.
         sasl = (f", sasl_method={envelope.auth_method}, sasl_username={envelope.user}"
@@ -116,3 +129,19 @@ class Intake:
         for qid, message in stored:
             self._enqueue(qid, message.envelope.priority)
         return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
+
+    def _spool_failed(self, exc: SpoolError) -> None:
+        """Every failed store is reported (the alerts de-duplicate, and re-notify while the
+        outage lasts); the reason is the operating system's, never the message's."""
+        self._spool_failing = True
+        self._metrics.set_spool_writable(False)
+        if self._on_spool is not None:
+            reason = str(exc).removeprefix("cannot store message: ")
+            self._on_spool(SpoolHealth(False, str(self._spool.path), reason))
+
+    def _spool_stores_again(self) -> None:
+        self._spool_failing = False
+        self._metrics.set_spool_writable(True)
+        log.info("the spool %s stores mail again", self._spool.path)
+        if self._on_spool is not None:
+            self._on_spool(SpoolHealth(True, str(self._spool.path)))
