@@ -93,6 +93,7 @@ class FreeFiles:
         ``relist`` lists free/ even within the pause after an empty listing.
 
         FileExistsError when ``dst`` exists already (a duplicate queue ID)."""
+        failed: set[str] = set()
         while True:
             try:
                 name = self._names.popleft()
@@ -101,6 +102,11 @@ class FreeFiles:
                     return False
                 relist = False  # once per call
                 continue
+            if name in failed:
+                # Listed again after it could not be taken: the spool itself refuses (a
+                # read-only file system, EACCES, EIO), not another taker. A new file is tried
+                # instead, which fails with the reason (451), rather than listing forever.
+                return False
             src = f"{self._dir}/{name}"
             try:
                 os.link(src, dst)
@@ -109,6 +115,7 @@ class FreeFiles:
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT) and self._move(src, dst):
                     return True
+                failed.add(name)
                 continue  # taken by someone else since the listing (or not a file)
             try:
                 os.unlink(src)

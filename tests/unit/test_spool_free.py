@@ -236,6 +236,52 @@ def test_out_of_inodes_on_tmpfs_the_free_file_is_moved_instead_of_linked(
     assert len(os.listdir(d)) == 1
 
 
+@pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM])
+def test_a_spool_that_refuses_every_link_is_not_listed_forever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    """A read-only spool (or EACCES, EIO, a file system without hard links): the free files
+    stay where they are and are listed again at once; each is tried once per take, then a
+    new file is created (and fails with the real reason: a 451, not a hung session)."""
+    d = tmp_path / "free"
+    d.mkdir()
+    (d / "F").write_bytes(b"")
+    (d / "G").write_bytes(b"")
+    links: list[str] = []
+
+    def refused(src: str, dst: str) -> None:
+        links.append(src)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(spool_free.os, "link", refused)
+    pool = FreeFiles(str(d))
+    assert pool.take(str(tmp_path / "a.msg")) is False
+    assert sorted(os.path.basename(p) for p in links) == ["F", "G"]
+    assert sorted(os.listdir(d)) == ["F", "G"] and not (tmp_path / "a.msg").exists()
+
+
+def test_a_read_only_spool_with_free_files_answers_with_the_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_dirs()
+    _deliver(spool, spool.put(_msg(b"done\r\n")))   # a free file to take
+    assert os.listdir(tmp_path / "spool" / "free")
+    real_open = os.open
+
+    def read_only(path: str, flags: int, *args: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *args)
+
+    def no_link(src: str, dst: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(spool_free.os, "link", no_link)
+    monkeypatch.setattr("relayd.spool.write.os.open", read_only)
+    with pytest.raises(SpoolError, match="Read-only file system"):
+        spool.put(_msg(b"refused\r\n"))
+    spool.close()
+
+
 def test_threads_taking_at_once_each_get_a_different_file_and_none_goes_without(
         tmp_path: Path) -> None:
     d = tmp_path / "free"
