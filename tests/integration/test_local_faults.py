@@ -30,6 +30,7 @@ from relayd.errors import SpoolError
 from relayd.model import DeliveryResult, Envelope, Message, State
 from relayd.spool.records import Entry
 from relayd.spool.store import Spool
+from tests.integration.test_alerts import Receiver
 from tests.support.clock import JumpingClock
 from tests.support.crashload import KillableRelay, message
 from tests.support.operator import Operator
@@ -159,6 +160,68 @@ async def test_read_only_spool_answers_451_and_resumes_when_writable(tmp_path: P
             relay.stop()
     got = sorted(m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages)
     assert got == [b"after", b"ro0", b"ro1", b"ro2"]
+
+
+async def gauge(port: int, name: str) -> float | None:
+    """The value of the unlabelled gauge ``name`` on /metrics (None: no such series)."""
+    text = (await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())).decode()
+    return next((s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                 if s.name == name), None)
+
+
+@pytest.mark.parametrize("processes", ["0", "1"], ids=["split", "single"])
+async def test_unwritable_spool_alerts_once_and_resolves_at_the_next_stored_message(
+        tmp_path: Path, processes: str) -> None:
+    """T12 (and T08/T11: every failed store takes this path): the 451s are not only logged.
+    The accepting process reports the failed store to the alerts (over the notify pipe when
+    split, a direct call in one process): one spool_unwritable notice per outage, naming the
+    spool and the reason but no address, and one resolved notice at the next stored message."""
+    async with Receiver() as rx, FakeUpstream() as up:
+        port, metrics_port = free_port(), free_port()
+        spool_dir = tmp_path / "spool"
+        cfg = write_config(tmp_path, [upstream_smarthost(up, tls="none")], port=port,
+                           alerts={"webhook": f"http://127.0.0.1:{rx.port}/hook"},
+                           metrics={"listen": f"127.0.0.1:{metrics_port}"})
+        relay = KillableRelay(cfg, port, tmp_path / "relayd.log", tmpfs=(spool_dir, "size=4m"))
+        await asyncio.to_thread(relay.start, 15.0, {"RELAYD_SINGLE_PROCESS": processes})
+        try:
+            assert (await send(port, message("before")))[0] == 250
+            await wait_until(lambda: len(up.messages) == 1, timeout=15, what="the first delivery")
+            assert await gauge(metrics_port, "relayd_spool_writable") == 1
+            # Read-only, as in test_read_only_spool_answers_451_and_resumes_when_writable.
+            relay.in_namespace("sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"',
+                               str(spool_dir))
+            code, text = await send(port, message("refused"))
+            assert code == 451 and "4.3.0" in text
+            await wait_until(lambda: rx.posts, timeout=15,
+                             what=lambda: f"the spool_unwritable notice; log: {relay.log()[-2000:]}")
+            (notice,) = rx.posts
+            assert (notice["event"], notice["key"], notice["state"]) == \
+                ("spool_unwritable", "spool", "firing"), notice
+            assert str(spool_dir) in notice["message"] and "Read-only file system" in notice["message"]
+            assert "@" not in notice["message"] and "refused" not in notice["message"]
+            assert await gauge(metrics_port, "relayd_spool_writable") == 0
+            assert (await send(port, message("refused-again")))[0] == 451
+            relay.in_namespace("umount", str(spool_dir))  # writable again
+            assert (await send(port, message("after")))[0] == 250
+            await wait_until(lambda: len(rx.posts) >= 2, timeout=15,
+                             what=lambda: f"the resolved notice; log: {relay.log()[-2000:]}")
+            # The notices travel in order (one pipe, one queue): a notice for the second
+            # refusal would have come before the recovery.
+            assert [(p["event"], p["state"]) for p in rx.posts] == [
+                ("spool_unwritable", "firing"), ("spool_unwritable", "resolved")]
+            assert "accepts mail again" in rx.posts[1]["message"]
+            assert rx.posts[1]["since"] == notice["since"]
+            await wait_until(lambda: len(up.messages) == 2, timeout=15, what="the delivery after")
+            assert await gauge(metrics_port, "relayd_spool_writable") == 1
+        finally:
+            relay.stop()
+    got = [m.data.split(b"X-Load-Id: ")[1].split(b"\r\n")[0] for m in up.messages]
+    assert got == [b"before", b"after"]
+    log = relay.log()
+    assert log.count("alert: spool_unwritable") == 1
+    assert "stores mail again" in log
 
 
 def test_requeue_puts_the_message_back_even_when_its_metadata_cannot_be_written(
