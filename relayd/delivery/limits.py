@@ -225,15 +225,19 @@ class DailyCap:
     def settle(self, granted: int, delivered: int, now: float) -> None:
         """Release an ``acquire`` and count the ``delivered`` recipients (may exceed granted
         for exempt priority mail)."""
-        with self._lock:
-            self._in_flight = max(0, self._in_flight - granted)
-        self.record(delivered, now)
+        self.record(delivered, now, released=granted)
 
-    def record(self, n: int, now: float) -> None:
-        """Count ``n`` delivered recipients at ``now`` (persisted)."""
+    def record(self, n: int, now: float, *, released: int = 0) -> None:
+        """Count ``n`` delivered recipients at ``now`` (persisted), releasing ``released``
+        reserved ones in the same step: between two steps, another delivery would see the
+        room of a reservation whose recipients are not counted yet, and overshoot the cap."""
         if n <= 0:
+            if released:
+                with self._lock:
+                    self._in_flight = max(0, self._in_flight - released)
             return
         with self._lock:
+            self._in_flight = max(0, self._in_flight - released)
             at = self._time(now)
             self._events.append((at, n))
             self._used += n

@@ -41,7 +41,7 @@ from relayd.delivery.ports import Gate, Pool
 from relayd.delivery.records import Delays, GateVerdict, Tally, smarthost_failed
 from relayd.delivery.schedule import Schedule
 from relayd.delivery.transition import Complete, Fail, settle
-from relayd.errors import StateUnavailable, UnknownMessage
+from relayd.errors import StateUnavailable
 from relayd.model import DeliveryResult, RecipientOutcome, Reply, State, Status
 from relayd.routing.match import Facts, choose, header_from_domain, smarthosts_of
 from relayd.spool.batching import Hops
@@ -102,6 +102,7 @@ class QueueManager:
         self._health = Health(spool_cfg.retry, self._now, metrics=metrics, alerts=alerts)
         self._schedule = Schedule()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._retry_asked: set[str] = set()  # `queue retry` while in flight: again right after
         self._wake = asyncio.Event()
         self._stopping = False
         self._max_inflight = max(4, 2 * sum(s.max_connections for s in self._smarthosts))
@@ -235,21 +236,19 @@ class QueueManager:
         for poke in await self._io(self.spool.take_pokes):
             qid = poke.queue_id
             if qid in self._inflight:
+                if poke.retry:
+                    self._retry_asked.add(qid)
+                    retried = True
                 continue
             try:
                 entry = await self._io(self.spool.get, qid)
-            except UnknownMessage:
+            except (ValueError, KeyError, OSError) as exc:  # gone, or unreadable now (a rescan looks)
                 self.forget(qid)
-                continue
-            except (ValueError, KeyError):
-                # Unreadable (damaged, or a newer relayd's format), e.g. after `queue retry`:
-                # a queued one is set aside by the scan's own read now, not at the next rescan.
-                self.forget(qid)
-                for row_id, next_attempt, priority in await self._io(self.spool.schedule_rows, [qid]):
-                    self.enqueue(row_id, next_attempt or self._now(), priority)
-                continue
-            except OSError:  # the spool cannot be read now: the next rescan looks again
-                self.forget(qid)
+                if not isinstance(exc, OSError):
+                    # Damaged, or a newer relayd's format (e.g. after `queue retry`): a queued
+                    # one is set aside by the scan's own read now, not at the next rescan.
+                    for row_id, next_attempt, priority in await self._io(self.spool.schedule_rows, [qid]):
+                        self.enqueue(row_id, next_attempt or self._now(), priority)
                 continue
             if entry.state is State.QUEUED:
                 self.enqueue(qid, entry.next_attempt or self._now(), entry.envelope.priority)
@@ -326,6 +325,7 @@ class QueueManager:
 
     def _done(self, qid: str, task: asyncio.Task[None]) -> None:
         self._inflight.pop(qid, None)
+        self._retry_asked.discard(qid)
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: delivery task crashed: %r", qid, task.exception())
@@ -515,13 +515,16 @@ class QueueManager:
                 if pause > 0:
                     await asyncio.sleep(pause)
             call_start = self._now()
+            result: DeliveryResult | None = None
             try:
                 result = await self._pool(sh).deliver(entry.id, content, entry.envelope.mail_from,
                                                        tally.remaining, smtputf8=entry.envelope.smtputf8)
             finally:
-                if granted:
-                    assert limits is not None
-                    await asyncio.shield(self._io(limits.settle, sh.name, granted, 0, self._now()))
+                done = len(result.delivered) if result is not None else 0
+                if limits is not None and (granted or done) and limits.limits(sh.name):
+                    # The reservation back and the delivered counted in one step, or another
+                    # delivery could take the room in between and overshoot the cap.
+                    await asyncio.shield(self._io(limits.settle, sh.name, granted, done, self._now()))
             faults.crash_point("after-upstream-250")
             # The operator's reply rules, then the shipped provider rules (relayd/routing/rules.py).
             result, ruled = apply_rules(result, self._reply_rules)
@@ -533,8 +536,6 @@ class QueueManager:
             tally = tally.add(result, delays, at)
             if ruled is not None:
                 tally = obey(ruled, sh, tally, at, self._health, limits, self.cfg.retry.initial)
-            if limits is not None and limits.limits(sh.name) and result.delivered:
-                await self._io(limits.settle, sh.name, 0, len(result.delivered), at)
             if smarthost_failed(result):
                 if self.metrics:
                     for _ in result.outcomes:
@@ -581,10 +582,15 @@ class QueueManager:
             await self._io(self.spool.fail, entry.id, transition.meta)
             self._message_failed(entry, transition.reason)
             return
+        asked = entry.id in self._retry_asked  # the operator's `queue retry` came mid-attempt
+        if asked:
+            transition = replace(transition, meta=replace(transition.meta, next_attempt=now), due=now)
         await self._io(self.spool.requeue, entry.id, transition.meta)
         # Relative to a fresh reading: a wall-clock jump noticed while the spool was written
         # shifted everything already scheduled, and must not strand this one.
         self._push(entry.id, self._now() + (transition.due - now), entry.envelope.priority)
+        if asked:
+            self.lift_pauses()  # this attempt's fault may have paused the smarthost again
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _message_failed(self, entry: Entry, reason: str) -> None:

@@ -29,6 +29,30 @@ def paused_lines(op: Operator) -> list[str]:
     return [line for line in op.log().splitlines() if "paused for" in line]
 
 
+async def test_queue_retry_during_an_attempt_is_not_lost(tmp_path: Path) -> None:
+    # The smarthost hangs after MAIL until relayd's 5 s timeout; `queue retry` arrives while
+    # that attempt is in flight. It must not be dropped: the message is tried again as soon
+    # as the attempt ends, not an hour later (the retry interval).
+    async with FakeUpstream(hang_at="mail") as up:
+        op = Operator(tmp_path, [upstream_smarthost(up, timeout="5s")], spool=HOUR)
+        await op.start()
+        try:
+            qid = await op.send()
+            await wait_until(lambda: any(c.startswith("MAIL") for c in up.commands), 20,
+                             "the attempt in flight (MAIL sent, no reply)")
+            retry = await op.cli("queue", "retry", qid)
+            assert retry.code == 0 and f"{qid}: scheduled for delivery now" in retry.out, retry
+            up.hang_at = None   # the fault clears
+            line = await op.wait_logged(qid)
+            assert "attempts=2," in line, line
+            (deferred,) = [ln for ln in op.delivery_lines(qid) if "status=deferred" in ln]
+            assert "attempts=1," in deferred and "timed out" in deferred, deferred
+            assert len(up.messages) == 1
+            await op.wait_empty()
+        finally:
+            assert await op.stop() == 0
+
+
 async def test_one_message_deferred_again_and_again_never_pauses_the_smarthost(tmp_path: Path) -> None:
     async with FakeUpstream(replies={"dot": {"stuck@example.net": LATER}}) as up:
         op = Operator(tmp_path, [upstream_smarthost(up)], spool=HOUR)

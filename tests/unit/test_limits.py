@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,36 @@ def test_cap_counts_recipients_and_grants_partially(tmp_path: Path) -> None:
     cap.settle(1, 0, T0)                        # that attempt failed: nothing delivered
     assert cap.remaining(T0) == 1
     assert cap.next_free_at(T0, 2) == T0 + WINDOW
+
+
+class CountingLock:
+    """The cap's lock, counting how often it is taken."""
+
+    def __init__(self) -> None:
+        self.inner = threading.Lock()
+        self.taken = 0
+
+    def __enter__(self) -> CountingLock:
+        self.inner.acquire()
+        self.taken += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.release()
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_settle_gives_the_reservation_back_and_counts_in_one_step(tmp_path: Path, state: bool) -> None:
+    # Between two steps another delivery would find the reservation's room free while its
+    # recipient is not counted yet, and a cap of 1 would let two through.
+    cap = DailyCap(1, tmp_path if state else None)
+    lock = CountingLock()
+    cap._lock = lock  # type: ignore[assignment]
+    assert cap.acquire(1, T0) == 1
+    lock.taken = 0
+    cap.settle(1, 1, T0)
+    assert lock.taken == 1
+    assert cap.remaining(T0) == 0 and cap.acquire(1, T0) == 0
 
 
 def test_cap_survives_restart(tmp_path: Path) -> None:
