@@ -231,13 +231,10 @@ class DailyCap:
         """Count ``n`` delivered recipients at ``now`` (persisted), releasing ``released``
         reserved ones in the same step: between two steps, another delivery would see the
         room of a reservation whose recipients are not counted yet, and overshoot the cap."""
-        if n <= 0:
-            if released:
-                with self._lock:
-                    self._in_flight = max(0, self._in_flight - released)
-            return
         with self._lock:
             self._in_flight = max(0, self._in_flight - released)
+            if n <= 0:
+                return
             at = self._time(now)
             self._events.append((at, n))
             self._used += n
